@@ -1,0 +1,99 @@
+"""The frozen backbone: load a DINOv3 ViT through transformers and turn images into patch grids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, DINOv3ViTConfig, DINOv3ViTModel, PreTrainedModel
+
+from fishseg.config import BackboneInfo
+from fishseg.errors import FishsegError
+from fishseg.runtime import autocast
+
+RANDOM_INIT_FLAG = "fishseg_random_init"  # set in config.json of checkpoints made by save_random_backbone
+VITS16_LAYOUT = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                     patch_size=16, num_register_tokens=4)  # the DINOv3 ViT-S/16 architecture
+
+
+class Backbone:
+    """A frozen ViT mapping uint8 images (B×3×S×S) to float16 patch grids (B×h×w×D)."""
+
+    def __init__(self, model: PreTrainedModel, info: BackboneInfo, mean: tuple, std: tuple,
+                 device: torch.device) -> None:
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.info = info
+        self.device = device
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = images.shape
+        pixels = (images.to(self.device, non_blocking=True).float() / 255.0 - self.mean) / self.std
+        with autocast(self.device):
+            tokens = self.model(pixel_values=pixels).last_hidden_state
+        patches = tokens[:, 1 + self.info.num_register_tokens:]  # drop CLS and registers
+        grid_h, grid_w = height // self.info.patch_size, width // self.info.patch_size
+        if patches.shape[1] != grid_h * grid_w:
+            raise FishsegError(
+                f"backbone {self.info.name}: {patches.shape[1]} patch tokens for a {height}×{width} "
+                f"input, expected {grid_h}×{grid_w}; is it a ViT with CLS + register tokens?"
+            )
+        return patches.reshape(batch, grid_h, grid_w, -1).to(torch.float16)
+
+
+def load_backbone(name: str, mean: tuple, std: tuple, device: torch.device) -> Backbone:
+    """Load a Hub id or a local ``save_pretrained`` directory; ``HF_HUB_OFFLINE`` is honoured.
+
+    Never runs remote code: a directory that ships its own modelling code is refused.
+    """
+    local = Path(name)
+    if local.is_dir():
+        _refuse_custom_code(local)
+    try:
+        model = AutoModel.from_pretrained(name, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FishsegError(
+            f"cannot load backbone '{name}': {reason} -- DINOv3 weights are gated: accept the licence "
+            f"on the Hugging Face Hub and run `hf auth login`, or pass --backbone DIR (a folder saved "
+            f"with save_pretrained)"
+        ) from None
+    return Backbone(model, describe(model, name), mean, std, device)
+
+
+def _refuse_custom_code(directory: Path) -> None:
+    config_path = directory / "config.json"
+    has_auto_map = config_path.is_file() and "auto_map" in json.loads(config_path.read_text())
+    if has_auto_map or any(directory.glob("*.py")):
+        raise FishsegError(f"{directory}: backbone folder ships custom code; fishseg never runs remote code")
+
+
+def describe(model: PreTrainedModel, name: str) -> BackboneInfo:
+    """The facts about a loaded model that a cache records."""
+    config = model.config
+    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    return BackboneInfo(
+        name=name,
+        model_type=config.model_type,
+        patch_size=int(patch),
+        feature_dim=int(config.hidden_size),
+        num_register_tokens=int(getattr(config, "num_register_tokens", 0)),
+        random_init=bool(getattr(config, RANDOM_INIT_FLAG, False)),
+    )
+
+
+def save_random_backbone(directory: Path, seed: int = 0, **layout: int) -> Path:
+    """Save a randomly initialised DINOv3 ViT (ViT-S/16 unless ``layout`` overrides) for demos and tests.
+
+    The checkpoint is marked random-init in its config.json, and that mark travels into every
+    cache and report made from it, so no one mistakes its numbers for DINOv3's.
+    """
+    config = DINOv3ViTConfig(**{**VITS16_LAYOUT, **layout, RANDOM_INIT_FLAG: True})
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DINOv3ViTModel(config)
+    model.save_pretrained(directory)
+    return directory

@@ -1,0 +1,157 @@
+"""Command line: ``fishseg extract|train|evaluate|demo`` and the three top-level scripts.
+
+Each command parses its options and calls one ``run_*`` function. A ``FishsegError`` becomes a
+one-line ``Error: ...`` and exit status 2; anything else is a bug and keeps its traceback.
+Stage modules are imported inside the commands so that ``--help`` answers without loading
+transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from fishseg import __version__
+from fishseg.config import DEFAULT_BACKBONE, ExtractConfig, TrainConfig
+from fishseg.decoders import DECODERS
+from fishseg.errors import FishsegError
+
+DEVICES = click.Choice(["auto", "cpu", "cuda"])
+TRAIN_DEFAULTS = TrainConfig()
+EXTRACT_DEFAULTS = ExtractConfig()
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+def command(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Configure logging once and turn user errors into one-line messages."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        try:
+            return function(*args, **kwargs)
+        except FishsegError as error:
+            raise UserError(str(error)) from None
+
+    return wrapper
+
+
+def device_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--device", type=DEVICES, default="auto", show_default=True,
+                        help="auto uses CUDA (with bf16 autocast) when present.")(function)
+
+
+existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
+existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+@click.command("extract")
+@click.option("--data-root", required=True, type=existing_dir,
+              help="Kaggle fish download (or its Fish_Dataset/), or a folder with images/ and masks/.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Cache file to write (.h5).")
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, help="Hub id or local model folder.")
+@click.option("--image-size", default=EXTRACT_DEFAULTS.image_size, show_default=True, type=click.IntRange(16),
+              help="Square input side; a multiple of the patch size (16).")
+@click.option("--preview-size", default=EXTRACT_DEFAULTS.preview_size, show_default=True, type=click.IntRange(16),
+              help="Side of the RGB preview stored per image for reports.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--num-workers", default=None, type=click.IntRange(0), help="Image decoding workers [default: half the cores].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
+@device_option
+@command
+def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_size: int, batch_size: int,
+            num_workers: int | None, overwrite: bool, device: str) -> None:
+    """Run the frozen backbone once over every image and write patch features, masks and previews to one HDF5 cache."""
+    from fishseg.extract import run_extraction
+
+    config = ExtractConfig(backbone=backbone, image_size=image_size, preview_size=preview_size)
+    run_extraction(data_root, out, config, batch_size=batch_size, num_workers=num_workers, device=device,
+                   overwrite=overwrite)
+    click.echo(f"cache written: {out}")
+
+
+@click.command("train")
+@click.option("--cache", "cache_path", required=True, type=existing_file, help="Cache from `extract`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder to write.")
+@click.option("--decoder", default=TRAIN_DEFAULTS.decoder, show_default=True, type=click.Choice(sorted(DECODERS)))
+@click.option("--epochs", default=TRAIN_DEFAULTS.epochs, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=TRAIN_DEFAULTS.batch_size, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=TRAIN_DEFAULTS.lr, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--weight-decay", default=TRAIN_DEFAULTS.weight_decay, show_default=True, type=click.FloatRange(min=0))
+@click.option("--val-fraction", default=TRAIN_DEFAULTS.val_fraction, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--seed", default=TRAIN_DEFAULTS.seed, show_default=True, help="Drives split, init and batch order.")
+@device_option
+@command
+def train(cache_path: Path, out: Path, decoder: str, epochs: int, batch_size: int, lr: float, weight_decay: float,
+          val_fraction: float, seed: int, device: str) -> None:
+    """Train a decoder from the cached features only (no images, no backbone)."""
+    from fishseg.train import run_training
+
+    config = TrainConfig(decoder=decoder, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                         val_fraction=val_fraction, seed=seed)
+    run = run_training(cache_path, out, config, device=device)
+    click.echo(f"run written: {out} (best val IoU {run['best_val_iou']:.4f} at epoch {run['best_epoch']})")
+
+
+@click.command("evaluate")
+@click.option("--cache", "cache_path", required=True, type=existing_file, help="The cache the run was trained on.")
+@click.option("--run", "run_dir", required=True, type=existing_dir, help="Run folder from `train`.")
+@click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Report folder [default: RUN/report].")
+@device_option
+@command
+def evaluate(cache_path: Path, run_dir: Path, out: Path | None, device: str) -> None:
+    """Score the run's best checkpoint on its validation split and write metrics and a report."""
+    from fishseg.evaluate import run_evaluation
+
+    out = out or run_dir / "report"
+    metrics = run_evaluation(cache_path, run_dir, out, device=device)
+    click.echo(_summary(metrics, out))
+
+
+def _summary(metrics: dict[str, Any], out: Path) -> str:
+    lines = [f"{metrics['n_images']} validation images: mean IoU {metrics['mean_iou']:.4f}, "
+             f"mean Dice {metrics['mean_dice']:.4f} (backbone {metrics['backbone']})"]
+    if metrics["random_init"]:
+        lines.append("NOTE: the backbone is RANDOM-INIT; these numbers say nothing about DINOv3 features.")
+    lines.append(f"report: {out}")
+    return "\n".join(lines)
+
+
+@click.command("demo")
+@click.option("--out", default=Path("fishseg-demo"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--backbone", default=None, help="Hub id or local model folder [default: a random-init ViT-S/16].")
+@click.option("--classes", default=3, show_default=True, type=click.IntRange(1, 4))
+@click.option("--images-per-class", default=12, show_default=True, type=click.IntRange(2))
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--image-size", default=EXTRACT_DEFAULTS.image_size, show_default=True, type=click.IntRange(16))
+@device_option
+@command
+def demo(out: Path, backbone: str | None, classes: int, images_per_class: int, epochs: int, image_size: int,
+         device: str) -> None:
+    """Generate a small fish dataset and run extract → train → evaluate → report on it."""
+    from fishseg.demo import run_demo
+    from fishseg.evaluate import METRICS_FILE
+    from fishseg.runtime import read_json
+
+    report = run_demo(out, backbone=backbone, classes=classes, images_per_class=images_per_class, epochs=epochs,
+                      image_size=image_size, device=device)
+    click.echo(_summary(read_json(report.parent / METRICS_FILE), report))
+
+
+@click.group()
+@click.version_option(__version__)
+def main() -> None:
+    """fishseg: fish segmentation from frozen DINOv3 features cached once in HDF5."""
+
+
+for _command in (extract, train, evaluate, demo):
+    main.add_command(_command)

@@ -1,0 +1,79 @@
+"""The configs that produce a cache and a run, defined once.
+
+Each config is a small frozen dataclass. Its JSON form is stored in the artifact it produced
+(HDF5 attributes for a cache, checkpoint metadata and ``run.json`` for a run), and the
+fingerprint of a cache is a hash of everything that determines its content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Sequence, TypeVar
+
+DEFAULT_BACKBONE = "facebook/dinov3-vits16-pretrain-lvd1689m"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+    """What determines the content of a feature cache (runtime options such as device are not here)."""
+
+    backbone: str = DEFAULT_BACKBONE  # Hub id or local directory saved with save_pretrained
+    image_size: int = 448  # square input side in pixels; must be divisible by the patch size
+    preview_size: int = 224  # side of the RGB preview stored per image for reports
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation applied after scaling to [0, 1]
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneInfo:
+    """What a loaded backbone is, as recorded in the cache."""
+
+    name: str  # Hub id or directory it was loaded from
+    model_type: str  # transformers model_type, e.g. "dinov3_vit"
+    patch_size: int
+    feature_dim: int
+    num_register_tokens: int
+    random_init: bool  # True when the weights were never trained (tests, demo)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The decoder training recipe; defaults reproduce the reference notebook."""
+
+    decoder: str = "seed-cnn"  # key of fishseg.decoders.DECODERS
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.01  # AdamW default
+    val_fraction: float = 0.2
+    seed: int = 42  # drives the split, the decoder init and the batch order
+
+
+Config = TypeVar("Config", ExtractConfig, BackboneInfo, TrainConfig)
+
+
+def to_json(config: Any) -> str:
+    """Canonical JSON of a config dataclass (sorted keys, so equal configs give equal strings)."""
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+def from_json(cls: type[Config], text: str) -> Config:
+    """Rebuild a config from ``to_json`` output; lists become tuples so it compares equal."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()}
+    return cls(**fields)
+
+
+def fingerprint(*parts: str | Sequence[str]) -> str:
+    """A short stable hash of strings (configs as JSON, lists of image ids)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        items = [part] if isinstance(part, str) else list(part)
+        for item in items:
+            digest.update(item.encode("utf-8"))
+            digest.update(b"\0")
+        digest.update(b"\1")
+    return digest.hexdigest()[:16]

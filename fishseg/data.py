@@ -1,0 +1,191 @@
+"""Datasets on disk: the two layouts, pairing images with masks, image decoding and splits.
+
+Layouts accepted as a data root:
+
+* Kaggle "A Large-Scale Fish Dataset": the download folder, ``Fish_Dataset/`` or
+  ``Fish_Dataset/Fish_Dataset/``. Each species folder ``<Class>/`` holds ``<Class>/`` (images) and
+  ``<Class> GT/`` (masks with the same file names). ``NA_Fish_Dataset`` and stray files are ignored.
+* Generic: ``images/`` and ``masks/`` with matching file stems. When ``images/`` holds no image
+  files directly, each of its sub-folders is a class, matched by name under ``masks/``.
+
+Images and masks are paired by file stem, never by sorted position. Mask rule: a pixel is
+foreground when its value is non-zero after conversion to 8-bit grayscale (PIL mode ``L``), so
+1-bit, 0/1, 0/255, RGB and RGBA masks all work; masks are resized with nearest neighbour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fishseg.errors import FishsegError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+KAGGLE_MASK_SUFFIX = " GT"
+GENERIC_CLASS = "fish"  # class name for a generic layout without class sub-folders
+MAX_LISTED = 10  # file names shown in an error before "and N more"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One image with its mask; ``image_id`` is the image path relative to the data root."""
+
+    image_id: str
+    image_path: Path
+    mask_path: Path
+    class_name: str
+
+
+def discover_samples(root: Path) -> list[Sample]:
+    """Find every image/mask pair under ``root``, sorted by image id."""
+    if not root.is_dir():
+        raise FishsegError(f"{root}: data root not found or not a folder")
+    kaggle_root = _find_kaggle_root(root)
+    if kaggle_root is not None:
+        samples = _kaggle_samples(kaggle_root, root)
+    elif (root / "images").is_dir():
+        samples = _generic_samples(root)
+    else:
+        raise FishsegError(
+            f"{root}: no dataset found; expected the Kaggle layout (<Class>/<Class>/ with "
+            f"<Class>/<Class> GT/) or images/ and masks/ folders"
+        )
+    if not samples:
+        raise FishsegError(f"{root}: no images found (extensions: {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return sorted(samples, key=lambda sample: sample.image_id)
+
+
+def _species_dirs(folder: Path) -> list[Path]:
+    """Kaggle species folders: ``<Class>/`` that contains an image folder ``<Class>/``."""
+    return sorted(d for d in folder.iterdir() if d.is_dir() and (d / d.name).is_dir())
+
+
+def _find_kaggle_root(root: Path) -> Path | None:
+    # Deepest first: the outer Fish_Dataset/ holds Fish_Dataset/Fish_Dataset/, which looks like a species.
+    for candidate in (root / "Fish_Dataset" / "Fish_Dataset", root / "Fish_Dataset", root):
+        if candidate.is_dir() and _species_dirs(candidate):
+            return candidate
+    return None
+
+
+def _kaggle_samples(kaggle_root: Path, data_root: Path) -> list[Sample]:
+    samples = []
+    for species in _species_dirs(kaggle_root):
+        mask_dir = species / f"{species.name}{KAGGLE_MASK_SUFFIX}"
+        samples += _pair_folder(species / species.name, mask_dir, species.name, data_root)
+    return samples
+
+
+def _generic_samples(root: Path) -> list[Sample]:
+    image_dir, mask_dir = root / "images", root / "masks"
+    if _image_files(image_dir):
+        return _pair_folder(image_dir, mask_dir, GENERIC_CLASS, root)
+    samples = []
+    for class_dir in sorted(d for d in image_dir.iterdir() if d.is_dir()):
+        samples += _pair_folder(class_dir, mask_dir / class_dir.name, class_dir.name, root)
+    return samples
+
+
+def _image_files(folder: Path) -> dict[str, Path]:
+    """Image files directly in ``folder`` keyed by stem; two files with one stem are an error."""
+    by_stem: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES):
+            continue
+        if path.stem in by_stem:
+            raise FishsegError(f"{path}: same name as {by_stem[path.stem].name}; keep one image per name")
+        by_stem[path.stem] = path
+    return by_stem
+
+
+def _pair_folder(image_dir: Path, mask_dir: Path, class_name: str, data_root: Path) -> list[Sample]:
+    images = _image_files(image_dir)
+    if not images:
+        return []
+    if not mask_dir.is_dir():
+        raise FishsegError(f"{mask_dir}: mask folder missing for the {len(images)} images in {image_dir}")
+    masks = _image_files(mask_dir)
+    unpaired = sorted(set(images) ^ set(masks))
+    if unpaired:
+        listed = [str(images.get(stem) or masks[stem]) for stem in unpaired]
+        more = f" and {len(listed) - MAX_LISTED} more" if len(listed) > MAX_LISTED else ""
+        raise FishsegError(
+            f"{image_dir}: {len(listed)} files without a partner in {mask_dir.name}/ or "
+            f"{image_dir.name}/: {', '.join(listed[:MAX_LISTED])}{more}"
+        )
+    return [
+        Sample(path.relative_to(data_root).as_posix(), path, masks[stem], class_name)
+        for stem, path in images.items()
+    ]
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise FishsegError(f"{path}: cannot read image ({error})") from None
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """Decode any image mode to 8-bit RGB; 16-bit and 32-bit grayscale are scaled to 0..255."""
+    image = _open(path)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if values.max() > 255 else 1.0
+        image = Image.fromarray(np.clip(values / scale, 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def read_mask(path: Path) -> Image.Image:
+    """Decode a mask to mode ``L`` with values 0 (background) and 1 (foreground: non-zero in L)."""
+    foreground = np.asarray(_open(path).convert("L")) > 0
+    return Image.fromarray(foreground.astype(np.uint8), mode="L")
+
+
+class ExtractionDataset(torch.utils.data.Dataset):
+    """Decodes and resizes one sample per item (runs in DataLoader workers).
+
+    Returns ``(image 3×S×S uint8, mask S×S uint8 in {0,1}, preview P×P×3 uint8)``;
+    normalisation happens on the device, so workers ship 4× fewer bytes than float images.
+    """
+
+    def __init__(self, samples: list[Sample], image_size: int, preview_size: int) -> None:
+        self.samples = samples
+        self.image_size = image_size
+        self.preview_size = preview_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sample = self.samples[index]
+        image, mask = read_rgb(sample.image_path), read_mask(sample.mask_path)
+        if image.size != mask.size:
+            raise FishsegError(
+                f"{sample.mask_path}: mask is {mask.size[0]}×{mask.size[1]} but its image is "
+                f"{image.size[0]}×{image.size[1]}; masks must match their images"
+            )
+        side, preview = (self.image_size,) * 2, (self.preview_size,) * 2
+        pixels = np.asarray(image.resize(side, Image.Resampling.BILINEAR))
+        return (
+            torch.from_numpy(pixels.copy()).permute(2, 0, 1),
+            torch.from_numpy(np.asarray(mask.resize(side, Image.Resampling.NEAREST)).copy()),
+            torch.from_numpy(np.asarray(image.resize(preview, Image.Resampling.BILINEAR)).copy()),
+        )
+
+
+def random_split(n_images: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic random train/val split of ``range(n_images)``; both parts sorted."""
+    if not 0.0 < val_fraction < 1.0:
+        raise FishsegError(f"--val-fraction {val_fraction}: must be between 0 and 1")
+    n_val = max(1, round(n_images * val_fraction))
+    if n_val >= n_images:
+        raise FishsegError(f"{n_images} images are too few for a train/val split; add images")
+    order = np.random.default_rng(seed).permutation(n_images)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])

@@ -1,0 +1,75 @@
+"""Decoders over cached patch grids, their registry, and the checkpoint format.
+
+A decoder maps features B×D×h×w to logits B×1×h×w; ``segment`` upsamples them to the mask size.
+A checkpoint is one safetensors file: the weights plus JSON metadata from which the decoder is
+rebuilt, so loading it never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fishseg import __version__
+from fishseg.errors import FishsegError
+
+CHECKPOINT_KEY = "fishseg"  # safetensors metadata entry holding the JSON description
+
+
+class SeedCNN(nn.Module):
+    """The reference decoder: Conv3×3→128+BN+ReLU, Conv3×3→64+BN+ReLU, Conv1×1→1."""
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_dim, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
+            nn.Conv2d(128, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 1, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+DECODERS: dict[str, Callable[[int], nn.Module]] = {"seed-cnn": SeedCNN}
+
+
+def build_decoder(name: str, in_dim: int) -> nn.Module:
+    if name not in DECODERS:
+        raise FishsegError(f"unknown decoder '{name}'; choose one of {', '.join(DECODERS)}")
+    return DECODERS[name](in_dim)
+
+
+def segment(decoder: nn.Module, features: torch.Tensor, size: int) -> torch.Tensor:
+    """Float16/32 features B×h×w×D → float32 logits B×size×size (bilinear upsampling)."""
+    logits = decoder(features.permute(0, 3, 1, 2).float())
+    return F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def save_checkpoint(path: Path, decoder: nn.Module, meta: dict[str, Any]) -> None:
+    """Weights and ``meta`` (must hold ``decoder`` and ``in_dim``) to one safetensors file."""
+    state = {key: value.detach().cpu().contiguous() for key, value in decoder.state_dict().items()}
+    description = json.dumps({**meta, "fishseg_version": __version__})
+    safetensors.torch.save_file(state, str(path), metadata={CHECKPOINT_KEY: description})
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the decoder from a checkpoint alone; a damaged or foreign file is a user error."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as file:
+            meta = json.loads(file.metadata()[CHECKPOINT_KEY])
+        state = safetensors.torch.load_file(str(path))
+        decoder = build_decoder(meta["decoder"], int(meta["in_dim"]))
+        decoder.load_state_dict(state)
+    except FileNotFoundError:
+        raise FishsegError(f"{path}: checkpoint not found") from None
+    except (OSError, safetensors.SafetensorError, KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise FishsegError(f"{path}: not a valid fishseg checkpoint ({type(error).__name__}: {error})") from None
+    return decoder, meta

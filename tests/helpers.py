@@ -1,0 +1,44 @@
+"""Test helpers that are not fixtures: tiny configs and a learnable toy cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fishseg.cache import CacheWriter
+from fishseg.config import BackboneInfo, ExtractConfig
+from fishseg.data import Sample
+
+REPO = Path(__file__).resolve().parents[1]
+F4K_SAMPLE = REPO.parent / "shared" / "data" / "f4k-sample"
+TINY_LAYOUT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                   patch_size=8, num_register_tokens=4)
+TINY_IMAGE_SIZE = 64  # → 8×8 grid with patch 8
+SMALL_PHOTO = (118, 89)  # a fifth of the Kaggle photo size
+
+
+def tiny_extract_config(backbone: Path) -> ExtractConfig:
+    return ExtractConfig(backbone=str(backbone), image_size=TINY_IMAGE_SIZE, preview_size=32)
+
+
+def write_toy_cache(path: Path, n_images: int = 24, *, seed: int = 0, image_size: int = 32, grid: int = 8,
+                    dim: int = 16) -> Path:
+    """A learnable cache: feature channel 0 is the mask at grid resolution plus noise, the rest noise."""
+    rng = np.random.default_rng(seed)
+    config = ExtractConfig(backbone="toy", image_size=image_size, preview_size=8)
+    info = BackboneInfo("toy", "toy", image_size // grid, dim, 0, True)
+    samples = [Sample(f"class{i % 2}/{i:03d}.png", Path("unused"), Path("unused"), f"class{i % 2}")
+               for i in range(n_images)]
+    masks = np.zeros((n_images, image_size, image_size), np.uint8)
+    for i in range(n_images):
+        top, left = rng.integers(0, image_size // 2, size=2)
+        height, width = rng.integers(image_size // 4, image_size // 2, size=2)
+        masks[i, top:top + height, left:left + width] = 1
+    coarse = masks.reshape(n_images, grid, image_size // grid, grid, image_size // grid).mean((2, 4))
+    features = rng.normal(0, 0.3, (n_images, grid, grid, dim))
+    features[..., 0] += 2 * coarse - 1
+    previews = rng.integers(0, 255, (n_images, 8, 8, 3), dtype=np.uint8)
+    with CacheWriter(path, config, info, samples) as writer:
+        writer.write(0, features.astype(np.float16), masks, previews)
+    return path

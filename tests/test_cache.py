@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from fishseg.cache import CacheWriter, FeatureCache
+from fishseg.config import BackboneInfo, ExtractConfig
+from fishseg.data import Sample
+from fishseg.errors import FishsegError
+from tests.helpers import write_toy_cache
+
+CONFIG = ExtractConfig(backbone="toy", image_size=16, preview_size=4)
+INFO = BackboneInfo("toy", "toy", 4, 3, 0, True)
+SAMPLES = [Sample(f"{c}/{i}.png", Path("x"), Path("y"), c) for i, c in enumerate(["eel", "cod", "eel"])]
+
+
+def _arrays(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (rng.normal(size=(3, 4, 4, 3)).astype(np.float16), rng.integers(0, 2, (3, 16, 16), dtype=np.uint8),
+            rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8))
+
+
+def test_round_trip_keeps_every_array_and_the_config(tmp_path: Path) -> None:
+    features, masks, previews = _arrays(np.random.default_rng(0))
+    with CacheWriter(tmp_path / "c.h5", CONFIG, INFO, SAMPLES) as writer:
+        writer.write(0, features[:2], masks[:2], previews[:2])
+        writer.write(2, features[2:], masks[2:], previews[2:])
+    with FeatureCache(tmp_path / "c.h5") as cache:
+        assert cache.config == CONFIG and cache.backbone == INFO
+        assert cache.image_ids == ["eel/0.png", "cod/1.png", "eel/2.png"]
+        assert cache.class_names == ["cod", "eel"] and cache.class_index.tolist() == [1, 0, 1]
+        np.testing.assert_array_equal(cache.features([0, 1, 2]), features)
+        np.testing.assert_array_equal(cache.masks([2, 0]), masks[[2, 0]])
+        np.testing.assert_array_equal(cache.previews([1, 1]), previews[[1, 1]])
+        assert cache.file.attrs["grid_size"] == 4 and cache.file.attrs["feature_dim"] == 3
+        assert cache.file["features"].chunks == (1, 4, 4, 3)
+    assert not (tmp_path / "c.h5.partial").exists()
+
+
+def test_fingerprint_depends_on_config_and_images(tmp_path: Path) -> None:
+    a = write_toy_cache(tmp_path / "a.h5", seed=0)
+    b = write_toy_cache(tmp_path / "b.h5", seed=1)  # same config and ids, other content
+    c = write_toy_cache(tmp_path / "c.h5", n_images=10)
+    d = write_toy_cache(tmp_path / "d.h5", image_size=64)
+    fingerprints = [FeatureCache(path).fingerprint for path in (a, b, c, d)]
+    assert fingerprints[0] == fingerprints[1]
+    assert len(set(fingerprints[1:])) == 3
+
+
+def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        with CacheWriter(tmp_path / "c.h5", CONFIG, INFO, SAMPLES) as writer:
+            writer.write(0, *[a[:1] for a in _arrays(np.random.default_rng(0))])
+            raise RuntimeError("disk on fire")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_cache_is_reported_with_a_resume_hint(tmp_path: Path) -> None:
+    (tmp_path / "c.h5.partial").write_bytes(b"")
+    with pytest.raises(FishsegError, match="interrupted; run extract again"):
+        FeatureCache(tmp_path / "c.h5")
+
+
+def test_foreign_files_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "text.h5").write_text("hello")
+    with h5py.File(tmp_path / "other.h5", "w") as file:
+        file["x"] = [1, 2]
+    with pytest.raises(FishsegError, match="text.h5: not a readable HDF5 file"):
+        FeatureCache(tmp_path / "text.h5")
+    with pytest.raises(FishsegError, match="other.h5: HDF5 file is not a fishseg cache"):
+        FeatureCache(tmp_path / "other.h5")
+
+
+def test_other_format_version_is_refused(tmp_path: Path) -> None:
+    path = write_toy_cache(tmp_path / "c.h5")
+    with h5py.File(path, "a") as file:
+        file.attrs["format_version"] = 99
+    with pytest.raises(FishsegError, match="cache format v99"):
+        FeatureCache(path)
+
+
+def test_require_refuses_another_cache(tmp_path: Path) -> None:
+    with FeatureCache(write_toy_cache(tmp_path / "c.h5")) as cache:
+        cache.require(cache.fingerprint, tmp_path / "run.json")
+        with pytest.raises(FishsegError, match=r"run.json: made from cache 0123 but .*c.h5 is cache"):
+            cache.require("0123", tmp_path / "run.json")
+        with pytest.raises(FishsegError, match="split.json: 1 images are not in cache"):
+            cache.indices_of(["class0/000.png", "nope.png"], tmp_path / "split.json")
+        assert cache.indices_of(["class1/003.png", "class0/000.png"], tmp_path).tolist() == [3, 0]

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fishseg.cli import main
+from tests.helpers import REPO, TINY_IMAGE_SIZE
+
+
+def _script(name: str, *args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / name), *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+
+
+def test_the_three_scripts_end_to_end(tmp_path: Path, kaggle_root: Path, tiny_backbone: Path) -> None:
+    cache, run, report = tmp_path / "cache.h5", tmp_path / "run", tmp_path / "report"
+    extract = _script("extract_features.py", "--data-root", kaggle_root, "--out", cache, "--backbone", tiny_backbone,
+                      "--image-size", TINY_IMAGE_SIZE, "--preview-size", 32, "--num-workers", 0, "--device", "cpu")
+    assert extract.returncode == 0, extract.stderr
+    assert f"cache written: {cache}" in extract.stdout and "RANDOM-INIT" in extract.stderr
+    train = _script("train_decoder.py", "--cache", cache, "--out", run, "--epochs", 2, "--device", "cpu")
+    assert train.returncode == 0, train.stderr
+    assert "best val IoU" in train.stdout and "train loss" in train.stderr  # the epoch table
+    evaluate = _script("evaluate.py", "--cache", cache, "--run", run, "--out", report, "--device", "cpu")
+    assert evaluate.returncode == 0, evaluate.stderr
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert f"mean IoU {metrics['mean_iou']:.4f}" in evaluate.stdout
+    assert "RANDOM-INIT" in evaluate.stdout and metrics["n_images"] == 2  # 20% of 12
+
+
+def test_demo_runs_the_whole_job_and_says_the_backbone_is_random(tmp_path: Path, tiny_backbone: Path) -> None:
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--backbone", str(tiny_backbone),
+                                       "--classes", "2", "--images-per-class", "3", "--epochs", "2",
+                                       "--image-size", str(TINY_IMAGE_SIZE), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"report: {tmp_path / 'report' / 'report.md'}" in result.output
+    assert "RANDOM-INIT" in result.output
+    assert (tmp_path / "cache.h5").is_file() and (tmp_path / "run" / "best.safetensors").is_file()
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["n_images"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["extract", "--data-root", "{tmp}", "--out", "{tmp}/c.h5", "--backbone", "{backbone}"], "no dataset found"),
+    (["train", "--cache", "{tmp}/fake.h5", "--out", "{tmp}/run"], "fake.h5: not a readable HDF5 file"),
+    (["evaluate", "--cache", "{tmp}/fake.h5", "--run", "{tmp}"], "run.json: file not found"),
+])
+def test_user_errors_are_one_line_with_exit_status_2(tmp_path: Path, tiny_backbone: Path, args: list[str],
+                                                     message: str) -> None:
+    (tmp_path / "fake.h5").write_text("not hdf5")
+    args = [a.format(tmp=tmp_path, backbone=tiny_backbone) for a in args]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("Error: ") and message in result.output
+    assert "Traceback" not in result.output and result.output.count("\n") == 1
+    assert not (tmp_path / "c.h5").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command, option", [
+    ("extract", "--data-root"), ("train", "--val-fraction"), ("evaluate", "--run"), ("demo", "--images-per-class")])
+def test_help_explains_each_command(command: str, option: str) -> None:
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0 and option in result.output
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()
+    test_command = next(line for line in readme.splitlines() if "pytest" in line and line.startswith("python"))
+    assert test_command in ci.splitlines()

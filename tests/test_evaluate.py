@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fishseg.cache import FeatureCache
+from fishseg.config import TrainConfig
+from fishseg.decoders import load_checkpoint
+from fishseg.errors import FishsegError
+from fishseg.evaluate import run_evaluation
+from fishseg.train import run_training
+from tests.helpers import write_toy_cache
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("eval")
+    cache = write_toy_cache(root / "toy.h5", n_images=20)
+    run_training(cache, root / "run", TrainConfig(epochs=3, batch_size=4, seed=3), device="cpu")
+    return cache, root / "run", run_evaluation(cache, root / "run", root / "report", device="cpu")
+
+
+def test_metrics_equal_a_direct_computation(evaluated: tuple[Path, Path, dict]) -> None:
+    cache_path, run_dir, metrics = evaluated
+    decoder, _ = load_checkpoint(run_dir / "best.safetensors")
+    val_ids = json.loads((run_dir / "split.json").read_text())["val"]
+    with FeatureCache(cache_path) as cache:
+        indices = cache.indices_of(val_ids, run_dir)
+        features = torch.from_numpy(cache.features(indices)).float().permute(0, 3, 1, 2)
+        truth = cache.masks(indices).astype(bool)
+        classes = [cache.class_names[k] for k in cache.class_index[indices]]
+    with torch.no_grad():
+        logits = torch.nn.functional.interpolate(decoder.eval()(features), size=truth.shape[-2:], mode="bilinear")
+    pred = (torch.sigmoid(logits[:, 0]) > 0.5).numpy()
+    inter, union = (pred & truth).sum((1, 2)), (pred | truth).sum((1, 2))
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    dice = np.where(pred.sum((1, 2)) + truth.sum((1, 2)) > 0,
+                    2 * inter / np.maximum(pred.sum((1, 2)) + truth.sum((1, 2)), 1), 1.0)
+    assert metrics["n_images"] == len(val_ids) == 4
+    assert metrics["mean_iou"] == pytest.approx(iou.mean())
+    assert metrics["mean_dice"] == pytest.approx(dice.mean())
+    for name in set(classes):
+        members = np.array(classes) == name
+        assert metrics["per_class"][name]["mean_iou"] == pytest.approx(iou[members].mean())
+    assert 0 <= metrics["mean_iou"] <= metrics["mean_dice"] <= 1
+
+
+def test_evaluate_agrees_with_the_best_epochs_validation_iou(evaluated: tuple[Path, Path, dict]) -> None:
+    _, run_dir, metrics = evaluated
+    run = json.loads((run_dir / "run.json").read_text())
+    assert metrics["epoch"] == run["best_epoch"]
+    assert metrics["mean_iou"] == pytest.approx(run["best_val_iou"], abs=1e-6)
+
+
+def test_report_files_hold_the_same_numbers(evaluated: tuple[Path, Path, dict]) -> None:
+    _, run_dir, metrics = evaluated
+    report = run_dir.parent / "report"
+    assert json.loads((report / "metrics.json").read_text()) == metrics
+    rows = list(csv.DictReader((report / "per_image.csv").open()))
+    assert len(rows) == metrics["n_images"]
+    assert np.mean([float(r["iou"]) for r in rows]) == pytest.approx(metrics["mean_iou"], abs=1e-6)
+    text = (report / "report.md").read_text()
+    assert f"mean IoU {metrics['mean_iou']:.4f}" in text and "random-init" in text
+
+
+def test_a_run_is_refused_with_another_cache(evaluated: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    _, run_dir, _ = evaluated
+    other = write_toy_cache(tmp_path / "other.h5", n_images=12)
+    with pytest.raises(FishsegError, match=r"run.json: made from cache \w+ but .*other.h5 is cache"):
+        run_evaluation(other, run_dir, tmp_path / "report", device="cpu")
+    assert not (tmp_path / "report").exists()

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fishseg.config import TrainConfig
+from fishseg.decoders import load_checkpoint
+from fishseg.train import run_training
+from tests.helpers import write_toy_cache
+
+TOY = TrainConfig(epochs=8, batch_size=4, lr=3e-3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("toy")
+    cache = write_toy_cache(root / "toy.h5", n_images=30)
+    return cache, root / "run", run_training(cache, root / "run", TOY, device="cpu")
+
+
+def test_training_learns_a_learnable_toy_set(toy_run: tuple[Path, Path, dict]) -> None:
+    _, run_dir, _ = toy_run
+    epochs = json.loads((run_dir / "history.json").read_text())["epochs"]
+    assert len(epochs) == TOY.epochs
+    assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
+    assert max(e["val_iou"] for e in epochs) > 0.8
+
+
+def test_run_folder_records_config_split_history_and_checkpoints(toy_run: tuple[Path, Path, dict]) -> None:
+    _, run_dir, run = toy_run
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "best.safetensors", "history.json", "last.safetensors", "run.json", "split.json"]
+    assert json.loads((run_dir / "run.json").read_text()) == run
+    assert run["train_config"]["lr"] == TOY.lr and run["split"] == {"method": "random", "n_train": 24, "n_val": 6}
+    split = json.loads((run_dir / "split.json").read_text())
+    assert len(split["val"]) == 6 and not set(split["val"]) & set(split["train"])
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history["iterations"]["train"]) == TOY.epochs * 6  # 24 images / batch 4
+    assert len(history["iterations"]["val"]) == TOY.epochs * 2  # 6 images / batch 4 → 4 + 2
+    best_epoch = max(history["epochs"], key=lambda e: e["val_iou"])
+    _, best = load_checkpoint(run_dir / "best.safetensors")
+    _, last = load_checkpoint(run_dir / "last.safetensors")
+    assert (best["epoch"], best["val_iou"]) == (run["best_epoch"], run["best_val_iou"]) == (
+        best_epoch["epoch"], best_epoch["val_iou"])
+    assert last["epoch"] == TOY.epochs and best["cache_fingerprint"] == run["cache"]["fingerprint"]
+
+
+def test_same_seed_gives_the_same_history(toy_run: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    cache, run_dir, _ = toy_run
+    run_training(cache, tmp_path / "again", TOY, device="cpu")
+    first = json.loads((run_dir / "history.json").read_text())
+    second = json.loads((tmp_path / "again" / "history.json").read_text())
+    assert [e["val_iou"] for e in first["epochs"]] == [e["val_iou"] for e in second["epochs"]]
+    assert first["iterations"] == second["iterations"]
