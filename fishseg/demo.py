@@ -18,7 +18,7 @@ from fishseg.backbone import save_random_backbone
 from fishseg.config import ExtractConfig, TrainConfig
 from fishseg.evaluate import run_evaluation
 from fishseg.extract import run_extraction
-from fishseg.report import REPORT_MD
+from fishseg.report import REPORT_HTML
 from fishseg.train import run_training
 
 logger = logging.getLogger(__name__)
@@ -117,4 +117,4 @@ def run_demo(out: Path, *, backbone: str | None = None, classes: int = 3, images
                            device=device, overwrite=True)
     run_training(cache, out / "run", TrainConfig(epochs=epochs), device=device)
     run_evaluation(cache, out / "run", out / "report", device=device)
-    return out / "report" / REPORT_MD
+    return out / "report" / REPORT_HTML

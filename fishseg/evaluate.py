@@ -1,80 +1,129 @@
-"""Stage 3: score a run's checkpoint on its validation split, from the cache alone."""
+"""Stage 3: score a run's checkpoint on its validation split, from the cache alone.
+
+Computes the numbers (per-image scores, threshold sweep, per-class summaries) and the arrays the
+report shows (gallery predictions, a sample of patch features); ``fishseg.report`` renders them.
+"""
 
 from __future__ import annotations
 
 import csv
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from fishseg.cache import FeatureCache
 from fishseg.decoders import load_checkpoint, segment
-from fishseg.metrics import THRESHOLD, binarize, dice_per_image, iou_per_image, summarize
-from fishseg.report import write_report
+from fishseg.metrics import THRESHOLD, THRESHOLDS, summarize, sweep_thresholds
+from fishseg.report import Example, ReportData, gallery_positions, write_report
 from fishseg.runtime import atomic_path, autocast, read_json, resolve_device, write_json
 from fishseg.train import BEST_CHECKPOINT, HISTORY_FILE, RUN_FILE, SPLIT_FILE
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE, PER_IMAGE_FILE = "metrics.json", "per_image.csv"
+PCA_IMAGES = 64  # validation images whose patches fit the PCA of the feature picture
+
+
+def _probabilities(decoder: torch.nn.Module, cache: FeatureCache, indices: np.ndarray, batch_size: int,
+                   device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(probabilities B×S×S, truth B×S×S bool)`` for ``indices`` in order, batch by batch."""
+    decoder.eval().to(device)
+    for batch in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
+        truth = torch.from_numpy(cache.masks(batch)).to(device).bool()
+        with autocast(device):
+            logits = segment(decoder, torch.from_numpy(cache.features(batch)).to(device), truth.shape[-1])
+        yield torch.sigmoid(logits.float()), truth
 
 
 @torch.inference_mode()
 def score_images(decoder: torch.nn.Module, cache: FeatureCache, indices: np.ndarray, *, batch_size: int,
                  device: torch.device) -> dict[str, np.ndarray]:
-    """Per-image IoU and Dice (threshold 0.5) of ``decoder`` on the cached images ``indices``."""
-    decoder.eval().to(device)
-    scores: dict[str, list[np.ndarray]] = {"iou": [], "dice": []}
-    for batch in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
-        target = torch.from_numpy(cache.masks(batch)).to(device).bool()
-        with autocast(device):
-            logits = segment(decoder, torch.from_numpy(cache.features(batch)).to(device), target.shape[-1])
-        pred = binarize(logits.float())
-        scores["iou"].append(iou_per_image(pred, target).cpu().numpy())
-        scores["dice"].append(dice_per_image(pred, target).cpu().numpy())
-    return {name: np.concatenate(parts) for name, parts in scores.items()}
+    """Per-image IoU and Dice at every threshold of ``THRESHOLDS``: ``{"iou": T×N, "dice": T×N}``."""
+    parts = [sweep_thresholds(probs, truth) for probs, truth in _probabilities(decoder, cache, indices, batch_size, device)]
+    return {name: torch.cat([part[name] for part in parts], dim=1).cpu().numpy() for name in ("iou", "dice")}
 
 
-def summarize_scores(scores: dict[str, np.ndarray], class_index: np.ndarray,
-                     class_names: list[str]) -> dict[str, Any]:
-    """Dataset means/medians and per-class means of per-image scores."""
+@torch.inference_mode()
+def predict_masks(decoder: torch.nn.Module, cache: FeatureCache, indices: np.ndarray, *, batch_size: int,
+                  device: torch.device) -> np.ndarray:
+    """Boolean N×S×S predictions at ``THRESHOLD``."""
+    return np.concatenate([(probs > THRESHOLD).cpu().numpy()
+                           for probs, _ in _probabilities(decoder, cache, indices, batch_size, device)])
+
+
+def summarize_scores(scores: dict[str, np.ndarray], classes: list[str], image_ids: list[str]) -> dict[str, Any]:
+    """Dataset and per-class summaries of per-image scores (``{"iou": N, "dice": N}``)."""
     per_class = {}
-    for k, name in enumerate(class_names):
-        members = class_index == k
-        if members.any():
-            per_class[name] = {"n_images": int(members.sum()),
-                               **{f"mean_{m}": float(v[members].mean()) for m, v in scores.items()}}
+    for name in sorted(set(classes)):
+        members = np.flatnonzero(np.array(classes) == name)
+        worst = members[np.argmin(scores["iou"][members])]
+        per_class[name] = {"n_images": len(members), "worst_image": image_ids[worst],
+                           "worst_iou": float(scores["iou"][worst])}
+        for metric, values in scores.items():
+            per_class[name].update({f"mean_{metric}": float(values[members].mean()),
+                                    f"median_{metric}": float(np.median(values[members]))})
     iou, dice = summarize(scores["iou"]), summarize(scores["dice"])
-    return {"n_images": len(class_index), "mean_iou": iou["mean"], "mean_dice": dice["mean"],
+    return {"n_images": len(classes), "mean_iou": iou["mean"], "mean_dice": dice["mean"],
             "median_iou": iou["median"], "median_dice": dice["median"], "iou": iou, "dice": dice,
             "per_class": per_class}
+
+
+def summarize_sweep(sweep: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Mean IoU and Dice per threshold, and the threshold with the best mean IoU (chosen on val itself)."""
+    mean_iou, mean_dice = sweep["iou"].mean(axis=1), sweep["dice"].mean(axis=1)
+    best = int(np.argmax(mean_iou))
+    return {"thresholds": list(THRESHOLDS), "mean_iou": mean_iou.tolist(), "mean_dice": mean_dice.tolist(),
+            "best_threshold": THRESHOLDS[best], "best_mean_iou": float(mean_iou[best])}
+
+
+def _report_arrays(decoder: torch.nn.Module, cache: FeatureCache, val_idx: np.ndarray, ious: np.ndarray,
+                   seed: int, device: torch.device) -> tuple[dict[str, list[Example]], np.ndarray]:
+    """Gallery examples (predicted once for the union of galleries) and a patch sample for the PCA."""
+    positions = gallery_positions(ious, seed)
+    shown = np.unique(np.concatenate(list(positions.values())))
+    cache_idx = val_idx[shown]
+    preds = predict_masks(decoder, cache, cache_idx, batch_size=16, device=device)
+    truths, previews, features = cache.masks(cache_idx), cache.previews(cache_idx), cache.features(cache_idx)
+    examples = {
+        int(p): Example(cache.image_ids[i], cache.class_names[cache.class_index[i]], float(ious[p]), previews[k],
+                        truths[k].astype(bool), preds[k], features[k])
+        for k, (p, i) in enumerate(zip(shown, cache_idx))
+    }
+    galleries = {name: [examples[int(p)] for p in chosen] for name, chosen in positions.items()}
+    fit_idx = np.random.default_rng(seed).choice(val_idx, min(PCA_IMAGES, len(val_idx)), replace=False)
+    pca_sample = cache.features(np.sort(fit_idx)).reshape(-1, cache.backbone.feature_dim)
+    return galleries, pca_sample
 
 
 def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None, *, batch_size: int = 16,
                    device: str = "auto") -> dict[str, Any]:
     """Score the run's best checkpoint on its validation images; writes metrics.json and the report."""
     out_dir = out_dir or run_dir / "report"
-    run = read_json(run_dir / RUN_FILE)
+    run, history = read_json(run_dir / RUN_FILE), read_json(run_dir / HISTORY_FILE)
     decoder, checkpoint = load_checkpoint(run_dir / BEST_CHECKPOINT)
+    torch_device = resolve_device(device)
     with FeatureCache(cache_path) as cache:
         cache.require(run["cache"]["fingerprint"], run_dir / RUN_FILE)
         cache.require(checkpoint["cache_fingerprint"], run_dir / BEST_CHECKPOINT)
         val_ids = read_json(run_dir / SPLIT_FILE)["val"]
         val_idx = cache.indices_of(val_ids, run_dir / SPLIT_FILE)
-        scores = score_images(decoder, cache, val_idx, batch_size=batch_size, device=resolve_device(device))
-        class_index, class_names = cache.class_index[val_idx], cache.class_names
+        sweep = score_images(decoder, cache, val_idx, batch_size=batch_size, device=torch_device)
+        scores = {name: values[THRESHOLDS.index(THRESHOLD)] for name, values in sweep.items()}
+        classes = [cache.class_names[k] for k in cache.class_index[val_idx]]
         metrics = {
             "backbone": cache.backbone.name, "random_init": cache.backbone.random_init,
             "cache_fingerprint": cache.fingerprint, "checkpoint": BEST_CHECKPOINT,
             "epoch": checkpoint["epoch"], "threshold": THRESHOLD, "split": "val",
-            **summarize_scores(scores, class_index, class_names),
+            **summarize_scores(scores, classes, val_ids), "threshold_sweep": summarize_sweep(sweep),
         }
+        galleries, pca_sample = _report_arrays(decoder, cache, val_idx, scores["iou"], run["train_config"]["seed"],
+                                               torch_device)
     write_json(out_dir / METRICS_FILE, metrics)
-    _write_per_image(out_dir / PER_IMAGE_FILE, val_ids, [class_names[k] for k in class_index], scores)
-    write_report(out_dir, metrics, run, read_json(run_dir / HISTORY_FILE))
+    _write_per_image(out_dir / PER_IMAGE_FILE, val_ids, classes, scores)
+    write_report(out_dir, ReportData(metrics, run, history, scores["iou"], galleries, pca_sample))
     logger.info("wrote %s", out_dir)
     return metrics
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 THRESHOLD = 0.5  # on the sigmoid probability, as in the reference
+THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 … 0.95 for sweeps; includes THRESHOLD
 
 
 def binarize(logits: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
@@ -36,6 +37,15 @@ def dice_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     intersection, pred_area, target_area = _counts(pred, target)
     total = pred_area + target_area
     return torch.where(total > 0, 2 * intersection / total.clamp(min=1), torch.ones_like(total))
+
+
+def sweep_thresholds(probabilities: torch.Tensor, target: torch.Tensor,
+                     thresholds: tuple[float, ...] = THRESHOLDS) -> dict[str, torch.Tensor]:
+    """Per-image IoU and Dice at each threshold: ``{"iou": T×B, "dice": T×B}``."""
+    target = target.bool()
+    preds = [probabilities > threshold for threshold in thresholds]
+    return {"iou": torch.stack([iou_per_image(pred, target) for pred in preds]),
+            "dice": torch.stack([dice_per_image(pred, target) for pred in preds])}
 
 
 def summarize(values: np.ndarray) -> dict[str, float]:

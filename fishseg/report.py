@@ -1,52 +1,351 @@
-"""Human-readable reports of an evaluated run, written from metrics, run and history alone."""
+"""Render an evaluated run: training curves, analysis plots, galleries, ``report.html`` and ``report.md``.
+
+Everything here is drawn from what ``fishseg.evaluate`` computed (``ReportData``); no number is
+computed twice, so the page, the Markdown and ``metrics.json`` agree by construction. Figures use
+matplotlib's object API (no pyplot global state, no display needed).
+"""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import html
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
+from sklearn.decomposition import PCA
+
 from fishseg.runtime import atomic_path
 
-REPORT_MD = "report.md"
-RANDOM_INIT_NOTE = ("**Backbone is random-init**: these numbers measure the pipeline, "
-                    "not what DINOv3 features can do.")
+REPORT_MD, REPORT_HTML, EPOCHS_CSV = "report.md", "report.html", "epochs.csv"
+DPI = 100
+GALLERY_RANDOM, GALLERY_EXTREMES, PCA_EXAMPLES = 20, 5, 4
+GALLERY_TITLES = {"random": "random validation images", "best": "best validation images by IoU",
+                  "worst": "worst validation images by IoU"}
+OVERLAY_COLOURS = {  # region → (colour name for the legend, RGB)
+    "true positive": ("green", (46, 204, 64)),
+    "false positive": ("red", (255, 65, 54)),
+    "false negative": ("blue", (0, 116, 217)),
+}
+TRAIN_COLOUR, VAL_COLOUR = "tab:blue", "tab:orange"
+RANDOM_INIT_NOTE = "Backbone is random-init: these numbers measure the pipeline, not what DINOv3 features can do."
+
+CURVES = (  # (file, title, history split, value, y label)
+    ("01_train_iteration_loss.png", "Train loss per iteration", "train", "loss", "BCE loss"),
+    ("02_train_iteration_iou.png", "Train IoU per iteration", "train", "iou", "IoU (threshold 0.5)"),
+    ("03_epoch_loss.png", "Loss per epoch, train vs val (mean ± std over images)", None, "loss", "BCE loss"),
+    ("04_val_iteration_loss.png", "Validation loss per iteration", "val", "loss", "BCE loss"),
+    ("05_epoch_iou.png", "IoU per epoch, train vs val (mean ± std over images)", None, "iou", "IoU (threshold 0.5)"),
+    ("06_val_iteration_iou.png", "Validation IoU per iteration", "val", "iou", "IoU (threshold 0.5)"),
+)
+ANALYSIS = {"per_class": "07_per_class.png", "histogram": "08_iou_histogram.png",
+            "threshold": "09_threshold_sweep.png", "pca": "10_feature_pca.png"}
 
 
-def _markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return lines
+@dataclasses.dataclass
+class Example:
+    """One validation image as a gallery shows it."""
+
+    image_id: str
+    class_name: str
+    iou: float
+    preview: np.ndarray  # P×P×3 uint8
+    truth: np.ndarray  # S×S bool
+    pred: np.ndarray  # S×S bool
+    features: np.ndarray  # h×w×D cached patch grid
 
 
-def markdown(metrics: dict[str, Any], run: dict[str, Any], history: dict[str, Any]) -> str:
-    """The report as Markdown: summary, per-class table and the epoch log."""
-    config = run["train_config"]
-    lines = [
-        "# fishseg report", "",
-        f"- backbone: `{metrics['backbone']}`" + (" (random-init)" if metrics["random_init"] else ""),
-        f"- cache fingerprint: `{metrics['cache_fingerprint']}`",
-        f"- decoder: {config['decoder']}, {config['epochs']} epochs, batch {config['batch_size']}, "
-        f"lr {config['lr']}, seed {config['seed']}",
-        f"- split: {run['split']['method']}, {run['split']['n_train']} train / {run['split']['n_val']} val",
-        f"- checkpoint: {metrics['checkpoint']} (epoch {metrics['epoch']}), threshold {metrics['threshold']}",
-        f"- **mean IoU {metrics['mean_iou']:.4f}, mean Dice {metrics['mean_dice']:.4f}** "
-        f"over {metrics['n_images']} validation images",
+@dataclasses.dataclass
+class ReportData:
+    metrics: dict[str, Any]
+    run: dict[str, Any]
+    history: dict[str, Any]
+    ious: np.ndarray  # per validation image, at the metrics threshold
+    galleries: dict[str, list[Example]]  # keys of GALLERY_TITLES
+    pca_sample: np.ndarray  # M×D validation patch features that fit the PCA
+
+
+def gallery_positions(ious: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Positions (into ``ious``) of the random, best and worst galleries."""
+    order = np.argsort(ious, kind="stable")
+    random = np.random.default_rng(seed).choice(len(ious), min(GALLERY_RANDOM, len(ious)), replace=False)
+    return {"random": np.sort(random), "best": order[::-1][:GALLERY_EXTREMES], "worst": order[:GALLERY_EXTREMES]}
+
+
+def fmt(value: float) -> str:
+    """The one number format of every report, so HTML, Markdown and tests agree."""
+    return f"{value:.4f}"
+
+
+def _save(figure: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI)
+
+
+def _iteration_figure(points: list[dict[str, float]], value: str, title: str, ylabel: str) -> Figure:
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    axes = figure.subplots()
+    values = np.array([p[value] for p in points])
+    steps = np.arange(1, len(values) + 1)
+    per_epoch = max(1, len(values) // max(1, points[-1]["epoch"]))
+    faint = dict(lw=0.6, alpha=0.45) if per_epoch > 1 else dict(lw=1.5, marker="o", ms=3)
+    axes.plot(steps, values, color=TRAIN_COLOUR, label="per iteration (batch mean)", **faint)
+    if per_epoch > 1:
+        smooth = np.convolve(values, np.ones(per_epoch) / per_epoch, mode="valid")
+        axes.plot(steps[per_epoch - 1:], smooth, lw=1.8, color="black", label=f"moving mean over {per_epoch}")
+    axes.set(title=title, xlabel="iteration (batch)", ylabel=ylabel)
+    axes.legend(loc="best")
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def _epoch_figure(epochs: list[dict[str, float]], value: str, title: str, ylabel: str) -> Figure:
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    axes = figure.subplots()
+    x = np.array([e["epoch"] for e in epochs])
+    for split, colour in (("train", TRAIN_COLOUR), ("val", VAL_COLOUR)):
+        mean = np.array([e[f"{split}_{value}"] for e in epochs])
+        std = np.array([e[f"{split}_{value}_std"] for e in epochs])
+        axes.plot(x, mean, marker="o", ms=3, color=colour, label=f"{split} mean")
+        axes.fill_between(x, mean - std, mean + std, color=colour, alpha=0.2, label=f"{split} ± std")
+    axes.set(title=title, xlabel="epoch", ylabel=ylabel)
+    axes.legend(loc="best")
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def _per_class_figure(per_class: dict[str, dict[str, Any]]) -> Figure:
+    names = sorted(per_class, key=lambda name: per_class[name]["mean_iou"])
+    figure = Figure(figsize=(8, 1.2 + 0.45 * len(names)), layout="constrained")
+    axes = figure.subplots()
+    y = np.arange(len(names))
+    axes.barh(y - 0.2, [per_class[n]["mean_iou"] for n in names], 0.4, label="mean IoU")
+    axes.barh(y + 0.2, [per_class[n]["mean_dice"] for n in names], 0.4, label="mean Dice")
+    axes.set_yticks(y, [f"{n} ({per_class[n]['n_images']})" for n in names])
+    axes.set(title="Per-class validation scores (images in brackets)", xlabel="score", xlim=(0, 1))
+    figure.legend(loc="outside lower center", ncol=2)
+    axes.grid(axis="x", alpha=0.3)
+    return figure
+
+
+def _histogram_figure(ious: np.ndarray) -> Figure:
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    axes = figure.subplots()
+    axes.hist(ious, bins=np.linspace(0, 1, 41), color=TRAIN_COLOUR, edgecolor="white")
+    axes.axvline(ious.mean(), color="black", label=f"mean {fmt(ious.mean())}")
+    axes.axvline(np.median(ious), color="black", ls="--", label=f"median {fmt(np.median(ious))}")
+    axes.set(title=f"IoU over {len(ious)} validation images", xlabel="IoU (threshold 0.5)", ylabel="images")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.legend(loc="upper left")
+    return figure
+
+
+def _threshold_figure(sweep: dict[str, Any]) -> Figure:
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    axes = figure.subplots()
+    axes.plot(sweep["thresholds"], sweep["mean_iou"], marker="o", ms=3, label="mean IoU")
+    axes.plot(sweep["thresholds"], sweep["mean_dice"], marker="o", ms=3, label="mean Dice")
+    axes.plot([sweep["best_threshold"]], [sweep["best_mean_iou"]], "k*", ms=14,
+              label=f"best IoU {fmt(sweep['best_mean_iou'])} at {sweep['best_threshold']} (chosen on val)")
+    axes.set(title="Validation scores against the probability threshold", xlabel="threshold", ylabel="score")
+    axes.legend(loc="lower center")
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def _pca_rgb(sample: np.ndarray, grids: list[np.ndarray]) -> list[np.ndarray]:
+    """First three principal components of patch features as RGB in [0, 1] (1st–99th percentile)."""
+    pca = PCA(n_components=3, random_state=0).fit(sample.astype(np.float32))
+    low, high = np.percentile(pca.transform(sample.astype(np.float32)), [1, 99], axis=0)
+    return [np.clip((pca.transform(grid.reshape(-1, grid.shape[-1]).astype(np.float32)).reshape(*grid.shape[:2], 3)
+                     - low) / np.maximum(high - low, 1e-6), 0, 1) for grid in grids]
+
+
+def _pca_figure(examples: list[Example], sample: np.ndarray) -> Figure:
+    rgbs = _pca_rgb(sample, [example.features for example in examples])
+    figure = Figure(figsize=(2.9 * len(examples) + 0.4, 6.4), layout="constrained")
+    figure.suptitle("Cached patch features: first 3 principal components as RGB (PCA fitted on validation patches)")
+    axes = figure.subplots(2, len(examples), squeeze=False)
+    for column, (example, rgb) in enumerate(zip(examples, rgbs)):
+        axes[0, column].imshow(example.preview)
+        axes[0, column].set_title(_short_id(example.image_id), fontsize=9)
+        axes[1, column].imshow(rgb, interpolation="nearest")
+        axes[1, column].set_title(f"{rgb.shape[0]}×{rgb.shape[1]} patch grid", fontsize=9)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    return figure
+
+
+def overlay(example: Example) -> np.ndarray:
+    """Preview at mask size with true positives, false positives and false negatives coloured."""
+    size = example.truth.shape[::-1]
+    base = np.asarray(Image.fromarray(example.preview).resize(size, Image.Resampling.BILINEAR), dtype=np.float64)
+    truth, pred = example.truth, example.pred
+    for region, (_, colour) in zip((truth & pred, pred & ~truth, truth & ~pred), OVERLAY_COLOURS.values()):
+        base[region] = 0.45 * base[region] + 0.55 * np.array(colour)
+    return base.astype(np.uint8)
+
+
+def _short_id(image_id: str) -> str:
+    """The last two path parts: enough to find the file, short enough for a panel title."""
+    return "/".join(image_id.split("/")[-2:])
+
+
+def _gallery_figure(examples: list[Example], title: str) -> Figure:
+    per_row = 2 if len(examples) > 1 else 1
+    rows = -(-len(examples) // per_row)
+    figure = Figure(figsize=(8.4 * per_row, 2.45 * rows + 0.7), layout="constrained")
+    legend = ", ".join(f"{region} {colour}" for region, (colour, _) in OVERLAY_COLOURS.items())
+    figure.suptitle(f"{title} ({legend})", fontsize=13)
+    panels = np.asarray(figure.subfigures(rows, per_row, squeeze=False)).ravel()
+    for panel, example in zip(panels, examples):
+        panel.suptitle(f"{_short_id(example.image_id)} · {example.class_name} · IoU {fmt(example.iou)}", fontsize=10)
+        axes = panel.subplots(1, 4)
+        images = (example.preview, example.truth, example.pred, overlay(example))
+        for ax, image, name in zip(axes, images, ("image", "ground truth", "prediction", "overlay")):
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1) if image.ndim == 2 else ax.imshow(image)
+            ax.set_title(name, fontsize=9)
+            ax.set_axis_off()
+    return figure
+
+
+def write_figures(out_dir: Path, data: ReportData) -> dict[str, str]:
+    """Write every PNG; returns ``{section key: file name}`` in display order."""
+    files: dict[str, str] = {}
+    for name, title, split, value, ylabel in CURVES:
+        figure = (_iteration_figure(data.history["iterations"][split], value, title, ylabel) if split
+                  else _epoch_figure(data.history["epochs"], value, title, ylabel))
+        _save(figure, out_dir / name)
+        files[name] = name
+    analysis = {
+        "per_class": _per_class_figure(data.metrics["per_class"]),
+        "histogram": _histogram_figure(data.ious),
+        "threshold": _threshold_figure(data.metrics["threshold_sweep"]),
+        "pca": _pca_figure(data.galleries["random"][:PCA_EXAMPLES], data.pca_sample),
+    }
+    for key, figure in analysis.items():
+        _save(figure, out_dir / ANALYSIS[key])
+        files[key] = ANALYSIS[key]
+    for index, (key, examples) in enumerate(data.galleries.items(), start=1):
+        name = f"gallery_{index}_{key}.png"
+        _save(_gallery_figure(examples, f"{len(examples)} {GALLERY_TITLES[key]}"), out_dir / name)
+        files[f"gallery_{key}"] = name
+    return files
+
+
+def summary_rows(data: ReportData) -> list[tuple[str, str, str | None]]:
+    """(label, value, metrics key or None) for the header of both pages."""
+    metrics, run, config = data.metrics, data.run, data.run["train_config"]
+    sweep = metrics["threshold_sweep"]
+    return [
+        ("backbone", metrics["backbone"] + (" (RANDOM-INIT)" if metrics["random_init"] else ""), None),
+        ("cache fingerprint", metrics["cache_fingerprint"], None),
+        ("split", f"{run['split']['method']}: {run['split']['n_train']} train / {run['split']['n_val']} val, "
+                  f"seed {config['seed']}", None),
+        ("training", f"{config['decoder']}, {config['epochs']} epochs, batch {config['batch_size']}, lr {config['lr']}",
+         None),
+        ("checkpoint", f"{metrics['checkpoint']} (epoch {metrics['epoch']})", None),
+        ("validation images", str(metrics["n_images"]), "n_images"),
+        ("mean IoU", fmt(metrics["mean_iou"]), "mean_iou"),
+        ("mean Dice", fmt(metrics["mean_dice"]), "mean_dice"),
+        ("median IoU", fmt(metrics["median_iou"]), "median_iou"),
+        ("median Dice", fmt(metrics["median_dice"]), "median_dice"),
+        ("threshold", str(metrics["threshold"]), "threshold"),
+        ("best threshold on val (optimistic)", f"{sweep['best_threshold']} → mean IoU {fmt(sweep['best_mean_iou'])}",
+         None),
     ]
-    if metrics["random_init"]:
-        lines += ["", RANDOM_INIT_NOTE]
-    lines += ["", "## Per class", ""]
-    lines += _markdown_table(["class", "images", "mean IoU", "mean Dice"], [
-        [name, c["n_images"], f"{c['mean_iou']:.4f}", f"{c['mean_dice']:.4f}"]
-        for name, c in metrics["per_class"].items()])
-    lines += ["", "## Epochs", ""]
-    lines += _markdown_table(["epoch", "train loss", "train IoU", "val loss", "val IoU", "seconds"], [
-        [e["epoch"], f"{e['train_loss']:.4f}", f"{e['train_iou']:.4f}", f"{e['val_loss']:.4f}",
-         f"{e['val_iou']:.4f}", f"{e['seconds']:.1f}"] for e in history["epochs"]])
+
+
+def per_class_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    return [[name, str(c["n_images"]), fmt(c["mean_iou"]), fmt(c["median_iou"]), fmt(c["mean_dice"]),
+             fmt(c["median_dice"]), f"{c['worst_image']} ({fmt(c['worst_iou'])})"]
+            for name, c in metrics["per_class"].items()]
+
+
+PER_CLASS_HEADER = ["class", "images", "mean IoU", "median IoU", "mean Dice", "median Dice", "worst image (IoU)"]
+EPOCH_HEADER = ["epoch", "train loss", "train IoU", "val loss", "val IoU", "seconds"]
+
+
+def epoch_rows(history: dict[str, Any]) -> list[list[str]]:
+    return [[str(e["epoch"]), fmt(e["train_loss"]), fmt(e["train_iou"]), fmt(e["val_loss"]), fmt(e["val_iou"]),
+             f"{e['seconds']:.1f}"] for e in history["epochs"]]
+
+
+def markdown(data: ReportData, files: dict[str, str]) -> str:
+    lines = ["# fishseg report", ""]
+    lines += [f"- {label}: {value}" for label, value, _ in summary_rows(data)]
+    if data.metrics["random_init"]:
+        lines += ["", f"**{RANDOM_INIT_NOTE}**"]
+    sections = [("Per class", PER_CLASS_HEADER, per_class_rows(data.metrics)),
+                ("Epochs", EPOCH_HEADER, epoch_rows(data.history))]
+    for title, header, rows in sections:
+        lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in files.values()]
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: Path, metrics: dict[str, Any], run: dict[str, Any], history: dict[str, Any]) -> Path:
-    path = out_dir / REPORT_MD
-    with atomic_path(path) as tmp:
-        tmp.write_text(markdown(metrics, run, history), encoding="utf-8")
-    return path
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _summary_row(label: str, value: str, metric_key: str | None) -> str:
+    """A header row; values that come from metrics.json carry ``data-metric`` so tests can compare them."""
+    attribute = f' data-metric="{metric_key}"' if metric_key else ""
+    return f"<tr><th>{html.escape(label)}</th><td{attribute}>{html.escape(value)}</td></tr>"
+
+
+def _img(name: str) -> str:
+    return f'<figure><img src="{html.escape(name)}" alt="{html.escape(name)}"></figure>'
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1500px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}figure{margin:1em 0}
+.warning{background:#fff3cd;border:1px solid #e0c060;padding:.6em 1em}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:0 1em}"""
+
+
+def page(data: ReportData, files: dict[str, str]) -> str:
+    """``report.html``: one page, images referenced beside it, no scripts, no network."""
+    summary = "".join(_summary_row(*row) for row in summary_rows(data))
+    warning = f'<p class="warning">{html.escape(RANDOM_INIT_NOTE)}</p>' if data.metrics["random_init"] else ""
+    curves = "".join(_img(files[name]) for name, *_ in CURVES)
+    analysis = "".join(_img(files[key]) for key in ("histogram", "threshold"))
+    galleries = "".join(_img(files[f"gallery_{key}"]) for key in data.galleries)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fishseg report</title><style>{STYLE}</style></head><body>
+<h1>fishseg report</h1>{warning}
+<table class="summary">{summary}</table>
+<p>Per-image scores: <a href="per_image.csv">per_image.csv</a>; all numbers: <a href="metrics.json">metrics.json</a>.</p>
+<h2>Training curves</h2><div class="grid">{curves}</div>
+<h2>Epoch log</h2>{_html_table(EPOCH_HEADER, epoch_rows(data.history))}<p><a href="{EPOCHS_CSV}">{EPOCHS_CSV}</a></p>
+<h2>Per class</h2>{_html_table(PER_CLASS_HEADER, per_class_rows(data.metrics))}{_img(files["per_class"])}
+<h2>Distribution and threshold</h2><div class="grid">{analysis}</div>
+<h2>What the cached features carry</h2>{_img(files["pca"])}
+<h2>Galleries</h2>{galleries}
+</body></html>
+"""
+
+
+def _write_epochs_csv(path: Path, epochs: list[dict[str, float]]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(epochs[0]))
+        writer.writeheader()
+        writer.writerows(epochs)
+
+
+def write_report(out_dir: Path, data: ReportData) -> Path:
+    """Write figures, ``epochs.csv``, ``report.md`` and ``report.html`` into ``out_dir``; returns the HTML path."""
+    files = write_figures(out_dir, data)
+    _write_epochs_csv(out_dir / EPOCHS_CSV, data.history["epochs"])
+    for name, text in ((REPORT_MD, markdown(data, files)), (REPORT_HTML, page(data, files))):
+        with atomic_path(out_dir / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    return out_dir / REPORT_HTML

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 
 from fishseg.backbone import save_random_backbone
+from fishseg.config import TrainConfig
 from fishseg.demo import write_demo_dataset
+from fishseg.evaluate import run_evaluation
 from fishseg.extract import run_extraction
-from tests.helpers import SMALL_PHOTO, TINY_LAYOUT, tiny_extract_config
+from fishseg.train import run_training
+from tests.helpers import SMALL_PHOTO, TINY_LAYOUT, tiny_extract_config, write_toy_cache
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +33,12 @@ def kaggle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory, kaggle_root: Path, tiny_backbone: Path) -> Path:
     out = tmp_path_factory.mktemp("cache") / "cache.h5"
     return run_extraction(kaggle_root, out, tiny_extract_config(tiny_backbone), num_workers=0, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """A toy cache, a 3-epoch run on it, and its metrics; the report is in ``<run>/../report``."""
+    root = tmp_path_factory.mktemp("eval")
+    cache = write_toy_cache(root / "toy.h5", n_images=20)
+    run_training(cache, root / "run", TrainConfig(epochs=3, batch_size=4, seed=3), device="cpu")
+    return cache, root / "run", run_evaluation(cache, root / "run", root / "report", device="cpu")

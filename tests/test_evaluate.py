@@ -9,20 +9,10 @@ import pytest
 import torch
 
 from fishseg.cache import FeatureCache
-from fishseg.config import TrainConfig
 from fishseg.decoders import load_checkpoint
 from fishseg.errors import FishsegError
 from fishseg.evaluate import run_evaluation
-from fishseg.train import run_training
 from tests.helpers import write_toy_cache
-
-
-@pytest.fixture(scope="module")
-def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
-    root = tmp_path_factory.mktemp("eval")
-    cache = write_toy_cache(root / "toy.h5", n_images=20)
-    run_training(cache, root / "run", TrainConfig(epochs=3, batch_size=4, seed=3), device="cpu")
-    return cache, root / "run", run_evaluation(cache, root / "run", root / "report", device="cpu")
 
 
 def test_metrics_equal_a_direct_computation(evaluated: tuple[Path, Path, dict]) -> None:
@@ -57,15 +47,30 @@ def test_evaluate_agrees_with_the_best_epochs_validation_iou(evaluated: tuple[Pa
     assert metrics["mean_iou"] == pytest.approx(run["best_val_iou"], abs=1e-6)
 
 
-def test_report_files_hold_the_same_numbers(evaluated: tuple[Path, Path, dict]) -> None:
+def test_metrics_and_per_image_files_hold_the_same_numbers(evaluated: tuple[Path, Path, dict]) -> None:
     _, run_dir, metrics = evaluated
     report = run_dir.parent / "report"
     assert json.loads((report / "metrics.json").read_text()) == metrics
     rows = list(csv.DictReader((report / "per_image.csv").open()))
     assert len(rows) == metrics["n_images"]
     assert np.mean([float(r["iou"]) for r in rows]) == pytest.approx(metrics["mean_iou"], abs=1e-6)
-    text = (report / "report.md").read_text()
-    assert f"mean IoU {metrics['mean_iou']:.4f}" in text and "random-init" in text
+
+
+def test_threshold_sweep_agrees_with_the_headline_metric(evaluated: tuple[Path, Path, dict]) -> None:
+    sweep = evaluated[2]["threshold_sweep"]
+    at_half = sweep["thresholds"].index(0.5)
+    assert sweep["mean_iou"][at_half] == pytest.approx(evaluated[2]["mean_iou"])
+    assert sweep["best_mean_iou"] == max(sweep["mean_iou"]) >= evaluated[2]["mean_iou"]
+
+
+def test_per_class_summary_names_the_worst_image(evaluated: tuple[Path, Path, dict]) -> None:
+    _, run_dir, metrics = evaluated
+    rows = list(csv.DictReader((run_dir.parent / "report" / "per_image.csv").open()))
+    for name, summary in metrics["per_class"].items():
+        members = [r for r in rows if r["class"] == name]
+        worst = min(members, key=lambda r: float(r["iou"]))
+        assert summary["n_images"] == len(members) and summary["worst_image"] == worst["image_id"]
+        assert summary["median_iou"] == pytest.approx(np.median([float(r["iou"]) for r in members]), abs=1e-6)
 
 
 def test_a_run_is_refused_with_another_cache(evaluated: tuple[Path, Path, dict], tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, jaccard_score
 
-from fishseg.metrics import binarize, dice_per_image, iou_per_image, summarize
+from fishseg.metrics import THRESHOLDS, binarize, dice_per_image, iou_per_image, summarize, sweep_thresholds
 
 
 def test_hand_worked_example() -> None:
@@ -40,3 +40,15 @@ def test_binarize_thresholds_the_probability() -> None:
 def test_summarize() -> None:
     assert summarize(np.array([0.0, 0.5, 1.0, 0.5])) == {
         "mean": 0.5, "std": pytest.approx(np.sqrt(0.125)), "median": 0.5, "min": 0.0, "max": 1.0}
+
+
+def test_threshold_sweep_matches_single_threshold_scores() -> None:
+    rng = np.random.default_rng(1)
+    logits, target = torch.from_numpy(rng.normal(size=(3, 8, 8))), torch.from_numpy(rng.random((3, 8, 8)) > 0.5)
+    sweep = sweep_thresholds(torch.sigmoid(logits), target)
+    assert sweep["iou"].shape == sweep["dice"].shape == (len(THRESHOLDS), 3)
+    assert THRESHOLDS[0] == 0.05 and THRESHOLDS[-1] == 0.95
+    for row, threshold in enumerate(THRESHOLDS):
+        pred = binarize(logits, threshold)
+        torch.testing.assert_close(sweep["iou"][row], iou_per_image(pred, target))
+        torch.testing.assert_close(sweep["dice"][row], dice_per_image(pred, target))
