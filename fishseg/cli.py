@@ -8,6 +8,7 @@ transformers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import click
 
 from fishseg import __version__
-from fishseg.config import DEFAULT_BACKBONE, ExtractConfig, TrainConfig
+from fishseg.config import COMPRESSIONS, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, ExtractConfig, TrainConfig
 from fishseg.decoders import DECODERS
 from fishseg.errors import FishsegError
 
@@ -63,17 +64,19 @@ existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
               help="Side of the RGB preview stored per image for reports.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--num-workers", default=None, type=click.IntRange(0), help="Image decoding workers [default: half the cores].")
+@click.option("--compression", default=DEFAULT_COMPRESSION, show_default=True, type=click.Choice(COMPRESSIONS),
+              help="HDF5 compression of the features (see `fishseg bench` for the trade-off).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
 @device_option
 @command
 def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_size: int, batch_size: int,
-            num_workers: int | None, overwrite: bool, device: str) -> None:
+            num_workers: int | None, compression: str, overwrite: bool, device: str) -> None:
     """Run the frozen backbone once over every image and write patch features, masks and previews to one HDF5 cache."""
     from fishseg.extract import run_extraction
 
     config = ExtractConfig(backbone=backbone, image_size=image_size, preview_size=preview_size)
     run_extraction(data_root, out, config, batch_size=batch_size, num_workers=num_workers, device=device,
-                   overwrite=overwrite)
+                   compression=compression, overwrite=overwrite)
     click.echo(f"cache written: {out}")
 
 
@@ -88,16 +91,19 @@ def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_
 @click.option("--val-fraction", default=TRAIN_DEFAULTS.val_fraction, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True))
 @click.option("--seed", default=TRAIN_DEFAULTS.seed, show_default=True, help="Drives split, init and batch order.")
+@click.option("--stream/--in-memory", default=None,
+              help="Read batches from the cache file, or hold features in memory [default: in memory when "
+                   "they take under half the free memory].")
 @device_option
 @command
 def train(cache_path: Path, out: Path, decoder: str, epochs: int, batch_size: int, lr: float, weight_decay: float,
-          val_fraction: float, seed: int, device: str) -> None:
+          val_fraction: float, seed: int, stream: bool | None, device: str) -> None:
     """Train a decoder from the cached features only (no images, no backbone)."""
     from fishseg.train import run_training
 
     config = TrainConfig(decoder=decoder, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          val_fraction=val_fraction, seed=seed)
-    run = run_training(cache_path, out, config, device=device)
+    run = run_training(cache_path, out, config, device=device, stream=stream)
     click.echo(f"run written: {out} (best val IoU {run['best_val_iou']:.4f} at epoch {run['best_epoch']})")
 
 
@@ -147,11 +153,38 @@ def demo(out: Path, backbone: str | None, classes: int, images_per_class: int, e
     click.echo(_summary(read_json(report.parent / METRICS_FILE), report))
 
 
+@click.command("bench")
+@click.option("--images", default=64, show_default=True, type=click.IntRange(2), help="Generated 590×445 photos.")
+@click.option("--image-size", default=EXTRACT_DEFAULTS.image_size, show_default=True, type=click.IntRange(16))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--backbone", default=None, help="Hub id or local model folder [default: a random-init ViT-S/16].")
+@click.option("--scale", default=4, show_default=True, type=click.IntRange(2),
+              help="The large cache of the memory measure holds this many times the images.")
+@click.option("--num-workers", default=None, type=click.IntRange(0), help="Image decoding workers [default: half the cores].")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results as JSON.")
+@device_option
+@command
+def bench(images: int, image_size: int, batch_size: int, backbone: str | None, scale: int, num_workers: int | None,
+          json_path: Path | None, device: str) -> None:
+    """Measure forward and extraction throughput, cached vs reference-style epochs, memory and cache storage."""
+    from fishseg.bench import BenchConfig, format_table, run_benchmark
+    from fishseg.runtime import write_json
+
+    config = BenchConfig(images=images, image_size=image_size, batch_size=batch_size, backbone=backbone, scale=scale,
+                         device=device, num_workers=num_workers)
+    results = run_benchmark(config)
+    click.echo(format_table(results))
+    if json_path:
+        write_json(json_path, {"config": dataclasses.asdict(config), **results})
+        click.echo(f"results written: {json_path}")
+
+
 @click.group()
 @click.version_option(__version__)
 def main() -> None:
     """fishseg: fish segmentation from frozen DINOv3 features cached once in HDF5."""
 
 
-for _command in (extract, train, evaluate, demo):
+for _command in (extract, train, evaluate, demo, bench):
     main.add_command(_command)

@@ -15,6 +15,8 @@ from typing import Any, Sequence, TypeVar
 DEFAULT_BACKBONE = "facebook/dinov3-vits16-pretrain-lvd1689m"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+COMPRESSIONS = ("none", "lzf", "gzip")  # HDF5 filters for the features; a storage choice, not content
+DEFAULT_COMPRESSION = "none"  # chosen by `fishseg bench` (README "Performance")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from fishseg.backbone import load_backbone
 from fishseg.cache import CacheWriter
-from fishseg.config import ExtractConfig
+from fishseg.config import DEFAULT_COMPRESSION, ExtractConfig
 from fishseg.data import ExtractionDataset, discover_samples
 from fishseg.errors import FishsegError
 from fishseg.runtime import default_num_workers, resolve_device
@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_size: int = 8,
-                   num_workers: int | None = None, device: str = "auto", overwrite: bool = False) -> Path:
+                   num_workers: int | None = None, device: str = "auto", compression: str = DEFAULT_COMPRESSION,
+                   overwrite: bool = False) -> Path:
     """Extract patch grids, masks and previews for every sample under ``data_root`` into ``out``."""
     if out.exists() and not overwrite:
         raise FishsegError(f"{out}: cache already exists; pass --overwrite to replace it")
@@ -41,7 +42,7 @@ def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_s
     )
     logger.info("extracting %d images with %s on %s (%d workers)", len(samples), config.backbone,
                 torch_device, workers)
-    with CacheWriter(out, config, backbone.info, samples) as writer, \
+    with CacheWriter(out, config, backbone.info, samples, compression) as writer, \
             tqdm(total=len(samples), unit="img", desc="extract", dynamic_ncols=True) as progress:
         start = 0
         for images, masks, previews in loader:

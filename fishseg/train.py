@@ -11,8 +11,9 @@ import dataclasses
 import datetime
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from fishseg.data import random_split
 from fishseg.decoders import build_decoder, save_checkpoint, segment
 from fishseg.errors import FishsegError
 from fishseg.metrics import binarize, iou_per_image
-from fishseg.runtime import atomic_path, autocast, resolve_device, write_json
+from fishseg.runtime import atomic_path, autocast, available_memory, resolve_device, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -39,38 +40,89 @@ TABLE_HEADER = f"{'epoch':>5} {'train loss':>10} {'train IoU':>9} {'val loss':>9
 class EpochResult:
     """Per-image and per-iteration values of one pass over a split."""
 
-    image_losses: np.ndarray
-    image_ious: np.ndarray
+    image_losses: list[float]
+    image_ious: list[float]
     iteration_losses: list[float]
     iteration_ious: list[float]
 
 
-def run_epoch(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor, batch_size: int,
-              device: torch.device, optimizer: torch.optim.Optimizer | None = None,
-              generator: torch.Generator | None = None) -> EpochResult:
-    """One pass over cached ``features`` (N×h×w×D) and ``masks`` (N×S×S); trains when given an optimizer."""
-    training = optimizer is not None
-    decoder.train(training)
-    order = torch.randperm(len(features), generator=generator) if training else torch.arange(len(features))
+class InMemorySplit:
+    """A split's features (N×h×w×D float16) and masks (N×S×S uint8) held as two contiguous tensors."""
+
+    def __init__(self, cache: FeatureCache, indices: np.ndarray) -> None:
+        self.features = torch.from_numpy(cache.features(indices))
+        self.masks = torch.from_numpy(cache.masks(indices))
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for positions in order.split(batch_size):
+            yield self.features[positions], self.masks[positions]
+
+
+class StreamedSplit:
+    """A split read from the HDF5 file batch by batch, one batch ahead in a thread.
+
+    Memory stays flat however large the cache; the read of the next batch overlaps the decoder
+    step because torch releases the GIL while it computes.
+    """
+
+    def __init__(self, cache: FeatureCache, indices: np.ndarray) -> None:
+        self.cache, self.indices = cache, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _read(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = self.indices[positions.numpy()]
+        return torch.from_numpy(self.cache.features(indices)), torch.from_numpy(self.cache.masks(indices))
+
+    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            pending = None
+            for positions in order.split(batch_size):
+                upcoming = reader.submit(self._read, positions)
+                if pending is not None:
+                    yield pending.result()
+                pending = upcoming
+            if pending is not None:
+                yield pending.result()
+
+
+Split = InMemorySplit | StreamedSplit
+
+
+def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor, device: torch.device,
+                 optimizer: torch.optim.Optimizer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (and a training step when given an optimizer); returns per-image BCE losses and IoUs (B)."""
+    target = masks.to(device, non_blocking=True).float()
+    with torch.set_grad_enabled(optimizer is not None), autocast(device):
+        logits = segment(decoder, features.to(device, non_blocking=True), target.shape[-1])
+    losses = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").mean((1, 2))
+    if not torch.isfinite(losses).all():
+        raise FishsegError("loss is NaN or infinite; lower --lr (the last good checkpoint is kept)")
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        optimizer.step()
+    return losses.detach(), iou_per_image(binarize(logits.detach()), target.bool())
+
+
+def run_epoch(decoder: nn.Module, split: Split, batch_size: int, device: torch.device,
+              optimizer: torch.optim.Optimizer | None = None, generator: torch.Generator | None = None) -> EpochResult:
+    """One pass over a split in random (training) or index (evaluation) order."""
+    decoder.train(optimizer is not None)
+    order = torch.randperm(len(split), generator=generator) if optimizer is not None else torch.arange(len(split))
     result = EpochResult([], [], [], [])
-    for batch in order.split(batch_size):
-        target = masks[batch].to(device, non_blocking=True).float()
-        with torch.set_grad_enabled(training), autocast(device):
-            logits = segment(decoder, features[batch].to(device, non_blocking=True), target.shape[-1])
-        losses = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").mean((1, 2))
-        if not torch.isfinite(losses).all():
-            raise FishsegError("loss is NaN or infinite; lower --lr (the last good checkpoint is kept)")
-        if training:
-            optimizer.zero_grad(set_to_none=True)
-            losses.mean().backward()
-            optimizer.step()
-        losses, ious = losses.detach(), iou_per_image(binarize(logits.detach()), target.bool())
-        result.image_losses.append(losses.cpu().numpy())
-        result.image_ious.append(ious.cpu().numpy())
+    for features, masks in split.batches(order, batch_size):
+        losses, ious = decoder_step(decoder, features, masks, device, optimizer)
+        # Python floats, not NumPy views of batch tensors: such small long-lived views pin heap pages
+        # between the large per-batch buffers and made streamed training's RSS grow with the cache.
+        result.image_losses += losses.tolist()
+        result.image_ious += ious.tolist()
         result.iteration_losses.append(float(losses.mean()))
         result.iteration_ious.append(float(ious.mean()))
-    result.image_losses = np.concatenate(result.image_losses)
-    result.image_ious = np.concatenate(result.image_ious)
     return result
 
 
@@ -78,10 +130,9 @@ def epoch_summary(epoch: int, train: EpochResult, val: EpochResult, seconds: flo
     """Means and standard deviations over images of one epoch, for history.json and the report."""
     row: dict[str, float] = {"epoch": epoch}
     for split, result in (("train", train), ("val", val)):
-        row.update({
-            f"{split}_loss": float(result.image_losses.mean()), f"{split}_loss_std": float(result.image_losses.std()),
-            f"{split}_iou": float(result.image_ious.mean()), f"{split}_iou_std": float(result.image_ious.std()),
-        })
+        losses, ious = np.array(result.image_losses), np.array(result.image_ious)
+        row.update({f"{split}_loss": float(losses.mean()), f"{split}_loss_std": float(losses.std()),
+                    f"{split}_iou": float(ious.mean()), f"{split}_iou_std": float(ious.std())})
     row["seconds"] = seconds
     return row
 
@@ -91,56 +142,73 @@ def _iterations(epoch: int, result: EpochResult) -> list[dict[str, float]]:
             for step, (loss, iou) in enumerate(zip(result.iteration_losses, result.iteration_ious), start=1)]
 
 
-def _load_split(cache: FeatureCache, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(cache.features(indices)), torch.from_numpy(cache.masks(indices))
+def choose_split(cache: FeatureCache, indices: np.ndarray, stream: bool | None) -> Split:
+    """In memory unless asked to stream, or (``stream=None``) unless it would take over half the free memory."""
+    if stream is None:
+        needed = cache.bytes_per_image() * len(indices)
+        free = available_memory()
+        stream = free is not None and needed > free // 2
+    return StreamedSplit(cache, indices) if stream else InMemorySplit(cache, indices)
 
 
-def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device: str = "auto") -> dict[str, Any]:
-    """Train ``config.decoder`` on the cache's train split; returns the contents of run.json."""
+def _run_record(cache: FeatureCache, cache_path: Path, config: TrainConfig, n_train: int, n_val: int,
+                streamed: bool, device: torch.device) -> dict[str, Any]:
+    return {
+        "fishseg_version": __version__,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "train_config": dataclasses.asdict(config),
+        "cache": {"path": str(cache_path), "fingerprint": cache.fingerprint},
+        "backbone": dataclasses.asdict(cache.backbone),
+        "split": {"method": "random", "n_train": n_train, "n_val": n_val},
+        "features": "streamed from HDF5" if streamed else "in memory",
+        "device": str(device),
+    }
+
+
+def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device: str = "auto",
+                 stream: bool | None = None) -> dict[str, Any]:
+    """Train ``config.decoder`` on the cache's train split; returns the contents of run.json.
+
+    ``stream``: read batches from the HDF5 file (True), hold the split in memory (False), or
+    decide from the free memory (None).
+    """
     torch_device = resolve_device(device)
     with FeatureCache(cache_path) as cache:
         train_idx, val_idx = random_split(len(cache), config.val_fraction, config.seed)
-        train_x, train_y = _load_split(cache, train_idx)
-        val_x, val_y = _load_split(cache, val_idx)
-        run = {
-            "fishseg_version": __version__,
-            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "train_config": dataclasses.asdict(config),
-            "cache": {"path": str(cache_path), "fingerprint": cache.fingerprint},
-            "backbone": dataclasses.asdict(cache.backbone),
-            "split": {"method": "random", "n_train": len(train_idx), "n_val": len(val_idx)},
-            "device": str(torch_device),
-        }
+        train, val = choose_split(cache, train_idx, stream), choose_split(cache, val_idx, stream)
+        run = _run_record(cache, cache_path, config, len(train_idx), len(val_idx),
+                          isinstance(train, StreamedSplit), torch_device)
         write_json(out_dir / SPLIT_FILE, {"train": [cache.image_ids[i] for i in train_idx],
                                           "val": [cache.image_ids[i] for i in val_idx]})
-    torch.manual_seed(config.seed)
-    decoder = build_decoder(config.decoder, int(train_x.shape[-1])).to(torch_device)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    meta = {"decoder": config.decoder, "in_dim": int(train_x.shape[-1]), "train_config": run["train_config"],
-            "cache_fingerprint": run["cache"]["fingerprint"]}
-    history: dict[str, Any] = {"iterations": {"train": [], "val": []}, "epochs": []}
-    best_iou = -1.0
-    logger.info("training %s on %d images, validating on %d (%s)", config.decoder, len(train_x), len(val_x),
-                torch_device)
-    logger.info(TABLE_HEADER)
-    for epoch in range(1, config.epochs + 1):
-        started = time.perf_counter()
-        train = run_epoch(decoder, train_x, train_y, config.batch_size, torch_device, optimizer, generator)
-        val = run_epoch(decoder, val_x, val_y, config.batch_size, torch_device)
-        row = epoch_summary(epoch, train, val, time.perf_counter() - started)
-        history["epochs"].append(row)
-        history["iterations"]["train"] += _iterations(epoch, train)
-        history["iterations"]["val"] += _iterations(epoch, val)
-        _save(out_dir / LAST_CHECKPOINT, decoder, {**meta, "epoch": epoch, "val_iou": row["val_iou"]})
-        if row["val_iou"] > best_iou:
-            best_iou = row["val_iou"]
-            _save(out_dir / BEST_CHECKPOINT, decoder, {**meta, "epoch": epoch, "val_iou": best_iou})
-            run.update(best_epoch=epoch, best_val_iou=best_iou)
-        write_json(out_dir / HISTORY_FILE, history)
-        write_json(out_dir / RUN_FILE, run)
-        logger.info(f"{epoch:>5} {row['train_loss']:>10.4f} {row['train_iou']:>9.4f} {row['val_loss']:>9.4f} "
-                    f"{row['val_iou']:>8.4f} {row['seconds']:>5.1f}s")
+        feature_dim = cache.backbone.feature_dim
+        torch.manual_seed(config.seed)
+        decoder = build_decoder(config.decoder, feature_dim).to(torch_device)
+        optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        generator = torch.Generator().manual_seed(config.seed)
+        meta = {"decoder": config.decoder, "in_dim": feature_dim, "train_config": run["train_config"],
+                "cache_fingerprint": cache.fingerprint}
+        history: dict[str, Any] = {"iterations": {"train": [], "val": []}, "epochs": []}
+        best_iou = -1.0
+        logger.info("training %s on %d images, validating on %d (%s, features %s)", config.decoder, len(train),
+                    len(val), torch_device, run["features"])
+        logger.info(TABLE_HEADER)
+        for epoch in range(1, config.epochs + 1):
+            started = time.perf_counter()
+            train_result = run_epoch(decoder, train, config.batch_size, torch_device, optimizer, generator)
+            val_result = run_epoch(decoder, val, config.batch_size, torch_device)
+            row = epoch_summary(epoch, train_result, val_result, time.perf_counter() - started)
+            history["epochs"].append(row)
+            history["iterations"]["train"] += _iterations(epoch, train_result)
+            history["iterations"]["val"] += _iterations(epoch, val_result)
+            _save(out_dir / LAST_CHECKPOINT, decoder, {**meta, "epoch": epoch, "val_iou": row["val_iou"]})
+            if row["val_iou"] > best_iou:
+                best_iou = row["val_iou"]
+                _save(out_dir / BEST_CHECKPOINT, decoder, {**meta, "epoch": epoch, "val_iou": best_iou})
+                run.update(best_epoch=epoch, best_val_iou=best_iou)
+            write_json(out_dir / HISTORY_FILE, history)
+            write_json(out_dir / RUN_FILE, run)
+            logger.info(f"{epoch:>5} {row['train_loss']:>10.4f} {row['train_iou']:>9.4f} {row['val_loss']:>9.4f} "
+                        f"{row['val_iou']:>8.4f} {row['seconds']:>5.1f}s")
     return run
 
 

@@ -89,3 +89,18 @@ def test_require_refuses_another_cache(tmp_path: Path) -> None:
         with pytest.raises(FishsegError, match="split.json: 1 images are not in cache"):
             cache.indices_of(["class0/000.png", "nope.png"], tmp_path / "split.json")
         assert cache.indices_of(["class1/003.png", "class0/000.png"], tmp_path).tolist() == [3, 0]
+
+
+@pytest.mark.parametrize("compression", ["none", "lzf", "gzip"])
+def test_compression_changes_storage_not_content(tmp_path: Path, compression: str) -> None:
+    features, masks, previews = _arrays(np.random.default_rng(0))
+    with CacheWriter(tmp_path / "c.h5", CONFIG, INFO, SAMPLES, compression) as writer:
+        writer.write(0, features, masks, previews)
+    with FeatureCache(tmp_path / "c.h5") as cache:
+        assert cache.file["features"].compression == (None if compression == "none" else compression)
+        np.testing.assert_array_equal(cache.features(range(3)), features)
+
+
+def test_unknown_compression_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FishsegError, match="unknown compression 'zstd'"):
+        CacheWriter(tmp_path / "c.h5", CONFIG, INFO, SAMPLES, "zstd")

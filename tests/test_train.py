@@ -3,11 +3,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import fishseg.train as train_module
+from fishseg.cache import FeatureCache
 from fishseg.config import TrainConfig
 from fishseg.decoders import load_checkpoint
-from fishseg.train import run_training
+from fishseg.train import InMemorySplit, StreamedSplit, choose_split, run_training
 from tests.helpers import write_toy_cache
 
 TOY = TrainConfig(epochs=8, batch_size=4, lr=3e-3, seed=1)
@@ -54,3 +57,23 @@ def test_same_seed_gives_the_same_history(toy_run: tuple[Path, Path, dict], tmp_
     second = json.loads((tmp_path / "again" / "history.json").read_text())
     assert [e["val_iou"] for e in first["epochs"]] == [e["val_iou"] for e in second["epochs"]]
     assert first["iterations"] == second["iterations"]
+
+
+def test_streaming_from_hdf5_trains_exactly_like_in_memory(toy_run: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    cache, run_dir, _ = toy_run
+    streamed = run_training(cache, tmp_path / "streamed", TOY, device="cpu", stream=True)
+    assert streamed["features"] == "streamed from HDF5"
+    in_memory = json.loads((run_dir / "history.json").read_text())
+    assert json.loads((tmp_path / "streamed" / "history.json").read_text())["iterations"] == in_memory["iterations"]
+
+
+def test_split_choice_follows_the_free_memory(toy_run: tuple[Path, Path, dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    with FeatureCache(toy_run[0]) as cache:
+        indices = np.arange(10)
+        needed = cache.bytes_per_image() * len(indices)
+        assert cache.bytes_per_image() == 8 * 8 * 16 * 2 + 32 * 32  # float16 features + uint8 mask
+        monkeypatch.setattr(train_module, "available_memory", lambda: 2 * needed + 2)
+        assert isinstance(choose_split(cache, indices, None), InMemorySplit)
+        monkeypatch.setattr(train_module, "available_memory", lambda: 2 * needed - 2)
+        assert isinstance(choose_split(cache, indices, None), StreamedSplit)
+        assert isinstance(choose_split(cache, indices, False), InMemorySplit)

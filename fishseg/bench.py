@@ -1,0 +1,206 @@
+"""``fishseg bench``: what the cache buys, measured side by side in one run on generated images.
+
+1. bare backbone forward (decoded tensors already in memory);
+2. extraction end to end (decode + resize + forward + HDF5 write), as a ratio of 1;
+3. a reference-style epoch (decode + backbone + decoder step per batch, as the notebook trained)
+   against an epoch from the cache: same images, decoder and batch size (cached epochs: best of 3);
+4. peak memory and epoch time of cached training, in memory and streamed, at two cache sizes
+   (each in a fresh process, so one peak does not hide another);
+5. size and random-read throughput of the cache for each compression.
+
+Usage: ``fishseg bench [--images 64] [--json PATH]`` or ``python -m fishseg.bench``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fishseg import __version__
+from fishseg.backbone import load_backbone, save_random_backbone
+from fishseg.cache import CacheWriter, FeatureCache
+from fishseg.config import COMPRESSIONS, ExtractConfig
+from fishseg.data import ExtractionDataset, Sample, discover_samples
+from fishseg.decoders import build_decoder
+from fishseg.demo import SPECIES, write_demo_dataset
+from fishseg.extract import run_extraction
+from fishseg.memory_probe import MB, measure_training
+from fishseg.runtime import default_num_workers, resolve_device, timed
+from fishseg.train import InMemorySplit, decoder_step, run_epoch
+
+EPOCH_REPEATS = 3  # cached epochs are cheap: report the best of three
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    images: int = 64  # generated 590×445 photos
+    image_size: int = 448
+    batch_size: int = 8
+    backbone: str | None = None  # None: a random-init ViT-S/16 (same cost as the trained one)
+    decoder: str = "seed-cnn"
+    scale: int = 4  # the large cache of measure 4 has scale × images
+    device: str = "auto"
+    num_workers: int | None = None
+
+
+def _forward_throughput(backbone: Any, images: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    backbone(images[:batch_size])  # warm-up: first-call allocations and kernel selection
+    seconds = timed(lambda: [backbone(chunk) for chunk in images.split(batch_size)], device)
+    return len(images) / seconds
+
+
+def _reference_epoch(backbone: Any, samples: list[Sample], config: BenchConfig, device: torch.device) -> float:
+    """Seconds for one epoch as the reference trained: decode, backbone and decoder step for every batch."""
+    loader = torch.utils.data.DataLoader(
+        ExtractionDataset(samples, config.image_size, 16), batch_size=config.batch_size, shuffle=True,
+        num_workers=_workers(config), generator=torch.Generator().manual_seed(0))
+    decoder = build_decoder(config.decoder, backbone.info.feature_dim).to(device)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3)
+    decoder.train()
+
+    def epoch() -> None:
+        for images, masks, _ in loader:
+            decoder_step(decoder, backbone(images).clone(), masks, device, optimizer)
+
+    return timed(epoch, device)
+
+
+def _cached_epoch(cache_path: Path, config: BenchConfig, device: torch.device) -> float:
+    with FeatureCache(cache_path) as cache:
+        split = InMemorySplit(cache, np.arange(len(cache)))
+    decoder = build_decoder(config.decoder, int(split.features.shape[-1])).to(device)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    run_epoch(decoder, split, config.batch_size, device, optimizer, generator)  # warm-up
+    return timed(lambda: run_epoch(decoder, split, config.batch_size, device, optimizer, generator), device,
+                 repeats=EPOCH_REPEATS)
+
+
+def _workers(config: BenchConfig) -> int:
+    return default_num_workers() if config.num_workers is None else config.num_workers
+
+
+def _copy_cache(source: Path, target: Path, repeat: int, compression: str) -> Path:
+    """A cache with ``repeat`` copies of every image of ``source`` (content is irrelevant to speed and memory)."""
+    with FeatureCache(source) as cache:
+        everything = np.arange(len(cache))
+        features, masks, previews = cache.features(everything), cache.masks(everything), cache.previews(everything)
+        samples = [Sample(f"{copy}/{image_id}", Path(image_id), Path(image_id), cache.class_names[k])
+                   for copy in range(repeat) for image_id, k in zip(cache.image_ids, cache.class_index)]
+        config, backbone = cache.config, cache.backbone
+    with CacheWriter(target, config, backbone, samples, compression) as writer:
+        for copy in range(repeat):
+            writer.write(copy * len(features), features, masks, previews)
+    return target
+
+
+def _memory(cache_path: Path, workdir: Path, config: BenchConfig) -> list[dict[str, Any]]:
+    large = _copy_cache(cache_path, workdir / "large.h5", config.scale, "none")
+    rows = []
+    context = multiprocessing.get_context("spawn")
+    for path in (cache_path, large):
+        for stream in (False, True):
+            with context.Pool(1) as pool:
+                result = pool.apply(measure_training, (str(path), stream, config.batch_size, config.decoder,
+                                                        config.device, EPOCH_REPEATS))
+            rows.append({"features": "streamed" if stream else "in memory", **result})
+    return rows
+
+
+def _storage(cache_path: Path, workdir: Path) -> list[dict[str, Any]]:
+    """File size and random-order per-image read throughput of the features for each compression."""
+    rows = []
+    for compression in COMPRESSIONS:
+        path = _copy_cache(cache_path, workdir / f"storage-{compression}.h5", 1, compression)
+        with FeatureCache(path) as cache:
+            order = np.random.default_rng(0).permutation(len(cache))
+            dataset = cache.file["features"]
+            seconds = timed(lambda: [dataset[int(i)] for i in order], torch.device("cpu"))
+            payload = dataset.size * dataset.dtype.itemsize
+        rows.append({"compression": compression, "file_mb": path.stat().st_size / MB,
+                     "read_mb_per_s": payload / MB / seconds})
+    return rows
+
+
+def _environment(config: BenchConfig, device: torch.device, backbone: Any) -> dict[str, Any]:
+    return {
+        "fishseg": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "threads": torch.get_num_threads(), "workers": _workers(config), "image_size": config.image_size,
+        "photo_size": "590×445", "images": config.images, "batch_size": config.batch_size,
+        "backbone": backbone.info.name, "random_init": backbone.info.random_init,
+        "feature_dim": backbone.info.feature_dim,
+    }
+
+
+def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> dict[str, Any]:
+    """Run every measure once, side by side, and return them with the environment."""
+    with tempfile.TemporaryDirectory(prefix="fishseg-bench-") as scratch:
+        workdir = workdir or Path(scratch)
+        classes = len(SPECIES) if config.images % len(SPECIES) == 0 else 1  # exactly config.images photos
+        data = write_demo_dataset(workdir / "data", classes=classes, images_per_class=config.images // classes)
+        samples = discover_samples(data)
+        backbone_name = config.backbone or str(save_random_backbone(workdir / "backbone"))
+        device = resolve_device(config.device)
+        extract_config = ExtractConfig(backbone=backbone_name, image_size=config.image_size)
+        backbone = load_backbone(backbone_name, extract_config.mean, extract_config.std, device)
+        dataset = ExtractionDataset(samples, config.image_size, extract_config.preview_size)
+        decoded = torch.stack([dataset[i][0] for i in range(len(samples))])
+        forward = _forward_throughput(backbone, decoded, config.batch_size, device)
+        cache_path = workdir / "cache.h5"
+        extraction_seconds = timed(lambda: run_extraction(
+            data, cache_path, extract_config, batch_size=config.batch_size, num_workers=config.num_workers,
+            device=config.device, overwrite=True), device)
+        reference = _reference_epoch(backbone, samples, config, device)
+        cached = _cached_epoch(cache_path, config, device)
+        return {
+            "environment": _environment(config, device, backbone),
+            "forward_images_per_s": forward,
+            "extraction_images_per_s": len(samples) / extraction_seconds,
+            "extraction_vs_forward": len(samples) / extraction_seconds / forward,
+            "reference_epoch_s": reference, "cached_epoch_s": cached, "cached_speedup": reference / cached,
+            "memory": _memory(cache_path, workdir, config),
+            "storage": _storage(cache_path, workdir),
+        }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as a plain-text table with ratios and the targets they answer."""
+    env = results["environment"]
+    backbone = f"{env['backbone']}" + (" (random-init)" if env["random_init"] else "")
+    lines = [
+        f"fishseg bench: {env['images']} photos {env['photo_size']} → {env['image_size']}², batch {env['batch_size']}, "
+        f"{env['device']}, {env['threads']} threads, {env['workers']} workers, torch {env['torch']}",
+        f"backbone {backbone}",
+        "",
+        f"1 backbone forward (in memory)     {results['forward_images_per_s']:8.2f} img/s",
+        f"2 extraction end to end            {results['extraction_images_per_s']:8.2f} img/s   "
+        f"{results['extraction_vs_forward']:.2f}× of 1 (target ≥ 0.9)",
+        f"3 reference-style epoch            {results['reference_epoch_s']:8.2f} s",
+        f"  cached epoch                     {results['cached_epoch_s']:8.2f} s       "
+        f"{results['cached_speedup']:.1f}× faster (target ≥ 25)",
+        "4 cached training      images  epoch s  peak RSS growth MB",
+    ]
+    for row in results["memory"]:
+        lines.append(f"  {row['features']:<18} {row['images']:>7} {row['epoch_seconds']:>8.2f} "
+                     f"{row['peak_rss_growth_mb']:>18.1f}")
+    memory = results["memory"]
+    lines.append(f"  streamed / in-memory epoch time at {memory[-1]['images']} images: "
+                 f"{memory[-1]['epoch_seconds'] / memory[-2]['epoch_seconds']:.2f}× (target ≤ 1.3)")
+    lines.append("5 cache storage        file MB  random read MB/s")
+    for row in results["storage"]:
+        lines.append(f"  {row['compression']:<18} {row['file_mb']:>8.1f} {row['read_mb_per_s']:>17.0f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from fishseg.cli import bench
+
+    bench(prog_name="python -m fishseg.bench")
