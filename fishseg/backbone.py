@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModel, DINOv3ViTConfig, DINOv3ViTModel, PreTrainedModel
+from transformers.utils import logging as transformers_logging
 
 from fishseg.config import BackboneInfo
 from fishseg.errors import FishsegError
@@ -52,6 +53,7 @@ def load_backbone(name: str, mean: tuple, std: tuple, device: torch.device) -> B
     local = Path(name)
     if local.is_dir():
         _refuse_custom_code(local)
+    transformers_logging.disable_progress_bar()  # fishseg shows its own progress
     try:
         model = AutoModel.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as error:

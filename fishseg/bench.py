@@ -66,7 +66,7 @@ def _reference_epoch(backbone: Any, samples: list[Sample], config: BenchConfig, 
     decoder.train()
 
     def epoch() -> None:
-        for images, masks, _ in loader:
+        for images, masks, _, _ in loader:
             decoder_step(decoder, backbone(images).clone(), masks, device, optimizer)
 
     return timed(epoch, device)

@@ -7,22 +7,31 @@ Datasets (N images, grid h×w, feature dim D, image size S, preview size P):
 * ``previews``    N×P×P×3 uint8 RGB, one chunk per image, lzf-compressed
 * ``image_ids``   N utf-8 strings: image paths relative to the data root
 * ``class_names`` C utf-8 strings; ``class_index`` N int16 indices into them
+* ``sources``     N×4 int64: image bytes, image mtime (ns), mask bytes, mask mtime (ns), to spot stale caches
+* ``skipped_ids``, ``skipped_reasons``: images left out by ``extract --skip-bad``, and why
 
 Attributes: ``format_version``, ``fishseg_version``, ``created_at``, ``fingerprint``,
 ``extract_config`` and ``backbone`` (JSON), and for people reading the file with h5dump:
 ``backbone_id``, ``random_init``, ``image_size``, ``patch_size``, ``feature_dim``, ``grid_size``,
 ``normalisation``. A cache is written to ``<name>.partial`` and renamed when complete, so a file
 at the final path is always whole.
+
+While extraction runs, finished batches live in ``<name>.parts/``: one ``.npz`` per batch of the
+manifest's batch size, each written to a temp file and renamed, so a process killed at any moment
+(SIGKILL included) leaves only whole batches, and running the same command again resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -32,6 +41,7 @@ from fishseg.config import (COMPRESSIONS, DEFAULT_COMPRESSION, BackboneInfo, Ext
                             to_json)
 from fishseg.data import Sample
 from fishseg.errors import FishsegError
+from fishseg.runtime import read_json, write_json
 
 FORMAT_VERSION = 1
 STRING = h5py.string_dtype("utf-8")
@@ -46,7 +56,7 @@ class CacheWriter:
     """Context manager writing a new cache batch by batch; renamed into place only on success."""
 
     def __init__(self, path: Path, config: ExtractConfig, backbone: BackboneInfo, samples: Sequence[Sample],
-                 compression: str = DEFAULT_COMPRESSION) -> None:
+                 compression: str = DEFAULT_COMPRESSION, skipped: Sequence[tuple[str, str]] = ()) -> None:
         if compression not in COMPRESSIONS:
             raise FishsegError(f"unknown compression '{compression}'; choose one of {', '.join(COMPRESSIONS)}")
         self.compression = None if compression == "none" else compression
@@ -55,6 +65,7 @@ class CacheWriter:
         self.config = config
         self.backbone = backbone
         self.samples = samples
+        self.skipped = skipped
         self.file: h5py.File | None = None
 
     def __enter__(self) -> CacheWriter:
@@ -77,6 +88,9 @@ class CacheWriter:
         file.create_dataset("class_names", data=class_names, dtype=STRING)
         file.create_dataset("class_index", dtype=np.int16,
                             data=[class_names.index(sample.class_name) for sample in self.samples])
+        file.create_dataset("sources", dtype=np.int64, data=np.array([s.source_stat for s in self.samples]))
+        _strings(file, "skipped_ids", [image_id for image_id, _ in self.skipped])
+        _strings(file, "skipped_reasons", [reason for _, reason in self.skipped])
         file.attrs.update({
             "format_version": FORMAT_VERSION,
             "fishseg_version": __version__,
@@ -122,6 +136,7 @@ class FeatureCache:
         self.image_ids: list[str] = list(self.file["image_ids"].asstr()[:])
         self.class_names: list[str] = list(self.file["class_names"].asstr()[:])
         self.class_index: np.ndarray = self.file["class_index"][:].astype(np.int64)
+        self.skipped = list(zip(self.file["skipped_ids"].asstr()[:], self.file["skipped_reasons"].asstr()[:]))
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -157,20 +172,130 @@ class FeatureCache:
             raise FishsegError(f"{source}: {len(missing)} images are not in cache {self.path}, e.g. {missing[0]}")
         return np.array([position[image_id] for image_id in image_ids], dtype=np.int64)
 
-    def require(self, expected_fingerprint: str, source: Path) -> None:
-        """Refuse to pair this cache with an artifact (a run) made from another cache."""
-        if expected_fingerprint != self.fingerprint:
+    def summary(self) -> dict[str, Any]:
+        """What a run records of its cache, and what ``require`` names when they differ."""
+        return {"path": str(self.path), "fingerprint": self.fingerprint, "backbone": self.backbone.name,
+                "image_size": self.config.image_size, "images": len(self)}
+
+    def require(self, expected: dict[str, Any], source: Path) -> None:
+        """Refuse to pair this cache with an artifact (a run, a checkpoint) made from another cache."""
+        if expected["fingerprint"] != self.fingerprint:
             raise FishsegError(
-                f"{source}: made from cache {expected_fingerprint} but {self.path} is cache "
-                f"{self.fingerprint}; pass the cache it was trained on"
+                f"{source}: made from cache {_describe(expected)} but {self.path} is cache "
+                f"{_describe(self.summary())}; pass the cache it was trained on"
             )
+
+    def staleness(self, samples: Sequence[Sample]) -> dict[str, int]:
+        """Images added, removed and modified under the data root since this cache was made."""
+        stored = dict(zip(self.image_ids, map(tuple, self.file["sources"][:].tolist())))
+        known = set(stored) | {image_id for image_id, _ in self.skipped}
+        current = {sample.image_id: sample.source_stat for sample in samples}
+        return {"added": len(set(current) - known), "removed": len(known - set(current)),
+                "modified": sum(1 for i, stat in current.items() if i in stored and stored[i] != stat)}
+
+
+def _describe(summary: dict[str, Any]) -> str:
+    details = ", ".join(f"{key} {summary[key]}" for key in ("backbone", "image_size") if key in summary)
+    return f"{summary['fingerprint']} ({details})" if details else summary["fingerprint"]
+
+
+def _strings(file: h5py.File, name: str, values: list[str]) -> None:
+    dataset = file.create_dataset(name, shape=(len(values),), dtype=STRING)
+    if values:
+        dataset[:] = values
+
+
+def parts_dir(path: Path) -> Path:
+    """Where the finished batches of an extraction into ``path`` wait until it completes."""
+    return path.with_name(path.name + ".parts")
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """Turn a failed write (no space left, read-only disk) into a one-line message naming ``path``."""
+    try:
+        yield
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise FishsegError(f"{path}: cannot write ({reason}); free space or fix the disk and run the same "
+                           f"command again (finished batches are kept)") from None
+
+
+class PartStore:
+    """The finished batches of an extraction in progress, one atomically written ``.npz`` each."""
+
+    MANIFEST = "manifest.json"
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.dir = parts_dir(path)
+        self.manifest = manifest
+        self.batch_size = int(manifest["batch_size"])
+        self.n_images = len(manifest["image_ids"])
+
+    @classmethod
+    def open(cls, path: Path, manifest: dict[str, Any], discard_other: bool = False) -> PartStore:
+        """Resume the store whose manifest matches, or start one; a store of other images or settings
+        is refused, or discarded when ``discard_other``."""
+        directory = parts_dir(path)
+        manifest = json.loads(json.dumps(manifest))  # as it reads back from disk (tuples become lists)
+        if (directory / cls.MANIFEST).exists() and read_json(directory / cls.MANIFEST) != manifest:
+            if not discard_other:
+                raise FishsegError(f"{directory}: an interrupted extraction of other images or settings; "
+                                   f"pass --overwrite to discard it and start again")
+            discard_parts(path)
+        if not (directory / cls.MANIFEST).exists():
+            with disk_errors(directory):
+                directory.mkdir(parents=True, exist_ok=True)
+                write_json(directory / cls.MANIFEST, manifest)
+        return cls(path, manifest)
+
+    def batches(self) -> list[tuple[int, int]]:
+        """``[start, stop)`` of every batch; fixed, so a resumed batch is computed exactly as the first time."""
+        return [(start, min(start + self.batch_size, self.n_images)) for start in range(0, self.n_images, self.batch_size)]
+
+    def _file(self, start: int, stop: int) -> Path:
+        return self.dir / f"{start:08d}-{stop:08d}.npz"
+
+    def done(self) -> list[tuple[int, int]]:
+        return [batch for batch in self.batches() if self._file(*batch).exists()]
+
+    def write(self, start: int, stop: int, **arrays: np.ndarray) -> None:
+        target = self._file(start, stop)
+        with disk_errors(target):
+            fd, name = tempfile.mkstemp(prefix=".batch-", suffix=".tmp", dir=self.dir)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    np.savez(handle, **arrays)
+                os.replace(name, target)
+            finally:
+                Path(name).unlink(missing_ok=True)
+
+    def read(self, start: int, stop: int, *names: str) -> dict[str, np.ndarray]:
+        """The named arrays of one batch (all when none are named); others are not read."""
+        with np.load(self._file(start, stop), allow_pickle=False) as part:
+            return {name: part[name] for name in names or part.files}
+
+
+def discard_parts(path: Path) -> None:
+    shutil.rmtree(parts_dir(path), ignore_errors=True)
+
+
+def incomplete_extraction(path: Path) -> str | None:
+    """How far an interrupted extraction into ``path`` got ("k of n images"), or None if there is none."""
+    manifest = parts_dir(path) / PartStore.MANIFEST
+    if not manifest.exists():
+        return None
+    store = PartStore(path, read_json(manifest))
+    return f"{sum(stop - start for start, stop in store.done())} of {store.n_images} images"
 
 
 def _open_checked(path: Path) -> h5py.File:
-    if not path.is_file():
-        partial = path.with_name(path.name + ".partial")
-        hint = " (an extraction into it was interrupted; run extract again)" if partial.exists() else ""
-        raise FishsegError(f"{path}: cache not found{hint}")
+    if not path.is_file():  # a file at the final path is whole: it is renamed there when complete
+        progress = incomplete_extraction(path)
+        if progress is not None:
+            raise FishsegError(f"{path}: extraction is incomplete ({progress} done); run the same extract "
+                               f"command again to resume")
+        raise FishsegError(f"{path}: cache not found")
     try:
         file = h5py.File(path, "r")
     except OSError as error:

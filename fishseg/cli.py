@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +25,9 @@ from fishseg.errors import FishsegError
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 TRAIN_DEFAULTS = TrainConfig()
 EXTRACT_DEFAULTS = ExtractConfig()
+
+
+INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C
 
 
 class UserError(click.ClickException):
@@ -40,6 +44,9 @@ def command(function: Callable[..., Any]) -> Callable[..., Any]:
             return function(*args, **kwargs)
         except FishsegError as error:
             raise UserError(str(error)) from None
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted. Finished work is kept: run the same command again to resume.", err=True)
+            sys.exit(INTERRUPTED)
 
     return wrapper
 
@@ -49,12 +56,13 @@ def device_option(function: Callable[..., Any]) -> Callable[..., Any]:
                         help="auto uses CUDA (with bf16 autocast) when present.")(function)
 
 
-existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
-existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
+# Existence is checked by the stages, whose one-line messages name the file (click's span several lines).
+input_file = click.Path(dir_okay=False, path_type=Path)
+input_dir = click.Path(file_okay=False, path_type=Path)
 
 
 @click.command("extract")
-@click.option("--data-root", required=True, type=existing_dir,
+@click.option("--data-root", required=True, type=input_dir,
               help="Kaggle fish download (or its Fish_Dataset/), or a folder with images/ and masks/.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Cache file to write (.h5).")
 @click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, help="Hub id or local model folder.")
@@ -66,22 +74,26 @@ existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--num-workers", default=None, type=click.IntRange(0), help="Image decoding workers [default: half the cores].")
 @click.option("--compression", default=DEFAULT_COMPRESSION, show_default=True, type=click.Choice(COMPRESSIONS),
               help="HDF5 compression of the features (see `fishseg bench` for the trade-off).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished cache (kept, or refused when stale, without it).")
+@click.option("--skip-bad", is_flag=True, help="Leave unreadable images out with a warning (recorded in the cache).")
 @device_option
 @command
 def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_size: int, batch_size: int,
-            num_workers: int | None, compression: str, overwrite: bool, device: str) -> None:
-    """Run the frozen backbone once over every image and write patch features, masks and previews to one HDF5 cache."""
+            num_workers: int | None, compression: str, overwrite: bool, skip_bad: bool, device: str) -> None:
+    """Run the frozen backbone once over every image and write patch features, masks and previews to one HDF5 cache.
+
+    Resumable: stopped at any point, the same command continues where it stopped.
+    """
     from fishseg.extract import run_extraction
 
     config = ExtractConfig(backbone=backbone, image_size=image_size, preview_size=preview_size)
     run_extraction(data_root, out, config, batch_size=batch_size, num_workers=num_workers, device=device,
-                   compression=compression, overwrite=overwrite)
-    click.echo(f"cache written: {out}")
+                   compression=compression, overwrite=overwrite, skip_bad=skip_bad)
+    click.echo(f"cache ready: {out}")
 
 
 @click.command("train")
-@click.option("--cache", "cache_path", required=True, type=existing_file, help="Cache from `extract`.")
+@click.option("--cache", "cache_path", required=True, type=input_file, help="Cache from `extract`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder to write.")
 @click.option("--decoder", default=TRAIN_DEFAULTS.decoder, show_default=True, type=click.Choice(sorted(DECODERS)))
 @click.option("--epochs", default=TRAIN_DEFAULTS.epochs, show_default=True, type=click.IntRange(1))
@@ -108,8 +120,8 @@ def train(cache_path: Path, out: Path, decoder: str, epochs: int, batch_size: in
 
 
 @click.command("evaluate")
-@click.option("--cache", "cache_path", required=True, type=existing_file, help="The cache the run was trained on.")
-@click.option("--run", "run_dir", required=True, type=existing_dir, help="Run folder from `train`.")
+@click.option("--cache", "cache_path", required=True, type=input_file, help="The cache the run was trained on.")
+@click.option("--run", "run_dir", required=True, type=input_dir, help="Run folder from `train`.")
 @click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Report folder [default: RUN/report].")
 @device_option

@@ -38,6 +38,13 @@ class Sample:
     image_path: Path
     mask_path: Path
     class_name: str
+    source_stat: tuple[int, int, int, int] = (0, 0, 0, 0)  # image bytes, image mtime ns, mask bytes, mask mtime ns
+
+
+def source_stat(image_path: Path, mask_path: Path) -> tuple[int, int, int, int]:
+    """What tells a changed file from an unchanged one without reading it (as make and rsync do)."""
+    image, mask = image_path.stat(), mask_path.stat()
+    return image.st_size, image.st_mtime_ns, mask.st_size, mask.st_mtime_ns
 
 
 def discover_samples(root: Path) -> list[Sample]:
@@ -118,7 +125,7 @@ def _pair_folder(image_dir: Path, mask_dir: Path, class_name: str, data_root: Pa
             f"{image_dir.name}/: {', '.join(listed[:MAX_LISTED])}{more}"
         )
     return [
-        Sample(path.relative_to(data_root).as_posix(), path, masks[stem], class_name)
+        Sample(path.relative_to(data_root).as_posix(), path, masks[stem], class_name, source_stat(path, masks[stem]))
         for stem, path in images.items()
     ]
 
@@ -151,8 +158,10 @@ def read_mask(path: Path) -> Image.Image:
 class ExtractionDataset(torch.utils.data.Dataset):
     """Decodes and resizes one sample per item (runs in DataLoader workers).
 
-    Returns ``(image 3×S×S uint8, mask S×S uint8 in {0,1}, preview P×P×3 uint8)``;
+    Returns ``(image 3×S×S uint8, mask S×S uint8 in {0,1}, preview P×P×3 uint8, error)``;
     normalisation happens on the device, so workers ship 4× fewer bytes than float images.
+    A sample that cannot be read comes back as zeros with a one-line ``error`` (empty when fine):
+    an exception raised in a worker would reach the user wrapped in a traceback.
     """
 
     def __init__(self, samples: list[Sample], image_size: int, preview_size: int) -> None:
@@ -163,21 +172,30 @@ class ExtractionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        sample = self.samples[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+        side, preview = (self.image_size,) * 2, (self.preview_size,) * 2
+        try:
+            image, mask = self._read(self.samples[index])
+        except FishsegError as error:
+            return (torch.zeros(3, *side, dtype=torch.uint8), torch.zeros(side, dtype=torch.uint8),
+                    torch.zeros(*preview, 3, dtype=torch.uint8), str(error))
+        pixels = np.asarray(image.resize(side, Image.Resampling.BILINEAR))
+        return (
+            torch.from_numpy(pixels.copy()).permute(2, 0, 1),
+            torch.from_numpy(np.asarray(mask.resize(side, Image.Resampling.NEAREST)).copy()),
+            torch.from_numpy(np.asarray(image.resize(preview, Image.Resampling.BILINEAR)).copy()),
+            "",
+        )
+
+    @staticmethod
+    def _read(sample: Sample) -> tuple[Image.Image, Image.Image]:
         image, mask = read_rgb(sample.image_path), read_mask(sample.mask_path)
         if image.size != mask.size:
             raise FishsegError(
                 f"{sample.mask_path}: mask is {mask.size[0]}×{mask.size[1]} but its image is "
                 f"{image.size[0]}×{image.size[1]}; masks must match their images"
             )
-        side, preview = (self.image_size,) * 2, (self.preview_size,) * 2
-        pixels = np.asarray(image.resize(side, Image.Resampling.BILINEAR))
-        return (
-            torch.from_numpy(pixels.copy()).permute(2, 0, 1),
-            torch.from_numpy(np.asarray(mask.resize(side, Image.Resampling.NEAREST)).copy()),
-            torch.from_numpy(np.asarray(image.resize(preview, Image.Resampling.BILINEAR)).copy()),
-        )
+        return image, mask
 
 
 def random_split(n_images: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

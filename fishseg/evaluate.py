@@ -18,7 +18,8 @@ from fishseg.cache import FeatureCache
 from fishseg.decoders import load_checkpoint, segment
 from fishseg.metrics import THRESHOLD, THRESHOLDS, summarize, sweep_thresholds
 from fishseg.report import Example, ReportData, gallery_positions, write_report
-from fishseg.runtime import atomic_path, autocast, read_json, resolve_device, write_json
+from fishseg.errors import FishsegError
+from fishseg.runtime import atomic_path, autocast, file_digest, read_json, resolve_device, write_json
 from fishseg.train import BEST_CHECKPOINT, HISTORY_FILE, RUN_FILE, SPLIT_FILE
 
 logger = logging.getLogger(__name__)
@@ -102,12 +103,17 @@ def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None,
                    device: str = "auto") -> dict[str, Any]:
     """Score the run's best checkpoint on its validation images; writes metrics.json and the report."""
     out_dir = out_dir or run_dir / "report"
+    if not (run_dir / RUN_FILE).is_file():
+        raise FishsegError(f"{run_dir}: not a run folder (no {RUN_FILE}); pass the --out folder of `train`")
     run, history = read_json(run_dir / RUN_FILE), read_json(run_dir / HISTORY_FILE)
+    if file_digest(run_dir / BEST_CHECKPOINT) != run.get("checkpoints", {}).get(BEST_CHECKPOINT):
+        raise FishsegError(f"{run_dir / BEST_CHECKPOINT}: does not match the SHA-256 recorded in {RUN_FILE} "
+                           f"(modified or replaced); train again or restore the file")
     decoder, checkpoint = load_checkpoint(run_dir / BEST_CHECKPOINT)
     torch_device = resolve_device(device)
     with FeatureCache(cache_path) as cache:
-        cache.require(run["cache"]["fingerprint"], run_dir / RUN_FILE)
-        cache.require(checkpoint["cache_fingerprint"], run_dir / BEST_CHECKPOINT)
+        cache.require(run["cache"], run_dir / RUN_FILE)
+        cache.require({"fingerprint": checkpoint["cache_fingerprint"]}, run_dir / BEST_CHECKPOINT)
         val_ids = read_json(run_dir / SPLIT_FILE)["val"]
         val_idx = cache.indices_of(val_ids, run_dir / SPLIT_FILE)
         sweep = score_images(decoder, cache, val_idx, batch_size=batch_size, device=torch_device)

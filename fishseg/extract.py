@@ -1,54 +1,126 @@
-"""Stage 1: run the frozen backbone once over a dataset and write the HDF5 cache."""
+"""Stage 1: run the frozen backbone once over a dataset and write the HDF5 cache.
+
+Extraction is resumable: finished batches are kept in ``<cache>.parts/`` (see ``fishseg.cache``),
+so a run stopped at any moment and started again with the same command continues where it
+stopped, and the finished cache equals that of an uninterrupted run. A finished cache is never
+rewritten without ``overwrite``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from fishseg.backbone import load_backbone
-from fishseg.cache import CacheWriter
+from fishseg import __version__
+from fishseg.backbone import Backbone, load_backbone
+from fishseg.cache import CacheWriter, FeatureCache, PartStore, discard_parts, disk_errors, parts_dir
 from fishseg.config import DEFAULT_COMPRESSION, ExtractConfig
-from fishseg.data import ExtractionDataset, discover_samples
+from fishseg.data import ExtractionDataset, Sample, discover_samples
 from fishseg.errors import FishsegError
 from fishseg.runtime import default_num_workers, resolve_device
 
 logger = logging.getLogger(__name__)
 
 
-def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_size: int = 8,
-                   num_workers: int | None = None, device: str = "auto", compression: str = DEFAULT_COMPRESSION,
-                   overwrite: bool = False) -> Path:
-    """Extract patch grids, masks and previews for every sample under ``data_root`` into ``out``."""
-    if out.exists() and not overwrite:
-        raise FishsegError(f"{out}: cache already exists; pass --overwrite to replace it")
-    samples = discover_samples(data_root)
-    torch_device = resolve_device(device)
-    backbone = load_backbone(config.backbone, config.mean, config.std, torch_device)
-    if config.image_size % backbone.info.patch_size:
-        raise FishsegError(
-            f"--image-size {config.image_size}: not divisible by the backbone's patch size "
-            f"{backbone.info.patch_size}; try {config.image_size // backbone.info.patch_size * backbone.info.patch_size}"
-        )
-    if backbone.info.random_init:
-        logger.warning("backbone %s is RANDOM-INIT: its features carry no pretrained knowledge", config.backbone)
-    workers = default_num_workers() if num_workers is None else num_workers
+def check_existing(out: Path, config: ExtractConfig, samples: list[Sample]) -> None:
+    """Accept a finished cache made with ``config`` from exactly these files; otherwise say why not."""
+    with FeatureCache(out) as cache:
+        if cache.config != config:
+            changed = [f"{name} {getattr(cache.config, name)} → {getattr(config, name)}"
+                       for name in ExtractConfig.__dataclass_fields__
+                       if getattr(cache.config, name) != getattr(config, name)]
+            raise FishsegError(f"{out}: extracted with other settings ({'; '.join(changed)}); "
+                               f"pass --overwrite to replace it")
+        changes = cache.staleness(samples)
+    if any(changes.values()):
+        raise FishsegError(f"{out}: stale: {changes['added']} added, {changes['removed']} removed, "
+                           f"{changes['modified']} modified images under the data root; pass --overwrite "
+                           f"to extract again")
+
+
+def _extract_batches(store: PartStore, samples: list[Sample], backbone: Backbone, config: ExtractConfig,
+                     num_workers: int, skip_bad: bool) -> None:
+    finished = set(store.done())
+    todo = [batch for batch in store.batches() if batch not in finished]
     loader = torch.utils.data.DataLoader(
         ExtractionDataset(samples, config.image_size, config.preview_size),
-        batch_size=batch_size, num_workers=workers, pin_memory=torch_device.type == "cuda",
-        prefetch_factor=4 if workers else None,
+        batch_sampler=[list(range(start, stop)) for start, stop in todo], num_workers=num_workers,
+        pin_memory=backbone.device.type == "cuda", prefetch_factor=4 if num_workers else None,
     )
-    logger.info("extracting %d images with %s on %s (%d workers)", len(samples), config.backbone,
-                torch_device, workers)
-    with CacheWriter(out, config, backbone.info, samples, compression) as writer, \
-            tqdm(total=len(samples), unit="img", desc="extract", dynamic_ncols=True) as progress:
-        start = 0
-        for images, masks, previews in loader:
+    done = len(samples) - sum(stop - start for start, stop in todo)
+    with tqdm(total=len(samples), initial=done, unit="img", desc="extract", dynamic_ncols=True) as progress:
+        for (start, stop), (images, masks, previews, errors) in zip(todo, loader):
+            failed = [error for error in errors if error]
+            if failed and not skip_bad:
+                raise FishsegError(f"{failed[0]} (pass --skip-bad to leave such images out; finished batches "
+                                   f"are kept)")
+            for error in failed:
+                logger.warning("skipped: %s", error)
             features = backbone(images).cpu().numpy()
-            writer.write(start, features, masks.numpy(), previews.numpy())
-            start += len(images)
-            progress.update(len(images))
-    logger.info("wrote %s", out)
+            store.write(start, stop, features=features, masks=masks.numpy(), previews=previews.numpy(),
+                        errors=np.array(errors, dtype=str))
+            progress.update(stop - start)
+
+
+def _assemble(store: PartStore, out: Path, config: ExtractConfig, backbone: Backbone, samples: list[Sample],
+              compression: str) -> int:
+    """Copy the parts, minus skipped images, into the final cache; returns how many were skipped."""
+    errors = np.concatenate([store.read(*batch, "errors")["errors"] for batch in store.batches()])
+    kept = [sample for sample, error in zip(samples, errors) if not error]
+    if not kept:
+        raise FishsegError(f"no image under the data root could be read; nothing to write to {out}")
+    skipped = [(sample.image_id, str(error)) for sample, error in zip(samples, errors) if error]
+    with disk_errors(out), CacheWriter(out, config, backbone.info, kept, compression, skipped) as writer:
+        position = 0
+        for batch in store.batches():
+            part = store.read(*batch)
+            ok = part["errors"] == ""
+            writer.write(position, part["features"][ok], part["masks"][ok], part["previews"][ok])
+            position += int(ok.sum())
+    return len(skipped)
+
+
+def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_size: int = 8,
+                   num_workers: int | None = None, device: str = "auto", compression: str = DEFAULT_COMPRESSION,
+                   overwrite: bool = False, skip_bad: bool = False) -> Path:
+    """Extract patch grids, masks and previews for every sample under ``data_root`` into ``out``.
+
+    An existing finished cache is checked and kept (up to date) or refused (stale, other settings)
+    unless ``overwrite``; an interrupted extraction into ``out`` is resumed.
+    """
+    samples = discover_samples(data_root)
+    if out.exists() and not overwrite:
+        check_existing(out, config, samples)
+        discard_parts(out)  # left behind by a run killed between finishing the cache and cleaning up
+        logger.info("%s is up to date (%d images); nothing to do", out, len(samples))
+        return out
+    torch_device = resolve_device(device)
+    backbone = load_backbone(config.backbone, config.mean, config.std, torch_device)
+    patch = backbone.info.patch_size
+    if config.image_size % patch:
+        raise FishsegError(f"--image-size {config.image_size}: not divisible by the backbone's patch size {patch}; "
+                           f"try {config.image_size // patch * patch}")
+    if backbone.info.random_init:
+        logger.warning("backbone %s is RANDOM-INIT: its features carry no pretrained knowledge", config.backbone)
+    manifest = {"fishseg_version": __version__, "extract_config": dataclasses.asdict(config),
+                "backbone": dataclasses.asdict(backbone.info), "batch_size": batch_size,
+                "image_ids": [s.image_id for s in samples], "sources": [list(s.source_stat) for s in samples]}
+    store = PartStore.open(out, manifest, discard_other=overwrite)
+    workers = default_num_workers() if num_workers is None else num_workers
+    logger.info("extracting %d images with %s on %s (%d workers); progress is kept in %s", len(samples),
+                config.backbone, torch_device, workers, parts_dir(out))
+    try:
+        _extract_batches(store, samples, backbone, config, workers, skip_bad)
+    except FishsegError:
+        if not store.done():  # nothing worth resuming: leave nothing behind
+            discard_parts(out)
+        raise
+    n_skipped = _assemble(store, out, config, backbone, samples, compression)
+    discard_parts(out)
+    logger.info("wrote %s (%d images%s)", out, len(samples) - n_skipped, f", {n_skipped} skipped" if n_skipped else "")
     return out

@@ -27,7 +27,7 @@ from fishseg.data import random_split
 from fishseg.decoders import build_decoder, save_checkpoint, segment
 from fishseg.errors import FishsegError
 from fishseg.metrics import binarize, iou_per_image
-from fishseg.runtime import atomic_path, autocast, available_memory, resolve_device, write_json
+from fishseg.runtime import atomic_path, autocast, available_memory, file_digest, resolve_device, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _run_record(cache: FeatureCache, cache_path: Path, config: TrainConfig, n_tr
         "fishseg_version": __version__,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "train_config": dataclasses.asdict(config),
-        "cache": {"path": str(cache_path), "fingerprint": cache.fingerprint},
+        "cache": cache.summary(),
         "backbone": dataclasses.asdict(cache.backbone),
         "split": {"method": "random", "n_train": n_train, "n_val": n_val},
         "features": "streamed from HDF5" if streamed else "in memory",
@@ -200,10 +200,10 @@ def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device
             history["epochs"].append(row)
             history["iterations"]["train"] += _iterations(epoch, train_result)
             history["iterations"]["val"] += _iterations(epoch, val_result)
-            _save(out_dir / LAST_CHECKPOINT, decoder, {**meta, "epoch": epoch, "val_iou": row["val_iou"]})
+            _save(out_dir / LAST_CHECKPOINT, decoder, {**meta, "epoch": epoch, "val_iou": row["val_iou"]}, run)
             if row["val_iou"] > best_iou:
                 best_iou = row["val_iou"]
-                _save(out_dir / BEST_CHECKPOINT, decoder, {**meta, "epoch": epoch, "val_iou": best_iou})
+                _save(out_dir / BEST_CHECKPOINT, decoder, {**meta, "epoch": epoch, "val_iou": best_iou}, run)
                 run.update(best_epoch=epoch, best_val_iou=best_iou)
             write_json(out_dir / HISTORY_FILE, history)
             write_json(out_dir / RUN_FILE, run)
@@ -212,6 +212,8 @@ def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device
     return run
 
 
-def _save(path: Path, decoder: nn.Module, meta: dict[str, Any]) -> None:
+def _save(path: Path, decoder: nn.Module, meta: dict[str, Any], run: dict[str, Any]) -> None:
+    """Write a checkpoint atomically and record its SHA-256 in the run, so evaluate can spot tampering."""
     with atomic_path(path) as tmp:
         save_checkpoint(tmp, decoder, meta)
+    run.setdefault("checkpoints", {})[path.name] = file_digest(path)

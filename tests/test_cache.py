@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from fishseg.cache import CacheWriter, FeatureCache
+from fishseg.cache import CacheWriter, FeatureCache, PartStore
 from fishseg.config import BackboneInfo, ExtractConfig
 from fishseg.data import Sample
 from fishseg.errors import FishsegError
@@ -57,10 +58,38 @@ def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_interrupted_cache_is_reported_with_a_resume_hint(tmp_path: Path) -> None:
-    (tmp_path / "c.h5.partial").write_bytes(b"")
-    with pytest.raises(FishsegError, match="interrupted; run extract again"):
+def test_interrupted_extraction_is_reported_with_a_resume_hint(tmp_path: Path) -> None:
+    store = PartStore.open(tmp_path / "c.h5", {"batch_size": 2, "image_ids": ["a", "b", "c"]})
+    assert store.batches() == [(0, 2), (2, 3)] and store.done() == []
+    store.write(0, 2, features=np.zeros((2, 1)))
+    with pytest.raises(FishsegError, match=r"c.h5: extraction is incomplete \(2 of 3 images done\); run the same "
+                                           r"extract command again to resume"):
         FeatureCache(tmp_path / "c.h5")
+
+
+def test_part_store_resumes_a_matching_manifest_and_refuses_another(tmp_path: Path) -> None:
+    manifest = {"batch_size": 2, "image_ids": ["a", "b", "c"]}
+    PartStore.open(tmp_path / "c.h5", manifest).write(2, 3, features=np.ones((1, 4)))
+    resumed = PartStore.open(tmp_path / "c.h5", manifest)
+    assert resumed.done() == [(2, 3)]
+    np.testing.assert_array_equal(resumed.read(2, 3)["features"], np.ones((1, 4)))
+    other = {"batch_size": 2, "image_ids": ["a", "b"]}
+    with pytest.raises(FishsegError, match="c.h5.parts: an interrupted extraction of other images or settings"):
+        PartStore.open(tmp_path / "c.h5", other)
+    assert PartStore.open(tmp_path / "c.h5", other, discard_other=True).done() == []
+    assert [p.name for p in (tmp_path / "c.h5.parts").iterdir()] == ["manifest.json"]
+
+
+def test_failed_part_write_leaves_no_file_and_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = PartStore.open(tmp_path / "c.h5", {"batch_size": 2, "image_ids": ["a", "b"]})
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(FishsegError, match=r"00000000-00000002.npz: cannot write \(No space left on device\)"):
+        store.write(0, 2, features=np.zeros(2))
+    assert [p.name for p in (tmp_path / "c.h5.parts").iterdir()] == ["manifest.json"]
 
 
 def test_foreign_files_are_refused(tmp_path: Path) -> None:
@@ -83,9 +112,10 @@ def test_other_format_version_is_refused(tmp_path: Path) -> None:
 
 def test_require_refuses_another_cache(tmp_path: Path) -> None:
     with FeatureCache(write_toy_cache(tmp_path / "c.h5")) as cache:
-        cache.require(cache.fingerprint, tmp_path / "run.json")
-        with pytest.raises(FishsegError, match=r"run.json: made from cache 0123 but .*c.h5 is cache"):
-            cache.require("0123", tmp_path / "run.json")
+        cache.require(cache.summary(), tmp_path / "run.json")
+        with pytest.raises(FishsegError, match=r"run.json: made from cache 0123 \(backbone other, image_size 224\) "
+                                               r"but .*c.h5 is cache \w+ \(backbone toy, image_size 32\)"):
+            cache.require({"fingerprint": "0123", "backbone": "other", "image_size": 224}, tmp_path / "run.json")
         with pytest.raises(FishsegError, match="split.json: 1 images are not in cache"):
             cache.indices_of(["class0/000.png", "nope.png"], tmp_path / "split.json")
         assert cache.indices_of(["class1/003.png", "class0/000.png"], tmp_path).tolist() == [3, 0]

@@ -22,7 +22,7 @@ def test_the_three_scripts_end_to_end(tmp_path: Path, kaggle_root: Path, tiny_ba
     extract = _script("extract_features.py", "--data-root", kaggle_root, "--out", cache, "--backbone", tiny_backbone,
                       "--image-size", TINY_IMAGE_SIZE, "--preview-size", 32, "--num-workers", 0, "--device", "cpu")
     assert extract.returncode == 0, extract.stderr
-    assert f"cache written: {cache}" in extract.stdout and "RANDOM-INIT" in extract.stderr
+    assert f"cache ready: {cache}" in extract.stdout and "RANDOM-INIT" in extract.stderr
     train = _script("train_decoder.py", "--cache", cache, "--out", run, "--epochs", 2, "--device", "cpu")
     assert train.returncode == 0, train.stderr
     assert "best val IoU" in train.stdout and "train loss" in train.stderr  # the epoch table
@@ -47,7 +47,7 @@ def test_demo_runs_the_whole_job_and_says_the_backbone_is_random(tmp_path: Path,
 @pytest.mark.parametrize("args, message", [
     (["extract", "--data-root", "{tmp}", "--out", "{tmp}/c.h5", "--backbone", "{backbone}"], "no dataset found"),
     (["train", "--cache", "{tmp}/fake.h5", "--out", "{tmp}/run"], "fake.h5: not a readable HDF5 file"),
-    (["evaluate", "--cache", "{tmp}/fake.h5", "--run", "{tmp}"], "run.json: file not found"),
+    (["evaluate", "--cache", "{tmp}/fake.h5", "--run", "{tmp}"], "not a run folder (no run.json)"),
 ])
 def test_user_errors_are_one_line_with_exit_status_2(tmp_path: Path, tiny_backbone: Path, args: list[str],
                                                      message: str) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,8 @@ def test_unreadable_image_names_the_file(tmp_path: Path) -> None:
 
 def test_extraction_dataset_resizes_and_keeps_masks_binary(kaggle_root: Path) -> None:
     samples = discover_samples(kaggle_root)
-    image, mask, preview = ExtractionDataset(samples, 48, 24)[0]
+    image, mask, preview, error = ExtractionDataset(samples, 48, 24)[0]
+    assert error == ""
     assert image.shape == (3, 48, 48) and mask.shape == (48, 48) and preview.shape == (24, 24, 3)
     assert image.dtype == mask.dtype == preview.dtype == torch.uint8
     assert set(mask.unique().tolist()) == {0, 1}
@@ -154,8 +156,9 @@ def test_extraction_dataset_resizes_and_keeps_masks_binary(kaggle_root: Path) ->
 def test_mask_of_another_size_is_an_error(tmp_path: Path) -> None:
     _pair(tmp_path, "images/1.png", "masks/1.png")
     _save(tmp_path / "masks/1.png", np.zeros((5, 5), np.uint8))
-    with pytest.raises(FishsegError, match=r"1.png: mask is 5×5 but its image is 20×16"):
-        ExtractionDataset(discover_samples(tmp_path), 32, 16)[0]
+    image, mask, preview, error = ExtractionDataset(discover_samples(tmp_path), 32, 16)[0]
+    assert re.fullmatch(r".*masks/1.png: mask is 5×5 but its image is 20×16; masks must match their images", error)
+    assert image.shape == (3, 32, 32) and not image.any() and not mask.any() and preview.shape == (16, 16, 3)
 
 
 def test_random_split_is_deterministic_disjoint_and_complete() -> None:

@@ -76,6 +76,6 @@ def test_per_class_summary_names_the_worst_image(evaluated: tuple[Path, Path, di
 def test_a_run_is_refused_with_another_cache(evaluated: tuple[Path, Path, dict], tmp_path: Path) -> None:
     _, run_dir, _ = evaluated
     other = write_toy_cache(tmp_path / "other.h5", n_images=12)
-    with pytest.raises(FishsegError, match=r"run.json: made from cache \w+ but .*other.h5 is cache"):
+    with pytest.raises(FishsegError, match=r"run.json: made from cache \w+ \(backbone toy, image_size 32\) but .*other.h5 is cache \w+ "):
         run_evaluation(other, run_dir, tmp_path / "report", device="cpu")
     assert not (tmp_path / "report").exists()

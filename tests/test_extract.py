@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,7 @@ def test_cache_holds_what_the_backbone_computes_for_each_image(tiny_cache: Path,
         assert [cache.class_names[k] for k in cache.class_index] == [s.class_name for s in samples]
         assert cache.backbone.random_init and cache.config == config
         for index in (0, len(samples) - 1):
-            image, mask, preview = dataset[index]
+            image, mask, preview, _ = dataset[index]
             expected = backbone(image[None]).numpy()
             np.testing.assert_allclose(cache.features([index]), expected, atol=2e-3)
             np.testing.assert_array_equal(cache.masks([index])[0], mask.numpy())
@@ -43,13 +46,51 @@ def test_batching_and_workers_do_not_change_the_cache(tmp_path: Path, kaggle_roo
         np.testing.assert_array_equal(cache.masks(every), reference.masks(every))
 
 
-def test_existing_cache_is_not_overwritten_without_the_flag(tmp_path: Path, kaggle_root: Path,
-                                                           tiny_backbone: Path) -> None:
-    out = tmp_path / "c.h5"
-    out.write_bytes(b"keep me")
-    with pytest.raises(FishsegError, match="already exists; pass --overwrite"):
-        run_extraction(kaggle_root, out, tiny_extract_config(tiny_backbone), num_workers=0, device="cpu")
-    assert out.read_bytes() == b"keep me"
+def test_finished_cache_is_kept_when_up_to_date_and_refused_when_stale(tmp_path: Path, kaggle_root: Path,
+                                                                      tiny_backbone: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(kaggle_root, data)
+    config, out = tiny_extract_config(tiny_backbone), tmp_path / "c.h5"
+    run_extraction(data, out, config, num_workers=0, device="cpu")
+    written = out.stat().st_mtime_ns
+    assert run_extraction(data, out, config, num_workers=0, device="cpu") == out  # up to date: nothing to do
+    assert out.stat().st_mtime_ns == written
+    species = data / "Fish_Dataset" / "Fish_Dataset" / "Red Mullet"
+    shutil.copytree(data / "Fish_Dataset" / "Fish_Dataset" / "Black Sea Sprat", species)
+    for folder in ("Black Sea Sprat", "Black Sea Sprat GT"):
+        (species / folder).rename(species / folder.replace("Black Sea Sprat", "Red Mullet"))
+    first = next((data / "Fish_Dataset" / "Fish_Dataset" / "Hourse Mackerel" / "Hourse Mackerel").iterdir())
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    with pytest.raises(FishsegError, match="c.h5: stale: 6 added, 0 removed, 1 modified images under the data root; "
+                                           "pass --overwrite"):
+        run_extraction(data, out, config, num_workers=0, device="cpu")
+    other = dataclasses.replace(config, preview_size=16)
+    with pytest.raises(FishsegError, match=r"c.h5: extracted with other settings \(preview_size 32 → 16\)"):
+        run_extraction(data, out, other, num_workers=0, device="cpu")
+    assert out.stat().st_mtime_ns == written
+    run_extraction(data, out, config, num_workers=0, device="cpu", overwrite=True)
+    with FeatureCache(out) as cache:
+        assert len(cache) == 18 and cache.staleness(discover_samples(data)) == {"added": 0, "removed": 0, "modified": 0}
+
+
+def test_skip_bad_leaves_unreadable_images_out_and_records_them(tmp_path: Path, kaggle_root: Path,
+                                                               tiny_backbone: Path, tiny_cache: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(kaggle_root, data)
+    bad = data / "Fish_Dataset" / "Fish_Dataset" / "Hourse Mackerel" / "Hourse Mackerel" / "00002.png"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated PNG
+    config, out = tiny_extract_config(tiny_backbone), tmp_path / "c.h5"
+    with pytest.raises(FishsegError, match=r"00002.png: cannot read image .*pass --skip-bad"):
+        run_extraction(data, out, config, num_workers=0, device="cpu")
+    assert not out.exists()
+    run_extraction(data, out, config, num_workers=0, device="cpu", skip_bad=True)
+    bad_id = bad.relative_to(data).as_posix()
+    with FeatureCache(out) as cache, FeatureCache(tiny_cache) as full:
+        assert len(cache) == 11 and bad_id not in cache.image_ids
+        assert [image_id for image_id, _ in cache.skipped] == [bad_id] and "cannot read image" in cache.skipped[0][1]
+        kept = [full.image_ids.index(image_id) for image_id in cache.image_ids]
+        np.testing.assert_array_equal(cache.masks(range(11)), full.masks(kept))
+    assert not (tmp_path / "c.h5.parts").exists()
 
 
 def test_image_size_must_be_a_multiple_of_the_patch(tmp_path: Path, kaggle_root: Path, tiny_backbone: Path) -> None:

@@ -5,11 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import fishseg.train as train_module
 from fishseg.cache import FeatureCache
 from fishseg.config import TrainConfig
 from fishseg.decoders import load_checkpoint
+from fishseg.errors import FishsegError
 from fishseg.train import InMemorySplit, StreamedSplit, choose_split, run_training
 from tests.helpers import write_toy_cache
 
@@ -77,3 +79,21 @@ def test_split_choice_follows_the_free_memory(toy_run: tuple[Path, Path, dict], 
         monkeypatch.setattr(train_module, "available_memory", lambda: 2 * needed - 2)
         assert isinstance(choose_split(cache, indices, None), StreamedSplit)
         assert isinstance(choose_split(cache, indices, False), InMemorySplit)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=10)
+    real_segment, calls = train_module.segment, []
+
+    def poisoned_after_first_epoch(*args: object) -> torch.Tensor:
+        calls.append(1)
+        logits = real_segment(*args)
+        return logits * float("nan") if len(calls) > 3 else logits  # epoch 1: 2 train + 1 val batches
+
+    monkeypatch.setattr(train_module, "segment", poisoned_after_first_epoch)
+    with pytest.raises(FishsegError, match="loss is NaN or infinite; lower --lr"):
+        run_training(cache, tmp_path / "run", TrainConfig(epochs=3, batch_size=4), device="cpu")
+    _, last = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert last["epoch"] == 1
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())["epochs"]) == 1
