@@ -9,6 +9,7 @@ Datasets (N images, grid h×w, feature dim D, image size S, preview size P):
 * ``class_names`` C utf-8 strings; ``class_index`` N int16 indices into them
 * ``sources``     N×4 int64: image bytes, image mtime (ns), mask bytes, mask mtime (ns), to spot stale caches
 * ``skipped_ids``, ``skipped_reasons``: images left out by ``extract --skip-bad``, and why
+* ``groups``      N int32: near-duplicate groups (flips, rotations, small crops of one photo), for grouped splits
 
 Attributes: ``format_version``, ``fishseg_version``, ``created_at``, ``fingerprint``,
 ``extract_config`` and ``backbone`` (JSON), and for people reading the file with h5dump:
@@ -43,7 +44,9 @@ from fishseg.data import Sample
 from fishseg.errors import FishsegError
 from fishseg.runtime import read_json, write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sources, skipped_ids/_reasons and groups added
+DATASETS = ("features", "masks", "previews", "image_ids", "class_names", "class_index", "sources", "skipped_ids",
+            "skipped_reasons", "groups")
 STRING = h5py.string_dtype("utf-8")
 
 
@@ -56,7 +59,8 @@ class CacheWriter:
     """Context manager writing a new cache batch by batch; renamed into place only on success."""
 
     def __init__(self, path: Path, config: ExtractConfig, backbone: BackboneInfo, samples: Sequence[Sample],
-                 compression: str = DEFAULT_COMPRESSION, skipped: Sequence[tuple[str, str]] = ()) -> None:
+                 compression: str = DEFAULT_COMPRESSION, skipped: Sequence[tuple[str, str]] = (),
+                 groups: np.ndarray | None = None) -> None:
         if compression not in COMPRESSIONS:
             raise FishsegError(f"unknown compression '{compression}'; choose one of {', '.join(COMPRESSIONS)}")
         self.compression = None if compression == "none" else compression
@@ -66,6 +70,7 @@ class CacheWriter:
         self.backbone = backbone
         self.samples = samples
         self.skipped = skipped
+        self.groups = np.arange(len(samples)) if groups is None else groups
         self.file: h5py.File | None = None
 
     def __enter__(self) -> CacheWriter:
@@ -89,6 +94,7 @@ class CacheWriter:
         file.create_dataset("class_index", dtype=np.int16,
                             data=[class_names.index(sample.class_name) for sample in self.samples])
         file.create_dataset("sources", dtype=np.int64, data=np.array([s.source_stat for s in self.samples]))
+        file.create_dataset("groups", dtype=np.int32, data=self.groups)
         _strings(file, "skipped_ids", [image_id for image_id, _ in self.skipped])
         _strings(file, "skipped_reasons", [reason for _, reason in self.skipped])
         file.attrs.update({
@@ -137,6 +143,7 @@ class FeatureCache:
         self.class_names: list[str] = list(self.file["class_names"].asstr()[:])
         self.class_index: np.ndarray = self.file["class_index"][:].astype(np.int64)
         self.skipped = list(zip(self.file["skipped_ids"].asstr()[:], self.file["skipped_reasons"].asstr()[:]))
+        self.groups: np.ndarray = self.file["groups"][:].astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -310,6 +317,10 @@ def _open_checked(path: Path) -> h5py.File:
             f"{path}: cache format v{int(version)}, this fishseg {__version__} reads v{FORMAT_VERSION}; "
             f"extract the cache again"
         )
+    missing = [name for name in DATASETS if name not in file]
+    if missing:
+        file.close()
+        raise FishsegError(f"{path}: fishseg cache without {', '.join(missing)}; extract the cache again")
     return file
 
 

@@ -103,20 +103,35 @@ def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_
 @click.option("--val-fraction", default=TRAIN_DEFAULTS.val_fraction, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True))
 @click.option("--seed", default=TRAIN_DEFAULTS.seed, show_default=True, help="Drives split, init and batch order.")
+@click.option("--split", default=TRAIN_DEFAULTS.split, show_default=True, type=click.Choice(["random", "grouped"]),
+              help="random reproduces the reference; grouped keeps near-duplicates on one side (see README).")
+@click.option("--group-pattern", default="", help="Regex whose match in an image id names its group "
+                                                  "[default: the cache's near-duplicate groups].")
+@click.option("--cv", "folds", default=0, type=click.IntRange(0), help="K-fold cross-validation: K runs in OUT/fold-k "
+                                                                        "and OUT/cv.json with mean ± std.")
 @click.option("--stream/--in-memory", default=None,
               help="Read batches from the cache file, or hold features in memory [default: in memory when "
                    "they take under half the free memory].")
 @device_option
 @command
 def train(cache_path: Path, out: Path, decoder: str, epochs: int, batch_size: int, lr: float, weight_decay: float,
-          val_fraction: float, seed: int, stream: bool | None, device: str) -> None:
+          val_fraction: float, seed: int, split: str, group_pattern: str, folds: int, stream: bool | None,
+          device: str) -> None:
     """Train a decoder from the cached features only (no images, no backbone)."""
+    from fishseg.crossval import run_cross_validation
     from fishseg.train import run_training
 
     config = TrainConfig(decoder=decoder, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         val_fraction=val_fraction, seed=seed)
+                         val_fraction=val_fraction, seed=seed, split=split, group_pattern=group_pattern)
+    if folds:
+        summary = run_cross_validation(cache_path, out, config, folds, device=device, stream=stream)["summary"]
+        click.echo(f"{folds}-fold {split} cross-validation: " + ", ".join(
+            f"{name} {value['mean']:.4f} ± {value['std']:.4f}" for name, value in summary.items()))
+        click.echo(f"written: {out}/cv.json")
+        return
     run = run_training(cache_path, out, config, device=device, stream=stream)
-    click.echo(f"run written: {out} (best val IoU {run['best_val_iou']:.4f} at epoch {run['best_epoch']})")
+    click.echo(f"run written: {out} (best val IoU {run['best_val_iou']:.4f} at epoch {run['best_epoch']}; "
+               f"{run['split']['val_with_duplicate_in_train']} val images have a near-duplicate in train)")
 
 
 @click.command("evaluate")
@@ -142,6 +157,41 @@ def _summary(metrics: dict[str, Any], out: Path) -> str:
         lines.append("NOTE: the backbone is RANDOM-INIT; these numbers say nothing about DINOv3 features.")
     lines.append(f"report: {out}")
     return "\n".join(lines)
+
+
+@click.command("probe")
+@click.option("--cache", "cache_path", required=True, type=input_file, help="Cache from `extract`.")
+@click.option("--split", default=TRAIN_DEFAULTS.split, show_default=True, type=click.Choice(["random", "grouped"]))
+@click.option("--group-pattern", default="", help="Regex whose match in an image id names its group.")
+@click.option("--val-fraction", default=TRAIN_DEFAULTS.val_fraction, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--seed", default=TRAIN_DEFAULTS.seed, show_default=True)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the result as JSON.")
+@command
+def probe(cache_path: Path, split: str, group_pattern: str, val_fraction: float, seed: int,
+          json_path: Path | None) -> None:
+    """Species from mean-pooled cached features (logistic regression), on the split `train` would use."""
+    from fishseg.cache import FeatureCache
+    from fishseg.probe import run_probe
+    from fishseg.runtime import write_json
+    from fishseg.train import split_indices
+
+    config = TrainConfig(val_fraction=val_fraction, seed=seed, split=split, group_pattern=group_pattern)
+    with FeatureCache(cache_path) as cache:
+        train_idx, val_idx, _ = split_indices(cache, config)
+        result = run_probe(cache, train_idx, val_idx)
+    if "skipped" in result:
+        click.echo(f"species probe skipped: {result['skipped']}")
+    else:
+        click.echo(f"species accuracy {result['accuracy']:.4f} on {result['n_val']} {split}-split validation images")
+        header = "true \\ predicted"
+        width = max(len(header), *(len(name) for name in result["classes"]))
+        click.echo(f"{header:>{width}}  " + " ".join(f"{k:>4}" for k in range(len(result["classes"]))))
+        for k, (name, row) in enumerate(zip(result["classes"], result["confusion"])):
+            click.echo(f"{name:>{width}}  " + " ".join(f"{count:>4}" for count in row) + f"   ({k})")
+    if json_path:
+        write_json(json_path, result)
 
 
 @click.command("demo")
@@ -198,5 +248,5 @@ def main() -> None:
     """fishseg: fish segmentation from frozen DINOv3 features cached once in HDF5."""
 
 
-for _command in (extract, train, evaluate, demo, bench):
+for _command in (extract, train, evaluate, probe, demo, bench):
     main.add_command(_command)

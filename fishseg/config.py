@@ -53,6 +53,10 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW default
     val_fraction: float = 0.2
     seed: int = 42  # drives the split, the decoder init and the batch order
+    split: str = "random"  # "random" (the reference's) or "grouped" (near-duplicates never on both sides)
+    group_pattern: str = ""  # regex whose match in an image id names its group; "" = the cache's near-duplicate groups
+    folds: int = 0  # K of K-fold cross-validation; 0 = one train/val split
+    fold: int = 0  # which fold this run validates on, when folds > 0
 
 
 Config = TypeVar("Config", ExtractConfig, BackboneInfo, TrainConfig)

@@ -16,11 +16,15 @@ foreground when its value is non-zero after conversion to 8-bit grayscale (PIL m
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
 import torch
 from PIL import Image
+from sklearn.model_selection import KFold, StratifiedGroupKFold
 
 from fishseg.errors import FishsegError
 
@@ -196,6 +200,88 @@ class ExtractionDataset(torch.utils.data.Dataset):
                 f"{image.size[0]}×{image.size[1]}; masks must match their images"
             )
         return image, mask
+
+
+DUPLICATE_SIDE = 16  # thumbnail side for near-duplicate search
+DUPLICATE_THRESHOLD = 0.9  # cosine similarity of normalised thumbnails that makes two images near-duplicates
+
+
+def thumbnails(previews: np.ndarray, side: int = DUPLICATE_SIDE) -> np.ndarray:
+    """N×P×P×3 RGB → N×side×side grayscale, each zero-mean and unit-norm (brightness and contrast drop out)."""
+    small = np.stack([np.asarray(Image.fromarray(p).convert("L").resize((side, side), Image.Resampling.BOX),
+                                 dtype=np.float32) for p in previews])
+    small -= small.mean(axis=(1, 2), keepdims=True)
+    return small / np.maximum(np.linalg.norm(small, axis=(1, 2), keepdims=True), 1e-6)
+
+
+def _dihedral(thumbs: np.ndarray) -> np.ndarray:
+    """N×s×s → N×8×s² : the 4 rotations of each thumbnail and of its mirror image."""
+    views = [np.rot90(t, k, axes=(1, 2)) for t in (thumbs, thumbs[:, :, ::-1]) for k in range(4)]
+    return np.stack(views, axis=1).reshape(len(thumbs), 8, -1)
+
+
+def near_duplicate_groups(thumbs: np.ndarray, threshold: float = DUPLICATE_THRESHOLD, chunk: int = 512) -> np.ndarray:
+    """Group ids (N) linking images that are flips, 90° rotations, small crops or colour changes of each other.
+
+    ``thumbs`` come from ``thumbnails`` of the cached previews, so no image is decoded again. Two
+    images are linked when the cosine similarity of their thumbnails, under the best of the 8
+    flips/rotations, reaches ``threshold``; groups are the connected components.
+    """
+    flat, views = thumbs.reshape(len(thumbs), -1), _dihedral(thumbs).reshape(len(thumbs) * 8, -1)
+    rows, cols = [], []
+    for start in range(0, len(flat), chunk):
+        similarity = (flat[start:start + chunk] @ views.T).reshape(-1, len(flat), 8).max(axis=2)
+        linked = np.argwhere(similarity >= threshold)
+        rows.append(linked[:, 0] + start)
+        cols.append(linked[:, 1])
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    graph = scipy.sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(flat),) * 2)
+    return scipy.sparse.csgraph.connected_components(graph, directed=False)[1]
+
+
+def groups_from_names(image_ids: list[str], pattern: str) -> np.ndarray:
+    """Group ids from the first match of the regular expression ``pattern`` in each image id."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise FishsegError(f"--group-pattern {pattern!r}: not a regular expression ({error})") from None
+    keys = []
+    for image_id in image_ids:
+        found = compiled.search(image_id)
+        if found is None:
+            raise FishsegError(f"--group-pattern {pattern!r}: no match in image id {image_id}")
+        keys.append(found.group(0))
+    return np.unique(keys, return_inverse=True)[1]
+
+
+def duplicates_across(train_idx: np.ndarray, val_idx: np.ndarray, groups: np.ndarray) -> int:
+    """How many validation images share a group with a training image."""
+    return int(np.isin(groups[val_idx], groups[train_idx]).sum())
+
+
+def grouped_folds(groups: np.ndarray, classes: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K folds that never split a group, stratified by class where the groups allow (StratifiedGroupKFold)."""
+    n_groups = len(np.unique(groups))
+    if n_groups < n_folds:
+        raise FishsegError(f"{n_groups} groups of near-duplicates are too few for {n_folds} folds; use fewer folds "
+                           f"or --split random")
+    folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return [(np.sort(train), np.sort(val)) for train, val in folds.split(np.zeros(len(groups)), classes, groups)]
+
+
+def random_folds(n_images: int, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    if n_images < n_folds:
+        raise FishsegError(f"{n_images} images are too few for {n_folds} folds")
+    folds = KFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return [(np.sort(train), np.sort(val)) for train, val in folds.split(np.zeros(n_images))]
+
+
+def grouped_split(groups: np.ndarray, classes: np.ndarray, val_fraction: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A train/val split by groups, about ``val_fraction`` validation: the first of round(1/fraction) folds."""
+    if not 0.0 < val_fraction < 1.0:
+        raise FishsegError(f"--val-fraction {val_fraction}: must be between 0 and 1")
+    return grouped_folds(groups, classes, max(2, round(1 / val_fraction)), seed)[0]
 
 
 def random_split(n_images: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

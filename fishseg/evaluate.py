@@ -16,7 +16,9 @@ import torch
 
 from fishseg.cache import FeatureCache
 from fishseg.decoders import load_checkpoint, segment
-from fishseg.metrics import THRESHOLD, THRESHOLDS, summarize, sweep_thresholds
+from fishseg.metrics import (BOUNDARY_TOLERANCE, THRESHOLD, THRESHOLDS, boundary_f_per_image, pixel_counts,
+                             precision_per_image, recall_per_image, summarize, sweep_thresholds)
+from fishseg.probe import run_probe
 from fishseg.report import Example, ReportData, gallery_positions, write_report
 from fishseg.errors import FishsegError
 from fishseg.runtime import atomic_path, autocast, file_digest, read_json, resolve_device, write_json
@@ -39,12 +41,22 @@ def _probabilities(decoder: torch.nn.Module, cache: FeatureCache, indices: np.nd
         yield torch.sigmoid(logits.float()), truth
 
 
+def _batch_scores(probs: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Tensor]:
+    pred = probs > THRESHOLD
+    intersection, union = pixel_counts(pred, truth)
+    sweep = sweep_thresholds(probs, truth)
+    return {"sweep_iou": sweep["iou"], "sweep_dice": sweep["dice"], "precision": precision_per_image(pred, truth),
+            "recall": recall_per_image(pred, truth), "boundary_f": boundary_f_per_image(pred, truth),
+            "intersection": intersection, "union": union}
+
+
 @torch.inference_mode()
 def score_images(decoder: torch.nn.Module, cache: FeatureCache, indices: np.ndarray, *, batch_size: int,
                  device: torch.device) -> dict[str, np.ndarray]:
-    """Per-image IoU and Dice at every threshold of ``THRESHOLDS``: ``{"iou": T×N, "dice": T×N}``."""
-    parts = [sweep_thresholds(probs, truth) for probs, truth in _probabilities(decoder, cache, indices, batch_size, device)]
-    return {name: torch.cat([part[name] for part in parts], dim=1).cpu().numpy() for name in ("iou", "dice")}
+    """Per-image scores of ``indices``: ``sweep_iou`` and ``sweep_dice`` at every threshold of ``THRESHOLDS``
+    (T×N); ``precision``, ``recall``, ``boundary_f`` and the pixel ``intersection`` and ``union`` at ``THRESHOLD`` (N)."""
+    parts = [_batch_scores(probs, truth) for probs, truth in _probabilities(decoder, cache, indices, batch_size, device)]
+    return {name: torch.cat([part[name] for part in parts], dim=-1).cpu().numpy() for name in parts[0]}
 
 
 @torch.inference_mode()
@@ -66,15 +78,14 @@ def summarize_scores(scores: dict[str, np.ndarray], classes: list[str], image_id
         for metric, values in scores.items():
             per_class[name].update({f"mean_{metric}": float(values[members].mean()),
                                     f"median_{metric}": float(np.median(values[members]))})
-    iou, dice = summarize(scores["iou"]), summarize(scores["dice"])
-    return {"n_images": len(classes), "mean_iou": iou["mean"], "mean_dice": dice["mean"],
-            "median_iou": iou["median"], "median_dice": dice["median"], "iou": iou, "dice": dice,
-            "per_class": per_class}
+    summaries = {metric: summarize(values) for metric, values in scores.items()}
+    means = {f"{stat}_{metric}": summary[stat] for metric, summary in summaries.items() for stat in ("mean", "median")}
+    return {"n_images": len(classes), **means, **summaries, "per_class": per_class}
 
 
-def summarize_sweep(sweep: dict[str, np.ndarray]) -> dict[str, Any]:
+def summarize_sweep(raw: dict[str, np.ndarray]) -> dict[str, Any]:
     """Mean IoU and Dice per threshold, and the threshold with the best mean IoU (chosen on val itself)."""
-    mean_iou, mean_dice = sweep["iou"].mean(axis=1), sweep["dice"].mean(axis=1)
+    mean_iou, mean_dice = raw["sweep_iou"].mean(axis=1), raw["sweep_dice"].mean(axis=1)
     best = int(np.argmax(mean_iou))
     return {"thresholds": list(THRESHOLDS), "mean_iou": mean_iou.tolist(), "mean_dice": mean_dice.tolist(),
             "best_threshold": THRESHOLDS[best], "best_mean_iou": float(mean_iou[best])}
@@ -100,8 +111,9 @@ def _report_arrays(decoder: torch.nn.Module, cache: FeatureCache, val_idx: np.nd
 
 
 def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None, *, batch_size: int = 16,
-                   device: str = "auto") -> dict[str, Any]:
-    """Score the run's best checkpoint on its validation images; writes metrics.json and the report."""
+                   device: str = "auto", report: bool = True) -> dict[str, Any]:
+    """Score the run's best checkpoint on its validation images; writes metrics.json, per_image.csv and
+    (unless ``report`` is False) the figures and pages."""
     out_dir = out_dir or run_dir / "report"
     if not (run_dir / RUN_FILE).is_file():
         raise FishsegError(f"{run_dir}: not a run folder (no {RUN_FILE}); pass the --out folder of `train`")
@@ -114,22 +126,32 @@ def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None,
     with FeatureCache(cache_path) as cache:
         cache.require(run["cache"], run_dir / RUN_FILE)
         cache.require({"fingerprint": checkpoint["cache_fingerprint"]}, run_dir / BEST_CHECKPOINT)
-        val_ids = read_json(run_dir / SPLIT_FILE)["val"]
+        split = read_json(run_dir / SPLIT_FILE)
+        val_ids = split["val"]
         val_idx = cache.indices_of(val_ids, run_dir / SPLIT_FILE)
-        sweep = score_images(decoder, cache, val_idx, batch_size=batch_size, device=torch_device)
-        scores = {name: values[THRESHOLDS.index(THRESHOLD)] for name, values in sweep.items()}
+        raw = score_images(decoder, cache, val_idx, batch_size=batch_size, device=torch_device)
+        at = THRESHOLDS.index(THRESHOLD)
+        scores = {"iou": raw["sweep_iou"][at], "dice": raw["sweep_dice"][at],
+                  **{name: raw[name] for name in ("precision", "recall", "boundary_f")}}
         classes = [cache.class_names[k] for k in cache.class_index[val_idx]]
         metrics = {
             "backbone": cache.backbone.name, "random_init": cache.backbone.random_init,
             "cache_fingerprint": cache.fingerprint, "checkpoint": BEST_CHECKPOINT,
-            "epoch": checkpoint["epoch"], "threshold": THRESHOLD, "split": "val",
-            **summarize_scores(scores, classes, val_ids), "threshold_sweep": summarize_sweep(sweep),
+            "epoch": checkpoint["epoch"], "threshold": THRESHOLD, "boundary_tolerance_px": BOUNDARY_TOLERANCE,
+            "split": "val", "split_method": run["split"]["method"],
+            "val_with_duplicate_in_train": run["split"]["val_with_duplicate_in_train"],
+            **summarize_scores(scores, classes, val_ids),
+            "pooled_iou": float(raw["intersection"].sum() / max(raw["union"].sum(), 1)),
+            "threshold_sweep": summarize_sweep(raw),
+            "species_probe": run_probe(cache, cache.indices_of(split["train"], run_dir / SPLIT_FILE), val_idx),
         }
-        galleries, pca_sample = _report_arrays(decoder, cache, val_idx, scores["iou"], run["train_config"]["seed"],
-                                               torch_device)
+        if report:
+            galleries, pca_sample = _report_arrays(decoder, cache, val_idx, scores["iou"],
+                                                   run["train_config"]["seed"], torch_device)
     write_json(out_dir / METRICS_FILE, metrics)
     _write_per_image(out_dir / PER_IMAGE_FILE, val_ids, classes, scores)
-    write_report(out_dir, ReportData(metrics, run, history, scores["iou"], galleries, pca_sample))
+    if report:
+        write_report(out_dir, ReportData(metrics, run, history, scores["iou"], galleries, pca_sample))
     logger.info("wrote %s", out_dir)
     return metrics
 

@@ -20,7 +20,7 @@ from fishseg import __version__
 from fishseg.backbone import Backbone, load_backbone
 from fishseg.cache import CacheWriter, FeatureCache, PartStore, discard_parts, disk_errors, parts_dir
 from fishseg.config import DEFAULT_COMPRESSION, ExtractConfig
-from fishseg.data import ExtractionDataset, Sample, discover_samples
+from fishseg.data import ExtractionDataset, Sample, discover_samples, near_duplicate_groups, thumbnails
 from fishseg.errors import FishsegError
 from fishseg.runtime import default_num_workers, resolve_device
 
@@ -69,13 +69,22 @@ def _extract_batches(store: PartStore, samples: list[Sample], backbone: Backbone
 
 def _assemble(store: PartStore, out: Path, config: ExtractConfig, backbone: Backbone, samples: list[Sample],
               compression: str) -> int:
-    """Copy the parts, minus skipped images, into the final cache; returns how many were skipped."""
-    errors = np.concatenate([store.read(*batch, "errors")["errors"] for batch in store.batches()])
+    """Copy the parts, minus skipped images, into the final cache with their near-duplicate groups;
+    returns how many were skipped."""
+    errors, thumbs = [], []
+    for batch in store.batches():  # first pass: which images are kept, and their thumbnails for grouping
+        part = store.read(*batch, "errors", "previews")
+        ok = part["errors"] == ""
+        errors.append(part["errors"])
+        thumbs.append(thumbnails(part["previews"][ok]))
+    errors = np.concatenate(errors)
     kept = [sample for sample, error in zip(samples, errors) if not error]
     if not kept:
         raise FishsegError(f"no image under the data root could be read; nothing to write to {out}")
     skipped = [(sample.image_id, str(error)) for sample, error in zip(samples, errors) if error]
-    with disk_errors(out), CacheWriter(out, config, backbone.info, kept, compression, skipped) as writer:
+    groups = near_duplicate_groups(np.concatenate(thumbs))
+    logger.info("%d near-duplicate groups among %d images", len(np.unique(groups)), len(kept))
+    with disk_errors(out), CacheWriter(out, config, backbone.info, kept, compression, skipped, groups) as writer:
         position = 0
         for batch in store.batches():
             part = store.read(*batch)

@@ -2,16 +2,19 @@
 
 All scores are per image (B×H×W boolean masks in, B scores out) and averaged over images by
 the caller. An image whose prediction and truth are both empty scores 1: nothing to find,
-nothing found.
+nothing found. Otherwise an empty prediction has precision 0 and an empty truth recall 0 (as
+scikit-learn's ``zero_division=0``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 THRESHOLD = 0.5  # on the sigmoid probability, as in the reference
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 … 0.95 for sweeps; includes THRESHOLD
+BOUNDARY_TOLERANCE = 2  # pixels at the mask size, for the boundary F-score
 
 
 def binarize(logits: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
@@ -37,6 +40,58 @@ def dice_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     intersection, pred_area, target_area = _counts(pred, target)
     total = pred_area + target_area
     return torch.where(total > 0, 2 * intersection / total.clamp(min=1), torch.ones_like(total))
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor, both_empty: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, 1 where prediction and truth are both empty, 0 for other empty denominators."""
+    ratio = numerator / denominator.clamp(min=1)
+    return torch.where(both_empty, torch.ones_like(ratio), torch.where(denominator > 0, ratio, torch.zeros_like(ratio)))
+
+
+def precision_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """|P∩T| / |P| per image (B)."""
+    intersection, pred_area, target_area = _counts(pred, target)
+    return _ratio(intersection, pred_area, (pred_area == 0) & (target_area == 0))
+
+
+def recall_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """|P∩T| / |T| per image (B)."""
+    intersection, pred_area, target_area = _counts(pred, target)
+    return _ratio(intersection, target_area, (pred_area == 0) & (target_area == 0))
+
+
+def boundary(mask: torch.Tensor) -> torch.Tensor:
+    """Foreground pixels with any of their 8 neighbours in the background (outside the image counts as
+    background): the mask minus its 3×3 erosion."""
+    padded = F.pad(mask.float()[:, None], (1, 1, 1, 1))
+    eroded = -F.max_pool2d(-padded, 3, stride=1)[:, 0]
+    return mask.bool() & (eroded < 0.5)
+
+
+def _within(points: torch.Tensor, reference: torch.Tensor, tolerance: int) -> torch.Tensor:
+    """Pixels of ``points`` within ``tolerance`` pixels (Euclidean) of a pixel of ``reference``."""
+    offsets = torch.arange(-tolerance, tolerance + 1, dtype=torch.float32)
+    disk = ((offsets[:, None] ** 2 + offsets[None, :] ** 2) <= tolerance ** 2).float()[None, None]
+    near = F.conv2d(reference.float()[:, None], disk.to(reference.device), padding=tolerance)[:, 0] > 0
+    return points & near
+
+
+def boundary_f_per_image(pred: torch.Tensor, target: torch.Tensor, tolerance: int = BOUNDARY_TOLERANCE) -> torch.Tensor:
+    """Boundary F-score per image (B): harmonic mean of the fractions of predicted boundary pixels within
+    ``tolerance`` pixels of the true boundary and of true boundary pixels within it of the predicted one."""
+    pred_edge, target_edge = boundary(pred), boundary(target)
+    pred_count, target_count = pred_edge.flatten(1).sum(1).double(), target_edge.flatten(1).sum(1).double()
+    both_empty = (pred_count == 0) & (target_count == 0)
+    precision = _ratio(_within(pred_edge, target_edge, tolerance).flatten(1).sum(1).double(), pred_count, both_empty)
+    recall = _ratio(_within(target_edge, pred_edge, tolerance).flatten(1).sum(1).double(), target_count, both_empty)
+    return torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
+                       torch.zeros_like(precision))
+
+
+def pixel_counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intersection and union pixel counts per image, to pool over a dataset: pooled IoU = Σ|P∩T| / Σ|P∪T|."""
+    intersection, pred_area, target_area = _counts(pred, target)
+    return intersection, pred_area + target_area - intersection
 
 
 def sweep_thresholds(probabilities: torch.Tensor, target: torch.Tensor,

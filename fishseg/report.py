@@ -43,7 +43,7 @@ CURVES = (  # (file, title, history split, value, y label)
     ("06_val_iteration_iou.png", "Validation IoU per iteration", "val", "iou", "IoU (threshold 0.5)"),
 )
 ANALYSIS = {"per_class": "07_per_class.png", "histogram": "08_iou_histogram.png",
-            "threshold": "09_threshold_sweep.png", "pca": "10_feature_pca.png"}
+            "threshold": "09_threshold_sweep.png", "pca": "10_feature_pca.png", "probe": "11_species_probe.png"}
 
 
 @dataclasses.dataclass
@@ -157,6 +157,23 @@ def _threshold_figure(sweep: dict[str, Any]) -> Figure:
     return figure
 
 
+def _probe_figure(probe: dict[str, Any]) -> Figure:
+    names, confusion = probe["classes"], np.array(probe["confusion"])
+    side = 2.5 + 0.6 * len(names)
+    figure = Figure(figsize=(side + 2, side), layout="constrained")
+    axes = figure.subplots()
+    image = axes.imshow(confusion, cmap="Blues")
+    for (row, column), count in np.ndenumerate(confusion):
+        axes.text(column, row, str(count), ha="center", va="center",
+                  color="white" if count > confusion.max() / 2 else "black")
+    axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axes.set_yticks(range(len(names)), names)
+    axes.set(title=f"Species probe on pooled features: accuracy {fmt(probe['accuracy'])}",
+             xlabel="predicted species", ylabel="true species")
+    figure.colorbar(image, ax=axes, label="validation images", ticks=MaxNLocator(integer=True))
+    return figure
+
+
 def _pca_rgb(sample: np.ndarray, grids: list[np.ndarray]) -> list[np.ndarray]:
     """First three principal components of patch features as RGB in [0, 1] (1st–99th percentile)."""
     pca = PCA(n_components=3, random_state=0).fit(sample.astype(np.float32))
@@ -227,6 +244,8 @@ def write_figures(out_dir: Path, data: ReportData) -> dict[str, str]:
         "threshold": _threshold_figure(data.metrics["threshold_sweep"]),
         "pca": _pca_figure(data.galleries["random"][:PCA_EXAMPLES], data.pca_sample),
     }
+    if "accuracy" in data.metrics["species_probe"]:
+        analysis["probe"] = _probe_figure(data.metrics["species_probe"])
     for key, figure in analysis.items():
         _save(figure, out_dir / ANALYSIS[key])
         files[key] = ANALYSIS[key]
@@ -240,12 +259,14 @@ def write_figures(out_dir: Path, data: ReportData) -> dict[str, str]:
 def summary_rows(data: ReportData) -> list[tuple[str, str, str | None]]:
     """(label, value, metrics key or None) for the header of both pages."""
     metrics, run, config = data.metrics, data.run, data.run["train_config"]
-    sweep = metrics["threshold_sweep"]
+    sweep, probe = metrics["threshold_sweep"], metrics["species_probe"]
     return [
         ("backbone", metrics["backbone"] + (" (RANDOM-INIT)" if metrics["random_init"] else ""), None),
         ("cache fingerprint", metrics["cache_fingerprint"], None),
         ("split", f"{run['split']['method']}: {run['split']['n_train']} train / {run['split']['n_val']} val, "
                   f"seed {config['seed']}", None),
+        ("val images with a near-duplicate in train", str(metrics["val_with_duplicate_in_train"]),
+         "val_with_duplicate_in_train"),
         ("training", f"{config['decoder']}, {config['epochs']} epochs, batch {config['batch_size']}, lr {config['lr']}",
          None),
         ("checkpoint", f"{metrics['checkpoint']} (epoch {metrics['epoch']})", None),
@@ -254,9 +275,15 @@ def summary_rows(data: ReportData) -> list[tuple[str, str, str | None]]:
         ("mean Dice", fmt(metrics["mean_dice"]), "mean_dice"),
         ("median IoU", fmt(metrics["median_iou"]), "median_iou"),
         ("median Dice", fmt(metrics["median_dice"]), "median_dice"),
+        ("mean precision / recall", f"{fmt(metrics['mean_precision'])} / {fmt(metrics['mean_recall'])}", None),
+        (f"mean boundary F ({metrics['boundary_tolerance_px']} px)", fmt(metrics["mean_boundary_f"]),
+         "mean_boundary_f"),
+        ("pooled IoU (all pixels)", fmt(metrics["pooled_iou"]), "pooled_iou"),
         ("threshold", str(metrics["threshold"]), "threshold"),
         ("best threshold on val (optimistic)", f"{sweep['best_threshold']} → mean IoU {fmt(sweep['best_mean_iou'])}",
          None),
+        ("species probe accuracy (pooled features)", fmt(probe["accuracy"]) if "accuracy" in probe
+         else f"skipped: {probe['skipped']}", None),
     ]
 
 
@@ -328,7 +355,7 @@ def page(data: ReportData, files: dict[str, str]) -> str:
 <h2>Epoch log</h2>{_html_table(EPOCH_HEADER, epoch_rows(data.history))}<p><a href="{EPOCHS_CSV}">{EPOCHS_CSV}</a></p>
 <h2>Per class</h2>{_html_table(PER_CLASS_HEADER, per_class_rows(data.metrics))}{_img(files["per_class"])}
 <h2>Distribution and threshold</h2><div class="grid">{analysis}</div>
-<h2>What the cached features carry</h2>{_img(files["pca"])}
+<h2>What the cached features carry</h2>{_img(files["pca"])}{_img(files["probe"]) if "probe" in files else ""}
 <h2>Galleries</h2>{galleries}
 </body></html>
 """

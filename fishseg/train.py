@@ -23,7 +23,8 @@ from torch import nn
 from fishseg import __version__
 from fishseg.cache import FeatureCache
 from fishseg.config import TrainConfig
-from fishseg.data import random_split
+from fishseg.data import (duplicates_across, grouped_folds, grouped_split, groups_from_names, random_folds,
+                          random_split)
 from fishseg.decoders import build_decoder, save_checkpoint, segment
 from fishseg.errors import FishsegError
 from fishseg.metrics import binarize, iou_per_image
@@ -151,15 +152,30 @@ def choose_split(cache: FeatureCache, indices: np.ndarray, stream: bool | None) 
     return StreamedSplit(cache, indices) if stream else InMemorySplit(cache, indices)
 
 
-def _run_record(cache: FeatureCache, cache_path: Path, config: TrainConfig, n_train: int, n_val: int,
-                streamed: bool, device: torch.device) -> dict[str, Any]:
+def split_indices(cache: FeatureCache, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train and val indices for ``config`` (split method, fold), and the groups they respect or leak."""
+    groups = groups_from_names(cache.image_ids, config.group_pattern) if config.group_pattern else cache.groups
+    if config.folds:
+        folds = (grouped_folds(groups, cache.class_index, config.folds, config.seed) if config.split == "grouped"
+                 else random_folds(len(cache), config.folds, config.seed))
+        return (*folds[config.fold], groups)
+    if config.split == "grouped":
+        return (*grouped_split(groups, cache.class_index, config.val_fraction, config.seed), groups)
+    return (*random_split(len(cache), config.val_fraction, config.seed), groups)
+
+
+def _run_record(cache: FeatureCache, config: TrainConfig, train_idx: np.ndarray, val_idx: np.ndarray,
+                groups: np.ndarray, streamed: bool, device: torch.device) -> dict[str, Any]:
     return {
         "fishseg_version": __version__,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "train_config": dataclasses.asdict(config),
         "cache": cache.summary(),
         "backbone": dataclasses.asdict(cache.backbone),
-        "split": {"method": "random", "n_train": n_train, "n_val": n_val},
+        "split": {"method": config.split, "n_train": len(train_idx), "n_val": len(val_idx),
+                  "groups": f"pattern {config.group_pattern}" if config.group_pattern else "near-duplicates",
+                  "val_with_duplicate_in_train": duplicates_across(train_idx, val_idx, groups),
+                  **({"fold": config.fold + 1, "folds": config.folds} if config.folds else {})},
         "features": "streamed from HDF5" if streamed else "in memory",
         "device": str(device),
     }
@@ -174,10 +190,9 @@ def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device
     """
     torch_device = resolve_device(device)
     with FeatureCache(cache_path) as cache:
-        train_idx, val_idx = random_split(len(cache), config.val_fraction, config.seed)
+        train_idx, val_idx, groups = split_indices(cache, config)
         train, val = choose_split(cache, train_idx, stream), choose_split(cache, val_idx, stream)
-        run = _run_record(cache, cache_path, config, len(train_idx), len(val_idx),
-                          isinstance(train, StreamedSplit), torch_device)
+        run = _run_record(cache, config, train_idx, val_idx, groups, isinstance(train, StreamedSplit), torch_device)
         write_json(out_dir / SPLIT_FILE, {"train": [cache.image_ids[i] for i in train_idx],
                                           "val": [cache.image_ids[i] for i in val_idx]})
         feature_dim = cache.backbone.feature_dim

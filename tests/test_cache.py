@@ -110,6 +110,14 @@ def test_other_format_version_is_refused(tmp_path: Path) -> None:
         FeatureCache(path)
 
 
+def test_cache_missing_a_dataset_is_refused(tmp_path: Path) -> None:
+    path = write_toy_cache(tmp_path / "c.h5")
+    with h5py.File(path, "a") as file:
+        del file["groups"]
+    with pytest.raises(FishsegError, match="c.h5: fishseg cache without groups; extract the cache again"):
+        FeatureCache(path)
+
+
 def test_require_refuses_another_cache(tmp_path: Path) -> None:
     with FeatureCache(write_toy_cache(tmp_path / "c.h5")) as cache:
         cache.require(cache.summary(), tmp_path / "run.json")

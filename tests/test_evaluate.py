@@ -79,3 +79,12 @@ def test_a_run_is_refused_with_another_cache(evaluated: tuple[Path, Path, dict],
     with pytest.raises(FishsegError, match=r"run.json: made from cache \w+ \(backbone toy, image_size 32\) but .*other.h5 is cache \w+ "):
         run_evaluation(other, run_dir, tmp_path / "report", device="cpu")
     assert not (tmp_path / "report").exists()
+
+
+def test_richer_metrics_are_per_image_means_and_pooled_iou_is_over_pixels(evaluated: tuple[Path, Path, dict]) -> None:
+    _, run_dir, metrics = evaluated
+    rows = list(csv.DictReader((run_dir.parent / "report" / "per_image.csv").open()))
+    for metric in ("precision", "recall", "boundary_f"):
+        assert metrics[f"mean_{metric}"] == pytest.approx(np.mean([float(r[metric]) for r in rows]), abs=1e-6)
+        assert 0 <= metrics[f"mean_{metric}"] <= 1
+    assert 0 < metrics["pooled_iou"] <= 1 and metrics["boundary_tolerance_px"] == 2

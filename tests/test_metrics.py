@@ -3,9 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import f1_score, jaccard_score
+from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
 
-from fishseg.metrics import THRESHOLDS, binarize, dice_per_image, iou_per_image, summarize, sweep_thresholds
+from fishseg.metrics import (THRESHOLDS, binarize, boundary, boundary_f_per_image, dice_per_image, iou_per_image,
+                             pixel_counts, precision_per_image, recall_per_image, summarize, sweep_thresholds)
 
 
 def test_hand_worked_example() -> None:
@@ -52,3 +53,51 @@ def test_threshold_sweep_matches_single_threshold_scores() -> None:
         pred = binarize(logits, threshold)
         torch.testing.assert_close(sweep["iou"][row], iou_per_image(pred, target))
         torch.testing.assert_close(sweep["dice"][row], dice_per_image(pred, target))
+
+
+def test_precision_and_recall_hand_worked_and_against_scikit_learn() -> None:
+    pred = torch.tensor([[[1, 1, 0], [0, 0, 0]]], dtype=torch.bool)
+    target = torch.tensor([[[0, 1, 1], [0, 0, 1]]], dtype=torch.bool)
+    assert precision_per_image(pred, target).item() == pytest.approx(1 / 2)
+    assert recall_per_image(pred, target).item() == pytest.approx(1 / 3)
+    rng = np.random.default_rng(2)
+    preds, targets = rng.random((4, 9, 9)) > 0.6, rng.random((4, 9, 9)) > 0.4
+    preds[3] = False  # an empty prediction: precision 0, as zero_division=0
+    for i, (p, t) in enumerate(zip(preds, targets)):
+        p_t, t_t = torch.from_numpy(p[None]), torch.from_numpy(t[None])
+        assert precision_per_image(p_t, t_t).item() == pytest.approx(precision_score(t.ravel(), p.ravel(), zero_division=0))
+        assert recall_per_image(p_t, t_t).item() == pytest.approx(recall_score(t.ravel(), p.ravel(), zero_division=0))
+    empty = torch.zeros(1, 3, 3, dtype=torch.bool)
+    assert precision_per_image(empty, empty).item() == recall_per_image(empty, empty).item() == 1.0
+
+
+def test_boundary_of_a_square_is_its_outline() -> None:
+    mask = torch.zeros(1, 7, 7, dtype=torch.bool)
+    mask[0, 1:6, 1:6] = True
+    expected = mask.clone()
+    expected[0, 2:5, 2:5] = False
+    assert torch.equal(boundary(mask), expected)
+    full = boundary(torch.ones(1, 3, 3, dtype=torch.bool))  # the image border counts as background
+    assert full.sum() == 8 and not full[0, 1, 1]
+
+
+def test_boundary_f_hand_worked() -> None:
+    truth = torch.zeros(1, 20, 20, dtype=torch.bool)
+    truth[0, 5:15, 5:15] = True  # outline of 36 pixels
+    shifted = torch.roll(truth, shifts=3, dims=2)  # every edge moves 3 px sideways
+    assert boundary_f_per_image(truth, truth).item() == 1.0
+    assert boundary_f_per_image(shifted, truth, tolerance=3).item() == 1.0
+    # tolerance 2, predicted outline (36 px) against the true one: top and bottom rows 9 of 10 each (the
+    # outermost is 3 px away), left column 4 of 8 (the 2 nearest each true row), right column 0 of 8;
+    # by symmetry the same 22 of 36 the other way, so F = 22/36
+    assert boundary_f_per_image(shifted, truth, tolerance=2).item() == pytest.approx(22 / 36)
+    empty = torch.zeros(1, 20, 20, dtype=torch.bool)
+    assert boundary_f_per_image(empty, empty).item() == 1.0 and boundary_f_per_image(empty, truth).item() == 0.0
+
+
+def test_pixel_counts_pool_over_images() -> None:
+    pred = torch.tensor([[[1, 1], [0, 0]], [[1, 0], [0, 0]]], dtype=torch.bool)
+    target = torch.tensor([[[1, 0], [0, 0]], [[1, 1], [1, 1]]], dtype=torch.bool)
+    intersection, union = pixel_counts(pred, target)
+    assert intersection.tolist() == [1, 1] and union.tolist() == [2, 4]
+    assert (intersection.sum() / union.sum()).item() == pytest.approx(2 / 6)  # pooled, not the mean of 1/2 and 1/4

@@ -38,9 +38,11 @@ def test_page_and_markdown_show_the_numbers_of_metrics_json(report: Path, evalua
     metrics = json.loads((report / "metrics.json").read_text())
     page = (report / "report.html").read_text()
     shown = dict(re.findall(r'data-metric="(\w+)">([^<]*)<', page))
-    assert shown == {"n_images": str(metrics["n_images"]), "mean_iou": fmt(metrics["mean_iou"]),
+    assert shown == {"val_with_duplicate_in_train": str(metrics["val_with_duplicate_in_train"]),
+                     "n_images": str(metrics["n_images"]), "mean_iou": fmt(metrics["mean_iou"]),
                      "mean_dice": fmt(metrics["mean_dice"]), "median_iou": fmt(metrics["median_iou"]),
-                     "median_dice": fmt(metrics["median_dice"]), "threshold": str(metrics["threshold"])}
+                     "median_dice": fmt(metrics["median_dice"]), "threshold": str(metrics["threshold"]),
+                     "mean_boundary_f": fmt(metrics["mean_boundary_f"]), "pooled_iou": fmt(metrics["pooled_iou"])}
     markdown = (report / "report.md").read_text()
     assert f"- mean IoU: {fmt(metrics['mean_iou'])}" in markdown
     assert f"- mean Dice: {fmt(metrics['mean_dice'])}" in markdown
@@ -90,4 +92,5 @@ def test_report_loads_in_a_real_browser_with_no_missing_images(report: Path) -> 
     found = re.search(r'<pre id="fishseg-check">(.*?)</pre>', result.stdout)
     assert found, result.stderr[-2000:]
     check = json.loads(found.group(1).replace("&quot;", '"'))
-    assert check == {"images": 13, "broken": []}
+    assert check == {"images": (report / "report.html").read_text().count("<img "), "broken": []}
+    assert check["images"] == 14  # 6 curves, per class, histogram, threshold, PCA, species probe, 3 galleries

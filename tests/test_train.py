@@ -38,7 +38,9 @@ def test_run_folder_records_config_split_history_and_checkpoints(toy_run: tuple[
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "best.safetensors", "history.json", "last.safetensors", "run.json", "split.json"]
     assert json.loads((run_dir / "run.json").read_text()) == run
-    assert run["train_config"]["lr"] == TOY.lr and run["split"] == {"method": "random", "n_train": 24, "n_val": 6}
+    assert run["train_config"]["lr"] == TOY.lr
+    assert run["split"] == {"method": "random", "n_train": 24, "n_val": 6, "groups": "near-duplicates",
+                            "val_with_duplicate_in_train": 0}  # the toy cache has no near-duplicates
     split = json.loads((run_dir / "split.json").read_text())
     assert len(split["val"]) == 6 and not set(split["val"]) & set(split["train"])
     history = json.loads((run_dir / "history.json").read_text())
