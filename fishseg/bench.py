@@ -18,7 +18,7 @@ import multiprocessing
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,7 +132,8 @@ def _storage(cache_path: Path, workdir: Path) -> list[dict[str, Any]]:
 def _environment(config: BenchConfig, device: torch.device, backbone: Any) -> dict[str, Any]:
     return {
         "fishseg": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()})"),
         "threads": torch.get_num_threads(), "workers": _workers(config), "image_size": config.image_size,
         "photo_size": "590×445", "images": config.images, "batch_size": config.batch_size,
         "backbone": backbone.info.name, "random_init": backbone.info.random_init,
@@ -176,7 +177,8 @@ def format_table(results: dict[str, Any]) -> str:
     env = results["environment"]
     backbone = f"{env['backbone']}" + (" (random-init)" if env["random_init"] else "")
     lines = [
-        f"fishseg bench: {env['images']} photos {env['photo_size']} → {env['image_size']}², batch {env['batch_size']}, "
+        f"fishseg bench: {env['images']} photos {env['photo_size']} → {env['image_size']}², "
+        f"batch {env['batch_size']}, "
         f"{env['device']}, {env['threads']} threads, {env['workers']} workers, torch {env['torch']}",
         f"backbone {backbone}",
         "",

@@ -258,7 +258,8 @@ class PartStore:
 
     def batches(self) -> list[tuple[int, int]]:
         """``[start, stop)`` of every batch; fixed, so a resumed batch is computed exactly as the first time."""
-        return [(start, min(start + self.batch_size, self.n_images)) for start in range(0, self.n_images, self.batch_size)]
+        starts = range(0, self.n_images, self.batch_size)
+        return [(start, min(start + self.batch_size, self.n_images)) for start in starts]
 
     def _file(self, start: int, stop: int) -> Path:
         return self.dir / f"{start:08d}-{stop:08d}.npz"

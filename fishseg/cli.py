@@ -18,7 +18,8 @@ from typing import Any, Callable
 import click
 
 from fishseg import __version__
-from fishseg.config import COMPRESSIONS, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, ExtractConfig, TrainConfig
+from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, LOSSES, SCHEDULES,
+                            ExtractConfig, TrainConfig)
 from fishseg.decoders import DECODERS
 from fishseg.errors import FishsegError
 
@@ -56,6 +57,11 @@ def device_option(function: Callable[..., Any]) -> Callable[..., Any]:
                         help="auto uses CUDA (with bf16 autocast) when present.")(function)
 
 
+def workers_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--num-workers", default=None, type=click.IntRange(0),
+                        help="Image decoding workers [default: half the cores].")(function)
+
+
 # Existence is checked by the stages, whose one-line messages name the file (click's span several lines).
 input_file = click.Path(dir_okay=False, path_type=Path)
 input_dir = click.Path(file_okay=False, path_type=Path)
@@ -64,14 +70,15 @@ input_dir = click.Path(file_okay=False, path_type=Path)
 @click.command("extract")
 @click.option("--data-root", required=True, type=input_dir,
               help="Kaggle fish download (or its Fish_Dataset/), or a folder with images/ and masks/.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Cache file to write (.h5).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Cache file to write (.h5).")
 @click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, help="Hub id or local model folder.")
 @click.option("--image-size", default=EXTRACT_DEFAULTS.image_size, show_default=True, type=click.IntRange(16),
               help="Square input side; a multiple of the patch size (16).")
 @click.option("--preview-size", default=EXTRACT_DEFAULTS.preview_size, show_default=True, type=click.IntRange(16),
               help="Side of the RGB preview stored per image for reports.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--num-workers", default=None, type=click.IntRange(0), help="Image decoding workers [default: half the cores].")
+@workers_option
 @click.option("--compression", default=DEFAULT_COMPRESSION, show_default=True, type=click.Choice(COMPRESSIONS),
               help="HDF5 compression of the features (see `fishseg bench` for the trade-off).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished cache (kept, or refused when stale, without it).")
@@ -109,20 +116,27 @@ def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_
                                                   "[default: the cache's near-duplicate groups].")
 @click.option("--cv", "folds", default=0, type=click.IntRange(0), help="K-fold cross-validation: K runs in OUT/fold-k "
                                                                         "and OUT/cv.json with mean ± std.")
+@click.option("--loss", default=TRAIN_DEFAULTS.loss, show_default=True, type=click.Choice(LOSSES))
+@click.option("--schedule", default=TRAIN_DEFAULTS.schedule, show_default=True, type=click.Choice(SCHEDULES),
+              help="cosine: linear warm-up over --warmup-epochs, then cosine decay to 0.")
+@click.option("--warmup-epochs", default=TRAIN_DEFAULTS.warmup_epochs, show_default=True, type=click.IntRange(0))
+@click.option("--augment", default=TRAIN_DEFAULTS.augment, show_default=True, type=click.Choice(AUGMENTATIONS),
+              help="flips: random flips and 90° rotations of the cached grid and mask, per batch.")
 @click.option("--stream/--in-memory", default=None,
               help="Read batches from the cache file, or hold features in memory [default: in memory when "
                    "they take under half the free memory].")
 @device_option
 @command
 def train(cache_path: Path, out: Path, decoder: str, epochs: int, batch_size: int, lr: float, weight_decay: float,
-          val_fraction: float, seed: int, split: str, group_pattern: str, folds: int, stream: bool | None,
-          device: str) -> None:
+          val_fraction: float, seed: int, split: str, group_pattern: str, folds: int, loss: str, schedule: str,
+          warmup_epochs: int, augment: str, stream: bool | None, device: str) -> None:
     """Train a decoder from the cached features only (no images, no backbone)."""
     from fishseg.crossval import run_cross_validation
     from fishseg.train import run_training
 
     config = TrainConfig(decoder=decoder, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         val_fraction=val_fraction, seed=seed, split=split, group_pattern=group_pattern)
+                         val_fraction=val_fraction, seed=seed, split=split, group_pattern=group_pattern, loss=loss,
+                         schedule=schedule, warmup_epochs=warmup_epochs, augment=augment)
     if folds:
         summary = run_cross_validation(cache_path, out, config, folds, device=device, stream=stream)["summary"]
         click.echo(f"{folds}-fold {split} cross-validation: " + ", ".join(
@@ -194,8 +208,29 @@ def probe(cache_path: Path, split: str, group_pattern: str, val_fraction: float,
         write_json(json_path, result)
 
 
+@click.command("predict")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--run", "run_dir", required=True, type=input_dir, help="Run folder from `train`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for masks/, overlays/ and predictions.csv.")
+@click.option("--backbone", default=None, help="Hub id or local folder [default: the one the run was trained on].")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@workers_option
+@device_option
+@command
+def predict(inputs: tuple[Path, ...], run_dir: Path, out: Path, backbone: str | None, batch_size: int,
+            num_workers: int | None, device: str) -> None:
+    """Predict masks for images or folders of images (no masks needed), at each image's own resolution."""
+    from fishseg.predict import run_prediction
+
+    csv_path = run_prediction(run_dir, list(inputs), out, backbone=backbone, batch_size=batch_size,
+                              num_workers=num_workers, device=device)
+    click.echo(f"predictions written: {csv_path}")
+
+
 @click.command("demo")
-@click.option("--out", default=Path("fishseg-demo"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", default=Path("fishseg-demo"), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path))
 @click.option("--backbone", default=None, help="Hub id or local model folder [default: a random-init ViT-S/16].")
 @click.option("--classes", default=3, show_default=True, type=click.IntRange(1, 4))
 @click.option("--images-per-class", default=12, show_default=True, type=click.IntRange(2))
@@ -222,7 +257,7 @@ def demo(out: Path, backbone: str | None, classes: int, images_per_class: int, e
 @click.option("--backbone", default=None, help="Hub id or local model folder [default: a random-init ViT-S/16].")
 @click.option("--scale", default=4, show_default=True, type=click.IntRange(2),
               help="The large cache of the memory measure holds this many times the images.")
-@click.option("--num-workers", default=None, type=click.IntRange(0), help="Image decoding workers [default: half the cores].")
+@workers_option
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the results as JSON.")
 @device_option
@@ -248,5 +283,5 @@ def main() -> None:
     """fishseg: fish segmentation from frozen DINOv3 features cached once in HDF5."""
 
 
-for _command in (extract, train, evaluate, probe, demo, bench):
+for _command in (extract, train, evaluate, predict, probe, demo, bench):
     main.add_command(_command)

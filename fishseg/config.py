@@ -17,6 +17,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 COMPRESSIONS = ("none", "lzf", "gzip")  # HDF5 filters for the features; a storage choice, not content
 DEFAULT_COMPRESSION = "none"  # chosen by `fishseg bench` (README "Performance")
+LOSSES = ("bce", "dice", "bce+dice")
+SCHEDULES = ("constant", "cosine")
+AUGMENTATIONS = ("none", "flips")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,10 @@ class TrainConfig:
     group_pattern: str = ""  # regex whose match in an image id names its group; "" = the cache's near-duplicate groups
     folds: int = 0  # K of K-fold cross-validation; 0 = one train/val split
     fold: int = 0  # which fold this run validates on, when folds > 0
+    loss: str = "bce"  # "bce" (the reference's), "dice" (soft Dice) or "bce+dice"
+    schedule: str = "constant"  # learning rate: "constant" or "cosine" (linear warm-up, then cosine to 0)
+    warmup_epochs: int = 1  # with schedule "cosine"
+    augment: str = "none"  # "none" or "flips": flips and 90° rotations of the cached grid and mask
 
 
 Config = TypeVar("Config", ExtractConfig, BackboneInfo, TrainConfig)

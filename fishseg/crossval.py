@@ -33,8 +33,10 @@ def run_cross_validation(cache_path: Path, out_dir: Path, config: TrainConfig, f
         results.append({"fold": fold + 1, "n_images": metrics["n_images"],
                         "val_with_duplicate_in_train": metrics["val_with_duplicate_in_train"],
                         **{name: metrics[name] for name in CV_METRICS}})
-    summary = {name: {"mean": float(np.mean([r[name] for r in results])), "std": float(np.std([r[name] for r in results]))}
-               for name in CV_METRICS}
+    summary = {}
+    for name in CV_METRICS:
+        values = [result[name] for result in results]
+        summary[name] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
     cv = {"train_config": dataclasses.asdict(dataclasses.replace(config, folds=folds)), "folds": results,
           "summary": summary}
     write_json(out_dir / CV_FILE, cv)

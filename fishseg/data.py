@@ -159,6 +159,46 @@ def read_mask(path: Path) -> Image.Image:
     return Image.fromarray(foreground.astype(np.uint8), mode="L")
 
 
+def model_input(image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB image as the backbone takes it: bilinear resize to size×size, uint8 3×S×S."""
+    pixels = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+def collect_images(inputs: list[Path]) -> list[Path]:
+    """Image files named directly, and every image file under named folders (recursively), in order."""
+    found: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FishsegError(f"{path}: no such file or folder")
+    if not found:
+        raise FishsegError(f"no images in {', '.join(map(str, inputs))} "
+                           f"(extensions: {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return found
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images without masks, for prediction: ``(image 3×S×S uint8, original (width, height), error)``."""
+
+    def __init__(self, paths: list[Path], image_size: int) -> None:
+        self.paths, self.image_size = paths, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        try:
+            image = read_rgb(self.paths[index])
+        except FishsegError as error:
+            blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+            return blank, torch.zeros(2, dtype=torch.int64), str(error)
+        return model_input(image, self.image_size), torch.tensor(image.size), ""
+
+
 class ExtractionDataset(torch.utils.data.Dataset):
     """Decodes and resizes one sample per item (runs in DataLoader workers).
 
@@ -183,9 +223,8 @@ class ExtractionDataset(torch.utils.data.Dataset):
         except FishsegError as error:
             return (torch.zeros(3, *side, dtype=torch.uint8), torch.zeros(side, dtype=torch.uint8),
                     torch.zeros(*preview, 3, dtype=torch.uint8), str(error))
-        pixels = np.asarray(image.resize(side, Image.Resampling.BILINEAR))
         return (
-            torch.from_numpy(pixels.copy()).permute(2, 0, 1),
+            model_input(image, self.image_size),
             torch.from_numpy(np.asarray(mask.resize(side, Image.Resampling.NEAREST)).copy()),
             torch.from_numpy(np.asarray(image.resize(preview, Image.Resampling.BILINEAR)).copy()),
             "",
@@ -259,7 +298,10 @@ def duplicates_across(train_idx: np.ndarray, val_idx: np.ndarray, groups: np.nda
     return int(np.isin(groups[val_idx], groups[train_idx]).sum())
 
 
-def grouped_folds(groups: np.ndarray, classes: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+Folds = list[tuple[np.ndarray, np.ndarray]]  # (train indices, val indices) per fold
+
+
+def grouped_folds(groups: np.ndarray, classes: np.ndarray, n_folds: int, seed: int) -> Folds:
     """K folds that never split a group, stratified by class where the groups allow (StratifiedGroupKFold)."""
     n_groups = len(np.unique(groups))
     if n_groups < n_folds:
@@ -269,7 +311,7 @@ def grouped_folds(groups: np.ndarray, classes: np.ndarray, n_folds: int, seed: i
     return [(np.sort(train), np.sort(val)) for train, val in folds.split(np.zeros(len(groups)), classes, groups)]
 
 
-def random_folds(n_images: int, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def random_folds(n_images: int, n_folds: int, seed: int) -> Folds:
     if n_images < n_folds:
         raise FishsegError(f"{n_images} images are too few for {n_folds} folds")
     folds = KFold(n_splits=n_folds, shuffle=True, random_state=seed)

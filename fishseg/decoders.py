@@ -1,6 +1,7 @@
 """Decoders over cached patch grids, their registry, and the checkpoint format.
 
-A decoder maps features B×D×h×w to logits B×1×h×w; ``segment`` upsamples them to the mask size.
+A decoder maps features B×D×h×w to logits B×1×h'×w' (the grid, or finer); ``segment`` upsamples
+them to the mask size.
 A checkpoint is one safetensors file: the weights plus JSON metadata from which the decoder is
 rebuilt, so loading it never unpickles anything.
 """
@@ -38,7 +39,46 @@ class SeedCNN(nn.Module):
         return self.layers(features)
 
 
-DECODERS: dict[str, Callable[[int], nn.Module]] = {"seed-cnn": SeedCNN}
+class LinearProbe(nn.Module):
+    """A 1×1 convolution: the standard frozen-feature baseline (one logit per patch, no context)."""
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        self.classifier = nn.Conv2d(in_dim, 1, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features)
+
+
+def _up_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+        nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+    )
+
+
+class ProgressiveDecoder(nn.Module):
+    """Upsamples in learned ×2 steps (28→56→112→224→448 for ViT-S/16 at 448), narrowing as it goes,
+    so that boundaries are drawn at full resolution instead of interpolated from the patch grid."""
+
+    WIDTHS = (96, 64, 32, 16, 8)
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(in_dim, self.WIDTHS[0], 1), nn.BatchNorm2d(self.WIDTHS[0]),
+                                    nn.ReLU(inplace=True))
+        self.up = nn.Sequential(*(_up_block(a, b) for a, b in zip(self.WIDTHS, self.WIDTHS[1:])))
+        self.head = nn.Conv2d(self.WIDTHS[-1], 1, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.up(self.reduce(features)))
+
+
+DECODERS: dict[str, Callable[[int], nn.Module]] = {
+    "linear": LinearProbe,
+    "seed-cnn": SeedCNN,
+    "progressive": ProgressiveDecoder,
+}
 
 
 def build_decoder(name: str, in_dim: int) -> nn.Module:
@@ -48,9 +88,12 @@ def build_decoder(name: str, in_dim: int) -> nn.Module:
 
 
 def segment(decoder: nn.Module, features: torch.Tensor, size: int) -> torch.Tensor:
-    """Float16/32 features B×h×w×D → float32 logits B×size×size (bilinear upsampling)."""
-    logits = decoder(features.permute(0, 3, 1, 2).float())
-    return F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    """Float16/32 features B×h×w×D → float32 logits B×size×size (bilinear upsampling of whatever
+    resolution the decoder returns: the patch grid, or 16× it for ``progressive``)."""
+    logits = decoder(features.permute(0, 3, 1, 2).float()).float()
+    if logits.shape[-2:] != (size, size):
+        logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+    return logits[:, 0]
 
 
 def save_checkpoint(path: Path, decoder: nn.Module, meta: dict[str, Any]) -> None:

@@ -15,14 +15,13 @@ import numpy as np
 import torch
 
 from fishseg.cache import FeatureCache
-from fishseg.decoders import load_checkpoint, segment
+from fishseg.decoders import segment
 from fishseg.metrics import (BOUNDARY_TOLERANCE, THRESHOLD, THRESHOLDS, boundary_f_per_image, pixel_counts,
                              precision_per_image, recall_per_image, summarize, sweep_thresholds)
 from fishseg.probe import run_probe
 from fishseg.report import Example, ReportData, gallery_positions, write_report
-from fishseg.errors import FishsegError
-from fishseg.runtime import atomic_path, autocast, file_digest, read_json, resolve_device, write_json
-from fishseg.train import BEST_CHECKPOINT, HISTORY_FILE, RUN_FILE, SPLIT_FILE
+from fishseg.runtime import atomic_path, autocast, read_json, resolve_device, write_json
+from fishseg.train import BEST_CHECKPOINT, HISTORY_FILE, RUN_FILE, SPLIT_FILE, load_run
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +52,11 @@ def _batch_scores(probs: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.T
 @torch.inference_mode()
 def score_images(decoder: torch.nn.Module, cache: FeatureCache, indices: np.ndarray, *, batch_size: int,
                  device: torch.device) -> dict[str, np.ndarray]:
-    """Per-image scores of ``indices``: ``sweep_iou`` and ``sweep_dice`` at every threshold of ``THRESHOLDS``
-    (T×N); ``precision``, ``recall``, ``boundary_f`` and the pixel ``intersection`` and ``union`` at ``THRESHOLD`` (N)."""
-    parts = [_batch_scores(probs, truth) for probs, truth in _probabilities(decoder, cache, indices, batch_size, device)]
+    """Per-image scores of ``indices``: ``sweep_iou`` and ``sweep_dice`` at every threshold of
+    ``THRESHOLDS`` (T×N); ``precision``, ``recall``, ``boundary_f`` and the pixel ``intersection`` and
+    ``union`` at ``THRESHOLD`` (N)."""
+    batches = _probabilities(decoder, cache, indices, batch_size, device)
+    parts = [_batch_scores(probs, truth) for probs, truth in batches]
     return {name: torch.cat([part[name] for part in parts], dim=-1).cpu().numpy() for name in parts[0]}
 
 
@@ -115,13 +116,8 @@ def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None,
     """Score the run's best checkpoint on its validation images; writes metrics.json, per_image.csv and
     (unless ``report`` is False) the figures and pages."""
     out_dir = out_dir or run_dir / "report"
-    if not (run_dir / RUN_FILE).is_file():
-        raise FishsegError(f"{run_dir}: not a run folder (no {RUN_FILE}); pass the --out folder of `train`")
-    run, history = read_json(run_dir / RUN_FILE), read_json(run_dir / HISTORY_FILE)
-    if file_digest(run_dir / BEST_CHECKPOINT) != run.get("checkpoints", {}).get(BEST_CHECKPOINT):
-        raise FishsegError(f"{run_dir / BEST_CHECKPOINT}: does not match the SHA-256 recorded in {RUN_FILE} "
-                           f"(modified or replaced); train again or restore the file")
-    decoder, checkpoint = load_checkpoint(run_dir / BEST_CHECKPOINT)
+    run, decoder, checkpoint = load_run(run_dir)
+    history = read_json(run_dir / HISTORY_FILE)
     torch_device = resolve_device(device)
     with FeatureCache(cache_path) as cache:
         cache.require(run["cache"], run_dir / RUN_FILE)

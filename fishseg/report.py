@@ -350,7 +350,8 @@ def page(data: ReportData, files: dict[str, str]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>fishseg report</title><style>{STYLE}</style></head><body>
 <h1>fishseg report</h1>{warning}
 <table class="summary">{summary}</table>
-<p>Per-image scores: <a href="per_image.csv">per_image.csv</a>; all numbers: <a href="metrics.json">metrics.json</a>.</p>
+<p>Per-image scores: <a href="per_image.csv">per_image.csv</a>;
+all numbers: <a href="metrics.json">metrics.json</a>.</p>
 <h2>Training curves</h2><div class="grid">{curves}</div>
 <h2>Epoch log</h2>{_html_table(EPOCH_HEADER, epoch_rows(data.history))}<p><a href="{EPOCHS_CSV}">{EPOCHS_CSV}</a></p>
 <h2>Per class</h2>{_html_table(PER_CLASS_HEADER, per_class_rows(data.metrics))}{_img(files["per_class"])}

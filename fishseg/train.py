@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,13 +24,14 @@ from torch import nn
 
 from fishseg import __version__
 from fishseg.cache import FeatureCache
-from fishseg.config import TrainConfig
+from fishseg.config import TrainConfig, to_json
 from fishseg.data import (duplicates_across, grouped_folds, grouped_split, groups_from_names, random_folds,
                           random_split)
-from fishseg.decoders import build_decoder, save_checkpoint, segment
+from fishseg.decoders import build_decoder, load_checkpoint, save_checkpoint, segment
 from fishseg.errors import FishsegError
 from fishseg.metrics import binarize, iou_per_image
-from fishseg.runtime import atomic_path, autocast, available_memory, file_digest, resolve_device, write_json
+from fishseg.runtime import (atomic_path, autocast, available_memory, file_digest, read_json, resolve_device,
+                             write_json)
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +97,36 @@ class StreamedSplit:
 Split = InMemorySplit | StreamedSplit
 
 
+def image_losses(logits: torch.Tensor, target: torch.Tensor, loss: str = "bce") -> torch.Tensor:
+    """Per-image loss (B) of logits and 0/1 targets (B×S×S): BCE, soft Dice (1 − Dice of the
+    probabilities, +1 smoothing) or their sum."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2))
+    if loss == "bce":
+        return bce
+    probs = torch.sigmoid(logits)
+    dice = 1 - (2 * (probs * target).sum((1, 2)) + 1) / (probs.sum((1, 2)) + target.sum((1, 2)) + 1)
+    return dice if loss == "dice" else bce + dice
+
+
+def dihedral(features: torch.Tensor, masks: torch.Tensor,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random flip/90° rotation, the same for the cached grids (B×h×w×D) and masks (B×S×S).
+
+    An approximation: the features of a flipped photo are not exactly the flipped features."""
+    turns, flip = torch.randint(0, 4, (2,), generator=generator).tolist()
+    if flip % 2:
+        features, masks = features.flip(2), masks.flip(2)
+    return features.rot90(turns, dims=(1, 2)), masks.rot90(turns, dims=(1, 2))
+
+
 def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor, device: torch.device,
-                 optimizer: torch.optim.Optimizer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward (and a training step when given an optimizer); returns per-image BCE losses and IoUs (B)."""
+                 optimizer: torch.optim.Optimizer | None = None,
+                 loss: str = "bce") -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (and a training step when given an optimizer); returns per-image losses and IoUs (B)."""
     target = masks.to(device, non_blocking=True).float()
     with torch.set_grad_enabled(optimizer is not None), autocast(device):
         logits = segment(decoder, features.to(device, non_blocking=True), target.shape[-1])
-    losses = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").mean((1, 2))
+    losses = image_losses(logits.float(), target, loss)
     if not torch.isfinite(losses).all():
         raise FishsegError("loss is NaN or infinite; lower --lr (the last good checkpoint is kept)")
     if optimizer is not None:
@@ -111,13 +137,21 @@ def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor
 
 
 def run_epoch(decoder: nn.Module, split: Split, batch_size: int, device: torch.device,
-              optimizer: torch.optim.Optimizer | None = None, generator: torch.Generator | None = None) -> EpochResult:
-    """One pass over a split in random (training) or index (evaluation) order."""
-    decoder.train(optimizer is not None)
-    order = torch.randperm(len(split), generator=generator) if optimizer is not None else torch.arange(len(split))
+              optimizer: torch.optim.Optimizer | None = None, generator: torch.Generator | None = None, *,
+              loss: str = "bce", augment: str = "none",
+              scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> EpochResult:
+    """One pass over a split in random order with a training step per batch (given an optimizer), or in
+    index order without."""
+    training = optimizer is not None
+    decoder.train(training)
+    order = torch.randperm(len(split), generator=generator) if training else torch.arange(len(split))
     result = EpochResult([], [], [], [])
     for features, masks in split.batches(order, batch_size):
-        losses, ious = decoder_step(decoder, features, masks, device, optimizer)
+        if training and augment == "flips":
+            features, masks = dihedral(features, masks, generator)
+        losses, ious = decoder_step(decoder, features, masks, device, optimizer, loss)
+        if training and scheduler is not None:
+            scheduler.step()
         # Python floats, not NumPy views of batch tensors: such small long-lived views pin heap pages
         # between the large per-batch buffers and made streamed training's RSS grow with the cache.
         result.image_losses += losses.tolist()
@@ -152,6 +186,21 @@ def choose_split(cache: FeatureCache, indices: np.ndarray, stream: bool | None) 
     return StreamedSplit(cache, indices) if stream else InMemorySplit(cache, indices)
 
 
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                           steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-iteration schedule: None (constant), or linear warm-up then cosine decay to 0."""
+    if config.schedule == "constant":
+        return None
+    warmup, total = config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def split_indices(cache: FeatureCache, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train and val indices for ``config`` (split method, fold), and the groups they respect or leak."""
     groups = groups_from_names(cache.image_ids, config.group_pattern) if config.group_pattern else cache.groups
@@ -172,6 +221,7 @@ def _run_record(cache: FeatureCache, config: TrainConfig, train_idx: np.ndarray,
         "train_config": dataclasses.asdict(config),
         "cache": cache.summary(),
         "backbone": dataclasses.asdict(cache.backbone),
+        "extract_config": json.loads(to_json(cache.config)),  # how to preprocess new images (predict)
         "split": {"method": config.split, "n_train": len(train_idx), "n_val": len(val_idx),
                   "groups": f"pattern {config.group_pattern}" if config.group_pattern else "near-duplicates",
                   "val_with_duplicate_in_train": duplicates_across(train_idx, val_idx, groups),
@@ -200,6 +250,7 @@ def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device
         decoder = build_decoder(config.decoder, feature_dim).to(torch_device)
         optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         generator = torch.Generator().manual_seed(config.seed)
+        scheduler = learning_rate_schedule(optimizer, config, math.ceil(len(train) / config.batch_size))
         meta = {"decoder": config.decoder, "in_dim": feature_dim, "train_config": run["train_config"],
                 "cache_fingerprint": cache.fingerprint}
         history: dict[str, Any] = {"iterations": {"train": [], "val": []}, "epochs": []}
@@ -209,8 +260,9 @@ def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device
         logger.info(TABLE_HEADER)
         for epoch in range(1, config.epochs + 1):
             started = time.perf_counter()
-            train_result = run_epoch(decoder, train, config.batch_size, torch_device, optimizer, generator)
-            val_result = run_epoch(decoder, val, config.batch_size, torch_device)
+            train_result = run_epoch(decoder, train, config.batch_size, torch_device, optimizer, generator,
+                                     loss=config.loss, augment=config.augment, scheduler=scheduler)
+            val_result = run_epoch(decoder, val, config.batch_size, torch_device, loss=config.loss)
             row = epoch_summary(epoch, train_result, val_result, time.perf_counter() - started)
             history["epochs"].append(row)
             history["iterations"]["train"] += _iterations(epoch, train_result)
@@ -225,6 +277,18 @@ def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device
             logger.info(f"{epoch:>5} {row['train_loss']:>10.4f} {row['train_iou']:>9.4f} {row['val_loss']:>9.4f} "
                         f"{row['val_iou']:>8.4f} {row['seconds']:>5.1f}s")
     return run
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], nn.Module, dict[str, Any]]:
+    """``run.json``, the best decoder and its checkpoint metadata; a modified checkpoint is refused."""
+    if not (run_dir / RUN_FILE).is_file():
+        raise FishsegError(f"{run_dir}: not a run folder (no {RUN_FILE}); pass the --out folder of `train`")
+    run = read_json(run_dir / RUN_FILE)
+    if file_digest(run_dir / BEST_CHECKPOINT) != run.get("checkpoints", {}).get(BEST_CHECKPOINT):
+        raise FishsegError(f"{run_dir / BEST_CHECKPOINT}: does not match the SHA-256 recorded in {RUN_FILE} "
+                           f"(modified or replaced); train again or restore the file")
+    decoder, checkpoint = load_checkpoint(run_dir / BEST_CHECKPOINT)
+    return run, decoder, checkpoint
 
 
 def _save(path: Path, decoder: nn.Module, meta: dict[str, Any], run: dict[str, Any]) -> None:

@@ -61,7 +61,8 @@ def test_user_errors_are_one_line_with_exit_status_2(tmp_path: Path, tiny_backbo
 
 
 @pytest.mark.parametrize("command, option", [
-    ("extract", "--data-root"), ("train", "--val-fraction"), ("evaluate", "--run"), ("demo", "--images-per-class")])
+    ("extract", "--data-root"), ("train", "--val-fraction"), ("evaluate", "--run"), ("demo", "--images-per-class"),
+    ("predict", "--backbone"), ("probe", "--group-pattern"), ("bench", "--scale")])
 def test_help_explains_each_command(command: str, option: str) -> None:
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0 and option in result.output

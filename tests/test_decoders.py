@@ -9,10 +9,14 @@ from fishseg.decoders import DECODERS, build_decoder, load_checkpoint, save_chec
 from fishseg.errors import FishsegError
 
 
-@pytest.mark.parametrize("name", sorted(DECODERS))
-def test_decoder_maps_a_grid_to_one_logit_per_patch(name: str) -> None:
+@pytest.mark.parametrize("name, scale", [("linear", 1), ("seed-cnn", 1), ("progressive", 16)])
+def test_decoder_output_shape(name: str, scale: int) -> None:
     decoder = build_decoder(name, 24)
-    assert decoder(torch.randn(2, 24, 7, 9)).shape == (2, 1, 7, 9)
+    assert decoder(torch.randn(2, 24, 7, 9)).shape == (2, 1, 7 * scale, 9 * scale)
+
+
+def test_every_decoder_is_tested() -> None:
+    assert sorted(DECODERS) == ["linear", "progressive", "seed-cnn"]
 
 
 def test_segment_upsamples_to_the_mask_size() -> None:
@@ -46,5 +50,5 @@ def test_tampered_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_unknown_decoder_is_refused() -> None:
-    with pytest.raises(FishsegError, match="unknown decoder 'unet'; choose one of seed-cnn"):
+    with pytest.raises(FishsegError, match="unknown decoder 'unet'; choose one of linear, seed-cnn, progressive"):
         build_decoder("unet", 8)
