@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fishseg import __version__
+from fishseg import __version__, distributed
 from fishseg.backbone import Backbone, load_backbone
 from fishseg.cache import CacheWriter, FeatureCache, PartStore, discard_parts, disk_errors, parts_dir
 from fishseg.config import DEFAULT_COMPRESSION, ExtractConfig
 from fishseg.data import ExtractionDataset, Sample, discover_samples, near_duplicate_groups, thumbnails
+from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.runtime import default_num_workers, resolve_device
 
@@ -44,16 +45,20 @@ def check_existing(out: Path, config: ExtractConfig, samples: list[Sample]) -> N
 
 
 def _extract_batches(store: PartStore, samples: list[Sample], backbone: Backbone, config: ExtractConfig,
-                     num_workers: int, skip_bad: bool) -> None:
+                     num_workers: int, skip_bad: bool, ranks: Ranks) -> None:
+    """Compute this rank's unfinished batches (all of them without torchrun)."""
     finished = set(store.done())
-    todo = [batch for batch in store.batches() if batch not in finished]
+    mine = ranks.shard(store.batches())
+    todo = [batch for batch in mine if batch not in finished]
     loader = torch.utils.data.DataLoader(
         ExtractionDataset(samples, config.image_size, config.preview_size),
         batch_sampler=[list(range(start, stop)) for start, stop in todo], num_workers=num_workers,
         pin_memory=backbone.device.type == "cuda", prefetch_factor=4 if num_workers else None,
     )
-    done = len(samples) - sum(stop - start for start, stop in todo)
-    with tqdm(total=len(samples), initial=done, unit="img", desc="extract", dynamic_ncols=True) as progress:
+    total = sum(stop - start for start, stop in mine)
+    done = total - sum(stop - start for start, stop in todo)
+    with tqdm(total=total, initial=done, unit="img", desc="extract", dynamic_ncols=True,
+              disable=not ranks.main) as progress:
         for (start, stop), (images, masks, previews, errors) in zip(todo, loader):
             failed = [error for error in errors if error]
             if failed and not skip_bad:
@@ -108,7 +113,18 @@ def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_s
         discard_parts(out)  # left behind by a run killed between finishing the cache and cleaning up
         logger.info("%s is up to date (%d images); nothing to do", out, len(samples))
         return out
-    torch_device = resolve_device(device)
+    ranks, torch_device = distributed.start(resolve_device(device))
+    try:
+        return _extract(out, config, samples, ranks, torch_device, batch_size=batch_size,
+                        num_workers=num_workers, compression=compression, overwrite=overwrite, skip_bad=skip_bad)
+    finally:
+        distributed.stop(ranks)
+
+
+def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ranks,
+             torch_device: torch.device, *, batch_size: int, num_workers: int | None, compression: str,
+             overwrite: bool, skip_bad: bool) -> Path:
+    """Each rank computes its contiguous shard of batches into the part store; rank 0 assembles the cache."""
     backbone = load_backbone(config.backbone, config.mean, config.std, torch_device)
     patch = backbone.info.patch_size
     if config.image_size % patch:
@@ -119,16 +135,24 @@ def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_s
     manifest = {"fishseg_version": __version__, "extract_config": dataclasses.asdict(config),
                 "backbone": dataclasses.asdict(backbone.info), "batch_size": batch_size,
                 "image_ids": [s.image_id for s in samples], "sources": [list(s.source_stat) for s in samples]}
-    store = PartStore.open(out, manifest, discard_other=overwrite)
+    if ranks.main:
+        store = PartStore.open(out, manifest, discard_other=overwrite)
+    ranks.barrier()  # the manifest exists before the other ranks check it
+    if not ranks.main:
+        store = PartStore.open(out, manifest)
     workers = default_num_workers() if num_workers is None else num_workers
-    logger.info("extracting %d images with %s on %s (%d workers); progress is kept in %s", len(samples),
-                config.backbone, torch_device, workers, parts_dir(out))
+    logger.info("extracting %d images with %s on %s (%d workers%s); progress is kept in %s", len(samples),
+                config.backbone, torch_device, workers,
+                f", rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "", parts_dir(out))
     try:
-        _extract_batches(store, samples, backbone, config, workers, skip_bad)
+        _extract_batches(store, samples, backbone, config, workers, skip_bad, ranks)
     except FishsegError:
-        if not store.done():  # nothing worth resuming: leave nothing behind
+        if not store.done() and ranks.world == 1:  # nothing worth resuming: leave nothing behind
             discard_parts(out)
         raise
+    ranks.barrier()  # every shard is written
+    if not ranks.main:
+        return out
     n_skipped = _assemble(store, out, config, backbone, samples, compression)
     discard_parts(out)
     logger.info("wrote %s (%d images%s)", out, len(samples) - n_skipped, f", {n_skipped} skipped" if n_skipped else "")
