@@ -37,14 +37,14 @@ def _kill_after(command: list[str], parts: Path, finished_batches: int) -> bool:
 
 
 def test_killed_extraction_resumes_to_the_uninterrupted_cache(tmp_path: Path, tiny_backbone: Path) -> None:
-    data = write_demo_dataset(tmp_path / "data", classes=2, images_per_class=10, size=SMALL_PHOTO, seed=5)
+    data = write_demo_dataset(tmp_path / "data", classes=2, images_per_class=20, size=SMALL_PHOTO, seed=5)
     reference = run_extraction(data, tmp_path / "reference.h5", tiny_extract_config(tiny_backbone), batch_size=1,
                                num_workers=0, device="cpu")
     out, parts = tmp_path / "resumed.h5", tmp_path / "resumed.h5.parts"
     command = _command(data, out, tiny_backbone)
-    targets = np.sort(np.random.default_rng(0).choice(np.arange(1, 21), KILLS, replace=False))
+    targets = np.sort(np.random.default_rng(0).choice(np.arange(1, 41), KILLS, replace=False))
     killed = [_kill_after(command, parts, int(target)) for target in targets]
-    assert sum(killed) >= KILLS - 1, killed  # the kills landed before the run could finish
+    assert sum(killed) >= 2, killed  # on a loaded machine a run may finish before a late kill lands
     assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
     assert not parts.exists()
     with FeatureCache(out) as resumed, FeatureCache(reference) as expected:
@@ -55,15 +55,22 @@ def test_killed_extraction_resumes_to_the_uninterrupted_cache(tmp_path: Path, ti
         np.testing.assert_array_equal(resumed.previews(everything), expected.previews(everything))
 
 
-def test_ctrl_c_stops_cleanly_with_a_resume_message(tmp_path: Path, tiny_backbone: Path) -> None:
-    data = write_demo_dataset(tmp_path / "data", classes=2, images_per_class=10, size=SMALL_PHOTO, seed=5)
-    out, parts = tmp_path / "c.h5", tmp_path / "c.h5.parts"
-    process = subprocess.Popen(_command(data, out, tiny_backbone), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    while process.poll() is None and len(list(parts.glob("*.npz"))) < 3:
+def _interrupt_after(command: list[str], parts: Path, finished_batches: int) -> tuple[int, str]:
+    """Start an extraction, send SIGINT once ``finished_batches`` parts exist; (exit status, stderr)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while process.poll() is None and len(list(parts.glob("*.npz"))) < finished_batches:
         time.sleep(0.002)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    return process.wait(timeout=60), process.communicate()[1]
+
+
+def test_ctrl_c_stops_cleanly_with_a_resume_message(tmp_path: Path, tiny_backbone: Path) -> None:
+    data = write_demo_dataset(tmp_path / "data", classes=2, images_per_class=10, size=SMALL_PHOTO, seed=5)
+    for attempt in range(5):  # on a loaded machine a run can finish before the signal lands: try afresh
+        out = tmp_path / f"c{attempt}.h5"
+        status, stderr = _interrupt_after(_command(data, out, tiny_backbone), out.with_name(out.name + ".parts"), 3)
+        if status != 0:
+            break
+    assert status == 130, stderr
     assert "Interrupted. Finished work is kept: run the same command again to resume." in stderr
-    assert "Traceback" not in stderr and not out.exists() and list(parts.glob("*.npz"))
+    assert "Traceback" not in stderr and not out.exists() and list(out.with_name(out.name + ".parts").glob("*.npz"))
