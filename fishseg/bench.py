@@ -31,9 +31,9 @@ from fishseg.data import ExtractionDataset, Sample, discover_samples
 from fishseg.decoders import build_decoder
 from fishseg.demo import SPECIES, write_demo_dataset
 from fishseg.extract import run_extraction
-from fishseg.memory_probe import MB, measure_training
+from fishseg.memory_probe import MB, measure_training, time_cached_epochs
 from fishseg.runtime import default_num_workers, resolve_device, timed
-from fishseg.train import InMemorySplit, decoder_step, run_epoch
+from fishseg.train import InMemorySplit, decoder_step
 
 EPOCH_REPEATS = 3  # cached epochs are cheap: report the best of three
 
@@ -75,12 +75,8 @@ def _reference_epoch(backbone: Any, samples: list[Sample], config: BenchConfig, 
 def _cached_epoch(cache_path: Path, config: BenchConfig, device: torch.device) -> float:
     with FeatureCache(cache_path) as cache:
         split = InMemorySplit(cache, np.arange(len(cache)))
-    decoder = build_decoder(config.decoder, int(split.features.shape[-1])).to(device)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(0)
-    run_epoch(decoder, split, config.batch_size, device, optimizer, generator)  # warm-up
-    return timed(lambda: run_epoch(decoder, split, config.batch_size, device, optimizer, generator), device,
-                 repeats=EPOCH_REPEATS)
+        feature_dim = cache.backbone.feature_dim
+    return time_cached_epochs(split, feature_dim, config.batch_size, config.decoder, device, EPOCH_REPEATS)
 
 
 def _workers(config: BenchConfig) -> int:

@@ -68,7 +68,7 @@ def _extract_batches(store: PartStore, samples: list[Sample], backbone: Backbone
                 logger.warning("skipped: %s", error)
             features = backbone(images).cpu().numpy()
             store.write(start, stop, features=features, masks=masks.numpy(), previews=previews.numpy(),
-                        errors=np.array(errors, dtype=str))
+                        thumbnails=thumbnails(previews.numpy()), errors=np.array(errors, dtype=str))
             progress.update(stop - start)
 
 
@@ -77,11 +77,10 @@ def _assemble(store: PartStore, out: Path, config: ExtractConfig, backbone: Back
     """Copy the parts, minus skipped images, into the final cache with their near-duplicate groups;
     returns how many were skipped."""
     errors, thumbs = [], []
-    for batch in store.batches():  # first pass: which images are kept, and their thumbnails for grouping
-        part = store.read(*batch, "errors", "previews")
-        ok = part["errors"] == ""
+    for batch in store.batches():  # first pass, small arrays only: which images are kept, and their thumbnails
+        part = store.read(*batch, "errors", "thumbnails")
         errors.append(part["errors"])
-        thumbs.append(thumbnails(part["previews"][ok]))
+        thumbs.append(part["thumbnails"][part["errors"] == ""])
     errors = np.concatenate(errors)
     kept = [sample for sample, error in zip(samples, errors) if not error]
     if not kept:

@@ -26,6 +26,16 @@ def _status_mb(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
+def time_cached_epochs(split: InMemorySplit | StreamedSplit, feature_dim: int, batch_size: int, decoder_name: str,
+                       device: torch.device, repeats: int = 1) -> float:
+    """Seconds of one training epoch over ``split`` after a warm-up epoch, the best of ``repeats``."""
+    decoder = build_decoder(decoder_name, feature_dim).to(device)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    run_epoch(decoder, split, batch_size, device, optimizer, generator)  # warm-up
+    return timed(lambda: run_epoch(decoder, split, batch_size, device, optimizer, generator), device, repeats)
+
+
 def measure_training(cache_path: str, stream: bool, batch_size: int, decoder_name: str, device_name: str,
                      repeats: int = 1) -> dict[str, float]:
     """Runs in a fresh process: peak RSS growth over the imported-and-idle process, and one epoch's seconds.
@@ -40,11 +50,7 @@ def measure_training(cache_path: str, stream: bool, batch_size: int, decoder_nam
         baseline = _status_mb("VmRSS")
         indices = np.arange(len(cache))
         split = StreamedSplit(cache, indices) if stream else InMemorySplit(cache, indices)
-        decoder = build_decoder(decoder_name, cache.backbone.feature_dim).to(device)
-        optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3)
-        generator = torch.Generator().manual_seed(0)
-        run_epoch(decoder, split, batch_size, device, optimizer, generator)  # warm-up
-        seconds = timed(lambda: run_epoch(decoder, split, batch_size, device, optimizer, generator), device, repeats)
+        seconds = time_cached_epochs(split, cache.backbone.feature_dim, batch_size, decoder_name, device, repeats)
         peak = _status_mb("VmHWM")
     result = {"images": len(indices), "epoch_seconds": seconds, "peak_rss_growth_mb": peak - baseline}
     if device.type == "cuda":
