@@ -6,9 +6,11 @@
    against an epoch from the cache: same images, decoder and batch size (cached epochs: best of 3);
 4. peak memory and epoch time of cached training, in memory and streamed, at two cache sizes
    (each in a fresh process, so one peak does not hide another);
-5. size and random-read throughput of the cache for each compression.
+5. size and random-read throughput of the cache for each compression;
+6. (with ``--processes 1,2,…``) extraction and training as whole commands under torchrun with each
+   process count, as images/s and as a ratio of the first count.
 
-Usage: ``fishseg bench [--images 64] [--json PATH]`` or ``python -m fishseg.bench``.
+Usage: ``fishseg bench [--images 64] [--processes 1,2] [--json PATH]`` or ``python -m fishseg.bench``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import platform
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +34,15 @@ from fishseg.config import COMPRESSIONS, ExtractConfig
 from fishseg.data import ExtractionDataset, Sample, discover_samples
 from fishseg.decoders import build_decoder
 from fishseg.demo import SPECIES, write_demo_dataset
+from fishseg.distributed import torchrun_command
+from fishseg.errors import FishsegError
 from fishseg.extract import run_extraction
 from fishseg.memory_probe import MB, measure_training, time_cached_epochs
-from fishseg.runtime import default_num_workers, resolve_device, timed
-from fishseg.train import InMemorySplit, decoder_step
+from fishseg.runtime import default_num_workers, read_json, resolve_device, timed
+from fishseg.train import HISTORY_FILE, InMemorySplit, decoder_step
 
 EPOCH_REPEATS = 3  # cached epochs are cheap: report the best of three
+SCALING_EPOCHS = 4  # measure 6: the first epoch warms up, the best of the others is reported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +55,7 @@ class BenchConfig:
     scale: int = 4  # the large cache of measure 4 has scale × images
     device: str = "auto"
     num_workers: int | None = None
+    processes: tuple[int, ...] = ()  # measure 6 runs when given
 
 
 def _forward_throughput(backbone: Any, images: torch.Tensor, batch_size: int, device: torch.device) -> float:
@@ -125,6 +133,39 @@ def _storage(cache_path: Path, workdir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _command_seconds(command: list[Any]) -> float:
+    """Wall seconds of a command, start-up included; a failure is reported with the end of its output."""
+    started = time.perf_counter()
+    result = subprocess.run([str(part) for part in command], capture_output=True, text=True)
+    if result.returncode:
+        raise FishsegError(f"benchmark command failed ({' '.join(map(str, command[:8]))} …): {result.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def _scaling(data: Path, cache_path: Path, backbone: str, workdir: Path, config: BenchConfig) -> list[dict[str, Any]]:
+    """Measure 6: ``fishseg extract`` and ``fishseg train`` under torchrun with each process count."""
+    workers = [] if config.num_workers is None else ["--num-workers", config.num_workers]
+    rows = []
+    for processes in config.processes:
+        launch = [*torchrun_command(processes), "-m", "fishseg"]
+        extraction = _command_seconds([*launch, "extract", "--data-root", data, "--out",
+                                       workdir / f"scaling-{processes}.h5", "--backbone", backbone, "--image-size",
+                                       config.image_size, "--batch-size", config.batch_size, "--device", config.device,
+                                       *workers])
+        run_dir = workdir / f"scaling-{processes}"
+        training = _command_seconds([*launch, "train", "--cache", cache_path, "--out", run_dir, "--decoder",
+                                     config.decoder, "--epochs", SCALING_EPOCHS, "--batch-size", config.batch_size,
+                                     "--device", config.device])
+        epoch = min(row["seconds"] for row in read_json(run_dir / HISTORY_FILE)["epochs"][1:])
+        rows.append({"processes": processes, "extraction_s": extraction,
+                     "extraction_images_per_s": config.images / extraction, "training_s": training,
+                     "epoch_s": epoch, "epoch_images_per_s": config.images / epoch})
+    for row in rows:
+        for measure in ("extraction_images_per_s", "epoch_images_per_s"):
+            row[f"{measure}_ratio"] = row[measure] / rows[0][measure]
+    return rows
+
+
 def _environment(config: BenchConfig, device: torch.device, backbone: Any) -> dict[str, Any]:
     return {
         "fishseg": __version__, "torch": torch.__version__, "python": platform.python_version(),
@@ -157,6 +198,7 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> dict[str,
             device=config.device, overwrite=True), device)
         reference = _reference_epoch(backbone, samples, config, device)
         cached = _cached_epoch(cache_path, config, device)
+        scaling = _scaling(data, cache_path, backbone_name, workdir, config) if config.processes else []
         return {
             "environment": _environment(config, device, backbone),
             "forward_images_per_s": forward,
@@ -165,6 +207,7 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> dict[str,
             "reference_epoch_s": reference, "cached_epoch_s": cached, "cached_speedup": reference / cached,
             "memory": _memory(cache_path, workdir, config),
             "storage": _storage(cache_path, workdir),
+            "scaling": scaling,
         }
 
 
@@ -195,6 +238,15 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append("5 cache storage        file MB  random read MB/s")
     for row in results["storage"]:
         lines.append(f"  {row['compression']:<18} {row['file_mb']:>8.1f} {row['read_mb_per_s']:>17.0f}")
+    if not results["scaling"]:
+        lines.append("6 torchrun scaling: not run (pass --processes 1,2)")
+        return "\n".join(lines)
+    lines.append("6 torchrun   extraction (whole command)   training epoch (train + val pass)")
+    lines.append("  processes        s   img/s   ratio           s   img/s   ratio")
+    for row in results["scaling"]:
+        lines.append(f"  {row['processes']:>9} {row['extraction_s']:>8.1f} {row['extraction_images_per_s']:>7.2f} "
+                     f"{row['extraction_images_per_s_ratio']:>6.2f}× {row['epoch_s']:>11.2f} "
+                     f"{row['epoch_images_per_s']:>7.1f} {row['epoch_images_per_s_ratio']:>6.2f}×")
     return "\n".join(lines)
 
 

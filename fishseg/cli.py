@@ -21,6 +21,7 @@ from fishseg import __version__
 from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, LOSSES, SCHEDULES,
                             ExtractConfig, TrainConfig)
 from fishseg.decoders import DECODERS
+from fishseg.distributed import is_main_process
 from fishseg.errors import FishsegError
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
@@ -96,7 +97,8 @@ def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_
     config = ExtractConfig(backbone=backbone, image_size=image_size, preview_size=preview_size)
     run_extraction(data_root, out, config, batch_size=batch_size, num_workers=num_workers, device=device,
                    compression=compression, overwrite=overwrite, skip_bad=skip_bad)
-    click.echo(f"cache ready: {out}")
+    if is_main_process():
+        click.echo(f"cache ready: {out}")
 
 
 @click.command("train")
@@ -138,14 +140,18 @@ def train(cache_path: Path, out: Path, decoder: str, epochs: int, batch_size: in
                          val_fraction=val_fraction, seed=seed, split=split, group_pattern=group_pattern, loss=loss,
                          schedule=schedule, warmup_epochs=warmup_epochs, augment=augment)
     if folds:
-        summary = run_cross_validation(cache_path, out, config, folds, device=device, stream=stream)["summary"]
+        cv = run_cross_validation(cache_path, out, config, folds, device=device, stream=stream)
+        if not is_main_process():
+            return
+        summary = cv["summary"]
         click.echo(f"{folds}-fold {split} cross-validation: " + ", ".join(
             f"{name} {value['mean']:.4f} ± {value['std']:.4f}" for name, value in summary.items()))
         click.echo(f"written: {out}/cv.json")
         return
     run = run_training(cache_path, out, config, device=device, stream=stream)
-    click.echo(f"run written: {out} (best val IoU {run['best_val_iou']:.4f} at epoch {run['best_epoch']}; "
-               f"{run['split']['val_with_duplicate_in_train']} val images have a near-duplicate in train)")
+    if is_main_process():
+        click.echo(f"run written: {out} (best val IoU {run['best_val_iou']:.4f} at epoch {run['best_epoch']}; "
+                   f"{run['split']['val_with_duplicate_in_train']} val images have a near-duplicate in train)")
 
 
 @click.command("evaluate")
@@ -250,6 +256,16 @@ def demo(out: Path, backbone: str | None, classes: int, images_per_class: int, e
     click.echo(_summary(read_json(report.parent / METRICS_FILE), report))
 
 
+def _process_counts(value: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"'{value}': expected process counts separated by commas, e.g. 1,2") from None
+    if any(count < 1 for count in counts):
+        raise click.BadParameter(f"'{value}': process counts must be at least 1")
+    return counts
+
+
 @click.command("bench")
 @click.option("--images", default=64, show_default=True, type=click.IntRange(2), help="Generated 590×445 photos.")
 @click.option("--image-size", default=EXTRACT_DEFAULTS.image_size, show_default=True, type=click.IntRange(16))
@@ -258,18 +274,20 @@ def demo(out: Path, backbone: str | None, classes: int, images_per_class: int, e
 @click.option("--scale", default=4, show_default=True, type=click.IntRange(2),
               help="The large cache of the memory measure holds this many times the images.")
 @workers_option
+@click.option("--processes", default="", metavar="N,N,…", callback=lambda _, __, value: _process_counts(value),
+              help="Also time extract and train under torchrun with each process count (e.g. 1,2).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the results as JSON.")
 @device_option
 @command
 def bench(images: int, image_size: int, batch_size: int, backbone: str | None, scale: int, num_workers: int | None,
-          json_path: Path | None, device: str) -> None:
+          processes: tuple[int, ...], json_path: Path | None, device: str) -> None:
     """Measure forward and extraction throughput, cached vs reference-style epochs, memory and cache storage."""
     from fishseg.bench import BenchConfig, format_table, run_benchmark
     from fishseg.runtime import write_json
 
     config = BenchConfig(images=images, image_size=image_size, batch_size=batch_size, backbone=backbone, scale=scale,
-                         device=device, num_workers=num_workers)
+                         device=device, num_workers=num_workers, processes=processes)
     results = run_benchmark(config)
     click.echo(format_table(results))
     if json_path:

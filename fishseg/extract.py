@@ -112,12 +112,9 @@ def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_s
         discard_parts(out)  # left behind by a run killed between finishing the cache and cleaning up
         logger.info("%s is up to date (%d images); nothing to do", out, len(samples))
         return out
-    ranks, torch_device = distributed.start(resolve_device(device))
-    try:
+    with distributed.session(resolve_device(device)) as (ranks, torch_device):
         return _extract(out, config, samples, ranks, torch_device, batch_size=batch_size,
                         num_workers=num_workers, compression=compression, overwrite=overwrite, skip_bad=skip_bad)
-    finally:
-        distributed.stop(ranks)
 
 
 def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ranks,

@@ -15,19 +15,20 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fishseg import __version__
+from fishseg import __version__, distributed
 from fishseg.cache import FeatureCache
 from fishseg.config import TrainConfig, to_json
 from fishseg.data import (duplicates_across, grouped_folds, grouped_split, groups_from_names, random_folds,
                           random_split)
 from fishseg.decoders import build_decoder, load_checkpoint, save_checkpoint, segment
+from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.metrics import binarize, iou_per_image
 from fishseg.runtime import (atomic_path, autocast, available_memory, file_digest, read_json, resolve_device,
@@ -49,6 +50,20 @@ class EpochResult:
     iteration_losses: list[float]
     iteration_ious: list[float]
 
+    @classmethod
+    def from_ranks(cls, shares: list[tuple[list[list[float]], list[list[float]]]]) -> EpochResult:
+        """Join every rank's per-batch (losses, IoUs): batch b's images are rank 0's share of b, then rank 1's…,
+        the order of one process running the whole batch."""
+        result = cls([], [], [], [])
+        for batch in zip(*(zip(losses, ious) for losses, ious in shares)):
+            losses = [value for rank_losses, _ in batch for value in rank_losses]
+            ious = [value for _, rank_ious in batch for value in rank_ious]
+            result.image_losses += losses
+            result.image_ious += ious
+            result.iteration_losses.append(float(np.mean(losses)))
+            result.iteration_ious.append(float(np.mean(ious)))
+        return result
+
 
 class InMemorySplit:
     """A split's features (N×h×w×D float16) and masks (N×S×S uint8) held as two contiguous tensors."""
@@ -60,8 +75,8 @@ class InMemorySplit:
     def __len__(self) -> int:
         return len(self.features)
 
-    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for positions in order.split(batch_size):
+    def batches(self, batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for positions in batches:
             yield self.features[positions], self.masks[positions]
 
 
@@ -82,10 +97,10 @@ class StreamedSplit:
         indices = self.indices[positions.numpy()]
         return torch.from_numpy(self.cache.features(indices)), torch.from_numpy(self.cache.masks(indices))
 
-    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         with ThreadPoolExecutor(max_workers=1) as reader:
             pending = None
-            for positions in order.split(batch_size):
+            for positions in batches:
                 upcoming = reader.submit(self._read, positions)
                 if pending is not None:
                     yield pending.result()
@@ -120,18 +135,23 @@ def dihedral(features: torch.Tensor, masks: torch.Tensor,
 
 
 def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor, device: torch.device,
-                 optimizer: torch.optim.Optimizer | None = None,
-                 loss: str = "bce") -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward (and a training step when given an optimizer); returns per-image losses and IoUs (B)."""
+                 optimizer: torch.optim.Optimizer | None = None, loss: str = "bce", *,
+                 image_weight: float | None = None, ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (and a training step when given an optimizer); returns per-image losses and IoUs (B).
+
+    ``image_weight``: each image's weight in the loss, 1/B by default (the batch mean). Under torchrun a
+    rank holds part of a global batch of G images and passes ``world/G``: DistributedDataParallel averages
+    the ranks' gradients, which makes that the gradient of the global batch mean.
+    """
     target = masks.to(device, non_blocking=True).float()
     with torch.set_grad_enabled(optimizer is not None), autocast(device):
         logits = segment(decoder, features.to(device, non_blocking=True), target.shape[-1])
     losses = image_losses(logits.float(), target, loss)
-    if not torch.isfinite(losses).all():
+    if not ranks.all(torch.isfinite(losses).all()):
         raise FishsegError("loss is NaN or infinite; lower --lr (the last good checkpoint is kept)")
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
-        losses.mean().backward()
+        (losses.sum() * (1 / len(losses) if image_weight is None else image_weight)).backward()
         optimizer.step()
     return losses.detach(), iou_per_image(binarize(logits.detach()), target.bool())
 
@@ -139,26 +159,30 @@ def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor
 def run_epoch(decoder: nn.Module, split: Split, batch_size: int, device: torch.device,
               optimizer: torch.optim.Optimizer | None = None, generator: torch.Generator | None = None, *,
               loss: str = "bce", augment: str = "none",
-              scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> EpochResult:
+              scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, ranks: Ranks = Ranks()) -> EpochResult:
     """One pass over a split in random order with a training step per batch (given an optimizer), or in
-    index order without."""
+    index order without.
+
+    Under torchrun every rank draws the same order and augmentation, computes its contiguous share of each
+    batch, and receives everyone's per-image values at the end: all ranks return the one-process result.
+    """
     training = optimizer is not None
     decoder.train(training)
     order = torch.randperm(len(split), generator=generator) if training else torch.arange(len(split))
-    result = EpochResult([], [], [], [])
-    for features, masks in split.batches(order, batch_size):
+    batches = order.split(batch_size)
+    losses_per_batch, ious_per_batch = [], []
+    for batch, (features, masks) in zip(batches, split.batches(ranks.shard(batch) for batch in batches)):
         if training and augment == "flips":
             features, masks = dihedral(features, masks, generator)
-        losses, ious = decoder_step(decoder, features, masks, device, optimizer, loss)
+        losses, ious = decoder_step(decoder, features, masks, device, optimizer, loss,
+                                    image_weight=ranks.world / len(batch), ranks=ranks)
         if training and scheduler is not None:
             scheduler.step()
         # Python floats, not NumPy views of batch tensors: such small long-lived views pin heap pages
         # between the large per-batch buffers and made streamed training's RSS grow with the cache.
-        result.image_losses += losses.tolist()
-        result.image_ious += ious.tolist()
-        result.iteration_losses.append(float(losses.mean()))
-        result.iteration_ious.append(float(ious.mean()))
-    return result
+        losses_per_batch.append(losses.tolist())
+        ious_per_batch.append(ious.tolist())
+    return EpochResult.from_ranks(ranks.gather((losses_per_batch, ious_per_batch)))
 
 
 def epoch_summary(epoch: int, train: EpochResult, val: EpochResult, seconds: float) -> dict[str, float]:
@@ -177,10 +201,11 @@ def _iterations(epoch: int, result: EpochResult) -> list[dict[str, float]]:
             for step, (loss, iou) in enumerate(zip(result.iteration_losses, result.iteration_ious), start=1)]
 
 
-def choose_split(cache: FeatureCache, indices: np.ndarray, stream: bool | None) -> Split:
-    """In memory unless asked to stream, or (``stream=None``) unless it would take over half the free memory."""
+def choose_split(cache: FeatureCache, indices: np.ndarray, stream: bool | None, processes: int = 1) -> Split:
+    """In memory unless asked to stream, or (``stream=None``) unless it would take over half the free memory
+    (each of the ``processes`` on this machine holding its own copy)."""
     if stream is None:
-        needed = cache.bytes_per_image() * len(indices)
+        needed = cache.bytes_per_image() * len(indices) * processes
         free = available_memory()
         stream = free is not None and needed > free // 2
     return StreamedSplit(cache, indices) if stream else InMemorySplit(cache, indices)
@@ -214,7 +239,7 @@ def split_indices(cache: FeatureCache, config: TrainConfig) -> tuple[np.ndarray,
 
 
 def _run_record(cache: FeatureCache, config: TrainConfig, train_idx: np.ndarray, val_idx: np.ndarray,
-                groups: np.ndarray, streamed: bool, device: torch.device) -> dict[str, Any]:
+                groups: np.ndarray, streamed: bool, device: torch.device, ranks: Ranks) -> dict[str, Any]:
     return {
         "fishseg_version": __version__,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -228,6 +253,7 @@ def _run_record(cache: FeatureCache, config: TrainConfig, train_idx: np.ndarray,
                   **({"fold": config.fold + 1, "folds": config.folds} if config.folds else {})},
         "features": "streamed from HDF5" if streamed else "in memory",
         "device": str(device),
+        "processes": ranks.world,
     }
 
 
@@ -236,47 +262,62 @@ def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device
     """Train ``config.decoder`` on the cache's train split; returns the contents of run.json.
 
     ``stream``: read batches from the HDF5 file (True), hold the split in memory (False), or
-    decide from the free memory (None).
+    decide from the free memory (None). Under torchrun each rank computes its share of every batch,
+    and rank 0 writes the run folder.
     """
-    torch_device = resolve_device(device)
-    with FeatureCache(cache_path) as cache:
+    with distributed.session(resolve_device(device)) as (ranks, torch_device), FeatureCache(cache_path) as cache:
         train_idx, val_idx, groups = split_indices(cache, config)
-        train, val = choose_split(cache, train_idx, stream), choose_split(cache, val_idx, stream)
-        run = _run_record(cache, config, train_idx, val_idx, groups, isinstance(train, StreamedSplit), torch_device)
-        write_json(out_dir / SPLIT_FILE, {"train": [cache.image_ids[i] for i in train_idx],
-                                          "val": [cache.image_ids[i] for i in val_idx]})
+        train, val = (choose_split(cache, indices, stream, ranks.local) for indices in (train_idx, val_idx))
+        run = _run_record(cache, config, train_idx, val_idx, groups, isinstance(train, StreamedSplit), torch_device,
+                          ranks)
+        if ranks.main:
+            write_json(out_dir / SPLIT_FILE, {"train": [cache.image_ids[i] for i in train_idx],
+                                              "val": [cache.image_ids[i] for i in val_idx]})
         feature_dim = cache.backbone.feature_dim
         torch.manual_seed(config.seed)
         decoder = build_decoder(config.decoder, feature_dim).to(torch_device)
-        optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        model = distributed.data_parallel(decoder, ranks, torch_device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         generator = torch.Generator().manual_seed(config.seed)
         scheduler = learning_rate_schedule(optimizer, config, math.ceil(len(train) / config.batch_size))
         meta = {"decoder": config.decoder, "in_dim": feature_dim, "train_config": run["train_config"],
                 "cache_fingerprint": cache.fingerprint}
         history: dict[str, Any] = {"iterations": {"train": [], "val": []}, "epochs": []}
-        best_iou = -1.0
-        logger.info("training %s on %d images, validating on %d (%s, features %s)", config.decoder, len(train),
-                    len(val), torch_device, run["features"])
-        logger.info(TABLE_HEADER)
+        if ranks.main:
+            logger.info("training %s on %d images, validating on %d (%s%s, features %s)", config.decoder, len(train),
+                        len(val), torch_device, f", {ranks.world} processes" if ranks.world > 1 else "",
+                        run["features"])
+            logger.info(TABLE_HEADER)
         for epoch in range(1, config.epochs + 1):
             started = time.perf_counter()
-            train_result = run_epoch(decoder, train, config.batch_size, torch_device, optimizer, generator,
-                                     loss=config.loss, augment=config.augment, scheduler=scheduler)
-            val_result = run_epoch(decoder, val, config.batch_size, torch_device, loss=config.loss)
+            train_result = run_epoch(model, train, config.batch_size, torch_device, optimizer, generator,
+                                     loss=config.loss, augment=config.augment, scheduler=scheduler, ranks=ranks)
+            val_result = run_epoch(model, val, config.batch_size, torch_device, loss=config.loss, ranks=ranks)
             row = epoch_summary(epoch, train_result, val_result, time.perf_counter() - started)
             history["epochs"].append(row)
             history["iterations"]["train"] += _iterations(epoch, train_result)
             history["iterations"]["val"] += _iterations(epoch, val_result)
-            _save(out_dir / LAST_CHECKPOINT, decoder, {**meta, "epoch": epoch, "val_iou": row["val_iou"]}, run)
-            if row["val_iou"] > best_iou:
-                best_iou = row["val_iou"]
-                _save(out_dir / BEST_CHECKPOINT, decoder, {**meta, "epoch": epoch, "val_iou": best_iou}, run)
-                run.update(best_epoch=epoch, best_val_iou=best_iou)
-            write_json(out_dir / HISTORY_FILE, history)
-            write_json(out_dir / RUN_FILE, run)
-            logger.info(f"{epoch:>5} {row['train_loss']:>10.4f} {row['train_iou']:>9.4f} {row['val_loss']:>9.4f} "
-                        f"{row['val_iou']:>8.4f} {row['seconds']:>5.1f}s")
+            improved = row["val_iou"] > run.get("best_val_iou", -1.0)
+            if improved:
+                run.update(best_epoch=epoch, best_val_iou=row["val_iou"])
+            if ranks.main:
+                _write_epoch(out_dir, decoder, meta, run, history, improved)
+        ranks.barrier()  # the run folder is complete before any rank returns
     return run
+
+
+def _write_epoch(out_dir: Path, decoder: nn.Module, meta: dict[str, Any], run: dict[str, Any],
+                 history: dict[str, Any], improved: bool) -> None:
+    """The last (and, when ``improved``, the best) checkpoint, the history and run.json after an epoch."""
+    row = history["epochs"][-1]
+    checkpoint = {**meta, "epoch": row["epoch"], "val_iou": row["val_iou"]}
+    _save(out_dir / LAST_CHECKPOINT, decoder, checkpoint, run)
+    if improved:
+        _save(out_dir / BEST_CHECKPOINT, decoder, checkpoint, run)
+    write_json(out_dir / HISTORY_FILE, history)
+    write_json(out_dir / RUN_FILE, run)
+    logger.info(f"{row['epoch']:>5} {row['train_loss']:>10.4f} {row['train_iou']:>9.4f} {row['val_loss']:>9.4f} "
+                f"{row['val_iou']:>8.4f} {row['seconds']:>5.1f}s")
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], nn.Module, dict[str, Any]]:

@@ -16,7 +16,7 @@ from fishseg.cli import main
 @pytest.fixture(scope="module")
 def results(tiny_backbone: Path) -> dict:
     config = BenchConfig(images=4, image_size=32, batch_size=2, backbone=str(tiny_backbone), scale=2, device="cpu",
-                         num_workers=0)
+                         num_workers=0, processes=(1, 2))
     return run_benchmark(config)
 
 
@@ -41,19 +41,38 @@ def test_storage_options_hold_the_same_features(results: dict) -> None:
     assert all(row["file_mb"] > 0 and row["read_mb_per_s"] > 0 for row in rows.values())
 
 
+def test_torchrun_scaling_times_both_commands_for_each_process_count(results: dict) -> None:
+    rows = results["scaling"]
+    assert [row["processes"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["extraction_s"] > 0 and row["epoch_s"] > 0 and row["training_s"] > row["epoch_s"]
+        assert row["extraction_images_per_s"] == pytest.approx(4 / row["extraction_s"])
+        assert row["epoch_images_per_s_ratio"] == pytest.approx(row["epoch_images_per_s"] / rows[0]["epoch_images_per_s"])
+    assert rows[0]["extraction_images_per_s_ratio"] == 1.0
+
+
 def test_table_names_each_measure_and_target(results: dict) -> None:
     table = format_table(results)
     for text in ("1 backbone forward", "2 extraction end to end", "(target ≥ 0.9)", "cached epoch", "(target ≥ 25)",
-                 "streamed / in-memory epoch time at 8 images", "5 cache storage", "gzip"):
+                 "streamed / in-memory epoch time at 8 images", "5 cache storage", "gzip", "6 torchrun"):
         assert text in table
+    assert "not run (pass --processes" in format_table({**results, "scaling": []})
 
 
 def test_bench_command_prints_the_table_and_writes_json(tmp_path: Path, results: dict,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench_module, "run_benchmark", lambda config: results)
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(main, ["bench", "--images", "4", "--device", "cpu", "--json", str(out)])
+    result = CliRunner().invoke(main, ["bench", "--images", "4", "--processes", "1,2", "--device", "cpu",
+                                       "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert format_table(results) in result.output
     saved = json.loads(out.read_text())
-    assert saved["config"]["images"] == 4 and saved["memory"] == results["memory"]
+    assert saved["config"]["images"] == 4 and saved["config"]["processes"] == [1, 2]
+    assert saved["memory"] == results["memory"]
+
+
+@pytest.mark.parametrize("processes", ["two", "1,0"])
+def test_bad_process_counts_are_refused(processes: str) -> None:
+    result = CliRunner().invoke(main, ["bench", "--processes", processes])
+    assert result.exit_code == 2 and "--processes" in result.output

@@ -81,6 +81,7 @@ def test_split_choice_follows_the_free_memory(toy_run: tuple[Path, Path, dict], 
         assert cache.bytes_per_image() == 8 * 8 * 16 * 2 + 32 * 32  # float16 features + uint8 mask
         monkeypatch.setattr(train_module, "available_memory", lambda: 2 * needed + 2)
         assert isinstance(choose_split(cache, indices, None), InMemorySplit)
+        assert isinstance(choose_split(cache, indices, None, processes=2), StreamedSplit)  # one copy a process
         monkeypatch.setattr(train_module, "available_memory", lambda: 2 * needed - 2)
         assert isinstance(choose_split(cache, indices, None), StreamedSplit)
         assert isinstance(choose_split(cache, indices, False), InMemorySplit)
