@@ -138,7 +138,9 @@ def _command_seconds(command: list[Any]) -> float:
     started = time.perf_counter()
     result = subprocess.run([str(part) for part in command], capture_output=True, text=True)
     if result.returncode:
-        raise FishsegError(f"benchmark command failed ({' '.join(map(str, command[:8]))} …): {result.stderr[-2000:]}")
+        processes_output = result.stderr.rsplit("Traceback (most recent call last):", 1)[0]  # not torchrun's own
+        raise FishsegError(f"benchmark command failed (exit {result.returncode}): {' '.join(map(str, command))}\n"
+                           f"{processes_output[-3000:]}")
     return time.perf_counter() - started
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import sys
-from typing import Iterator, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as collectives
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -92,7 +92,28 @@ def session(device: torch.device) -> Iterator[tuple[Ranks, torch.device]]:
         yield Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", world))), device
     finally:
         if not joined:
+            # Free what still refers to the group (DistributedDataParallel's reducer sits in reference
+            # cycles) while the group and the interpreter are alive: left to interpreter shutdown, gloo's
+            # threads can abort the process.
+            gc.collect()
             dist.destroy_process_group()
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced gradient: each rank's statistics feed every rank's
+    loss, so each rank's share of the gradient comes back from all of them."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        summed = tensor.clone()
+        dist.all_reduce(summed)
+        return summed
+
+    @staticmethod
+    def backward(ctx: Any, gradient: torch.Tensor) -> torch.Tensor:
+        summed = gradient.clone()
+        dist.all_reduce(summed)
+        return summed
 
 
 class SyncedBatchNorm(nn.BatchNorm2d):
@@ -110,22 +131,16 @@ class SyncedBatchNorm(nn.BatchNorm2d):
         features = features.float()
         channels = features.shape[1]
         local_count = features.new_tensor([features.numel() / channels])
-        sums = _summed(torch.cat([features.sum((0, 2, 3)), local_count]))
+        sums = _SumOverRanks.apply(torch.cat([features.sum((0, 2, 3)), local_count]))
         count, mean = sums[-1], sums[:-1] / sums[-1]
         centered = features - mean[:, None, None]
-        variance = _summed(centered.square().sum((0, 2, 3))) / count
+        variance = _SumOverRanks.apply(centered.square().sum((0, 2, 3))) / count
         with torch.no_grad():
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(variance * count / (count - 1), self.momentum)  # unbiased, as torch keeps it
             self.num_batches_tracked += 1
         scale = self.weight * torch.rsqrt(variance + self.eps)
         return centered * scale[:, None, None] + self.bias[:, None, None]
-
-
-def _summed(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, differentiable (the gradient is summed over ranks in turn). torch's functional
-    collectives are the documented successor of the deprecated ``torch.distributed.nn.functional``."""
-    return collectives.wait_tensor(collectives.all_reduce(tensor, "sum", dist.group.WORLD))
 
 
 def sync_batch_norm(module: nn.Module) -> nn.Module:

@@ -266,43 +266,47 @@ def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device
     and rank 0 writes the run folder.
     """
     with distributed.session(resolve_device(device)) as (ranks, torch_device), FeatureCache(cache_path) as cache:
-        train_idx, val_idx, groups = split_indices(cache, config)
-        train, val = (choose_split(cache, indices, stream, ranks.local) for indices in (train_idx, val_idx))
-        run = _run_record(cache, config, train_idx, val_idx, groups, isinstance(train, StreamedSplit), torch_device,
-                          ranks)
-        if ranks.main:
-            write_json(out_dir / SPLIT_FILE, {"train": [cache.image_ids[i] for i in train_idx],
-                                              "val": [cache.image_ids[i] for i in val_idx]})
-        feature_dim = cache.backbone.feature_dim
-        torch.manual_seed(config.seed)
-        decoder = build_decoder(config.decoder, feature_dim).to(torch_device)
-        model = distributed.data_parallel(decoder, ranks, torch_device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        generator = torch.Generator().manual_seed(config.seed)
-        scheduler = learning_rate_schedule(optimizer, config, math.ceil(len(train) / config.batch_size))
-        meta = {"decoder": config.decoder, "in_dim": feature_dim, "train_config": run["train_config"],
-                "cache_fingerprint": cache.fingerprint}
-        history: dict[str, Any] = {"iterations": {"train": [], "val": []}, "epochs": []}
-        if ranks.main:
-            logger.info("training %s on %d images, validating on %d (%s%s, features %s)", config.decoder, len(train),
-                        len(val), torch_device, f", {ranks.world} processes" if ranks.world > 1 else "",
-                        run["features"])
-            logger.info(TABLE_HEADER)
-        for epoch in range(1, config.epochs + 1):
-            started = time.perf_counter()
-            train_result = run_epoch(model, train, config.batch_size, torch_device, optimizer, generator,
-                                     loss=config.loss, augment=config.augment, scheduler=scheduler, ranks=ranks)
-            val_result = run_epoch(model, val, config.batch_size, torch_device, loss=config.loss, ranks=ranks)
-            row = epoch_summary(epoch, train_result, val_result, time.perf_counter() - started)
-            history["epochs"].append(row)
-            history["iterations"]["train"] += _iterations(epoch, train_result)
-            history["iterations"]["val"] += _iterations(epoch, val_result)
-            improved = row["val_iou"] > run.get("best_val_iou", -1.0)
-            if improved:
-                run.update(best_epoch=epoch, best_val_iou=row["val_iou"])
-            if ranks.main:
-                _write_epoch(out_dir, decoder, meta, run, history, improved)
+        run = _train(cache, out_dir, config, ranks, torch_device, stream)
         ranks.barrier()  # the run folder is complete before any rank returns
+    return run
+
+
+def _train(cache: FeatureCache, out_dir: Path, config: TrainConfig, ranks: Ranks, device: torch.device,
+           stream: bool | None) -> dict[str, Any]:
+    train_idx, val_idx, groups = split_indices(cache, config)
+    train, val = (choose_split(cache, indices, stream, ranks.local) for indices in (train_idx, val_idx))
+    run = _run_record(cache, config, train_idx, val_idx, groups, isinstance(train, StreamedSplit), device, ranks)
+    if ranks.main:
+        write_json(out_dir / SPLIT_FILE, {"train": [cache.image_ids[i] for i in train_idx],
+                                          "val": [cache.image_ids[i] for i in val_idx]})
+    feature_dim = cache.backbone.feature_dim
+    torch.manual_seed(config.seed)
+    decoder = build_decoder(config.decoder, feature_dim).to(device)
+    model = distributed.data_parallel(decoder, ranks, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    scheduler = learning_rate_schedule(optimizer, config, math.ceil(len(train) / config.batch_size))
+    meta = {"decoder": config.decoder, "in_dim": feature_dim, "train_config": run["train_config"],
+            "cache_fingerprint": cache.fingerprint}
+    history: dict[str, Any] = {"iterations": {"train": [], "val": []}, "epochs": []}
+    if ranks.main:
+        logger.info("training %s on %d images, validating on %d (%s%s, features %s)", config.decoder, len(train),
+                    len(val), device, f", {ranks.world} processes" if ranks.world > 1 else "", run["features"])
+        logger.info(TABLE_HEADER)
+    for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        train_result = run_epoch(model, train, config.batch_size, device, optimizer, generator,
+                                 loss=config.loss, augment=config.augment, scheduler=scheduler, ranks=ranks)
+        val_result = run_epoch(model, val, config.batch_size, device, loss=config.loss, ranks=ranks)
+        row = epoch_summary(epoch, train_result, val_result, time.perf_counter() - started)
+        history["epochs"].append(row)
+        history["iterations"]["train"] += _iterations(epoch, train_result)
+        history["iterations"]["val"] += _iterations(epoch, val_result)
+        improved = row["val_iou"] > run.get("best_val_iou", -1.0)
+        if improved:
+            run.update(best_epoch=epoch, best_val_iou=row["val_iou"])
+        if ranks.main:
+            _write_epoch(out_dir, decoder, meta, run, history, improved)
     return run
 
 
