@@ -21,7 +21,7 @@ from fishseg import __version__
 from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, LOSSES, SCHEDULES,
                             ExtractConfig, TrainConfig)
 from fishseg.decoders import DECODERS
-from fishseg.distributed import is_main_process
+from fishseg.distributed import is_main_process, under_torchrun
 from fishseg.errors import FishsegError
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
@@ -30,6 +30,7 @@ EXTRACT_DEFAULTS = ExtractConfig()
 
 
 INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C
+DISTRIBUTED_COMMANDS = {"extract", "train"}  # the others would run whole on every torchrun process
 
 
 class UserError(click.ClickException):
@@ -43,6 +44,9 @@ def command(function: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         try:
+            if under_torchrun() and function.__name__ not in DISTRIBUTED_COMMANDS:
+                raise FishsegError(f"`{function.__name__}` runs in one process; start it without torchrun "
+                                   f"(only {' and '.join(sorted(DISTRIBUTED_COMMANDS))} use several)")
             return function(*args, **kwargs)
         except FishsegError as error:
             raise UserError(str(error)) from None
@@ -90,7 +94,8 @@ def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_
             num_workers: int | None, compression: str, overwrite: bool, skip_bad: bool, device: str) -> None:
     """Run the frozen backbone once over every image and write patch features, masks and previews to one HDF5 cache.
 
-    Resumable: stopped at any point, the same command continues where it stopped.
+    Resumable: stopped at any point, the same command continues where it stopped. Under
+    `torchrun --nproc-per-node N` each process extracts a contiguous share of the images.
     """
     from fishseg.extract import run_extraction
 
@@ -132,7 +137,11 @@ def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_
 def train(cache_path: Path, out: Path, decoder: str, epochs: int, batch_size: int, lr: float, weight_decay: float,
           val_fraction: float, seed: int, split: str, group_pattern: str, folds: int, loss: str, schedule: str,
           warmup_epochs: int, augment: str, stream: bool | None, device: str) -> None:
-    """Train a decoder from the cached features only (no images, no backbone)."""
+    """Train a decoder from the cached features only (no images, no backbone).
+
+    Under `torchrun --nproc-per-node N` each process computes a share of every batch (DDP); the run
+    equals a one-process run up to floating-point order.
+    """
     from fishseg.crossval import run_cross_validation
     from fishseg.train import run_training
 

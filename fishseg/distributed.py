@@ -64,6 +64,11 @@ def torchrun_command(processes: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
 
 
+def under_torchrun() -> bool:
+    """Whether this process is one of several that torchrun started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def is_main_process() -> bool:
     """Rank 0 under torchrun, or a plain process: the one that prints results."""
     return os.environ.get("RANK", "0") == "0"
@@ -73,8 +78,7 @@ def is_main_process() -> bool:
 def session(device: torch.device) -> Iterator[tuple[Ranks, torch.device]]:
     """Join the process group that torchrun describes (gloo on CPU, nccl on CUDA, one GPU a process)
     and leave it afterwards, unless it was joined already (cross-validation's folds share one)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if not under_torchrun():
         yield Ranks(), device
         return
     if device.type == "cuda":
@@ -89,7 +93,7 @@ def session(device: torch.device) -> Iterator[tuple[Ranks, torch.device]]:
     if not joined:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        yield Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", world))), device
+        yield Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))), device
     finally:
         if not joined:
             # Free what still refers to the group (DistributedDataParallel's reducer sits in reference

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 from torch import nn
 
 from fishseg.cache import FeatureCache
+from fishseg.cli import main
 from fishseg.config import TrainConfig
 from fishseg.crossval import run_cross_validation
 from fishseg.decoders import build_decoder
@@ -146,3 +148,16 @@ def test_more_processes_than_gpus_is_refused_before_joining(monkeypatch: pytest.
     with pytest.raises(FishsegError, match="started 2 processes on this machine but it has 1 GPUs"):
         with session(torch.device("cuda")):
             pass
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "probe", "demo", "bench"])
+def test_single_process_commands_refuse_torchrun(command: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = str(tmp_path / "out")
+    arguments = {"evaluate": ["--cache", "c.h5", "--run", "run", "--out", out],
+                 "predict": ["image.png", "--run", "run", "--out", out], "probe": ["--cache", "c.h5"],
+                 "demo": ["--out", out], "bench": []}[command]
+    result = CliRunner().invoke(main, [command, *arguments])
+    assert result.exit_code == 2 and f"`{command}` runs in one process" in result.output
+    assert not (tmp_path / "out").exists()
