@@ -1,4 +1,5 @@
-"""torch.distributed under torchrun: which process this is, and the few collective steps fishseg needs.
+"""torch.distributed under torchrun: which process this is, the few collective steps fishseg needs,
+and a batch norm whose statistics span all processes (for DistributedDataParallel training).
 
 Without torchrun (no ``WORLD_SIZE`` in the environment) everything here is a no-op for one process.
 """
