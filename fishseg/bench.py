@@ -20,7 +20,6 @@ import multiprocessing
 import platform
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from fishseg.runtime import default_num_workers, read_json, resolve_device, time
 from fishseg.train import HISTORY_FILE, InMemorySplit, decoder_step
 
 EPOCH_REPEATS = 3  # cached epochs are cheap: report the best of three
+CPU = torch.device("cpu")  # timing work that runs off the device (file reads, other processes): no sync
 SCALING_EPOCHS = 4  # measure 6: the first epoch warms up, the best of the others is reported
 
 
@@ -126,38 +126,38 @@ def _storage(cache_path: Path, workdir: Path) -> list[dict[str, Any]]:
         with FeatureCache(path) as cache:
             order = np.random.default_rng(0).permutation(len(cache))
             dataset = cache.file["features"]
-            seconds = timed(lambda: [dataset[int(i)] for i in order], torch.device("cpu"))
+            seconds = timed(lambda: [dataset[int(i)] for i in order], CPU)
             payload = dataset.size * dataset.dtype.itemsize
         rows.append({"compression": compression, "file_mb": path.stat().st_size / MB,
                      "read_mb_per_s": payload / MB / seconds})
     return rows
 
 
-def _command_seconds(command: list[Any]) -> float:
-    """Wall seconds of a command, start-up included; a failure is reported with the end of its output."""
-    started = time.perf_counter()
-    result = subprocess.run([str(part) for part in command], capture_output=True, text=True)
+def _run(command: list[Any]) -> None:
+    """Run a command; a failure is reported with the end of its processes' output."""
+    command = [str(part) for part in command]
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         processes_output = result.stderr.rsplit("Traceback (most recent call last):", 1)[0]  # not torchrun's own
-        raise FishsegError(f"benchmark command failed (exit {result.returncode}): {' '.join(map(str, command))}\n"
+        raise FishsegError(f"benchmark command failed (exit {result.returncode}): {' '.join(command)}\n"
                            f"{processes_output[-3000:]}")
-    return time.perf_counter() - started
 
 
 def _scaling(data: Path, cache_path: Path, backbone: str, workdir: Path, config: BenchConfig) -> list[dict[str, Any]]:
-    """Measure 6: ``fishseg extract`` and ``fishseg train`` under torchrun with each process count."""
+    """Measure 6: ``fishseg extract`` and ``fishseg train`` under torchrun with each process count, timed as
+    whole commands (start-up included)."""
     workers = [] if config.num_workers is None else ["--num-workers", config.num_workers]
     rows = []
     for processes in config.processes:
         launch = [*torchrun_command(processes), "-m", "fishseg"]
-        extraction = _command_seconds([*launch, "extract", "--data-root", data, "--out",
-                                       workdir / f"scaling-{processes}.h5", "--backbone", backbone, "--image-size",
-                                       config.image_size, "--batch-size", config.batch_size, "--device", config.device,
-                                       *workers])
+        extraction = timed(lambda: _run([*launch, "extract", "--data-root", data, "--out",
+                                         workdir / f"scaling-{processes}.h5", "--backbone", backbone, "--image-size",
+                                         config.image_size, "--batch-size", config.batch_size, "--device",
+                                         config.device, *workers]), CPU)
         run_dir = workdir / f"scaling-{processes}"
-        training = _command_seconds([*launch, "train", "--cache", cache_path, "--out", run_dir, "--decoder",
-                                     config.decoder, "--epochs", SCALING_EPOCHS, "--batch-size", config.batch_size,
-                                     "--device", config.device])
+        training = timed(lambda: _run([*launch, "train", "--cache", cache_path, "--out", run_dir, "--decoder",
+                                       config.decoder, "--epochs", SCALING_EPOCHS, "--batch-size", config.batch_size,
+                                       "--device", config.device]), CPU)
         epoch = min(row["seconds"] for row in read_json(run_dir / HISTORY_FILE)["epochs"][1:])
         rows.append({"processes": processes, "extraction_s": extraction,
                      "extraction_images_per_s": config.images / extraction, "training_s": training,
