@@ -8,7 +8,9 @@
    (each in a fresh process, so one peak does not hide another);
 5. size and random-read throughput of the cache for each compression;
 6. (with ``--processes 1,2,…``) extraction and training as whole commands under torchrun with each
-   process count, as images/s and as a ratio of the first count.
+   process count, as images/s and as a ratio of the first count;
+7. a sweep of 8 configs (``SWEEP_GRID``) of a few epochs over the cache: the share of its wall time spent
+   inside epochs, the rest being the sweep's own overhead (loading, checkpoints, scoring, leaderboard).
 
 Usage: ``fishseg bench [--images 64] [--processes 1,2] [--json PATH]`` or ``python -m fishseg.bench``.
 """
@@ -38,11 +40,14 @@ from fishseg.errors import FishsegError
 from fishseg.extract import run_extraction
 from fishseg.memory_probe import MB, measure_training, time_cached_epochs
 from fishseg.runtime import default_num_workers, read_json, resolve_device, timed
-from fishseg.train import HISTORY_FILE, InMemorySplit, decoder_step
+from fishseg.runs import HISTORY_FILE
+from fishseg.sweep import run_sweep
+from fishseg.train import InMemorySplit, decoder_step
 
 EPOCH_REPEATS = 3  # cached epochs are cheap: report the best of three
 CPU = torch.device("cpu")  # timing work that runs off the device (file reads, other processes): no sync
 SCALING_EPOCHS = 4  # measure 6: the first epoch warms up, the best of the others is reported
+SWEEP_GRID = {"decoder": ("seed-cnn", "linear"), "loss": ("bce", "bce+dice"), "lr": (1e-3, 3e-4)}  # measure 7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,7 @@ class BenchConfig:
     device: str = "auto"
     num_workers: int | None = None
     processes: tuple[int, ...] = ()  # measure 6 runs when given
+    sweep_epochs: int = 5  # per config of measure 7
 
 
 def _forward_throughput(backbone: Any, images: torch.Tensor, batch_size: int, device: torch.device) -> float:
@@ -82,7 +88,7 @@ def _reference_epoch(backbone: Any, samples: list[Sample], config: BenchConfig, 
 
 def _cached_epoch(cache_path: Path, config: BenchConfig, device: torch.device) -> float:
     with FeatureCache(cache_path) as cache:
-        split = InMemorySplit(cache, np.arange(len(cache)))
+        split = InMemorySplit.from_cache(cache, np.arange(len(cache)))
         feature_dim = cache.backbone.feature_dim
     return time_cached_epochs(split, feature_dim, config.batch_size, config.decoder, device, EPOCH_REPEATS)
 
@@ -168,6 +174,14 @@ def _scaling(data: Path, cache_path: Path, backbone: str, workdir: Path, config:
     return rows
 
 
+def _sweep_overhead(cache_path: Path, workdir: Path, config: BenchConfig) -> dict[str, Any]:
+    """Measure 7: `fishseg sweep` of the 8 configs of SWEEP_GRID; the share of its wall time inside epochs."""
+    grid = {**SWEEP_GRID, "epochs": (config.sweep_epochs,), "batch_size": (config.batch_size,)}
+    result = run_sweep(cache_path, workdir / "sweep", grid, device=config.device)
+    return {"configs": result.configs, "epochs_per_config": config.sweep_epochs, "wall_s": result.wall_seconds,
+            "inside_epochs_s": result.epoch_seconds, "inside_epochs_share": result.inside_epochs}
+
+
 def _environment(config: BenchConfig, device: torch.device, backbone: Any) -> dict[str, Any]:
     return {
         "fishseg": __version__, "torch": torch.__version__, "python": platform.python_version(),
@@ -210,6 +224,7 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> dict[str,
             "memory": _memory(cache_path, workdir, config),
             "storage": _storage(cache_path, workdir),
             "scaling": scaling,
+            "sweep": _sweep_overhead(cache_path, workdir, config),
         }
 
 
@@ -240,16 +255,23 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append("5 cache storage        file MB  random read MB/s")
     for row in results["storage"]:
         lines.append(f"  {row['compression']:<18} {row['file_mb']:>8.1f} {row['read_mb_per_s']:>17.0f}")
-    if not results["scaling"]:
-        lines.append("6 torchrun scaling: not run (pass --processes 1,2)")
-        return "\n".join(lines)
-    lines.append("6 torchrun   extraction (whole command)   training epoch (train + val pass)")
-    lines.append("  processes        s   img/s   ratio           s   img/s   ratio")
-    for row in results["scaling"]:
+    lines += _scaling_lines(results["scaling"])
+    sweep = results["sweep"]
+    lines.append(f"7 sweep of {sweep['configs']} configs × {sweep['epochs_per_config']} epochs  {sweep['wall_s']:6.1f} s, "
+                 f"{sweep['inside_epochs_share']:.0%} inside epochs (target ≥ 90%)")
+    return "\n".join(lines)
+
+
+def _scaling_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return ["6 torchrun scaling: not run (pass --processes 1,2)"]
+    lines = ["6 torchrun   extraction (whole command)   training epoch (train + val pass)",
+             "  processes        s   img/s   ratio           s   img/s   ratio"]
+    for row in rows:
         lines.append(f"  {row['processes']:>9} {row['extraction_s']:>8.1f} {row['extraction_images_per_s']:>7.2f} "
                      f"{row['extraction_images_per_s_ratio']:>6.2f}× {row['epoch_s']:>11.2f} "
                      f"{row['epoch_images_per_s']:>7.1f} {row['epoch_images_per_s_ratio']:>6.2f}×")
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

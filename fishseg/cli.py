@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -18,9 +19,8 @@ from typing import Any, Callable
 import click
 
 from fishseg import __version__
-from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, LOSSES, SCHEDULES,
-                            ExtractConfig, TrainConfig)
-from fishseg.decoders import DECODERS
+from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DECODER_NAMES, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, LOSSES,
+                            SCHEDULES, SPLITS, ExtractConfig, TrainConfig)
 from fishseg.distributed import is_main_process, under_torchrun
 from fishseg.errors import FishsegError
 
@@ -31,10 +31,25 @@ EXTRACT_DEFAULTS = ExtractConfig()
 
 INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C
 DISTRIBUTED_COMMANDS = {"extract", "train"}  # the others would run whole on every torchrun process
+RESUME_ADVICE = {  # what Ctrl-C tells, per command: only what is true of that command
+    "extract": "Finished batches are kept: run the same command again to resume.",
+    "train": "Finished epochs are kept: run the same command with --resume to continue.",
+    "sweep": "Finished configs and epochs are kept: run the same command again to continue.",
+}
 
 
 class UserError(click.ClickException):
     exit_code = 2
+
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses nan and inf (click's FloatRange lets both through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def command(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -51,7 +66,8 @@ def command(function: Callable[..., Any]) -> Callable[..., Any]:
         except FishsegError as error:
             raise UserError(str(error)) from None
         except KeyboardInterrupt:
-            click.echo("\nInterrupted. Finished work is kept: run the same command again to resume.", err=True)
+            advice = RESUME_ADVICE.get(function.__name__, "Nothing it was writing is left half-written.")
+            click.echo(f"\nInterrupted. {advice}", err=True)
             sys.exit(INTERRUPTED)
 
     return wrapper
@@ -106,61 +122,176 @@ def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_
         click.echo(f"cache ready: {out}")
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainOption:
+    """One TrainConfig field as a command-line option: single-valued for `train`, a comma list for `sweep`."""
+
+    field: str
+    type: click.ParamType
+    help: str = ""
+    listable: bool = True  # False: `sweep` takes the value verbatim (a regex may hold commas)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+TRAIN_OPTIONS = (
+    TrainOption("decoder", click.Choice(DECODER_NAMES), "Decoder from the registry (README: Decoders)."),
+    TrainOption("epochs", click.IntRange(1)),
+    TrainOption("batch_size", click.IntRange(1)),
+    TrainOption("lr", FiniteFloat(min=0, min_open=True), "AdamW learning rate."),
+    TrainOption("weight_decay", FiniteFloat(min=0), "AdamW weight decay."),
+    TrainOption("val_fraction", FiniteFloat(0, 1, min_open=True, max_open=True),
+                "Share of images for validation (one split; --cv uses folds)."),
+    TrainOption("seed", click.IntRange(0), "Drives split, init and batch order."),
+    TrainOption("split", click.Choice(SPLITS),
+                "random reproduces the reference; grouped keeps near-duplicates on one side (see README)."),
+    TrainOption("group_pattern", click.STRING, "Regex whose match in an image id names its group "
+                                               "[default: the cache's near-duplicate groups].", listable=False),
+    TrainOption("loss", click.Choice(LOSSES)),
+    TrainOption("schedule", click.Choice(SCHEDULES), "cosine: linear warm-up over --warmup-epochs, then cosine "
+                                                     "decay to 0."),
+    TrainOption("warmup_epochs", click.IntRange(0)),
+    TrainOption("augment", click.Choice(AUGMENTATIONS),
+                "flips: random flips and 90° rotations of the cached grid and mask, per batch."),
+)
+SWEEP_FIELDS = tuple(option.field for option in TRAIN_OPTIONS)
+
+
+def train_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Every TrainConfig field as one option, its default taken from TrainConfig."""
+    for option in reversed(TRAIN_OPTIONS):
+        function = click.option(option.flag, option.field, type=option.type, show_default=True,
+                                default=getattr(TRAIN_DEFAULTS, option.field), help=option.help)(function)
+    return function
+
+
+def _value_list(option: TrainOption) -> Callable[[click.Context, click.Parameter, str | None], tuple | None]:
+    def parse(ctx: click.Context, param: click.Parameter, text: str | None) -> tuple | None:
+        if text is None:
+            return None
+        parts = [part.strip() for part in text.split(",")] if option.listable else [text]
+        if not all(parts):
+            raise click.BadParameter(f"{text!r}: an empty value in the list", ctx, param)
+        return tuple(option.type.convert(part, param, ctx) for part in parts)
+    return parse
+
+
+def sweep_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Every TrainConfig field as a comma list of values to sweep (unset: the --grid file's, else the default)."""
+    for option in reversed(TRAIN_OPTIONS):
+        default = getattr(TRAIN_DEFAULTS, option.field)
+        kind = "a value (taken verbatim)" if not option.listable else "values separated by commas"
+        function = click.option(option.flag, option.field, default=None, callback=_value_list(option),
+                                metavar="LIST" if option.listable else "TEXT",
+                                help=f"{option.help} As {kind}; default {default!r}.".strip())(function)
+    return function
+
+
+def stream_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--stream/--in-memory", default=None,
+                        help="Read batches from the cache file, or hold features in memory [default: in memory when "
+                             "they take under half the free memory].")(function)
+
+
 @click.command("train")
 @click.option("--cache", "cache_path", required=True, type=input_file, help="Cache from `extract`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder to write.")
-@click.option("--decoder", default=TRAIN_DEFAULTS.decoder, show_default=True, type=click.Choice(sorted(DECODERS)))
-@click.option("--epochs", default=TRAIN_DEFAULTS.epochs, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=TRAIN_DEFAULTS.batch_size, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=TRAIN_DEFAULTS.lr, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--weight-decay", default=TRAIN_DEFAULTS.weight_decay, show_default=True, type=click.FloatRange(min=0))
-@click.option("--val-fraction", default=TRAIN_DEFAULTS.val_fraction, show_default=True,
-              type=click.FloatRange(0, 1, min_open=True, max_open=True))
-@click.option("--seed", default=TRAIN_DEFAULTS.seed, show_default=True, help="Drives split, init and batch order.")
-@click.option("--split", default=TRAIN_DEFAULTS.split, show_default=True, type=click.Choice(["random", "grouped"]),
-              help="random reproduces the reference; grouped keeps near-duplicates on one side (see README).")
-@click.option("--group-pattern", default="", help="Regex whose match in an image id names its group "
-                                                  "[default: the cache's near-duplicate groups].")
-@click.option("--cv", "folds", default=0, type=click.IntRange(0), help="K-fold cross-validation: K runs in OUT/fold-k "
-                                                                        "and OUT/cv.json with mean ± std.")
-@click.option("--loss", default=TRAIN_DEFAULTS.loss, show_default=True, type=click.Choice(LOSSES))
-@click.option("--schedule", default=TRAIN_DEFAULTS.schedule, show_default=True, type=click.Choice(SCHEDULES),
-              help="cosine: linear warm-up over --warmup-epochs, then cosine decay to 0.")
-@click.option("--warmup-epochs", default=TRAIN_DEFAULTS.warmup_epochs, show_default=True, type=click.IntRange(0))
-@click.option("--augment", default=TRAIN_DEFAULTS.augment, show_default=True, type=click.Choice(AUGMENTATIONS),
-              help="flips: random flips and 90° rotations of the cached grid and mask, per batch.")
-@click.option("--stream/--in-memory", default=None,
-              help="Read batches from the cache file, or hold features in memory [default: in memory when "
-                   "they take under half the free memory].")
+@train_options
+@click.option("--cv", "folds", default=0, type=click.IntRange(0),
+              help="K-fold cross-validation (K >= 2): K runs in OUT/fold-k and OUT/cv.json with mean ± std.")
+@click.option("--resume", is_flag=True, help="Continue the unfinished run in OUT from its last finished epoch.")
+@click.option("--overwrite", is_flag=True, help="Replace the run in OUT (refused without it or --resume).")
+@stream_option
 @device_option
 @command
-def train(cache_path: Path, out: Path, decoder: str, epochs: int, batch_size: int, lr: float, weight_decay: float,
-          val_fraction: float, seed: int, split: str, group_pattern: str, folds: int, loss: str, schedule: str,
-          warmup_epochs: int, augment: str, stream: bool | None, device: str) -> None:
+def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool, stream: bool | None, device: str,
+          **fields: Any) -> None:
     """Train a decoder from the cached features only (no images, no backbone).
 
-    Under `torchrun --nproc-per-node N` each process computes a share of every batch (DDP); the run
-    equals a one-process run up to floating-point order.
+    A folder that already holds a run is never overwritten silently: add --resume to continue it
+    (weights, optimizer, schedule, random state and history are restored, so it ends as an
+    uninterrupted run would) or --overwrite to replace it. Under `torchrun --nproc-per-node N` each
+    process computes a share of every batch (DDP); the run equals a one-process run up to
+    floating-point order.
     """
     from fishseg.crossval import run_cross_validation
     from fishseg.train import run_training
 
-    config = TrainConfig(decoder=decoder, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         val_fraction=val_fraction, seed=seed, split=split, group_pattern=group_pattern, loss=loss,
-                         schedule=schedule, warmup_epochs=warmup_epochs, augment=augment)
+    config = TrainConfig(**fields, folds=folds)
     if folds:
-        cv = run_cross_validation(cache_path, out, config, folds, device=device, stream=stream)
-        if not is_main_process():
-            return
-        summary = cv["summary"]
-        click.echo(f"{folds}-fold {split} cross-validation: " + ", ".join(
-            f"{name} {value['mean']:.4f} ± {value['std']:.4f}" for name, value in summary.items()))
-        click.echo(f"written: {out}/cv.json")
+        cv = run_cross_validation(cache_path, out, config, device=device, stream=stream, resume=resume,
+                                  overwrite=overwrite)
+        if is_main_process():
+            click.echo(f"{folds}-fold {config.split} cross-validation: " + ", ".join(
+                f"{name} {value['mean']:.4f} ± {value['std']:.4f}" for name, value in cv["summary"].items()))
+            click.echo(f"written: {out}/cv.json")
         return
-    run = run_training(cache_path, out, config, device=device, stream=stream)
+    record = run_training(cache_path, out, config, device=device, stream=stream, resume=resume, overwrite=overwrite)
     if is_main_process():
-        click.echo(f"run written: {out} (best val IoU {run['best_val_iou']:.4f} at epoch {run['best_epoch']}; "
-                   f"{run['split']['val_with_duplicate_in_train']} val images have a near-duplicate in train)")
+        duplicates = record.split["val_with_duplicate_in_train"]
+        click.echo(f"run {record.status}: {out} (best val IoU {record.best_val_iou:.4f} at epoch {record.best_epoch} "
+                   f"of {record.epochs_planned}; {duplicates} val image{'' if duplicates == 1 else 's'} with a "
+                   f"near-duplicate in train)")
+
+
+@click.command("sweep")
+@click.option("--cache", "cache_path", required=True, type=input_file, help="Cache from `extract`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Sweep folder: one run folder per config, sweep.json and the leaderboard.")
+@click.option("--grid", "grid_file", default=None, type=input_file,
+              help="TOML file of field = value or [values] (fields as the options below, - or _); options given "
+                   "on the command line replace the file's.")
+@sweep_options
+@click.option("--cv", "folds", default=0, type=click.IntRange(0),
+              help="Each config is a K-fold cross-validation (K >= 2) instead of one split.")
+@stream_option
+@device_option
+@command
+def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, stream: bool | None, device: str,
+          **lists: tuple | None) -> None:
+    """Train every combination of the given values (the Cartesian product) over one cache, then compare them.
+
+    Example: `fishseg sweep --cache C --out S --decoder seed-cnn,linear --lr 1e-3,3e-4 --epochs 20`
+    trains 4 configs into S/decoder=linear,lr=0.0003/ and so on, named by the fields that vary.
+    The cache is loaded once for all configs. Run the same command again to continue: finished
+    configs are skipped, interrupted ones resume. The leaderboard (see `fishseg compare`) is
+    written into OUT at the end.
+    """
+    from fishseg.sweep import read_grid_file, run_sweep
+
+    grid = read_grid_file(grid_file, SWEEP_FIELDS) if grid_file else {}
+    grid.update({field: values for field, values in lists.items() if values is not None})
+    result = run_sweep(cache_path, out, grid, folds=folds, device=device, stream=stream)
+    click.echo(result.closing_line())
+
+
+@click.command("compare")
+@click.argument("folders", nargs=-1, required=True, type=input_dir)
+@click.option("--baseline", default=None, type=input_dir,
+              help="Run (or cross-validation) folder every entry is compared with [default: the best].")
+@click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Leaderboard folder [default: the sweep folder when one is given, else ./compare].")
+@click.option("--cache", "cache_path", default=None, type=input_file,
+              help="The runs' cache, to score runs not evaluated yet [default: the path the runs recorded].")
+@device_option
+@command
+def compare(folders: tuple[Path, ...], baseline: Path | None, out: Path | None, cache_path: Path | None,
+            device: str) -> None:
+    """Put runs side by side (a sweep folder counts as its runs, a --cv folder as one entry) and say which
+    differences are real.
+
+    Every entry is paired with the best (or --baseline) image by image: mean IoU difference with a 95%
+    bootstrap confidence interval, Wilcoxon signed-rank p (Holm-adjusted over the entries) and a
+    verdict. Runs must share one cache and the same validation images (cross-validations: the same
+    folds). Writes leaderboard.csv, .md, .html and val_iou_curves.png.
+    """
+    from fishseg.compare import default_out, run_compare
+
+    out = out or default_out(list(folders))
+    board = run_compare(list(folders), out, baseline=baseline, cache_path=cache_path, device=device)
+    click.echo(board.summary())
 
 
 @click.command("evaluate")
@@ -190,11 +321,11 @@ def _summary(metrics: dict[str, Any], out: Path) -> str:
 
 @click.command("probe")
 @click.option("--cache", "cache_path", required=True, type=input_file, help="Cache from `extract`.")
-@click.option("--split", default=TRAIN_DEFAULTS.split, show_default=True, type=click.Choice(["random", "grouped"]))
+@click.option("--split", default=TRAIN_DEFAULTS.split, show_default=True, type=click.Choice(SPLITS))
 @click.option("--group-pattern", default="", help="Regex whose match in an image id names its group.")
 @click.option("--val-fraction", default=TRAIN_DEFAULTS.val_fraction, show_default=True,
-              type=click.FloatRange(0, 1, min_open=True, max_open=True))
-@click.option("--seed", default=TRAIN_DEFAULTS.seed, show_default=True)
+              type=FiniteFloat(0, 1, min_open=True, max_open=True))
+@click.option("--seed", default=TRAIN_DEFAULTS.seed, show_default=True, type=click.IntRange(0))
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the result as JSON.")
 @command
@@ -285,18 +416,21 @@ def _process_counts(value: str) -> tuple[int, ...]:
 @workers_option
 @click.option("--processes", default="", metavar="N,N,…", callback=lambda _, __, value: _process_counts(value),
               help="Also time extract and train under torchrun with each process count (e.g. 1,2).")
+@click.option("--sweep-epochs", default=5, show_default=True, type=click.IntRange(1),
+              help="Epochs per config of the 8-config sweep whose overhead is measured.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the results as JSON.")
 @device_option
 @command
 def bench(images: int, image_size: int, batch_size: int, backbone: str | None, scale: int, num_workers: int | None,
-          processes: tuple[int, ...], json_path: Path | None, device: str) -> None:
-    """Measure forward and extraction throughput, cached vs reference-style epochs, memory and cache storage."""
+          processes: tuple[int, ...], sweep_epochs: int, json_path: Path | None, device: str) -> None:
+    """Measure forward and extraction throughput, cached vs reference-style epochs, memory, cache storage,
+    torchrun scaling (with --processes) and the overhead of a sweep."""
     from fishseg.bench import BenchConfig, format_table, run_benchmark
     from fishseg.runtime import write_json
 
     config = BenchConfig(images=images, image_size=image_size, batch_size=batch_size, backbone=backbone, scale=scale,
-                         device=device, num_workers=num_workers, processes=processes)
+                         device=device, num_workers=num_workers, processes=processes, sweep_epochs=sweep_epochs)
     results = run_benchmark(config)
     click.echo(format_table(results))
     if json_path:
@@ -310,5 +444,5 @@ def main() -> None:
     """fishseg: fish segmentation from frozen DINOv3 features cached once in HDF5."""
 
 
-for _command in (extract, train, evaluate, predict, probe, demo, bench):
+for _command in (extract, train, sweep, compare, evaluate, predict, probe, demo, bench):
     main.add_command(_command)

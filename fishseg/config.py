@@ -10,7 +10,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from typing import Any, Sequence, TypeVar
+
+from fishseg.errors import FishsegError
 
 DEFAULT_BACKBONE = "facebook/dinov3-vits16-pretrain-lvd1689m"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -20,6 +24,31 @@ DEFAULT_COMPRESSION = "none"  # chosen by `fishseg bench` (README "Performance")
 LOSSES = ("bce", "dice", "bce+dice")
 SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("none", "flips")
+SPLITS = ("random", "grouped")
+DECODER_NAMES = ("linear", "seed-cnn", "progressive")  # the keys of fishseg.decoders.DECODERS
+
+
+def _require(ok: bool, field: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise FishsegError(f"{field} {value!r}: expected {expected}")
+
+
+def _integer(value: Any, field: str, minimum: int) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, field, value,
+             f"a whole number >= {minimum}")
+
+
+def _real(value: Any, field: str, low: float, high: float = math.inf, *, open_low: bool = False,
+          open_high: bool = False) -> None:
+    """A finite number in [low, high] (ends excluded when open); nan and inf never pass."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    inside = number and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+    bounds = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high or high == math.inf else ']'}"
+    _require(inside, field, value, f"a finite number in {bounds}")
+
+
+def _choice(value: Any, field: str, choices: Sequence[str]) -> None:
+    _require(value in choices, field, value, f"one of {', '.join(choices)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +60,17 @@ class ExtractConfig:
     preview_size: int = 224  # side of the RGB preview stored per image for reports
     mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation applied after scaling to [0, 1]
     std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.backbone, str) and bool(self.backbone), "backbone", self.backbone,
+                 "a Hub id or a model folder")
+        _integer(self.image_size, "image_size", 1)
+        _integer(self.preview_size, "preview_size", 1)
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            _require(isinstance(values, tuple) and len(values) == 3, name, values, "3 numbers (R, G, B)")
+            for value in values:
+                _real(value, name, 0.0, open_low=name == "std")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +104,30 @@ class TrainConfig:
     schedule: str = "constant"  # learning rate: "constant" or "cosine" (linear warm-up, then cosine to 0)
     warmup_epochs: int = 1  # with schedule "cosine"
     augment: str = "none"  # "none" or "flips": flips and 90° rotations of the cached grid and mask
+
+    def __post_init__(self) -> None:
+        """Every field is checked here, so the Python API refuses what the CLI refuses (no fall-through)."""
+        _choice(self.decoder, "decoder", DECODER_NAMES)
+        _integer(self.epochs, "epochs", 1)
+        _integer(self.batch_size, "batch_size", 1)
+        _real(self.lr, "lr", 0.0, open_low=True)
+        _real(self.weight_decay, "weight_decay", 0.0)
+        _real(self.val_fraction, "val_fraction", 0.0, 1.0, open_low=True, open_high=True)
+        _integer(self.seed, "seed", 0)
+        _choice(self.split, "split", SPLITS)
+        _require(isinstance(self.group_pattern, str), "group_pattern", self.group_pattern, "a regular expression")
+        try:
+            re.compile(self.group_pattern)
+        except re.error as error:
+            raise FishsegError(f"group_pattern {self.group_pattern!r}: not a regular expression ({error})") from None
+        _require(self.folds == 0 or (isinstance(self.folds, int) and self.folds >= 2), "folds", self.folds,
+                 "0 (one split) or a whole number >= 2")
+        _integer(self.fold, "fold", 0)
+        _require(self.fold < max(self.folds, 1), "fold", self.fold, f"a fold index below folds ({self.folds})")
+        _choice(self.loss, "loss", LOSSES)
+        _choice(self.schedule, "schedule", SCHEDULES)
+        _integer(self.warmup_epochs, "warmup_epochs", 0)
+        _choice(self.augment, "augment", AUGMENTATIONS)
 
 
 Config = TypeVar("Config", ExtractConfig, BackboneInfo, TrainConfig)

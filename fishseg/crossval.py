@@ -1,4 +1,8 @@
-"""K-fold cross-validation over a cache: cheap, because every epoch runs from the cache."""
+"""K-fold cross-validation over a cache: cheap, because every epoch runs from the cache.
+
+The folder (``cv.json`` and one run folder per fold) is defined in ``fishseg.runs``. Like a run, a
+cross-validation is never replaced without ``overwrite`` and resumes fold by fold.
+"""
 
 from __future__ import annotations
 
@@ -8,49 +12,98 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fishseg import distributed
+from fishseg.cache import FeatureCache
 from fishseg.config import TrainConfig
-from fishseg.evaluate import run_evaluation
-from fishseg.runtime import resolve_device, write_json
-from fishseg.train import run_training
+from fishseg.distributed import Ranks
+from fishseg.errors import FishsegError
+from fishseg.evaluate import evaluate_run, write_scores
+from fishseg.runs import (FINISHED, REPORT_DIR, RUNNING, clear_run, differing_fields, fold_dir, holds_cv, holds_run,
+                          read_cv, write_cv)
+from fishseg.runtime import resolve_device
+from fishseg.train import EpochCallback, TrainingData, train_run
 
 logger = logging.getLogger(__name__)
 
-CV_FILE = "cv.json"
 CV_METRICS = ("mean_iou", "mean_dice", "mean_boundary_f", "pooled_iou")
 
 
-def run_cross_validation(cache_path: Path, out_dir: Path, config: TrainConfig, folds: int, *, device: str = "auto",
-                         stream: bool | None = None) -> dict[str, Any]:
-    """Train and score one run per fold in ``out_dir/fold-k``; writes ``cv.json`` with mean ± std over folds.
+def plan_cross_validation(out_dir: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, changing nothing, what would lose or mix cross-validations (as ``train.plan_run`` for a run)."""
+    if resume and overwrite:
+        raise FishsegError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    if not holds_cv(out_dir):
+        if resume:
+            raise FishsegError(f"{out_dir}: holds no cross-validation to resume; drop --resume to start one")
+        if holds_run(out_dir) and not overwrite:
+            raise FishsegError(f"{out_dir}: already holds a single run; use another --out, or --overwrite")
+        return
+    cv = read_cv(out_dir)
+    if overwrite:
+        return
+    done = sum(1 for result in cv["folds"] if result)
+    if not resume:
+        raise FishsegError(f"{out_dir}: already holds a {config.folds}-fold cross-validation ({cv['status']}, "
+                           f"{done} folds scored); add --resume to continue it or --overwrite to replace it")
+    differing = differing_fields(TrainConfig(**cv["train_config"]), config)
+    if differing:
+        raise FishsegError(f"{out_dir}: the cross-validation was run with other settings ({'; '.join(differing)}); "
+                           f"resume with its settings, or use another --out")
 
-    Under torchrun every fold trains on all ranks; rank 0 alone scores the folds and writes cv.json.
-    """
-    results = []
-    with distributed.session(resolve_device(device)) as (ranks, _):
-        for fold in range(folds):
-            run_dir = out_dir / f"fold-{fold + 1}"
-            if ranks.main:
-                logger.info("fold %d of %d", fold + 1, folds)
-            run_training(cache_path, run_dir, dataclasses.replace(config, folds=folds, fold=fold), device=device,
-                         stream=stream)
-            if ranks.main:
-                results.append(_score_fold(cache_path, run_dir, fold, device))
-        if not ranks.main:
-            return {}
+
+def run_cross_validation(cache_path: Path, out_dir: Path, config: TrainConfig, *, device: str = "auto",
+                         stream: bool | None = None, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Train and score one run per fold of ``config.folds`` in ``out_dir/fold-k``; writes ``cv.json`` with
+    mean ± std over folds. Under torchrun every fold trains on all ranks; rank 0 alone scores the folds and
+    writes cv.json (the other ranks return ``{}``)."""
+    with distributed.session(resolve_device(device)) as (ranks, torch_device), FeatureCache(cache_path) as cache:
+        plan_cross_validation(out_dir, config, resume=resume, overwrite=overwrite)
+        data = TrainingData.open(cache, stream, ranks.local)
+        return cross_validate(data, out_dir, config, ranks=ranks, device=torch_device, resume=resume,
+                              overwrite=overwrite)
+
+
+def cross_validate(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: Ranks = Ranks(),
+                   device: torch.device = torch.device("cpu"), resume: bool = False, overwrite: bool = False,
+                   on_epoch: EpochCallback | None = None) -> dict[str, Any]:
+    """Cross-validate from already opened data (a sweep shares it between configs)."""
+    plan_cross_validation(out_dir, config, resume=resume, overwrite=overwrite)
+    if overwrite and ranks.main:
+        for fold in range(config.folds):
+            clear_run(fold_dir(out_dir, fold))
+        clear_run(out_dir)
+    cv: dict[str, Any] = {"train_config": dataclasses.asdict(config), "status": RUNNING,
+                          "folds": [None] * config.folds, "summary": {}}
+    for fold in range(config.folds):
+        run_dir = fold_dir(out_dir, fold)
+        if ranks.main:
+            write_cv(out_dir, cv)
+            logger.info("fold %d of %d", fold + 1, config.folds)
+        train_run(data, run_dir, dataclasses.replace(config, fold=fold), ranks=ranks, device=device,
+                  resume=resume and holds_run(run_dir), on_epoch=on_epoch)
+        if ranks.main:
+            cv["folds"][fold] = _score_fold(data.cache, run_dir, fold, device)
+    if not ranks.main:
+        return {}
+    cv.update(status=FINISHED, summary=_summary(cv["folds"]))
+    write_cv(out_dir, cv)
+    return cv
+
+
+def _summary(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     summary = {}
     for name in CV_METRICS:
         values = [result[name] for result in results]
         summary[name] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
-    cv = {"train_config": dataclasses.asdict(dataclasses.replace(config, folds=folds)), "folds": results,
-          "summary": summary}
-    write_json(out_dir / CV_FILE, cv)
-    return cv
+    return summary
 
 
-def _score_fold(cache_path: Path, run_dir: Path, fold: int, device: str) -> dict[str, Any]:
-    metrics = run_evaluation(cache_path, run_dir, run_dir / "report", device=device, report=False)
+def _score_fold(cache: FeatureCache, run_dir: Path, fold: int, device: torch.device) -> dict[str, Any]:
+    evaluation = evaluate_run(cache, run_dir, device, full=False)
+    write_scores(run_dir / REPORT_DIR, evaluation, [cache.image_ids[i] for i in evaluation.val_idx])
+    metrics = evaluation.metrics
     return {"fold": fold + 1, "n_images": metrics["n_images"],
             "val_with_duplicate_in_train": metrics["val_with_duplicate_in_train"],
             **{name: metrics[name] for name in CV_METRICS}}

@@ -7,6 +7,7 @@ report shows (gallery predictions, a sample of patch features); ``fishseg.report
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,8 +21,9 @@ from fishseg.metrics import (BOUNDARY_TOLERANCE, THRESHOLD, THRESHOLDS, boundary
                              precision_per_image, recall_per_image, summarize, sweep_thresholds)
 from fishseg.probe import run_probe
 from fishseg.report import Example, ReportData, gallery_positions, write_report
-from fishseg.runtime import atomic_path, autocast, read_json, resolve_device, write_json
-from fishseg.train import BEST_CHECKPOINT, HISTORY_FILE, RUN_FILE, SPLIT_FILE, load_run
+from fishseg.runtime import atomic_path, autocast, resolve_device, write_json
+from fishseg.runs import (REPORT_DIR, RUN_FILE, SPLIT_FILE, RunRecord, load_run, read_history, read_record,
+                          read_split)
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +42,10 @@ def _probabilities(decoder: torch.nn.Module, cache: FeatureCache, indices: np.nd
         yield torch.sigmoid(logits.float()), truth
 
 
-def _batch_scores(probs: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Tensor]:
+def _batch_scores(probs: torch.Tensor, truth: torch.Tensor, thresholds: tuple[float, ...]) -> dict[str, torch.Tensor]:
     pred = probs > THRESHOLD
     intersection, union = pixel_counts(pred, truth)
-    sweep = sweep_thresholds(probs, truth)
+    sweep = sweep_thresholds(probs, truth, thresholds)
     return {"sweep_iou": sweep["iou"], "sweep_dice": sweep["dice"], "precision": precision_per_image(pred, truth),
             "recall": recall_per_image(pred, truth), "boundary_f": boundary_f_per_image(pred, truth),
             "intersection": intersection, "union": union}
@@ -51,12 +53,12 @@ def _batch_scores(probs: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.T
 
 @torch.inference_mode()
 def score_images(decoder: torch.nn.Module, cache: FeatureCache, indices: np.ndarray, *, batch_size: int,
-                 device: torch.device) -> dict[str, np.ndarray]:
-    """Per-image scores of ``indices``: ``sweep_iou`` and ``sweep_dice`` at every threshold of
-    ``THRESHOLDS`` (T×N); ``precision``, ``recall``, ``boundary_f`` and the pixel ``intersection`` and
-    ``union`` at ``THRESHOLD`` (N)."""
+                 device: torch.device, thresholds: tuple[float, ...] = THRESHOLDS) -> dict[str, np.ndarray]:
+    """Per-image scores of ``indices``: ``sweep_iou`` and ``sweep_dice`` at every one of ``thresholds``
+    (T×N); ``precision``, ``recall``, ``boundary_f`` and the pixel ``intersection`` and ``union`` at
+    ``THRESHOLD`` (N)."""
     batches = _probabilities(decoder, cache, indices, batch_size, device)
-    parts = [_batch_scores(probs, truth) for probs, truth in batches]
+    parts = [_batch_scores(probs, truth, thresholds) for probs, truth in batches]
     return {name: torch.cat([part[name] for part in parts], dim=-1).cpu().numpy() for name in parts[0]}
 
 
@@ -111,45 +113,78 @@ def _report_arrays(decoder: torch.nn.Module, cache: FeatureCache, val_idx: np.nd
     return galleries, pca_sample
 
 
+@dataclasses.dataclass
+class Evaluation:
+    """A run's best checkpoint scored on its validation images."""
+
+    record: RunRecord
+    decoder: torch.nn.Module
+    val_idx: np.ndarray  # cache indices, in split.json order
+    classes: list[str]  # per validation image
+    scores: dict[str, np.ndarray]  # per image at THRESHOLD: iou, dice, precision, recall, boundary_f
+    metrics: dict[str, Any]  # what metrics.json holds
+
+
+def evaluate_run(cache: FeatureCache, run_dir: Path, device: torch.device, *, batch_size: int = 16,
+                 full: bool = True) -> Evaluation:
+    """Score ``run_dir``'s best checkpoint on its validation images from an open cache (refused when the run
+    was trained on another cache). ``full`` adds the threshold sweep and the species probe; without them
+    (cross-validation folds, sweeps) scoring costs a fraction."""
+    record, decoder, checkpoint = load_run(run_dir)
+    cache.require(record.cache, run_dir / RUN_FILE)
+    best = record.checkpoints["best"]
+    cache.require({"fingerprint": checkpoint["cache_fingerprint"]}, run_dir / best.file)
+    split = read_split(run_dir)
+    val_idx = cache.indices_of(split["val"], run_dir / SPLIT_FILE)
+    thresholds = THRESHOLDS if full else (THRESHOLD,)
+    raw = score_images(decoder, cache, val_idx, batch_size=batch_size, device=device, thresholds=thresholds)
+    at = thresholds.index(THRESHOLD)
+    scores = {"iou": raw["sweep_iou"][at], "dice": raw["sweep_dice"][at],
+              **{name: raw[name] for name in ("precision", "recall", "boundary_f")}}
+    classes = [cache.class_names[k] for k in cache.class_index[val_idx]]
+    metrics = {
+        "backbone": cache.backbone.name, "random_init": cache.backbone.random_init,
+        "cache_fingerprint": cache.fingerprint, "checkpoint": best.file, "checkpoint_sha256": best.sha256,
+        "epoch": checkpoint["epoch"], "run_status": record.status, "epochs_done": record.epochs_done,
+        "epochs_planned": record.epochs_planned, "threshold": THRESHOLD, "boundary_tolerance_px": BOUNDARY_TOLERANCE,
+        "split": "val", "split_method": record.split["method"],
+        "val_with_duplicate_in_train": record.split["val_with_duplicate_in_train"],
+        **summarize_scores(scores, classes, split["val"]),
+        "pooled_iou": float(raw["intersection"].sum() / max(raw["union"].sum(), 1)),
+    }
+    if full:
+        metrics["threshold_sweep"] = summarize_sweep(raw)
+        metrics["species_probe"] = run_probe(cache, cache.indices_of(split["train"], run_dir / SPLIT_FILE), val_idx)
+    return Evaluation(record, decoder, val_idx, classes, scores, metrics)
+
+
+def write_scores(out_dir: Path, evaluation: Evaluation, image_ids: list[str]) -> None:
+    """metrics.json and per_image.csv: what `compare` reads back instead of scoring the run again."""
+    write_json(out_dir / METRICS_FILE, evaluation.metrics)
+    _write_per_image(out_dir / PER_IMAGE_FILE, image_ids, evaluation.classes, evaluation.scores)
+
+
 def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None, *, batch_size: int = 16,
                    device: str = "auto", report: bool = True) -> dict[str, Any]:
     """Score the run's best checkpoint on its validation images; writes metrics.json, per_image.csv and
-    (unless ``report`` is False) the figures and pages."""
-    out_dir = out_dir or run_dir / "report"
-    run, decoder, checkpoint = load_run(run_dir)
-    history = read_json(run_dir / HISTORY_FILE)
+    (unless ``report`` is False) the figures and pages. Returns the metrics."""
+    out_dir = out_dir or run_dir / REPORT_DIR
     torch_device = resolve_device(device)
+    read_record(run_dir)  # a wrong --run is named before the cache is opened
     with FeatureCache(cache_path) as cache:
-        cache.require(run["cache"], run_dir / RUN_FILE)
-        cache.require({"fingerprint": checkpoint["cache_fingerprint"]}, run_dir / BEST_CHECKPOINT)
-        split = read_json(run_dir / SPLIT_FILE)
-        val_ids = split["val"]
-        val_idx = cache.indices_of(val_ids, run_dir / SPLIT_FILE)
-        raw = score_images(decoder, cache, val_idx, batch_size=batch_size, device=torch_device)
-        at = THRESHOLDS.index(THRESHOLD)
-        scores = {"iou": raw["sweep_iou"][at], "dice": raw["sweep_dice"][at],
-                  **{name: raw[name] for name in ("precision", "recall", "boundary_f")}}
-        classes = [cache.class_names[k] for k in cache.class_index[val_idx]]
-        metrics = {
-            "backbone": cache.backbone.name, "random_init": cache.backbone.random_init,
-            "cache_fingerprint": cache.fingerprint, "checkpoint": BEST_CHECKPOINT,
-            "epoch": checkpoint["epoch"], "threshold": THRESHOLD, "boundary_tolerance_px": BOUNDARY_TOLERANCE,
-            "split": "val", "split_method": run["split"]["method"],
-            "val_with_duplicate_in_train": run["split"]["val_with_duplicate_in_train"],
-            **summarize_scores(scores, classes, val_ids),
-            "pooled_iou": float(raw["intersection"].sum() / max(raw["union"].sum(), 1)),
-            "threshold_sweep": summarize_sweep(raw),
-            "species_probe": run_probe(cache, cache.indices_of(split["train"], run_dir / SPLIT_FILE), val_idx),
-        }
+        evaluation = evaluate_run(cache, run_dir, torch_device, batch_size=batch_size, full=report)
+        image_ids = [cache.image_ids[i] for i in evaluation.val_idx]
         if report:
-            galleries, pca_sample = _report_arrays(decoder, cache, val_idx, scores["iou"],
-                                                   run["train_config"]["seed"], torch_device)
-    write_json(out_dir / METRICS_FILE, metrics)
-    _write_per_image(out_dir / PER_IMAGE_FILE, val_ids, classes, scores)
+            galleries, pca_sample = _report_arrays(evaluation.decoder, cache, evaluation.val_idx,
+                                                   evaluation.scores["iou"], evaluation.record.train_config.seed,
+                                                   torch_device)
+    write_scores(out_dir, evaluation, image_ids)
     if report:
-        write_report(out_dir, ReportData(metrics, run, history, scores["iou"], galleries, pca_sample))
+        history = read_history(run_dir, evaluation.record)
+        write_report(out_dir, ReportData(evaluation.metrics, evaluation.record.to_json(), history,
+                                         evaluation.scores["iou"], galleries, pca_sample))
     logger.info("wrote %s", out_dir)
-    return metrics
+    return evaluation.metrics
 
 
 def _write_per_image(path: Path, image_ids: list[str], classes: list[str], scores: dict[str, np.ndarray]) -> None:
@@ -157,4 +192,4 @@ def _write_per_image(path: Path, image_ids: list[str], classes: list[str], score
         writer = csv.writer(handle)
         writer.writerow(["image_id", "class", *scores])
         for row in zip(image_ids, classes, *scores.values()):
-            writer.writerow([row[0], row[1], *(f"{value:.6f}" for value in row[2:])])
+            writer.writerow([row[0], row[1], *(repr(float(value)) for value in row[2:])])  # exact: compare re-reads it

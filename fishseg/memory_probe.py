@@ -49,7 +49,7 @@ def measure_training(cache_path: str, stream: bool, batch_size: int, decoder_nam
             clear_refs.write("5")
         baseline = _status_mb("VmRSS")
         indices = np.arange(len(cache))
-        split = StreamedSplit(cache, indices) if stream else InMemorySplit(cache, indices)
+        split = StreamedSplit(cache, indices) if stream else InMemorySplit.from_cache(cache, indices)
         seconds = time_cached_epochs(split, cache.backbone.feature_dim, batch_size, decoder_name, device, repeats)
         peak = _status_mb("VmHWM")
     result = {"images": len(indices), "epoch_seconds": seconds, "peak_rss_growth_mb": peak - baseline}

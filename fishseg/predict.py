@@ -26,8 +26,8 @@ from fishseg.data import ImageDataset, collect_images, read_rgb
 from fishseg.decoders import segment
 from fishseg.errors import FishsegError
 from fishseg.metrics import THRESHOLD
+from fishseg.runs import load_run
 from fishseg.runtime import atomic_path, autocast, default_num_workers, resolve_device
-from fishseg.train import load_run
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +86,12 @@ def _write_outputs(out_dir: Path, name: str, source: Path, probability: np.ndarr
 def run_prediction(run_dir: Path, inputs: list[Path], out_dir: Path, *, backbone: str | None = None,
                    batch_size: int = 8, num_workers: int | None = None, device: str = "auto") -> Path:
     """Predict every image in ``inputs`` (files or folders); returns the path of predictions.csv."""
-    run, decoder, _ = load_run(run_dir)
+    record, decoder, _ = load_run(run_dir)
     paths = collect_images(inputs)
-    config = from_json(ExtractConfig, json.dumps(run["extract_config"]))
+    config = from_json(ExtractConfig, json.dumps(record.extract_config))
     torch_device = resolve_device(device)
-    model = load_backbone(backbone or run["backbone"]["name"], config.mean, config.std, torch_device)
-    check_backbone(model.info, run["backbone"])
+    model = load_backbone(backbone or record.backbone["name"], config.mean, config.std, torch_device)
+    check_backbone(model.info, record.backbone)
     decoder.eval().to(torch_device)
     workers = default_num_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(ImageDataset(paths, config.image_size), batch_size=batch_size,

@@ -267,7 +267,9 @@ def summary_rows(data: ReportData) -> list[tuple[str, str, str | None]]:
                   f"seed {config['seed']}", None),
         ("val images with a near-duplicate in train", str(metrics["val_with_duplicate_in_train"]),
          "val_with_duplicate_in_train"),
-        ("training", f"{config['decoder']}, {config['epochs']} epochs, batch {config['batch_size']}, lr {config['lr']}",
+        ("training", f"{config['decoder']}, {config['epochs']} epochs, batch {config['batch_size']}, lr {config['lr']}"
+                     + ("" if run["status"] == "finished" else
+                        f" (stopped at epoch {run['epochs_done']} of {run['epochs_planned']}: {run['status']})"),
          None),
         ("checkpoint", f"{metrics['checkpoint']} (epoch {metrics['epoch']})", None),
         ("validation images", str(metrics["n_images"]), "n_images"),

@@ -1,43 +1,43 @@
 """Stage 2: train a decoder from the cache alone (no image decoding, no backbone).
 
-A run directory holds ``run.json`` (config, cache fingerprint, backbone, best epoch),
-``split.json`` (train/val image ids), ``history.json`` (per-iteration and per-epoch loss and IoU)
-and the ``best``/``last`` checkpoints.
+The run folder it writes (record, split, history, checkpoints, resume state) is defined in
+``fishseg.runs``; this module only decides what goes into it and when.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import datetime
 import json
 import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fishseg import __version__, distributed
+from fishseg import distributed
 from fishseg.cache import FeatureCache
 from fishseg.config import TrainConfig, to_json
 from fishseg.data import (duplicates_across, grouped_folds, grouped_split, groups_from_names, random_folds,
                           random_split)
-from fishseg.decoders import build_decoder, load_checkpoint, save_checkpoint, segment
+from fishseg.decoders import build_decoder, load_checkpoint, segment
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.metrics import binarize, iou_per_image
-from fishseg.runtime import (atomic_path, autocast, available_memory, file_digest, read_json, resolve_device,
-                             write_json)
+from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUNNING, SPLIT_FILE, RunRecord, clear_run, commit_epoch,
+                          differing_fields, empty_history, holds_run, read_history, read_record, read_resume_state,
+                          read_split, training_lock, verified, write_checkpoint, write_record, write_resume_state,
+                          write_split)
+from fishseg.runtime import autocast, available_memory, resolve_device
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE, SPLIT_FILE, HISTORY_FILE = "run.json", "split.json", "history.json"
-BEST_CHECKPOINT, LAST_CHECKPOINT = "best.safetensors", "last.safetensors"
 TABLE_HEADER = f"{'epoch':>5} {'train loss':>10} {'train IoU':>9} {'val loss':>9} {'val IoU':>8} {'time':>6}"
 
 
@@ -66,18 +66,25 @@ class EpochResult:
 
 
 class InMemorySplit:
-    """A split's features (N×h×w×D float16) and masks (N×S×S uint8) held as two contiguous tensors."""
+    """A split of features (float16 h×w×D) and masks (uint8 S×S) held in memory, gathered per batch from
+    tensors that may hold the whole cache (a sweep loads it once for all its runs)."""
 
-    def __init__(self, cache: FeatureCache, indices: np.ndarray) -> None:
-        self.features = torch.from_numpy(cache.features(indices))
-        self.masks = torch.from_numpy(cache.masks(indices))
+    def __init__(self, features: torch.Tensor, masks: torch.Tensor, indices: np.ndarray) -> None:
+        self.features, self.masks, self.indices = features, masks, torch.from_numpy(np.asarray(indices))
+
+    @classmethod
+    def from_cache(cls, cache: FeatureCache, indices: np.ndarray) -> InMemorySplit:
+        """Only ``indices`` read into memory."""
+        return cls(torch.from_numpy(cache.features(indices)), torch.from_numpy(cache.masks(indices)),
+                   np.arange(len(indices)))
 
     def __len__(self) -> int:
-        return len(self.features)
+        return len(self.indices)
 
     def batches(self, batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for positions in batches:
-            yield self.features[positions], self.masks[positions]
+            rows = self.indices[positions]
+            yield self.features[rows], self.masks[rows]
 
 
 class StreamedSplit:
@@ -148,7 +155,9 @@ def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor
         logits = segment(decoder, features.to(device, non_blocking=True), target.shape[-1])
     losses = image_losses(logits.float(), target, loss)
     if not ranks.all(torch.isfinite(losses).all()):
-        raise FishsegError("loss is NaN or infinite; lower --lr (the last good checkpoint is kept)")
+        cause = ("the batch's features hold NaN or inf; extract the cache again" if not torch.isfinite(features).all()
+                 else "the decoder diverged on finite features; lower --lr")
+        raise FishsegError(f"loss is NaN or infinite: {cause} (the last good checkpoint is kept)")
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
         (losses.sum() * (1 / len(losses) if image_weight is None else image_weight)).backward()
@@ -201,14 +210,35 @@ def _iterations(epoch: int, result: EpochResult) -> list[dict[str, float]]:
             for step, (loss, iou) in enumerate(zip(result.iteration_losses, result.iteration_ious), start=1)]
 
 
-def choose_split(cache: FeatureCache, indices: np.ndarray, stream: bool | None, processes: int = 1) -> Split:
-    """In memory unless asked to stream, or (``stream=None``) unless it would take over half the free memory
-    (each of the ``processes`` on this machine holding its own copy)."""
-    if stream is None:
-        needed = cache.bytes_per_image() * len(indices) * processes
-        free = available_memory()
-        stream = free is not None and needed > free // 2
-    return StreamedSplit(cache, indices) if stream else InMemorySplit(cache, indices)
+@dataclasses.dataclass
+class TrainingData:
+    """A cache opened for training: every image's features and masks loaded once (a sweep's runs share
+    them), or ``None`` for both when batches are streamed from the file."""
+
+    cache: FeatureCache
+    features: torch.Tensor | None
+    masks: torch.Tensor | None
+
+    @classmethod
+    def open(cls, cache: FeatureCache, stream: bool | None, processes: int = 1) -> TrainingData:
+        """In memory unless asked to stream, or (``stream=None``) unless the cache would take over half the
+        free memory (each of the ``processes`` on this machine holding its own copy)."""
+        if stream is None:
+            free = available_memory()
+            stream = free is not None and cache.bytes_per_image() * len(cache) * processes > free // 2
+        if stream:
+            return cls(cache, None, None)
+        everything = np.arange(len(cache))
+        return cls(cache, torch.from_numpy(cache.features(everything)), torch.from_numpy(cache.masks(everything)))
+
+    @property
+    def streamed(self) -> bool:
+        return self.features is None
+
+    def split(self, indices: np.ndarray) -> Split:
+        if self.features is None or self.masks is None:
+            return StreamedSplit(self.cache, indices)
+        return InMemorySplit(self.features, self.masks, indices)
 
 
 def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
@@ -238,106 +268,179 @@ def split_indices(cache: FeatureCache, config: TrainConfig) -> tuple[np.ndarray,
     return (*random_split(len(cache), config.val_fraction, config.seed), groups)
 
 
-def _run_record(cache: FeatureCache, config: TrainConfig, train_idx: np.ndarray, val_idx: np.ndarray,
-                groups: np.ndarray, streamed: bool, device: torch.device, ranks: Ranks) -> dict[str, Any]:
-    return {
-        "fishseg_version": __version__,
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "train_config": dataclasses.asdict(config),
-        "cache": cache.summary(),
-        "backbone": dataclasses.asdict(cache.backbone),
-        "extract_config": json.loads(to_json(cache.config)),  # how to preprocess new images (predict)
-        "split": {"method": config.split, "n_train": len(train_idx), "n_val": len(val_idx),
-                  "groups": f"pattern {config.group_pattern}" if config.group_pattern else "near-duplicates",
-                  "val_with_duplicate_in_train": duplicates_across(train_idx, val_idx, groups),
-                  **({"fold": config.fold + 1, "folds": config.folds} if config.folds else {})},
-        "features": "streamed from HDF5" if streamed else "in memory",
-        "device": str(device),
-        "processes": ranks.world,
-    }
+def _new_record(cache: FeatureCache, config: TrainConfig, train_idx: np.ndarray, val_idx: np.ndarray,
+                groups: np.ndarray) -> RunRecord:
+    split = {"method": config.split, "n_train": len(train_idx), "n_val": len(val_idx),
+             "groups": f"pattern {config.group_pattern}" if config.group_pattern else "near-duplicates",
+             "val_with_duplicate_in_train": duplicates_across(train_idx, val_idx, groups),
+             **({"fold": config.fold + 1, "folds": config.folds} if config.folds else {})}
+    where = {"path": str(cache.path.resolve())}  # so that `compare` finds it from any folder
+    return RunRecord(train_config=config, cache={**cache.summary(), **where}, backbone=dataclasses.asdict(cache.backbone),
+                     extract_config=json.loads(to_json(cache.config)), split=split, features="", device="",
+                     processes=1)
+
+
+def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume: bool,
+             overwrite: bool) -> RunRecord | None:
+    """The record to continue (``resume``), or None to start afresh. Refuses, changing nothing, whatever
+    would lose or corrupt a run: an existing run without --resume or --overwrite, a resume with other
+    settings or another cache, a folder another process is training into."""
+    if resume and overwrite:
+        raise FishsegError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    if not holds_run(out_dir):
+        if resume:
+            raise FishsegError(f"{out_dir}: holds no run to resume; drop --resume to start one")
+        return None
+    record = read_record(out_dir)
+    if record.status == RUNNING:
+        raise FishsegError(f"{out_dir}: another process is training into this folder ({record.describe()})")
+    if overwrite:
+        return None
+    if not resume:
+        raise FishsegError(f"{out_dir}: already holds a run ({record.describe()}); add --resume to continue it "
+                           f"or --overwrite to replace it")
+    differing = differing_fields(record.train_config, config)
+    if differing:
+        raise FishsegError(f"{out_dir}: the run was trained with other settings ({'; '.join(differing)}); "
+                           f"resume with its settings, or train into another --out")
+    cache.require(record.cache, out_dir / RUN_FILE)
+    return record
 
 
 def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device: str = "auto",
-                 stream: bool | None = None) -> dict[str, Any]:
-    """Train ``config.decoder`` on the cache's train split; returns the contents of run.json.
+                 stream: bool | None = None, resume: bool = False, overwrite: bool = False) -> RunRecord:
+    """Train ``config.decoder`` on the cache's train split into ``out_dir``; returns the run's record.
 
-    ``stream``: read batches from the HDF5 file (True), hold the split in memory (False), or
-    decide from the free memory (None). Under torchrun each rank computes its share of every batch,
+    ``stream``: read batches from the HDF5 file (True), hold the cache in memory (False), or decide from
+    the free memory (None). ``resume`` continues an unfinished run from its last finished epoch;
+    ``overwrite`` replaces an existing run. Under torchrun each rank computes its share of every batch,
     and rank 0 writes the run folder.
     """
     with distributed.session(resolve_device(device)) as (ranks, torch_device), FeatureCache(cache_path) as cache:
-        run = _train(cache, out_dir, config, ranks, torch_device, stream)
+        plan_run(out_dir, config, cache, resume=resume, overwrite=overwrite)  # refuse before loading anything
+        data = TrainingData.open(cache, stream, ranks.local)
+        record = train_run(data, out_dir, config, ranks=ranks, device=torch_device, resume=resume,
+                           overwrite=overwrite)
         ranks.barrier()  # the run folder is complete before any rank returns
-    return run
+    return record
 
 
-def _train(cache: FeatureCache, out_dir: Path, config: TrainConfig, ranks: Ranks, device: torch.device,
-           stream: bool | None) -> dict[str, Any]:
-    train_idx, val_idx, groups = split_indices(cache, config)
-    train, val = (choose_split(cache, indices, stream, ranks.local) for indices in (train_idx, val_idx))
-    run = _run_record(cache, config, train_idx, val_idx, groups, isinstance(train, StreamedSplit), device, ranks)
-    if ranks.main:
-        write_json(out_dir / SPLIT_FILE, {"train": [cache.image_ids[i] for i in train_idx],
-                                          "val": [cache.image_ids[i] for i in val_idx]})
-    feature_dim = cache.backbone.feature_dim
+EpochCallback = Callable[[RunRecord, dict[str, float]], None]
+
+
+def train_run(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: Ranks = Ranks(),
+              device: torch.device = torch.device("cpu"), resume: bool = False, overwrite: bool = False,
+              on_epoch: EpochCallback | None = None) -> RunRecord:
+    """Train into ``out_dir`` from already opened data (``run_training`` opens it; a sweep shares it).
+
+    ``on_epoch`` sees the record and the epoch's summary row after each epoch (default: a log line).
+    A finished run asked to resume is returned as it is.
+    """
+    previous = plan_run(out_dir, config, data.cache, resume=resume, overwrite=overwrite)
+    if previous is not None and previous.status == FINISHED:
+        logger.info("%s: finished already (%s); nothing to resume", out_dir, previous.describe())
+        return previous
+    with training_lock(out_dir) if ranks.main else contextlib.nullcontext():
+        if overwrite and ranks.main:
+            clear_run(out_dir)
+        try:
+            return _train(data, out_dir, config, ranks, device, previous, on_epoch or _log_epoch)
+        except (KeyboardInterrupt, FishsegError):
+            if ranks.main and holds_run(out_dir):
+                record = read_record(out_dir)  # the committed state, whatever this process held in memory
+                write_record(out_dir, dataclasses.replace(record, status=INTERRUPTED))
+            raise
+
+
+@dataclasses.dataclass
+class _Session:
+    """The decoder, its optimizer and the random state of one training session (fresh or resumed)."""
+
+    decoder: nn.Module
+    model: nn.Module  # the decoder, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    generator: torch.Generator
+
+
+def _start_session(config: TrainConfig, feature_dim: int, steps_per_epoch: int, ranks: Ranks, device: torch.device,
+                   out_dir: Path, previous: RunRecord | None) -> _Session:
     torch.manual_seed(config.seed)
-    decoder = build_decoder(config.decoder, feature_dim).to(device)
+    decoder = build_decoder(config.decoder, feature_dim)
+    if previous is not None:
+        decoder.load_state_dict(load_checkpoint(verified(out_dir, previous.checkpoints["last"]))[0].state_dict())
+    decoder.to(device)
     model = distributed.data_parallel(decoder, ranks, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = learning_rate_schedule(optimizer, config, steps_per_epoch)
     generator = torch.Generator().manual_seed(config.seed)
-    scheduler = learning_rate_schedule(optimizer, config, math.ceil(len(train) / config.batch_size))
-    meta = {"decoder": config.decoder, "in_dim": feature_dim, "train_config": run["train_config"],
-            "cache_fingerprint": cache.fingerprint}
-    history: dict[str, Any] = {"iterations": {"train": [], "val": []}, "epochs": []}
+    if previous is not None:
+        read_resume_state(out_dir, previous, optimizer, scheduler, generator)
+    return _Session(decoder, model, optimizer, scheduler, generator)
+
+
+def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks, device: torch.device,
+           previous: RunRecord | None, on_epoch: EpochCallback) -> RunRecord:
+    cache = data.cache
+    train_idx, val_idx, groups = split_indices(cache, config)
+    train, val = data.split(train_idx), data.split(val_idx)
+    session = _start_session(config, cache.backbone.feature_dim, math.ceil(len(train) / config.batch_size), ranks,
+                             device, out_dir, previous)
+    split = {"train": [cache.image_ids[i] for i in train_idx], "val": [cache.image_ids[i] for i in val_idx]}
+    if previous is not None and read_split(out_dir) != split:
+        raise FishsegError(f"{out_dir / SPLIT_FILE}: differs from the split its settings give on {cache.path}; "
+                           f"the run cannot be resumed (train it again with --overwrite)")
+    record = previous or _new_record(cache, config, train_idx, val_idx, groups)
+    record = dataclasses.replace(record, status=RUNNING, features="streamed from HDF5" if data.streamed else
+                                 "in memory", device=str(device), processes=ranks.world)
+    history = read_history(out_dir, record) if previous is not None else empty_history()
     if ranks.main:
-        logger.info("training %s on %d images, validating on %d (%s%s, features %s)", config.decoder, len(train),
-                    len(val), device, f", {ranks.world} processes" if ranks.world > 1 else "", run["features"])
-        logger.info(TABLE_HEADER)
-    for epoch in range(1, config.epochs + 1):
+        if previous is None:
+            write_split(out_dir, split["train"], split["val"])
+        write_record(out_dir, record)
+        logger.info("%s %s on %d images, validating on %d (%s%s, features %s)",
+                    "resuming" if previous else "training", config.decoder, len(train), len(val), device,
+                    f", {ranks.world} processes" if ranks.world > 1 else "", record.features)
+        if on_epoch is _log_epoch:
+            logger.info(TABLE_HEADER)
+    meta = {"decoder": config.decoder, "in_dim": cache.backbone.feature_dim,
+            "train_config": dataclasses.asdict(config), "cache_fingerprint": cache.fingerprint}
+    for epoch in range(record.epochs_done + 1, config.epochs + 1):
         started = time.perf_counter()
-        train_result = run_epoch(model, train, config.batch_size, device, optimizer, generator,
-                                 loss=config.loss, augment=config.augment, scheduler=scheduler, ranks=ranks)
-        val_result = run_epoch(model, val, config.batch_size, device, loss=config.loss, ranks=ranks)
+        train_result = run_epoch(session.model, train, config.batch_size, device, session.optimizer,
+                                 session.generator, loss=config.loss, augment=config.augment,
+                                 scheduler=session.scheduler, ranks=ranks)
+        val_result = run_epoch(session.model, val, config.batch_size, device, loss=config.loss, ranks=ranks)
         row = epoch_summary(epoch, train_result, val_result, time.perf_counter() - started)
         history["epochs"].append(row)
         history["iterations"]["train"] += _iterations(epoch, train_result)
         history["iterations"]["val"] += _iterations(epoch, val_result)
-        improved = row["val_iou"] > run.get("best_val_iou", -1.0)
-        if improved:
-            run.update(best_epoch=epoch, best_val_iou=row["val_iou"])
+        improved = row["val_iou"] > record.best_val_iou
+        record = dataclasses.replace(
+            record, epochs_done=epoch, status=FINISHED if epoch == config.epochs else RUNNING,
+            train_seconds=record.train_seconds + row["seconds"],
+            **({"best_epoch": epoch, "best_val_iou": row["val_iou"]} if improved else {}))
         if ranks.main:
-            _write_epoch(out_dir, decoder, meta, run, history, improved)
-    return run
+            record = _commit(out_dir, record, history, session, {**meta, "val_iou": row["val_iou"]}, improved)
+            on_epoch(record, row)
+    return record
 
 
-def _write_epoch(out_dir: Path, decoder: nn.Module, meta: dict[str, Any], run: dict[str, Any],
-                 history: dict[str, Any], improved: bool) -> None:
-    """The last (and, when ``improved``, the best) checkpoint, the history and run.json after an epoch."""
-    row = history["epochs"][-1]
-    checkpoint = {**meta, "epoch": row["epoch"], "val_iou": row["val_iou"]}
-    _save(out_dir / LAST_CHECKPOINT, decoder, checkpoint, run)
-    if improved:
-        _save(out_dir / BEST_CHECKPOINT, decoder, checkpoint, run)
-    write_json(out_dir / HISTORY_FILE, history)
-    write_json(out_dir / RUN_FILE, run)
+def _commit(out_dir: Path, record: RunRecord, history: dict[str, Any], session: _Session, meta: dict[str, Any],
+            improved: bool) -> RunRecord:
+    """Write the epoch's checkpoint (and, unless the run is finished, its resume state), then commit the
+    record that names them; returns that record."""
+    epoch = record.epochs_done
+    last = write_checkpoint(out_dir, epoch, session.decoder, meta)
+    checkpoints = {"best": last if improved else record.checkpoints["best"], "last": last}
+    if record.status != FINISHED:
+        checkpoints["resume"] = write_resume_state(out_dir, epoch, session.optimizer, session.scheduler,
+                                                   session.generator)
+    record = dataclasses.replace(record, checkpoints=checkpoints)
+    commit_epoch(out_dir, record, history)
+    return record
+
+
+def _log_epoch(record: RunRecord, row: dict[str, float]) -> None:
     logger.info(f"{row['epoch']:>5} {row['train_loss']:>10.4f} {row['train_iou']:>9.4f} {row['val_loss']:>9.4f} "
                 f"{row['val_iou']:>8.4f} {row['seconds']:>5.1f}s")
-
-
-def load_run(run_dir: Path) -> tuple[dict[str, Any], nn.Module, dict[str, Any]]:
-    """``run.json``, the best decoder and its checkpoint metadata; a modified checkpoint is refused."""
-    if not (run_dir / RUN_FILE).is_file():
-        raise FishsegError(f"{run_dir}: not a run folder (no {RUN_FILE}); pass the --out folder of `train`")
-    run = read_json(run_dir / RUN_FILE)
-    if file_digest(run_dir / BEST_CHECKPOINT) != run.get("checkpoints", {}).get(BEST_CHECKPOINT):
-        raise FishsegError(f"{run_dir / BEST_CHECKPOINT}: does not match the SHA-256 recorded in {RUN_FILE} "
-                           f"(modified or replaced); train again or restore the file")
-    decoder, checkpoint = load_checkpoint(run_dir / BEST_CHECKPOINT)
-    return run, decoder, checkpoint
-
-
-def _save(path: Path, decoder: nn.Module, meta: dict[str, Any], run: dict[str, Any]) -> None:
-    """Write a checkpoint atomically and record its SHA-256 in the run, so evaluate can spot tampering."""
-    with atomic_path(path) as tmp:
-        save_checkpoint(tmp, decoder, meta)
-    run.setdefault("checkpoints", {})[path.name] = file_digest(path)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
+
+import fishseg.train as train_module
 
 from fishseg.cache import CacheWriter
 from fishseg.config import BackboneInfo, ExtractConfig
@@ -42,3 +46,17 @@ def write_toy_cache(path: Path, n_images: int = 24, *, seed: int = 0, image_size
     with CacheWriter(path, config, info, samples) as writer:
         writer.write(0, features.astype(np.float16), masks, previews)
     return path
+
+
+def interrupt_at_pass(monkeypatch: pytest.MonkeyPatch, number: int) -> None:
+    """Make training raise KeyboardInterrupt (Ctrl-C) at the start of its ``number``-th pass over a split
+    (2 passes an epoch: train, then val), as if the user stopped it there."""
+    real_epoch, calls = train_module.run_epoch, []
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_epoch", interrupted)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import re
 import shutil
 from pathlib import Path
@@ -165,9 +166,10 @@ def run_from_another_cache(ctx: Context) -> list[str]:
 
 def tampered_checkpoint(ctx: Context) -> list[str]:
     run = ctx.run_copy()
-    data = bytearray((run / "best.safetensors").read_bytes())
+    best = run / json.loads((run / "run.json").read_text())["checkpoints"]["best"]["file"]
+    data = bytearray(best.read_bytes())
     data[-1] ^= 0xFF  # one weight bit: safetensors itself would load it without complaint
-    (run / "best.safetensors").write_bytes(bytes(data))
+    best.write_bytes(bytes(data))
     return ctx.evaluate(ctx.evaluated[0], run)
 
 
@@ -193,7 +195,7 @@ CASES: list[tuple[str, Callable[[Context], list[str]], str]] = [
      r"run.json: made from cache \w+ \(backbone toy, image_size 32\) but .*c.h5 is cache \w+ \(backbone toy, "
      r"image_size 64\)"),
     ("run from another cache", run_from_another_cache, r"run.json: made from cache .*pass the cache it was trained on"),
-    ("tampered checkpoint", tampered_checkpoint, r"best.safetensors: does not match the SHA-256 recorded in run.json"),
+    ("tampered checkpoint", tampered_checkpoint, r"epoch-\d{4}.safetensors: does not match the SHA-256 recorded in run.json"),
 ]
 
 

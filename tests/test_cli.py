@@ -40,7 +40,7 @@ def test_demo_runs_the_whole_job_and_says_the_backbone_is_random(tmp_path: Path,
     assert result.exit_code == 0, result.output
     assert f"report: {tmp_path / 'report' / 'report.html'}" in result.output
     assert "RANDOM-INIT" in result.output
-    assert (tmp_path / "cache.h5").is_file() and (tmp_path / "run" / "best.safetensors").is_file()
+    assert (tmp_path / "cache.h5").is_file() and (tmp_path / "run" / "run.json").is_file()
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["n_images"] == 1
 
 

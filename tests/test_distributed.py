@@ -97,7 +97,7 @@ def test_torchrun_training_equals_a_single_process_run(decoder: str, tmp_path: P
     result = torchrun("train_decoder.py", "--cache", cache, "--out", tmp_path / "two", "--decoder", decoder,
                       "--epochs", 3, "--batch-size", 4, "--lr", 3e-3, "--seed", 1, "--augment", "flips",
                       "--stream", "--device", "cpu")  # streamed: each rank reads only its share of each batch
-    assert result.stdout.count("run written") == 1
+    assert result.stdout.count("run finished") == 1
     one, two = tmp_path / "one", tmp_path / "two"
     assert (one / "split.json").read_text() == (two / "split.json").read_text()
     run = json.loads((two / "run.json").read_text())
@@ -107,7 +107,8 @@ def test_torchrun_training_equals_a_single_process_run(decoder: str, tmp_path: P
         assert len(history_two["iterations"][split]) == len(history_one["iterations"][split])
     np.testing.assert_allclose(_values(history_two["epochs"], "train"), _values(history_one["epochs"], "train"),
                                rtol=1e-5, atol=1e-6)
-    weights_one, weights_two = load_file(one / "last.safetensors"), load_file(two / "last.safetensors")
+    weights_one, weights_two = (load_file(folder / json.loads((folder / "run.json").read_text())["checkpoints"]["last"]
+                                          ["file"]) for folder in (one, two))
     assert weights_one.keys() == weights_two.keys()
     if decoder == "linear":
         np.testing.assert_allclose(_values(history_two["epochs"], "val"), _values(history_one["epochs"], "val"),
@@ -129,8 +130,8 @@ def test_torchrun_training_equals_a_single_process_run(decoder: str, tmp_path: P
 
 def test_cross_validation_under_torchrun_scores_each_fold_once(tmp_path: Path) -> None:
     cache = write_toy_cache(tmp_path / "toy.h5", n_images=20)
-    config = TrainConfig(decoder="linear", epochs=2, batch_size=4, seed=1)
-    single = run_cross_validation(cache, tmp_path / "one", config, folds=2, device="cpu")
+    config = TrainConfig(decoder="linear", epochs=2, batch_size=4, seed=1, folds=2)
+    single = run_cross_validation(cache, tmp_path / "one", config, device="cpu")
     result = torchrun("train_decoder.py", "--cache", cache, "--out", tmp_path / "two", "--decoder", "linear",
                       "--epochs", 2, "--batch-size", 4, "--seed", 1, "--cv", 2, "--device", "cpu")
     assert result.stdout.count("cross-validation") == 1

@@ -17,7 +17,7 @@ from tests.helpers import write_toy_cache
 
 def test_metrics_equal_a_direct_computation(evaluated: tuple[Path, Path, dict]) -> None:
     cache_path, run_dir, metrics = evaluated
-    decoder, _ = load_checkpoint(run_dir / "best.safetensors")
+    decoder, _ = load_checkpoint(run_dir / metrics["checkpoint"])
     val_ids = json.loads((run_dir / "split.json").read_text())["val"]
     with FeatureCache(cache_path) as cache:
         indices = cache.indices_of(val_ids, run_dir)

@@ -72,5 +72,5 @@ def test_ctrl_c_stops_cleanly_with_a_resume_message(tmp_path: Path, tiny_backbon
         if status != 0:
             break
     assert status == 130, stderr
-    assert "Interrupted. Finished work is kept: run the same command again to resume." in stderr
+    assert "Interrupted. Finished batches are kept: run the same command again to resume." in stderr
     assert "Traceback" not in stderr and not out.exists() and list(out.with_name(out.name + ".parts").glob("*.npz"))

@@ -14,7 +14,8 @@ from fishseg.cache import FeatureCache
 from fishseg.config import TrainConfig
 from fishseg.decoders import load_checkpoint
 from fishseg.errors import FishsegError
-from fishseg.train import (InMemorySplit, StreamedSplit, choose_split, dihedral, image_losses, learning_rate_schedule,
+from fishseg.runs import RunRecord
+from fishseg.train import (InMemorySplit, StreamedSplit, TrainingData, dihedral, image_losses, learning_rate_schedule,
                            run_training)
 from tests.helpers import write_toy_cache
 
@@ -22,13 +23,13 @@ TOY = TrainConfig(epochs=8, batch_size=4, lr=3e-3, seed=1)
 
 
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+def toy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, RunRecord]:
     root = tmp_path_factory.mktemp("toy")
     cache = write_toy_cache(root / "toy.h5", n_images=30)
     return cache, root / "run", run_training(cache, root / "run", TOY, device="cpu")
 
 
-def test_training_learns_a_learnable_toy_set(toy_run: tuple[Path, Path, dict]) -> None:
+def test_training_learns_a_learnable_toy_set(toy_run: tuple[Path, Path, RunRecord]) -> None:
     _, run_dir, _ = toy_run
     epochs = json.loads((run_dir / "history.json").read_text())["epochs"]
     assert len(epochs) == TOY.epochs
@@ -36,28 +37,32 @@ def test_training_learns_a_learnable_toy_set(toy_run: tuple[Path, Path, dict]) -
     assert max(e["val_iou"] for e in epochs) > 0.8
 
 
-def test_run_folder_records_config_split_history_and_checkpoints(toy_run: tuple[Path, Path, dict]) -> None:
+def test_run_folder_records_config_split_history_and_checkpoints(toy_run: tuple[Path, Path, RunRecord]) -> None:
     _, run_dir, run = toy_run
-    assert sorted(p.name for p in run_dir.iterdir()) == [
-        "best.safetensors", "history.json", "last.safetensors", "run.json", "split.json"]
-    assert json.loads((run_dir / "run.json").read_text()) == run
-    assert run["train_config"]["lr"] == TOY.lr
-    assert run["split"] == {"method": "random", "n_train": 24, "n_val": 6, "groups": "near-duplicates",
-                            "val_with_duplicate_in_train": 0}  # the toy cache has no near-duplicates
+    files = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    assert files == {".lock", "history.json", "run.json", "split.json", "checkpoints/epoch-0008.safetensors",
+                     f"checkpoints/epoch-{run.best_epoch:04d}.safetensors"}  # the best and the last epoch only
+    recorded = json.loads((run_dir / "run.json").read_text())
+    assert recorded == run.to_json() and RunRecord.from_json(recorded) == run
+    assert (run.status, run.epochs_done, recorded["epochs_planned"]) == ("finished", TOY.epochs, TOY.epochs)
+    assert run.train_config == TOY and "resume" not in run.checkpoints  # a finished run keeps no optimizer state
+    assert run.split == {"method": "random", "n_train": 24, "n_val": 6, "groups": "near-duplicates",
+                         "val_with_duplicate_in_train": 0}  # the toy cache has no near-duplicates
     split = json.loads((run_dir / "split.json").read_text())
     assert len(split["val"]) == 6 and not set(split["val"]) & set(split["train"])
     history = json.loads((run_dir / "history.json").read_text())
     assert len(history["iterations"]["train"]) == TOY.epochs * 6  # 24 images / batch 4
     assert len(history["iterations"]["val"]) == TOY.epochs * 2  # 6 images / batch 4 → 4 + 2
+    assert run.train_seconds == pytest.approx(sum(row["seconds"] for row in history["epochs"]))
     best_epoch = max(history["epochs"], key=lambda e: e["val_iou"])
-    _, best = load_checkpoint(run_dir / "best.safetensors")
-    _, last = load_checkpoint(run_dir / "last.safetensors")
-    assert (best["epoch"], best["val_iou"]) == (run["best_epoch"], run["best_val_iou"]) == (
+    _, best = load_checkpoint(run_dir / run.checkpoints["best"].file)
+    _, last = load_checkpoint(run_dir / run.checkpoints["last"].file)
+    assert (best["epoch"], best["val_iou"]) == (run.best_epoch, run.best_val_iou) == (
         best_epoch["epoch"], best_epoch["val_iou"])
-    assert last["epoch"] == TOY.epochs and best["cache_fingerprint"] == run["cache"]["fingerprint"]
+    assert last["epoch"] == TOY.epochs and best["cache_fingerprint"] == run.cache["fingerprint"]
 
 
-def test_same_seed_gives_the_same_history(toy_run: tuple[Path, Path, dict], tmp_path: Path) -> None:
+def test_same_seed_gives_the_same_history(toy_run: tuple[Path, Path, RunRecord], tmp_path: Path) -> None:
     cache, run_dir, _ = toy_run
     run_training(cache, tmp_path / "again", TOY, device="cpu")
     first = json.loads((run_dir / "history.json").read_text())
@@ -66,25 +71,26 @@ def test_same_seed_gives_the_same_history(toy_run: tuple[Path, Path, dict], tmp_
     assert first["iterations"] == second["iterations"]
 
 
-def test_streaming_from_hdf5_trains_exactly_like_in_memory(toy_run: tuple[Path, Path, dict], tmp_path: Path) -> None:
+def test_streaming_from_hdf5_trains_exactly_like_in_memory(toy_run: tuple[Path, Path, RunRecord], tmp_path: Path) -> None:
     cache, run_dir, _ = toy_run
     streamed = run_training(cache, tmp_path / "streamed", TOY, device="cpu", stream=True)
-    assert streamed["features"] == "streamed from HDF5"
+    assert streamed.features == "streamed from HDF5"
     in_memory = json.loads((run_dir / "history.json").read_text())
     assert json.loads((tmp_path / "streamed" / "history.json").read_text())["iterations"] == in_memory["iterations"]
 
 
-def test_split_choice_follows_the_free_memory(toy_run: tuple[Path, Path, dict], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_memory_or_streaming_follows_the_free_memory(toy_run: tuple[Path, Path, RunRecord],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     with FeatureCache(toy_run[0]) as cache:
         indices = np.arange(10)
-        needed = cache.bytes_per_image() * len(indices)
+        needed = cache.bytes_per_image() * len(cache)
         assert cache.bytes_per_image() == 8 * 8 * 16 * 2 + 32 * 32  # float16 features + uint8 mask
         monkeypatch.setattr(train_module, "available_memory", lambda: 2 * needed + 2)
-        assert isinstance(choose_split(cache, indices, None), InMemorySplit)
-        assert isinstance(choose_split(cache, indices, None, processes=2), StreamedSplit)  # one copy a process
+        assert isinstance(TrainingData.open(cache, None).split(indices), InMemorySplit)
+        assert isinstance(TrainingData.open(cache, None, processes=2).split(indices), StreamedSplit)  # a copy each
         monkeypatch.setattr(train_module, "available_memory", lambda: 2 * needed - 2)
-        assert isinstance(choose_split(cache, indices, None), StreamedSplit)
-        assert isinstance(choose_split(cache, indices, False), InMemorySplit)
+        assert isinstance(TrainingData.open(cache, None).split(indices), StreamedSplit)
+        assert isinstance(TrainingData.open(cache, False).split(indices), InMemorySplit)
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
@@ -98,21 +104,24 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
         return logits * float("nan") if len(calls) > 3 else logits  # epoch 1: 2 train + 1 val batches
 
     monkeypatch.setattr(train_module, "segment", poisoned_after_first_epoch)
-    with pytest.raises(FishsegError, match="loss is NaN or infinite; lower --lr"):
+    with pytest.raises(FishsegError, match="loss is NaN or infinite: the decoder diverged on finite features; "
+                                           "lower --lr"):
         run_training(cache, tmp_path / "run", TrainConfig(epochs=3, batch_size=4), device="cpu")
-    _, last = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (record["status"], record["epochs_done"]) == ("interrupted", 1)
+    _, last = load_checkpoint(tmp_path / "run" / record["checkpoints"]["last"]["file"])
     assert last["epoch"] == 1
     assert len(json.loads((tmp_path / "run" / "history.json").read_text())["epochs"]) == 1
 
 
 @pytest.mark.parametrize("decoder, floor", [("linear", 0.55), ("seed-cnn", 0.8), ("progressive", 0.8)])
-def test_every_decoder_learns_the_toy_set(decoder: str, floor: float, toy_run: tuple[Path, Path, dict],
+def test_every_decoder_learns_the_toy_set(decoder: str, floor: float, toy_run: tuple[Path, Path, RunRecord],
                                           tmp_path: Path) -> None:
     """Floors measured here: linear 0.63 (one logit per 4×4-pixel patch, no context), the others > 0.85."""
     run = run_training(toy_run[0], tmp_path / decoder, dataclasses.replace(TOY, decoder=decoder), device="cpu")
     epochs = json.loads((tmp_path / decoder / "history.json").read_text())["epochs"]
     assert epochs[-1]["train_loss"] < 0.9 * epochs[0]["train_loss"]
-    assert run["best_val_iou"] > floor
+    assert run.best_val_iou > floor
 
 
 def test_losses_hand_worked() -> None:

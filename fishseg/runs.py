@@ -1,0 +1,322 @@
+"""The formats of a run folder, a cross-validation folder and a sweep folder: the one owner of each file.
+
+A run folder (``train --out RUN``):
+
+- ``run.json``: the ``RunRecord``. Written last after every epoch, it is the commit point: every file it
+  names is complete, and a crash at any moment leaves the record of the last finished epoch.
+- ``split.json``: train and val image ids.
+- ``history.json``: per-iteration and per-epoch values. Written just before ``run.json``, so after a crash
+  it may hold one epoch more; ``read_history`` cuts it to the record.
+- ``checkpoints/epoch-NNNN.safetensors``: decoder weights + JSON (``fishseg.decoders``), written once and
+  never modified, so the record's SHA-256 of the best one stays true until the record names another.
+- ``checkpoints/epoch-NNNN.resume.safetensors``: AdamW moments, scheduler position and RNG states of the
+  last epoch (tensors in safetensors, the rest JSON; no pickle), until the run finishes.
+- ``.lock``: held (``flock``) by the process training into the folder; the kernel drops it when that
+  process dies, which is how a reader tells a killed run (``running`` in the record) from a live one.
+
+A cross-validation folder holds ``cv.json`` and one run folder per fold (``fold-k``); a sweep folder holds
+``sweep.json`` and one run or cross-validation folder per config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from fishseg import __version__
+from fishseg.config import TrainConfig
+from fishseg.decoders import load_checkpoint, save_checkpoint
+from fishseg.errors import FishsegError
+from fishseg.runtime import atomic_path, file_digest, read_json, write_json
+
+RUN_FILE, SPLIT_FILE, HISTORY_FILE, LOCK_FILE = "run.json", "split.json", "history.json", ".lock"
+CHECKPOINT_DIR, REPORT_DIR = "checkpoints", "report"
+CV_FILE, SWEEP_FILE = "cv.json", "sweep.json"
+RUNNING, FINISHED, INTERRUPTED = "running", "finished", "interrupted"
+STATE_KEY = "fishseg_resume"  # safetensors metadata entry of a resume file
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+    """A file of the run folder that the record vouches for."""
+
+    epoch: int
+    file: str  # relative to the run folder
+    sha256: str
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """``run.json``: what produced the run, how far it got and which checkpoints are its best and last."""
+
+    train_config: TrainConfig
+    cache: dict[str, Any]  # FeatureCache.summary(): path, fingerprint, backbone, image size, images
+    backbone: dict[str, Any]  # the cache's BackboneInfo
+    extract_config: dict[str, Any]  # how to preprocess new images (predict)
+    split: dict[str, Any]  # method, sizes, groups, val images with a near-duplicate in train, fold
+    features: str  # "in memory" or "streamed from HDF5" (of the latest session)
+    device: str
+    processes: int
+    status: str = RUNNING
+    epochs_done: int = 0
+    best_epoch: int = 0
+    best_val_iou: float = -1.0
+    train_seconds: float = 0.0  # inside epochs, summed over sessions
+    checkpoints: dict[str, CheckpointRef] = dataclasses.field(default_factory=dict)  # best, last, resume
+    fishseg_version: str = __version__
+    created_at: str = dataclasses.field(default_factory=lambda: _now())
+
+    @property
+    def epochs_planned(self) -> int:
+        return self.train_config.epochs
+
+    def describe(self) -> str:
+        """E.g. "finished, 20 of 20 epochs, best val IoU 0.7812 at epoch 14"."""
+        best = f", best val IoU {self.best_val_iou:.4f} at epoch {self.best_epoch}" if self.epochs_done else ""
+        return f"{self.status}, {self.epochs_done} of {self.epochs_planned} epochs{best}"
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return {**data, "epochs_planned": self.epochs_planned}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunRecord:
+        fields = {field.name for field in dataclasses.fields(cls)}
+        values = {key: value for key, value in data.items() if key in fields}
+        values["train_config"] = TrainConfig(**data["train_config"])
+        values["checkpoints"] = {role: CheckpointRef(**ref) for role, ref in data.get("checkpoints", {}).items()}
+        return cls(**values)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def holds_run(folder: Path) -> bool:
+    return (folder / RUN_FILE).is_file()
+
+
+def read_record(run_dir: Path) -> RunRecord:
+    """The record of ``run_dir``, with the status a reader should believe: a ``running`` run whose lock
+    nobody holds was killed, and reads as ``interrupted``."""
+    if not holds_run(run_dir):
+        raise FishsegError(f"{run_dir}: not a run folder (no {RUN_FILE}); pass the --out folder of `train`")
+    try:
+        record = RunRecord.from_json(read_json(run_dir / RUN_FILE))
+    except (KeyError, TypeError) as error:
+        raise FishsegError(f"{run_dir / RUN_FILE}: not a fishseg run record ({error})") from None
+    if record.status == RUNNING and not is_locked(run_dir):
+        record.status = INTERRUPTED
+    return record
+
+
+def write_record(run_dir: Path, record: RunRecord) -> None:
+    write_json(run_dir / RUN_FILE, record.to_json())
+
+
+def read_history(run_dir: Path, record: RunRecord) -> dict[str, Any]:
+    """history.json cut to the record's finished epochs (a crash can leave it one epoch ahead)."""
+    history = read_json(run_dir / HISTORY_FILE) if (run_dir / HISTORY_FILE).is_file() else empty_history()
+    done = record.epochs_done
+    return {"epochs": history["epochs"][:done],
+            "iterations": {split: [row for row in rows if row["epoch"] <= done]
+                           for split, rows in history["iterations"].items()}}
+
+
+def empty_history() -> dict[str, Any]:
+    return {"iterations": {"train": [], "val": []}, "epochs": []}
+
+
+def read_split(run_dir: Path) -> dict[str, list[str]]:
+    return read_json(run_dir / SPLIT_FILE)
+
+
+def write_split(run_dir: Path, train_ids: list[str], val_ids: list[str]) -> None:
+    write_json(run_dir / SPLIT_FILE, {"train": train_ids, "val": val_ids})
+
+
+def _checkpoint_path(run_dir: Path, epoch: int, kind: str = "") -> Path:
+    return run_dir / CHECKPOINT_DIR / f"epoch-{epoch:04d}{kind}.safetensors"
+
+
+def _reference(run_dir: Path, path: Path, epoch: int) -> CheckpointRef:
+    return CheckpointRef(epoch, path.relative_to(run_dir).as_posix(), file_digest(path))
+
+
+def write_checkpoint(run_dir: Path, epoch: int, decoder: nn.Module, meta: dict[str, Any]) -> CheckpointRef:
+    """The decoder after ``epoch``, written once (atomically) and referenced by its SHA-256."""
+    path = _checkpoint_path(run_dir, epoch)
+    with atomic_path(path) as tmp:
+        save_checkpoint(tmp, decoder, {**meta, "epoch": epoch})
+    return _reference(run_dir, path, epoch)
+
+
+def verified(run_dir: Path, ref: CheckpointRef) -> Path:
+    """The path of ``ref``, refused when the file is missing or its bytes differ from the record's SHA-256."""
+    path = run_dir / ref.file
+    if not path.is_file():
+        raise FishsegError(f"{path}: missing, though {run_dir / RUN_FILE} names it; train again or restore it")
+    if file_digest(path) != ref.sha256:
+        raise FishsegError(f"{path}: does not match the SHA-256 recorded in {RUN_FILE} (modified or replaced); "
+                           f"train again or restore the file")
+    return path
+
+
+def load_run(run_dir: Path) -> tuple[RunRecord, nn.Module, dict[str, Any]]:
+    """The record, the best decoder and its checkpoint metadata; a modified checkpoint is refused."""
+    record = read_record(run_dir)
+    if "best" not in record.checkpoints:
+        raise FishsegError(f"{run_dir}: no epoch has finished yet ({record.describe()}); "
+                           f"let training finish an epoch, or resume it with `train --resume`")
+    decoder, meta = load_checkpoint(verified(run_dir, record.checkpoints["best"]))
+    return record, decoder, meta
+
+
+def best_checkpoint_digest(run_dir: Path) -> str | None:
+    ref = read_record(run_dir).checkpoints.get("best")
+    return ref.sha256 if ref else None
+
+
+def write_resume_state(run_dir: Path, epoch: int, optimizer: torch.optim.Optimizer,
+                       scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                       generator: torch.Generator) -> CheckpointRef:
+    """What continuing after ``epoch`` needs beyond the decoder: AdamW moments and step counts, the
+    scheduler position, the batch-order/augmentation generator and torch's global RNG."""
+    optimizer_state = optimizer.state_dict()
+    tensors = {"generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+    other: dict[str, Any] = {}
+    for index, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                other[f"{index}.{key}"] = value
+    meta = {"epoch": epoch, "param_groups": optimizer_state["param_groups"], "optimizer_other": other,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    path = _checkpoint_path(run_dir, epoch, ".resume")
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata={STATE_KEY: json.dumps(meta)})
+    return _reference(run_dir, path, epoch)
+
+
+def read_resume_state(run_dir: Path, record: RunRecord, optimizer: torch.optim.Optimizer,
+                      scheduler: torch.optim.lr_scheduler.LRScheduler | None, generator: torch.Generator) -> None:
+    """Restore what ``write_resume_state`` saved after the record's last finished epoch."""
+    path = verified(run_dir, record.checkpoints["resume"])
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as file:
+            meta = json.loads(file.metadata()[STATE_KEY])
+        tensors = safetensors.torch.load_file(str(path))
+    except (OSError, safetensors.SafetensorError, KeyError, ValueError) as error:
+        raise FishsegError(f"{path}: not a fishseg resume file ({error})") from None
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in meta["optimizer_other"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if scheduler is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    generator.set_state(tensors["generator"])
+    torch.set_rng_state(tensors["torch_rng"])
+
+
+def commit_epoch(run_dir: Path, record: RunRecord, history: dict[str, Any]) -> None:
+    """Make the epoch the record now describes the run's state: history first, then the record (the commit
+    point), then drop the checkpoint files the record no longer names. Only the lock holder calls this, so no
+    other writer's temp file is touched."""
+    write_json(run_dir / HISTORY_FILE, history)
+    write_record(run_dir, record)
+    named = {ref.file for ref in record.checkpoints.values()}
+    leftovers = [*(run_dir / CHECKPOINT_DIR).iterdir(), *run_dir.glob(".*.tmp")]  # incl. a killed writer's temp files
+    for path in leftovers:
+        if path.relative_to(run_dir).as_posix() not in named:
+            path.unlink(missing_ok=True)
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove the files a run (and its report) consists of, and nothing else (``--overwrite``)."""
+    for name in (RUN_FILE, SPLIT_FILE, HISTORY_FILE, CV_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    for folder in (CHECKPOINT_DIR, REPORT_DIR):
+        for path in sorted((run_dir / folder).rglob("*"), reverse=True) if (run_dir / folder).is_dir() else ():
+            path.rmdir() if path.is_dir() else path.unlink()
+        if (run_dir / folder).is_dir():
+            (run_dir / folder).rmdir()
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds the folder's training lock."""
+    if not (run_dir / LOCK_FILE).exists():
+        return False
+    with open(run_dir / LOCK_FILE, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+@contextlib.contextmanager
+def training_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the folder's lock while training into it; a second trainer is refused, not interleaved."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "a+b")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FishsegError(f"{run_dir}: another process is training into this folder; wait for it or "
+                               f"stop it first") from None
+        yield
+    finally:
+        handle.close()
+
+
+def differing_fields(recorded: TrainConfig, requested: TrainConfig) -> list[str]:
+    """``name recorded → requested`` for every config field that differs."""
+    old, new = dataclasses.asdict(recorded), dataclasses.asdict(requested)
+    return [f"{name} {old[name]!r} → {new[name]!r}" for name in old if old[name] != new[name]]
+
+
+def read_cv(out_dir: Path) -> dict[str, Any]:
+    return read_json(out_dir / CV_FILE)
+
+
+def write_cv(out_dir: Path, cv: dict[str, Any]) -> None:
+    write_json(out_dir / CV_FILE, cv)
+
+
+def fold_dir(out_dir: Path, fold: int) -> Path:
+    """The run folder of 0-based ``fold``."""
+    return out_dir / f"fold-{fold + 1}"
+
+
+def holds_cv(folder: Path) -> bool:
+    return (folder / CV_FILE).is_file()
+
+
+def holds_sweep(folder: Path) -> bool:
+    return (folder / SWEEP_FILE).is_file()
+
+
+def read_sweep(sweep_dir: Path) -> dict[str, Any]:
+    return read_json(sweep_dir / SWEEP_FILE)
+
+
+def write_sweep(sweep_dir: Path, sweep: dict[str, Any]) -> None:
+    write_json(sweep_dir / SWEEP_FILE, sweep)

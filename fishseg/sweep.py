@@ -1,0 +1,197 @@
+"""``fishseg sweep``: train the Cartesian product of config values over one cache, then compare them.
+
+The cache is opened and loaded once; each config trains into ``OUT/<name>`` (a run folder, or a
+cross-validation folder with ``--cv``) named by the fields that vary, e.g. ``decoder=linear,lr=0.0003``.
+Running the same sweep again skips finished configs and resumes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import re
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from tqdm import tqdm
+
+from fishseg import __version__
+from fishseg.cache import FeatureCache
+from fishseg.compare import Leaderboard, run_compare
+from fishseg.config import TrainConfig
+from fishseg.crossval import cross_validate, plan_cross_validation
+from fishseg.errors import FishsegError
+from fishseg.evaluate import evaluate_run, write_scores
+from fishseg.runs import (FINISHED, REPORT_DIR, RunRecord, differing_fields, holds_cv, holds_run, read_cv,
+                          read_record, read_sweep, write_sweep)
+from fishseg.runtime import resolve_device
+from fishseg.train import TrainingData, plan_run, train_run
+
+logger = logging.getLogger(__name__)
+
+Grid = dict[str, tuple[Any, ...]]
+QUIET_DURING_SWEEP = ("fishseg.train", "fishseg.crossval")  # per-epoch tables would bury the progress lines
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    name: str  # folder name under the sweep folder
+    config: TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepResult:
+    configs: int
+    trained: int  # configs that trained in this session (the others were finished already)
+    wall_seconds: float
+    epoch_seconds: float  # of the wall time, spent inside epochs
+    leaderboard: Leaderboard
+
+    @property
+    def inside_epochs(self) -> float:
+        """Share of the wall time spent inside epochs: the rest is the sweep's own overhead."""
+        return self.epoch_seconds / self.wall_seconds if self.wall_seconds else 0.0
+
+    def closing_line(self) -> str:
+        share = (f", {self.inside_epochs:.0%} of it inside epochs" if self.trained else "")
+        return (f"{self.configs} config{'s' if self.configs != 1 else ''} ({self.trained} trained now) in "
+                f"{self.wall_seconds:.1f} s{share}\n{self.leaderboard.summary()}")
+
+
+def read_grid_file(path: Path, fields: Sequence[str]) -> Grid:
+    """``field = value`` or ``field = [values]`` from a TOML file; names may use - or _."""
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FishsegError(f"{path}: file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise FishsegError(f"{path}: not valid TOML ({error})") from None
+    grid = {key.replace("-", "_"): tuple(value) if isinstance(value, list) else (value,)
+            for key, value in table.items()}
+    unknown = sorted(set(grid) - set(fields))
+    if unknown:
+        raise FishsegError(f"{path}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                           f"known: {', '.join(fields)}")
+    empty = [field for field, values in grid.items() if not values]
+    if empty:
+        raise FishsegError(f"{path}: {', '.join(empty)} has no values")
+    return grid
+
+
+def expand_grid(grid: Grid, folds: int = 0) -> list[SweepConfig]:
+    """Every combination of the grid's values as a validated TrainConfig, named by the fields that vary."""
+    fields = list(grid)
+    varying = [field for field in fields if len(set(grid[field])) > 1]
+    configs, names = [], set()
+    for values in itertools.product(*(grid[field] for field in fields)):
+        chosen = dict(zip(fields, values))
+        try:
+            config = TrainConfig(**chosen, folds=folds)
+        except FishsegError as error:
+            raise FishsegError(f"sweep value {error}") from None
+        name = ",".join(f"{field}={_text(chosen[field])}" for field in varying) or "run"
+        name = re.sub(r"[^\w=,.+-]", "_", name)
+        if name in names:
+            raise FishsegError(f"two configs of the grid get the folder name {name}; list each value once")
+        names.add(name)
+        configs.append(SweepConfig(name, config))
+    return configs
+
+
+def _text(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _check_folder(out_dir: Path, entry: SweepConfig, cache: FeatureCache) -> bool:
+    """Whether ``entry`` is finished already; refuses a folder that holds something else under its name."""
+    folder = out_dir / entry.name
+    if entry.config.folds:
+        plan_cross_validation(folder, entry.config, resume=holds_cv(folder), overwrite=False)
+        return holds_cv(folder) and read_cv(folder)["status"] == FINISHED
+    if holds_run(folder):
+        record = read_record(folder)
+        differing = differing_fields(record.train_config, entry.config)
+        if differing:
+            raise FishsegError(f"{folder}: holds a run of other settings than this sweep's config of that name "
+                               f"({'; '.join(differing)}); use another --out")
+    plan_run(folder, entry.config, cache, resume=holds_run(folder), overwrite=False)
+    return holds_run(folder) and read_record(folder).status == FINISHED
+
+
+def _check_sweep_folder(out_dir: Path, cache: FeatureCache) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FishsegError(f"{out_dir}: exists and is not a folder")
+    if holds_run(out_dir) or holds_cv(out_dir):
+        raise FishsegError(f"{out_dir}: holds a run, not a sweep; use another --out")
+    if (out_dir / "sweep.json").is_file():
+        recorded = read_sweep(out_dir)["cache"]
+        cache.require(recorded, out_dir / "sweep.json")
+
+
+@contextlib.contextmanager
+def _quiet(names: Sequence[str]) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+def run_sweep(cache_path: Path, out_dir: Path, grid: Grid, *, folds: int = 0, device: str = "auto",
+              stream: bool | None = None) -> SweepResult:
+    """Train (or resume, or skip) every config of the grid, score each, and write the leaderboard into
+    ``out_dir``. Everything that would be refused is checked before anything is trained."""
+    started = time.perf_counter()
+    configs = expand_grid(grid, folds)
+    torch_device = resolve_device(device)
+    with FeatureCache(cache_path) as cache:
+        _check_sweep_folder(out_dir, cache)
+        finished = {entry.name for entry in configs if _check_folder(out_dir, entry, cache)}
+        write_sweep(out_dir, {"fishseg_version": __version__, "cache": cache.summary(), "folds": folds,
+                              "grid": {field: list(values) for field, values in grid.items()},
+                              "configs": [{"name": entry.name, "train_config": dataclasses.asdict(entry.config)}
+                                          for entry in configs]})
+        todo = [entry for entry in configs if entry.name not in finished]
+        epoch_seconds = 0.0
+        if todo:
+            data = TrainingData.open(cache, stream)
+            with _quiet(QUIET_DURING_SWEEP):
+                for position, entry in enumerate(todo, start=1):
+                    epoch_seconds += _train_entry(data, out_dir, entry, torch_device, position, len(todo), started)
+    leaderboard = run_compare([out_dir], out_dir, cache_path=cache_path, device=device)
+    return SweepResult(len(configs), len(todo), time.perf_counter() - started, epoch_seconds, leaderboard)
+
+
+def _train_entry(data: TrainingData, out_dir: Path, entry: SweepConfig, device: Any, position: int, total: int,
+                 started: float) -> float:
+    """Train one config (resuming what is there) and score it; returns its seconds inside epochs."""
+    folder, config = out_dir / entry.name, entry.config
+    epochs = config.epochs * max(config.folds, 1)
+    seconds = 0.0
+    with tqdm(total=epochs, unit="epoch", desc=entry.name, leave=False, dynamic_ncols=True) as bar:
+        def on_epoch(record: RunRecord, row: dict[str, float]) -> None:
+            nonlocal seconds
+            seconds += row["seconds"]
+            bar.update(1)
+            bar.set_postfix(val_iou=f"{row['val_iou']:.3f}")
+
+        if config.folds:
+            cv = cross_validate(data, folder, config, device=device, resume=holds_cv(folder), on_epoch=on_epoch)
+            score = f"mean IoU {cv['summary']['mean_iou']['mean']:.4f} ± {cv['summary']['mean_iou']['std']:.4f}"
+        else:
+            train_run(data, folder, config, device=device, resume=holds_run(folder), on_epoch=on_epoch)
+            evaluation = evaluate_run(data.cache, folder, device, full=False)
+            write_scores(folder / REPORT_DIR, evaluation, [data.cache.image_ids[i] for i in evaluation.val_idx])
+            score = f"mean IoU {evaluation.metrics['mean_iou']:.4f}"
+    elapsed = time.perf_counter() - started
+    left = elapsed / position * (total - position)
+    tqdm.write(f"[{position}/{total}] {entry.name}: {score} ({elapsed:.0f} s so far, about {left:.0f} s left)")
+    return seconds

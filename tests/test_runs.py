@@ -1,0 +1,257 @@
+"""The run folder: never lost, resumable to the uninterrupted result, readable at every moment of a crash."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from fishseg.cli import main
+from fishseg.config import TrainConfig
+from fishseg.errors import FishsegError
+from fishseg.evaluate import run_evaluation
+from fishseg.runs import CHECKPOINT_DIR, read_record
+from fishseg.train import run_training
+from tests.helpers import REPO, interrupt_at_pass, write_toy_cache
+
+RECIPE = TrainConfig(decoder="seed-cnn", epochs=6, batch_size=4, lr=3e-3, seed=2, schedule="cosine", augment="flips")
+
+
+def _history_table(run_dir: Path) -> dict[str, np.ndarray]:
+    """Every number of history.json but the seconds, as one array per table."""
+    history = json.loads((run_dir / "history.json").read_text())
+    rows = {"epochs": history["epochs"], **history["iterations"]}
+    return {name: np.array([[value for key, value in row.items() if key != "seconds"] for row in table])
+            for name, table in rows.items()}
+
+
+def _assert_same_run(resumed: Path, reference: Path) -> None:
+    """Equal history (but seconds) and equal best and last weights: the tolerance of the distributed tests."""
+    one, two = _history_table(resumed), _history_table(reference)
+    assert one.keys() == two.keys()
+    for name in one:
+        np.testing.assert_allclose(one[name], two[name], rtol=0, atol=1e-6, err_msg=name)
+    record_one, record_two = read_record(resumed), read_record(reference)
+    assert (record_one.status, record_one.best_epoch) == ("finished", record_two.best_epoch)
+    for role in ("best", "last"):
+        weights_one = load_file(resumed / record_one.checkpoints[role].file)
+        weights_two = load_file(reference / record_two.checkpoints[role].file)
+        assert weights_one.keys() == weights_two.keys()
+        for key in weights_one:
+            torch.testing.assert_close(weights_one[key], weights_two[key], rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An uninterrupted run of RECIPE on a toy cache."""
+    root = tmp_path_factory.mktemp("reference")
+    cache = write_toy_cache(root / "toy.h5", n_images=30)
+    run_training(cache, root / "run", RECIPE, device="cpu")
+    return cache, root / "run"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_one(reference: tuple[Path, Path], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+    cache, reference_run = reference
+    interrupt_at_pass(monkeypatch, 7)  # epoch 4's training
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cache, tmp_path / "run", RECIPE, device="cpu", stream=stream)
+    record = read_record(tmp_path / "run")
+    assert (record.status, record.epochs_done, set(record.checkpoints)) == ("interrupted", 3, {"best", "last", "resume"})
+    monkeypatch.undo()
+    resumed = run_training(cache, tmp_path / "run", RECIPE, device="cpu", stream=stream, resume=True)
+    assert resumed.status == "finished" and "resume" not in resumed.checkpoints
+    assert not list((tmp_path / "run" / CHECKPOINT_DIR).glob("*.resume.safetensors"))  # dropped when finished
+    _assert_same_run(tmp_path / "run", reference_run)
+
+
+def _train_command(cache: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "train_decoder.py"), "--cache", str(cache), "--out", str(out), "--decoder",
+            RECIPE.decoder, "--epochs", str(KILL_EPOCHS), "--batch-size", str(RECIPE.batch_size), "--lr",
+            str(RECIPE.lr), "--seed", str(RECIPE.seed), "--schedule", RECIPE.schedule, "--augment", RECIPE.augment,
+            "--device", "cpu", *extra]
+
+
+KILL_EPOCHS = 14
+EPOCH_LINE = re.compile(r"^\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)s$", re.MULTILINE)
+
+
+def _epochs_logged(log: Path) -> list[tuple[int, float]]:
+    return [(int(epoch), float(seconds)) for epoch, seconds in EPOCH_LINE.findall(log.read_text())]
+
+
+def _kill(command: list[str], log: Path, run_dir: Path, moment: str) -> bool:
+    """Start training and SIGKILL it at ``moment``; False if the run finished first."""
+    checkpoints = run_dir / CHECKPOINT_DIR
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        seen = len(_epochs_logged(log)) if log.exists() else 0
+        while process.poll() is None:
+            if moment == "writing checkpoints":
+                if checkpoints.is_dir() and any(name.endswith(".tmp") for name in (p.name for p in checkpoints.iterdir())):
+                    break
+                continue
+            logged = _epochs_logged(log)
+            if len(logged) > seen:  # an epoch was committed (its line is logged after run.json)
+                if moment == "mid-epoch":
+                    time.sleep(0.4 * logged[-1][1])
+                break
+            time.sleep(0.001)
+        finished = process.poll() is not None
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    return not finished
+
+
+def _moment_seen(run_dir: Path, moment: str, epochs_before: int) -> bool:
+    """Whether the folder shows the kill landed where intended."""
+    record = read_record(run_dir)
+    files = {path.name for path in (run_dir / CHECKPOINT_DIR).iterdir()}
+    leftover_tmp = any(name.endswith(".tmp") for name in files)
+    if moment == "writing checkpoints":
+        return leftover_tmp
+    ahead = f"epoch-{record.epochs_done + 1:04d}.safetensors" in files
+    return record.epochs_done > epochs_before and not leftover_tmp and not ahead
+
+
+def test_sigkill_at_any_moment_then_resume_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """SIGKILL mid-epoch, between epochs and while checkpoints are written; the folder stays evaluable, and
+    --resume ends where an uninterrupted run does."""
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=40, image_size=96, grid=8, dim=256)
+    reference = run_training(cache, tmp_path / "reference", dataclasses.replace(RECIPE, epochs=KILL_EPOCHS),
+                             device="cpu")
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    pending, seen, attempts = ["between epochs", "mid-epoch", "writing checkpoints"], [], 0
+    while pending and attempts < 10:
+        attempts += 1
+        moment = pending[0]
+        before = read_record(run_dir).epochs_done if (run_dir / "run.json").exists() else 0
+        extra = ("--resume",) if (run_dir / "run.json").exists() else ()
+        if not _kill(_train_command(cache, run_dir, *extra), log, run_dir, moment):
+            break
+        if not (run_dir / "run.json").exists():
+            continue  # killed before the first epoch finished: nothing to evaluate yet
+        record = read_record(run_dir)
+        assert record.status == "interrupted", moment  # killed: nobody holds the lock
+        metrics = run_evaluation(cache, run_dir, tmp_path / f"report-{attempts}", device="cpu", report=False)
+        assert metrics["epoch"] == record.best_epoch and metrics["epochs_done"] == record.epochs_done
+        if _moment_seen(run_dir, moment, before):
+            seen.append(moment)
+            pending.pop(0)
+    assert seen == ["between epochs", "mid-epoch", "writing checkpoints"], (seen, attempts)
+    finished = subprocess.run(_train_command(cache, run_dir, "--resume"), capture_output=True, text=True,
+                              timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert read_record(run_dir).train_config == reference.train_config
+    _assert_same_run(run_dir, tmp_path / "reference")
+    assert not any(path.name.endswith(".tmp") for path in (run_dir / CHECKPOINT_DIR).iterdir())  # orphans dropped
+
+
+def _invoke(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(arg) for arg in args])
+    return result.exit_code, result.output
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_an_existing_run_is_never_overwritten_without_being_asked(reference: tuple[Path, Path]) -> None:
+    cache, run_dir = reference
+    before = _snapshot(run_dir)
+    status, output = _invoke("train", "--cache", cache, "--out", run_dir, "--device", "cpu")
+    assert status == 2
+    assert re.fullmatch(rf"Error: {re.escape(str(run_dir))}: already holds a run \(finished, 6 of 6 epochs, best val "
+                        rf"IoU \d\.\d{{4}} at epoch \d\); add --resume to continue it or --overwrite to replace it\n",
+                        output)
+    assert _snapshot(run_dir) == before
+
+
+def test_resume_refuses_other_settings_naming_them(reference: tuple[Path, Path]) -> None:
+    cache, run_dir = reference
+    before = _snapshot(run_dir)
+    status, output = _invoke("train", "--cache", cache, "--out", run_dir, "--epochs", 6, "--batch-size", 4,
+                             "--lr", 0.003, "--seed", 2, "--schedule", "cosine", "--augment", "none", "--resume")
+    assert status == 2 and "other settings (augment 'flips' → 'none')" in output, output
+    assert _snapshot(run_dir) == before
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(reference: tuple[Path, Path]) -> None:
+    cache, run_dir = reference
+    before = _snapshot(run_dir)
+    status, output = _invoke("train", "--cache", cache, "--out", run_dir, "--epochs", 6, "--batch-size", 4,
+                             "--lr", 0.003, "--seed", 2, "--schedule", "cosine", "--augment", "flips", "--resume",
+                             "--device", "cpu")
+    assert status == 0 and output.startswith(f"run finished: {run_dir} (best val IoU"), output
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resume"], "holds no run to resume; drop --resume to start one"),
+    (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+])
+def test_resume_needs_a_run_and_excludes_overwrite(tmp_path: Path, flags: list[str], message: str) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=8)
+    status, output = _invoke("train", "--cache", cache, "--out", tmp_path / "run", *flags)
+    assert status == 2 and message in output and not (tmp_path / "run").exists(), output
+
+
+def test_overwrite_replaces_the_run_and_only_its_files(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
+    run_training(cache, tmp_path / "run", TrainConfig(epochs=2, batch_size=4), device="cpu")
+    run_evaluation(cache, tmp_path / "run", device="cpu", report=False)
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    record = run_training(cache, tmp_path / "run", TrainConfig(epochs=1, batch_size=4, decoder="linear"),
+                          device="cpu", overwrite=True)
+    assert (record.train_config.decoder, record.epochs_done) == ("linear", 1)
+    assert not (tmp_path / "run" / "report").exists() and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert sorted(path.name for path in (tmp_path / "run" / CHECKPOINT_DIR).iterdir()) == ["epoch-0001.safetensors"]
+
+
+def test_a_run_in_progress_is_refused_to_a_second_trainer(tmp_path: Path) -> None:
+    from fishseg.runs import training_lock
+
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=8)
+    with training_lock(tmp_path / "run"):
+        with pytest.raises(FishsegError, match="another process is training into this folder"):
+            run_training(cache, tmp_path / "run", TrainConfig(epochs=1), device="cpu")
+
+
+@pytest.fixture
+def stopped(reference: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """The cache and a run of RECIPE stopped by Ctrl-C in epoch 3 (2 of 6 epochs done)."""
+    cache, _ = reference
+    interrupt_at_pass(monkeypatch, 5)  # epoch 3's training
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cache, tmp_path / "run", RECIPE, device="cpu")
+    return cache, tmp_path / "run"
+
+
+def test_the_report_says_where_an_unfinished_run_stopped(stopped: tuple[Path, Path], tmp_path: Path) -> None:
+    cache, _ = stopped
+    metrics = run_evaluation(cache, tmp_path / "run", tmp_path / "report", device="cpu")
+    assert (metrics["run_status"], metrics["epochs_done"], metrics["epochs_planned"]) == ("interrupted", 2, 6)
+    assert "stopped at epoch 2 of 6: interrupted" in (tmp_path / "report" / "report.md").read_text()
+    assert "stopped at epoch 2 of 6" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_resume_state_is_safetensors_with_every_optimizer_tensor(stopped: tuple[Path, Path], tmp_path: Path) -> None:
+    record = read_record(tmp_path / "run")
+    state = load_file(tmp_path / "run" / record.checkpoints["resume"].file)  # safetensors: no pickle involved
+    parameters = len(list(load_file(tmp_path / "run" / record.checkpoints["last"].file)))
+    moments = [name for name in state if name.startswith("optimizer.")]
+    assert {name.rsplit(".", 1)[1] for name in moments} == {"step", "exp_avg", "exp_avg_sq"}
+    assert len(moments) == 3 * 10 < 3 * parameters  # 10 parameters; batch-norm buffers have no moments
+    assert state["generator"].dtype == torch.uint8 and np.any(state["generator"].numpy())

@@ -1,0 +1,141 @@
+"""`fishseg sweep`: the grid, its folders, one load of the cache, skipping and resuming, and bad grids."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import fishseg.sweep as sweep_module
+import fishseg.train as train_module
+from fishseg.cli import main
+from fishseg.config import TrainConfig
+from fishseg.errors import FishsegError
+from fishseg.runs import read_record
+from fishseg.sweep import expand_grid, read_grid_file
+from fishseg.train import run_training
+from tests.helpers import interrupt_at_pass, write_toy_cache
+
+GRID_ARGS = ["--decoder", "seed-cnn,linear", "--lr", "3e-3,1e-3", "--epochs", "2", "--batch-size", "4"]
+NAMES = {"decoder=seed-cnn,lr=0.003", "decoder=seed-cnn,lr=0.001", "decoder=linear,lr=0.003",
+         "decoder=linear,lr=0.001"}
+
+
+def _sweep(cache: Path, out: Path, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(out), "--device", "cpu", *args])
+    return result.exit_code, result.output
+
+
+def test_the_grid_is_the_cartesian_product_named_by_what_varies() -> None:
+    configs = expand_grid({"decoder": ("seed-cnn", "linear"), "lr": (1e-3, 3e-4), "epochs": (5,)}, folds=3)
+    assert [entry.name for entry in configs] == ["decoder=seed-cnn,lr=0.001", "decoder=seed-cnn,lr=0.0003",
+                                                 "decoder=linear,lr=0.001", "decoder=linear,lr=0.0003"]
+    assert {(c.config.decoder, c.config.lr, c.config.epochs, c.config.folds) for c in configs} == {
+        ("seed-cnn", 1e-3, 5, 3), ("seed-cnn", 3e-4, 5, 3), ("linear", 1e-3, 5, 3), ("linear", 3e-4, 5, 3)}
+    assert [entry.name for entry in expand_grid({"epochs": (5,)})] == ["run"]
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"decoder": ("seed-cnn", "unet")}, "sweep value decoder 'unet': expected one of linear, seed-cnn, progressive"),
+    ({"epochs": (5.5,)}, "sweep value epochs 5.5: expected a whole number >= 1"),
+    ({"lr": (float("nan"),)}, "sweep value lr nan: expected a finite number"),
+])
+def test_bad_grid_values_are_named(grid: dict, message: str) -> None:
+    with pytest.raises(FishsegError, match=message):
+        expand_grid(grid)
+
+
+def test_a_grid_file_takes_lists_and_scalars_and_names_unknown_fields(tmp_path: Path) -> None:
+    good = tmp_path / "grid.toml"
+    good.write_text('decoder = ["seed-cnn", "linear"]\nbatch-size = 4\nlr = [1e-3, 3e-4]\n')
+    assert read_grid_file(good, ("decoder", "batch_size", "lr")) == {
+        "decoder": ("seed-cnn", "linear"), "batch_size": (4,), "lr": (1e-3, 3e-4)}
+    bad = tmp_path / "bad.toml"
+    bad.write_text('decoders = ["linear"]\nlearning_rate = 1\n')
+    with pytest.raises(FishsegError, match="bad.toml: unknown fields decoders, learning_rate; known: decoder"):
+        read_grid_file(bad, ("decoder", "lr"))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("decoder = [\n")
+    with pytest.raises(FishsegError, match="broken.toml: not valid TOML"):
+        read_grid_file(broken, ("decoder",))
+
+
+def test_a_sweep_trains_every_config_once_from_one_load_of_the_cache(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=20)
+    loads = []
+    real_open = train_module.TrainingData.open
+    monkeypatch.setattr(sweep_module.TrainingData, "open", lambda *args: loads.append(1) or real_open(*args))
+    status, output = _sweep(cache, tmp_path / "sweep", *GRID_ARGS)
+    assert status == 0, output
+    assert loads == [1]
+    assert {path.name for path in (tmp_path / "sweep").iterdir() if path.is_dir()} == NAMES
+    assert output.count("] decoder=") == 4 and "[4/4] " in output and "s left)" in output
+    assert "4 configs (4 trained now) in " in output and "% of it inside epochs" in output
+    for name in NAMES:
+        record = read_record(tmp_path / "sweep" / name)
+        assert (record.status, record.epochs_done, record.train_config.batch_size) == ("finished", 2, 4)
+    with (tmp_path / "sweep" / "leaderboard.csv").open(newline="") as handle:
+        assert {row["name"] for row in csv.DictReader(handle)} == NAMES
+    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert sweep["grid"]["lr"] == [3e-3, 1e-3] and len(sweep["configs"]) == 4
+
+    stamps = {name: (tmp_path / "sweep" / name / "run.json").stat().st_mtime_ns for name in NAMES}
+    status, output = _sweep(cache, tmp_path / "sweep", *GRID_ARGS)
+    assert status == 0 and "4 configs (0 trained now)" in output, output
+    assert stamps == {name: (tmp_path / "sweep" / name / "run.json").stat().st_mtime_ns for name in NAMES}
+    assert loads == [1]  # nothing left to train: the cache is not even loaded
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=20)
+    interrupt_at_pass(monkeypatch, 7)  # config 1: epochs 1-2 (4 passes); config 2: epoch 1 (2), then epoch 2
+    status, output = _sweep(cache, tmp_path / "sweep", *GRID_ARGS)
+    assert status == 130 and "run the same command again to continue" in output, output
+    first, second = (tmp_path / "sweep" / name for name in ("decoder=seed-cnn,lr=0.003", "decoder=seed-cnn,lr=0.001"))
+    assert read_record(first).status == "finished"
+    assert (read_record(second).status, read_record(second).epochs_done) == ("interrupted", 1)
+    monkeypatch.undo()
+    status, output = _sweep(cache, tmp_path / "sweep", *GRID_ARGS)
+    assert status == 0 and "4 configs (3 trained now)" in output, output
+    resumed = read_record(second)
+    straight = run_training(cache, tmp_path / "straight", resumed.train_config, device="cpu")
+    assert resumed.status == "finished"
+    assert resumed.best_val_iou == pytest.approx(straight.best_val_iou, abs=1e-6)
+
+
+def test_a_foreign_run_under_a_config_name_is_refused(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
+    run_training(cache, tmp_path / "sweep" / "decoder=linear,lr=0.001", TrainConfig(epochs=1), device="cpu")
+    status, output = _sweep(cache, tmp_path / "sweep", *GRID_ARGS)
+    assert status == 2 and "decoder=linear,lr=0.001: holds a run of other settings" in output, output
+    assert "decoder 'seed-cnn' → 'linear'" in output and not (tmp_path / "sweep" / "sweep.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--decoder", "seed-cnn,unet"], "'unet' is not one of"),
+    (["--lr", "1e-3,inf"], "is not a finite number"),
+    (["--lr", "1e-3,,3e-4"], "an empty value in the list"),
+    (["--cv", "1"], "folds 1: expected 0 (one split) or a whole number >= 2"),
+])
+def test_bad_sweep_options_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=8)
+    status, output = _sweep(cache, tmp_path / "sweep", *args)
+    assert status == 2 and message in output, output
+    assert "Traceback" not in output and not (tmp_path / "sweep").exists()
+
+
+def test_a_cross_validated_sweep_counts_each_config_once(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
+    status, output = _sweep(cache, tmp_path / "sweep", "--decoder", "seed-cnn,linear", "--epochs", "1",
+                            "--batch-size", "4", "--cv", "2")
+    assert status == 0, output
+    for name in ("decoder=seed-cnn", "decoder=linear"):
+        cv = json.loads((tmp_path / "sweep" / name / "cv.json").read_text())
+        assert cv["status"] == "finished" and len(cv["folds"]) == 2
+    with (tmp_path / "sweep" / "leaderboard.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and all(row["folds"] == "2" and row["mean_iou_std"] for row in rows)
