@@ -231,16 +231,20 @@ def probe(cache_path: Path, split: str, group_pattern: str, val_fraction: float,
 @click.option("--backbone", default=None, help="Hub id or local folder [default: the one the run was trained on].")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @workers_option
+@click.option("--skip-bad", is_flag=True, help="Leave unreadable images out (listed, and as rows of predictions.csv).")
 @device_option
 @command
 def predict(inputs: tuple[Path, ...], run_dir: Path, out: Path, backbone: str | None, batch_size: int,
-            num_workers: int | None, device: str) -> None:
+            num_workers: int | None, skip_bad: bool, device: str) -> None:
     """Predict masks for images or folders of images (no masks needed), at each image's own resolution."""
     from fishseg.predict import run_prediction
+    from fishseg.runtime import plural
 
-    csv_path = run_prediction(run_dir, list(inputs), out, backbone=backbone, batch_size=batch_size,
-                              num_workers=num_workers, device=device)
-    click.echo(f"predictions written: {csv_path}")
+    csv_path, skipped = run_prediction(run_dir, list(inputs), out, backbone=backbone, batch_size=batch_size,
+                                       num_workers=num_workers, device=device, skip_bad=skip_bad)
+    for error in skipped:
+        click.echo(f"skipped: {error}")
+    click.echo(f"predictions written: {csv_path}" + (f" ({plural(len(skipped), 'image')} skipped)" if skipped else ""))
 
 
 @click.command("demo")

@@ -20,7 +20,7 @@ from fishseg.metrics import (BOUNDARY_TOLERANCE, THRESHOLD, THRESHOLDS, boundary
                              precision_per_image, recall_per_image, summarize, sweep_thresholds)
 from fishseg.probe import run_probe
 from fishseg.report import Example, ReportData, gallery_positions, write_report
-from fishseg.runtime import atomic_path, autocast, read_json, resolve_device, write_json
+from fishseg.runtime import atomic_path, autocast, make_output_dir, read_json, resolve_device, write_json
 from fishseg.train import BEST_CHECKPOINT, HISTORY_FILE, RUN_FILE, SPLIT_FILE, load_run
 
 logger = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None,
         if report:
             galleries, pca_sample = _report_arrays(decoder, cache, val_idx, scores["iou"],
                                                    run["train_config"]["seed"], torch_device)
+    make_output_dir(out_dir)
     write_json(out_dir / METRICS_FILE, metrics)
     _write_per_image(out_dir / PER_IMAGE_FILE, val_ids, classes, scores)
     if report:

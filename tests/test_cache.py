@@ -124,7 +124,7 @@ def test_require_refuses_another_cache(tmp_path: Path) -> None:
         with pytest.raises(FishsegError, match=r"run.json: made from cache 0123 \(backbone other, image_size 224\) "
                                                r"but .*c.h5 is cache \w+ \(backbone toy, image_size 32\)"):
             cache.require({"fingerprint": "0123", "backbone": "other", "image_size": 224}, tmp_path / "run.json")
-        with pytest.raises(FishsegError, match="split.json: 1 images are not in cache"):
+        with pytest.raises(FishsegError, match="split.json: 1 image not in cache"):
             cache.indices_of(["class0/000.png", "nope.png"], tmp_path / "split.json")
         assert cache.indices_of(["class1/003.png", "class0/000.png"], tmp_path).tolist() == [3, 0]
 

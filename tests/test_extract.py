@@ -99,3 +99,13 @@ def test_image_size_must_be_a_multiple_of_the_patch(tmp_path: Path, kaggle_root:
     with pytest.raises(FishsegError, match="--image-size 60: not divisible by the backbone's patch size 8; try 56"):
         run_extraction(kaggle_root, tmp_path / "c.h5", bad, num_workers=0, device="cpu")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_relative_backbone_folder_is_recorded_as_an_absolute_path(tmp_path: Path, kaggle_root: Path,
+                                                                     tiny_backbone: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tiny_backbone.parent)
+    config = dataclasses.replace(tiny_extract_config(tiny_backbone), backbone=tiny_backbone.name)
+    run_extraction(kaggle_root, tmp_path / "c.h5", config, num_workers=0, device="cpu")
+    with FeatureCache(tmp_path / "c.h5") as cache:
+        assert cache.config.backbone == cache.backbone.name == str(tiny_backbone)
