@@ -180,8 +180,12 @@ def evaluate(cache_path: Path, run_dir: Path, out: Path | None, device: str) -> 
 
 
 def _summary(metrics: dict[str, Any], out: Path) -> str:
-    lines = [f"{metrics['n_images']} validation images: mean IoU {metrics['mean_iou']:.4f}, "
-             f"mean Dice {metrics['mean_dice']:.4f} (backbone {metrics['backbone']})"]
+    from fishseg.runtime import plural
+
+    lines = [f"{plural(metrics['n_images'], 'validation image')}: mean IoU {metrics['mean_iou']:.4f}, "
+             f"reference batch IoU {metrics['reference_batch_iou']:.4f}, mean Dice {metrics['mean_dice']:.4f} "
+             f"(backbone {metrics['backbone']}); {metrics['val_with_duplicate_in_train']} with a near-duplicate "
+             f"in training"]
     if metrics["random_init"]:
         lines.append("NOTE: the backbone is RANDOM-INIT; these numbers say nothing about DINOv3 features.")
     lines.append(f"report: {out}")

@@ -16,8 +16,9 @@ import torch
 
 from fishseg.cache import FeatureCache
 from fishseg.decoders import segment
-from fishseg.metrics import (BOUNDARY_TOLERANCE, THRESHOLD, THRESHOLDS, boundary_f_per_image, pixel_counts,
-                             precision_per_image, recall_per_image, summarize, sweep_thresholds)
+from fishseg.metrics import (BOUNDARY_TOLERANCE, REFERENCE_BATCH, THRESHOLD, THRESHOLDS, batch_pooled_iou,
+                             boundary_f_per_image, pixel_counts, precision_per_image, recall_per_image, summarize,
+                             sweep_thresholds)
 from fishseg.probe import run_probe
 from fishseg.report import Example, ReportData, gallery_positions, write_report
 from fishseg.runtime import atomic_path, autocast, make_output_dir, read_json, resolve_device, write_json
@@ -138,6 +139,8 @@ def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None,
             "val_with_duplicate_in_train": run["split"]["val_with_duplicate_in_train"],
             **summarize_scores(scores, classes, val_ids),
             "pooled_iou": float(raw["intersection"].sum() / max(raw["union"].sum(), 1)),
+            "reference_batch_iou": batch_pooled_iou(raw["intersection"], raw["union"], REFERENCE_BATCH),
+            "reference_batch_size": REFERENCE_BATCH,
             "threshold_sweep": summarize_sweep(raw),
             "species_probe": run_probe(cache, cache.indices_of(split["train"], run_dir / SPLIT_FILE), val_idx),
         }

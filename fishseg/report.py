@@ -33,6 +33,9 @@ OVERLAY_COLOURS = {  # region → (colour name for the legend, RGB)
 }
 TRAIN_COLOUR, VAL_COLOUR = "tab:blue", "tab:orange"
 RANDOM_INIT_NOTE = "Backbone is random-init: these numbers measure the pipeline, not what DINOv3 features can do."
+REFERENCE_NOTE = ("Reference batch IoU is the number the reference notebook reports as validation IoU: the mean, over "
+                  "validation batches in loader order, of the IoU of all the batch's pixels pooled, so large fish "
+                  "weigh more and the batching matters; mean IoU weighs every image alike.")
 
 CURVES = (  # (file, title, history split, value, y label)
     ("01_train_iteration_loss.png", "Train loss per iteration", "train", "loss", "BCE loss"),
@@ -272,6 +275,8 @@ def summary_rows(data: ReportData) -> list[tuple[str, str, str | None]]:
         ("checkpoint", f"{metrics['checkpoint']} (epoch {metrics['epoch']})", None),
         ("validation images", str(metrics["n_images"]), "n_images"),
         ("mean IoU", fmt(metrics["mean_iou"]), "mean_iou"),
+        (f"reference batch IoU (batches of {metrics['reference_batch_size']}, pixels pooled)",
+         fmt(metrics["reference_batch_iou"]), "reference_batch_iou"),
         ("mean Dice", fmt(metrics["mean_dice"]), "mean_dice"),
         ("median IoU", fmt(metrics["median_iou"]), "median_iou"),
         ("median Dice", fmt(metrics["median_dice"]), "median_dice"),
@@ -305,6 +310,7 @@ def epoch_rows(history: dict[str, Any]) -> list[list[str]]:
 def markdown(data: ReportData, files: dict[str, str]) -> str:
     lines = ["# fishseg report", ""]
     lines += [f"- {label}: {value}" for label, value, _ in summary_rows(data)]
+    lines += ["", REFERENCE_NOTE]
     if data.metrics["random_init"]:
         lines += ["", f"**{RANDOM_INIT_NOTE}**"]
     sections = [("Per class", PER_CLASS_HEADER, per_class_rows(data.metrics)),
@@ -350,6 +356,7 @@ def page(data: ReportData, files: dict[str, str]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>fishseg report</title><style>{STYLE}</style></head><body>
 <h1>fishseg report</h1>{warning}
 <table class="summary">{summary}</table>
+<p>{html.escape(REFERENCE_NOTE)}</p>
 <p>Per-image scores: <a href="per_image.csv">per_image.csv</a>;
 all numbers: <a href="metrics.json">metrics.json</a>.</p>
 <h2>Training curves</h2><div class="grid">{curves}</div>

@@ -29,7 +29,9 @@ def test_the_three_scripts_end_to_end(tmp_path: Path, kaggle_root: Path, tiny_ba
     evaluate = _script("evaluate.py", "--cache", cache, "--run", run, "--out", report, "--device", "cpu")
     assert evaluate.returncode == 0, evaluate.stderr
     metrics = json.loads((report / "metrics.json").read_text())
-    assert f"mean IoU {metrics['mean_iou']:.4f}" in evaluate.stdout
+    assert (f"2 validation images: mean IoU {metrics['mean_iou']:.4f}, reference batch IoU "
+            f"{metrics['reference_batch_iou']:.4f}") in evaluate.stdout
+    assert f"; {metrics['val_with_duplicate_in_train']} with a near-duplicate in training" in evaluate.stdout
     assert "RANDOM-INIT" in evaluate.stdout and metrics["n_images"] == 2  # 20% of 12
 
 

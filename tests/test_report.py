@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fishseg.report import DPI, Example, _gallery_figure, fmt, gallery_positions
+from fishseg.report import DPI, REFERENCE_NOTE, Example, _gallery_figure, fmt, gallery_positions
 
 CURVE_FILES = ["01_train_iteration_loss.png", "02_train_iteration_iou.png", "03_epoch_loss.png",
                "04_val_iteration_loss.png", "05_epoch_iou.png", "06_val_iteration_iou.png"]
@@ -42,10 +43,13 @@ def test_page_and_markdown_show_the_numbers_of_metrics_json(report: Path, evalua
                      "n_images": str(metrics["n_images"]), "mean_iou": fmt(metrics["mean_iou"]),
                      "mean_dice": fmt(metrics["mean_dice"]), "median_iou": fmt(metrics["median_iou"]),
                      "median_dice": fmt(metrics["median_dice"]), "threshold": str(metrics["threshold"]),
-                     "mean_boundary_f": fmt(metrics["mean_boundary_f"]), "pooled_iou": fmt(metrics["pooled_iou"])}
+                     "mean_boundary_f": fmt(metrics["mean_boundary_f"]), "pooled_iou": fmt(metrics["pooled_iou"]),
+                     "reference_batch_iou": fmt(metrics["reference_batch_iou"])}
     markdown = (report / "report.md").read_text()
     assert f"- mean IoU: {fmt(metrics['mean_iou'])}" in markdown
     assert f"- mean Dice: {fmt(metrics['mean_dice'])}" in markdown
+    assert f"- reference batch IoU (batches of 8, pixels pooled): {fmt(metrics['reference_batch_iou'])}" in markdown
+    assert REFERENCE_NOTE in markdown and html.escape(REFERENCE_NOTE) in page
     for name, summary in metrics["per_class"].items():
         row = f"| {name} | {summary['n_images']} | {fmt(summary['mean_iou'])} | {fmt(summary['median_iou'])} |"
         assert row in markdown and f"<td>{name}</td><td>{summary['n_images']}</td>" in page
