@@ -27,6 +27,7 @@ from PIL import Image, ImageOps
 from sklearn.model_selection import KFold, StratifiedGroupKFold
 
 from fishseg.errors import FishsegError
+from fishseg.runtime import plural
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 KAGGLE_MASK_SUFFIX = " GT"
@@ -118,14 +119,14 @@ def _pair_folder(image_dir: Path, mask_dir: Path, class_name: str, data_root: Pa
     if not images:
         return []
     if not mask_dir.is_dir():
-        raise FishsegError(f"{mask_dir}: mask folder missing for the {len(images)} images in {image_dir}")
+        raise FishsegError(f"{mask_dir}: mask folder missing for the {plural(len(images), 'image')} in {image_dir}")
     masks = _image_files(mask_dir)
     unpaired = sorted(set(images) ^ set(masks))
     if unpaired:
         listed = [str(images.get(stem) or masks[stem]) for stem in unpaired]
         more = f" and {len(listed) - MAX_LISTED} more" if len(listed) > MAX_LISTED else ""
         raise FishsegError(
-            f"{image_dir}: {len(listed)} files without a partner in {mask_dir.name}/ or "
+            f"{image_dir}: {plural(len(listed), 'file')} without a partner in {mask_dir.name}/ or "
             f"{image_dir.name}/: {', '.join(listed[:MAX_LISTED])}{more}"
         )
     return [
@@ -307,8 +308,8 @@ def grouped_folds(groups: np.ndarray, classes: np.ndarray, n_folds: int, seed: i
     """K folds that never split a group, stratified by class where the groups allow (StratifiedGroupKFold)."""
     n_groups = len(np.unique(groups))
     if n_groups < n_folds:
-        raise FishsegError(f"{n_groups} groups of near-duplicates are too few for {n_folds} folds; use fewer folds "
-                           f"or --split random")
+        raise FishsegError(f"{plural(n_groups, 'group')} of near-duplicates are too few for {n_folds} folds; use "
+                           f"fewer folds or --split random")
     folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return [(np.sort(train), np.sort(val)) for train, val in folds.split(np.zeros(len(groups)), classes, groups)]
 

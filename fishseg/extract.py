@@ -24,7 +24,7 @@ from fishseg.config import DEFAULT_COMPRESSION, ExtractConfig
 from fishseg.data import ExtractionDataset, Sample, discover_samples, near_duplicate_groups, thumbnails
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
-from fishseg.runtime import default_num_workers, make_output_dir, resolve_device
+from fishseg.runtime import default_num_workers, make_output_dir, plural, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ran
     if not ranks.main:
         store = PartStore.open(out, manifest)
     workers = default_num_workers() if num_workers is None else num_workers
-    logger.info("extracting %d images with %s on %s (%d workers%s); progress is kept in %s", len(samples),
-                config.backbone, torch_device, workers,
+    logger.info("extracting %s with %s on %s (%s%s); progress is kept in %s", plural(len(samples), "image"),
+                config.backbone, torch_device, plural(workers, "worker"),
                 f", rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "", parts_dir(out))
     try:
         _extract_batches(store, samples, backbone, config, workers, skip_bad, ranks)
@@ -163,5 +163,6 @@ def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ran
         return out
     n_skipped = _assemble(store, out, config, backbone, samples, compression)
     discard_parts(out)
-    logger.info("wrote %s (%d images%s)", out, len(samples) - n_skipped, f", {n_skipped} skipped" if n_skipped else "")
+    logger.info("wrote %s (%s%s)", out, plural(len(samples) - n_skipped, "image"),
+                f", {n_skipped} skipped" if n_skipped else "")
     return out
