@@ -185,7 +185,8 @@ def foreign_hdf5(ctx: Context) -> list[str]:
 
 
 def interrupted_cache(ctx: Context) -> list[str]:
-    fishseg.cache.PartStore.open(ctx.root / "c.h5", {"batch_size": 2, "image_ids": ["a"]})
+    store = fishseg.cache.PartStore.open(ctx.root / "c.h5", {"batch_size": 2, "image_ids": ["a", "b", "c"]})
+    store.write(0, 2, features=np.zeros((2, 1)))
     return ctx.train(ctx.root / "c.h5")
 
 
@@ -241,11 +242,13 @@ CASES: list[tuple[str, Callable[[Context], list[str]], str]] = [
     ("truncated HDF5 as cache", truncated_hdf5, r"c.h5: not a readable HDF5 file"),
     ("foreign HDF5 as cache", foreign_hdf5, r"c.h5: HDF5 file is not a fishseg cache"),
     ("interrupted cache", interrupted_cache,
-     r"c.h5: extraction is incomplete \(0 of 1 images done\); run the same extract command again to resume"),
+     r"c.h5: extraction is incomplete \(2 of 3 images done\); run the same extract command again to resume"),
     ("cache of another image size", cache_of_another_image_size,
      r"run.json: made from cache \w+ \(backbone toy, image_size 32\) but .*c.h5 is cache \w+ \(backbone toy, "
      r"image_size 64\)"),
     ("run from another cache", run_from_another_cache, r"run.json: made from cache .*pass the cache it was trained on"),
+    ("not a run folder", lambda ctx: ctx.evaluate(ctx.evaluated[0], _mkdir(ctx.root)),
+     r"input: not a run folder \(no run.json\); pass the --out folder of `train`"),
     ("tampered checkpoint", tampered_checkpoint, r"best.safetensors: does not match the SHA-256 recorded in run.json"),
     ("NaN in every feature", lambda ctx: ctx.train(ctx.poisoned_cache(float("nan"))),
      r"c.h5: features of 16 images hold NaN or inf \(class0/000.png, .* and 11 more\); extract again"),

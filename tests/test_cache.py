@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 
 import h5py
@@ -58,15 +57,6 @@ def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_interrupted_extraction_is_reported_with_a_resume_hint(tmp_path: Path) -> None:
-    store = PartStore.open(tmp_path / "c.h5", {"batch_size": 2, "image_ids": ["a", "b", "c"]})
-    assert store.batches() == [(0, 2), (2, 3)] and store.done() == []
-    store.write(0, 2, features=np.zeros((2, 1)))
-    with pytest.raises(FishsegError, match=r"c.h5: extraction is incomplete \(2 of 3 images done\); run the same "
-                                           r"extract command again to resume"):
-        FeatureCache(tmp_path / "c.h5")
-
-
 def test_part_store_resumes_a_matching_manifest_and_refuses_another(tmp_path: Path) -> None:
     manifest = {"batch_size": 2, "image_ids": ["a", "b", "c"]}
     PartStore.open(tmp_path / "c.h5", manifest).write(2, 3, features=np.ones((1, 4)))
@@ -78,28 +68,6 @@ def test_part_store_resumes_a_matching_manifest_and_refuses_another(tmp_path: Pa
         PartStore.open(tmp_path / "c.h5", other)
     assert PartStore.open(tmp_path / "c.h5", other, discard_other=True).done() == []
     assert [p.name for p in (tmp_path / "c.h5.parts").iterdir()] == ["manifest.json"]
-
-
-def test_failed_part_write_leaves_no_file_and_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = PartStore.open(tmp_path / "c.h5", {"batch_size": 2, "image_ids": ["a", "b"]})
-
-    def disk_full(*args: object, **kwargs: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(np, "savez", disk_full)
-    with pytest.raises(FishsegError, match=r"00000000-00000002.npz: cannot write \(No space left on device\)"):
-        store.write(0, 2, features=np.zeros(2))
-    assert [p.name for p in (tmp_path / "c.h5.parts").iterdir()] == ["manifest.json"]
-
-
-def test_foreign_files_are_refused(tmp_path: Path) -> None:
-    (tmp_path / "text.h5").write_text("hello")
-    with h5py.File(tmp_path / "other.h5", "w") as file:
-        file["x"] = [1, 2]
-    with pytest.raises(FishsegError, match="text.h5: not a readable HDF5 file"):
-        FeatureCache(tmp_path / "text.h5")
-    with pytest.raises(FishsegError, match="other.h5: HDF5 file is not a fishseg cache"):
-        FeatureCache(tmp_path / "other.h5")
 
 
 def test_other_format_version_is_refused(tmp_path: Path) -> None:
