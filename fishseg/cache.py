@@ -215,7 +215,7 @@ def non_finite_rows(features: np.ndarray) -> np.ndarray:
     A float32 sum per row carries any NaN or inf through, cannot overflow for float16 inputs, and needs
     no full-size boolean copy of a split held in memory.
     """
-    sums = features.reshape(len(features), -1).sum(axis=1, dtype=np.float32)
+    sums = features.reshape(len(features), int(np.prod(features.shape[1:]))).sum(axis=1, dtype=np.float32)
     return np.flatnonzero(~np.isfinite(sums))
 
 

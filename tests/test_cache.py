@@ -110,3 +110,15 @@ def test_compression_changes_storage_not_content(tmp_path: Path, compression: st
 def test_unknown_compression_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FishsegError, match="unknown compression 'zstd'"):
         CacheWriter(tmp_path / "c.h5", CONFIG, INFO, SAMPLES, "zstd")
+
+
+def test_non_finite_features_are_refused_with_the_image_ids_and_an_empty_read_is_fine(tmp_path: Path) -> None:
+    path = write_toy_cache(tmp_path / "c.h5", n_images=8)
+    with h5py.File(path, "r+") as file:
+        file["features"][2, 1, 1, 0], file["features"][5, 0, 0, 3] = np.inf, np.nan
+    with FeatureCache(path) as cache:
+        assert cache.features([]).shape == (0, 8, 8, 16)  # a torchrun rank idle for a batch reads nothing
+        assert np.isfinite(cache.features([0, 1, 3])).all()
+        with pytest.raises(FishsegError, match=r"c.h5: features of 2 images hold NaN or inf \(class1/005.png, "
+                                               r"class0/002.png\); extract again"):
+            cache.features([5, 0, 2])
