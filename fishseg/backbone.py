@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -50,12 +51,15 @@ def load_backbone(name: str, mean: tuple, std: tuple, device: torch.device) -> B
 
     Never runs remote code: a directory that ships its own modelling code is refused.
     """
-    local = Path(name)
+    local = Path(name).expanduser()
     if local.is_dir():
         _refuse_custom_code(local)
+    elif looks_like_path(name):
+        raise FishsegError(f"backbone {name}: no such folder (a local backbone is a folder saved with "
+                           f"save_pretrained)")
     transformers_logging.disable_progress_bar()  # fishseg shows its own progress
     try:
-        model = AutoModel.from_pretrained(name, trust_remote_code=False)
+        model = AutoModel.from_pretrained(local if local.is_dir() else name, trust_remote_code=False)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise FishsegError(
@@ -64,6 +68,19 @@ def load_backbone(name: str, mean: tuple, std: tuple, device: torch.device) -> B
             f"with save_pretrained)"
         ) from None
     return Backbone(model, describe(model, name), mean, std, device)
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path: a Hub id is ``name`` or ``org/name``, never starts with
+    ``.``, ``/`` or ``~`` and holds no backslash. (``dir/model`` reads as a Hub id: hence absolute paths in caches.)"""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def backbone_reference(name: str) -> str:
+    """What a cache records for ``name``: the absolute path of a local folder, so that it still loads from
+    another working directory; a Hub id unchanged."""
+    local = Path(name).expanduser()
+    return os.path.abspath(local) if local.is_dir() else name
 
 
 def _refuse_custom_code(directory: Path) -> None:

@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterator, Sequence
@@ -42,12 +41,13 @@ from fishseg.config import (COMPRESSIONS, DEFAULT_COMPRESSION, BackboneInfo, Ext
                             to_json)
 from fishseg.data import Sample
 from fishseg.errors import FishsegError
-from fishseg.runtime import read_json, write_json
+from fishseg.runtime import atomic_path, plural, read_json, write_json
 
 FORMAT_VERSION = 2  # 2: sources, skipped_ids/_reasons and groups added
 DATASETS = ("features", "masks", "previews", "image_ids", "class_names", "class_index", "sources", "skipped_ids",
             "skipped_reasons", "groups")
 STRING = h5py.string_dtype("utf-8")
+MAX_NAMED = 5  # image ids named in an error before "and N more"
 
 
 def cache_fingerprint(config: ExtractConfig, backbone: BackboneInfo, image_ids: Sequence[str]) -> str:
@@ -160,8 +160,16 @@ class FeatureCache:
                    for name in ("features", "masks"))
 
     def features(self, indices: Sequence[int]) -> np.ndarray:
-        """float16 B×h×w×D for the given image indices, in the given order."""
-        return _take(self.file["features"], indices)
+        """float16 B×h×w×D for the given image indices, in the given order; NaN or inf is refused, so that
+        no reader turns a damaged cache into numbers."""
+        features = _take(self.file["features"], indices)
+        bad = non_finite_rows(features)
+        if bad.size:
+            ids = [self.image_ids[int(np.asarray(indices)[k])] for k in bad]
+            more = f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else ""
+            raise FishsegError(f"{self.path}: features of {plural(len(ids), 'image')} hold NaN or inf "
+                               f"({', '.join(ids[:MAX_NAMED])}{more}); extract again with --overwrite")
+        return features
 
     def masks(self, indices: Sequence[int]) -> np.ndarray:
         """uint8 B×S×S in {0, 1}."""
@@ -176,7 +184,7 @@ class FeatureCache:
         position = {image_id: i for i, image_id in enumerate(self.image_ids)}
         missing = [image_id for image_id in image_ids if image_id not in position]
         if missing:
-            raise FishsegError(f"{source}: {len(missing)} images are not in cache {self.path}, e.g. {missing[0]}")
+            raise FishsegError(f"{source}: {plural(len(missing), 'image')} not in cache {self.path}, e.g. {missing[0]}")
         return np.array([position[image_id] for image_id in image_ids], dtype=np.int64)
 
     def summary(self) -> dict[str, Any]:
@@ -199,6 +207,16 @@ class FeatureCache:
         current = {sample.image_id: sample.source_stat for sample in samples}
         return {"added": len(set(current) - known), "removed": len(known - set(current)),
                 "modified": sum(1 for i, stat in current.items() if i in stored and stored[i] != stat)}
+
+
+def non_finite_rows(features: np.ndarray) -> np.ndarray:
+    """Positions of the images (rows of B×…) whose features hold NaN or inf.
+
+    A float32 sum per row carries any NaN or inf through, cannot overflow for float16 inputs, and needs
+    no full-size boolean copy of a split held in memory.
+    """
+    sums = features.reshape(len(features), int(np.prod(features.shape[1:]))).sum(axis=1, dtype=np.float32)
+    return np.flatnonzero(~np.isfinite(sums))
 
 
 def _describe(summary: dict[str, Any]) -> str:
@@ -269,14 +287,8 @@ class PartStore:
 
     def write(self, start: int, stop: int, **arrays: np.ndarray) -> None:
         target = self._file(start, stop)
-        with disk_errors(target):
-            fd, name = tempfile.mkstemp(prefix=".batch-", suffix=".tmp", dir=self.dir)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    np.savez(handle, **arrays)
-                os.replace(name, target)
-            finally:
-                Path(name).unlink(missing_ok=True)
+        with disk_errors(target), atomic_path(target) as tmp, tmp.open("wb") as handle:
+            np.savez(handle, **arrays)
 
     def read(self, start: int, stop: int, *names: str) -> dict[str, np.ndarray]:
         """The named arrays of one batch (all when none are named); others are not read."""
@@ -295,6 +307,15 @@ def incomplete_extraction(path: Path) -> str | None:
         return None
     store = PartStore(path, read_json(manifest))
     return f"{sum(stop - start for start, stop in store.done())} of {store.n_images} images"
+
+
+def is_cache(path: Path) -> bool:
+    """Whether ``path`` is an HDF5 file that fishseg wrote (of any format version)."""
+    try:
+        with h5py.File(path, "r") as file:
+            return "format_version" in file.attrs
+    except OSError:
+        return False
 
 
 def _open_checked(path: Path) -> h5py.File:

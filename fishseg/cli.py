@@ -217,6 +217,7 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
     floating-point order.
     """
     from fishseg.crossval import run_cross_validation
+    from fishseg.runtime import plural
     from fishseg.train import run_training
 
     config = TrainConfig(**fields, folds=folds)
@@ -230,10 +231,9 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
         return
     record = run_training(cache_path, out, config, device=device, stream=stream, resume=resume, overwrite=overwrite)
     if is_main_process():
-        duplicates = record.split["val_with_duplicate_in_train"]
+        duplicates = plural(record.split["val_with_duplicate_in_train"], "val image")
         click.echo(f"run {record.status}: {out} (best val IoU {record.best_val_iou:.4f} at epoch {record.best_epoch} "
-                   f"of {record.epochs_planned}; {duplicates} val image{'' if duplicates == 1 else 's'} with a "
-                   f"near-duplicate in train)")
+                   f"of {record.epochs_planned}; {duplicates} with a near-duplicate in train)")
 
 
 @click.command("sweep")
@@ -311,8 +311,12 @@ def evaluate(cache_path: Path, run_dir: Path, out: Path | None, device: str) -> 
 
 
 def _summary(metrics: dict[str, Any], out: Path) -> str:
-    lines = [f"{metrics['n_images']} validation images: mean IoU {metrics['mean_iou']:.4f}, "
-             f"mean Dice {metrics['mean_dice']:.4f} (backbone {metrics['backbone']})"]
+    from fishseg.runtime import plural
+
+    lines = [f"{plural(metrics['n_images'], 'validation image')}: mean IoU {metrics['mean_iou']:.4f}, "
+             f"reference batch IoU {metrics['reference_batch_iou']:.4f}, mean Dice {metrics['mean_dice']:.4f} "
+             f"(backbone {metrics['backbone']}); {metrics['val_with_duplicate_in_train']} with a near-duplicate "
+             f"in training"]
     if metrics["random_init"]:
         lines.append("NOTE: the backbone is RANDOM-INIT; these numbers say nothing about DINOv3 features.")
     lines.append(f"report: {out}")
@@ -362,16 +366,20 @@ def probe(cache_path: Path, split: str, group_pattern: str, val_fraction: float,
 @click.option("--backbone", default=None, help="Hub id or local folder [default: the one the run was trained on].")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @workers_option
+@click.option("--skip-bad", is_flag=True, help="Leave unreadable images out (listed, and as rows of predictions.csv).")
 @device_option
 @command
 def predict(inputs: tuple[Path, ...], run_dir: Path, out: Path, backbone: str | None, batch_size: int,
-            num_workers: int | None, device: str) -> None:
+            num_workers: int | None, skip_bad: bool, device: str) -> None:
     """Predict masks for images or folders of images (no masks needed), at each image's own resolution."""
     from fishseg.predict import run_prediction
+    from fishseg.runtime import plural
 
-    csv_path = run_prediction(run_dir, list(inputs), out, backbone=backbone, batch_size=batch_size,
-                              num_workers=num_workers, device=device)
-    click.echo(f"predictions written: {csv_path}")
+    csv_path, skipped = run_prediction(run_dir, list(inputs), out, backbone=backbone, batch_size=batch_size,
+                                       num_workers=num_workers, device=device, skip_bad=skip_bad)
+    for error in skipped:
+        click.echo(f"skipped: {error}")
+    click.echo(f"predictions written: {csv_path}" + (f" ({plural(len(skipped), 'image')} skipped)" if skipped else ""))
 
 
 @click.command("demo")

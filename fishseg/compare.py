@@ -23,7 +23,7 @@ from fishseg.evaluate import METRICS_FILE, PER_IMAGE_FILE, evaluate_run
 from fishseg.leaderboard import LeaderboardEntry, write_leaderboard
 from fishseg.runs import (REPORT_DIR, RunRecord, fold_dir, holds_cv, holds_run, holds_sweep, read_cv, read_history,
                           read_record, read_split, read_sweep)
-from fishseg.runtime import read_json, resolve_device
+from fishseg.runtime import make_output_dir, read_json, resolve_device
 from fishseg.stats import compare_to_reference
 
 DEFAULT_OUT = Path("compare")
@@ -231,7 +231,7 @@ def run_compare(folders: Sequence[Path], out_dir: Path, *, baseline: Path | None
     fields = _differing(entries)
     board = [_leaderboard_entry(entry, fields, comparisons.get(entry.name)) for entry in entries]
     board.sort(key=lambda entry: -entry.mean_iou)
-    write_leaderboard(out_dir, board, reference=reference, notes=_notes(entries, image_ids))
+    write_leaderboard(make_output_dir(out_dir), board, reference=reference, notes=_notes(entries, image_ids))
     return Leaderboard(out_dir, board, reference)
 
 

@@ -23,10 +23,11 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from sklearn.model_selection import KFold, StratifiedGroupKFold
 
 from fishseg.errors import FishsegError
+from fishseg.runtime import plural
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 KAGGLE_MASK_SUFFIX = " GT"
@@ -118,14 +119,14 @@ def _pair_folder(image_dir: Path, mask_dir: Path, class_name: str, data_root: Pa
     if not images:
         return []
     if not mask_dir.is_dir():
-        raise FishsegError(f"{mask_dir}: mask folder missing for the {len(images)} images in {image_dir}")
+        raise FishsegError(f"{mask_dir}: mask folder missing for the {plural(len(images), 'image')} in {image_dir}")
     masks = _image_files(mask_dir)
     unpaired = sorted(set(images) ^ set(masks))
     if unpaired:
         listed = [str(images.get(stem) or masks[stem]) for stem in unpaired]
         more = f" and {len(listed) - MAX_LISTED} more" if len(listed) > MAX_LISTED else ""
         raise FishsegError(
-            f"{image_dir}: {len(listed)} files without a partner in {mask_dir.name}/ or "
+            f"{image_dir}: {plural(len(listed), 'file')} without a partner in {mask_dir.name}/ or "
             f"{image_dir.name}/: {', '.join(listed[:MAX_LISTED])}{more}"
         )
     return [
@@ -135,9 +136,11 @@ def _pair_folder(image_dir: Path, mask_dir: Path, class_name: str, data_root: Pa
 
 
 def _open(path: Path) -> Image.Image:
+    """Decode an image upright: a phone photo's EXIF orientation tag is applied, as viewers do."""
     try:
         with Image.open(path) as image:
             image.load()
+            ImageOps.exif_transpose(image, in_place=True)
             return image
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise FishsegError(f"{path}: cannot read image ({error})") from None
@@ -150,7 +153,7 @@ def read_rgb(path: Path) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         scale = 257.0 if values.max() > 255 else 1.0
         image = Image.fromarray(np.clip(values / scale, 0, 255).astype(np.uint8), mode="L")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def read_mask(path: Path) -> Image.Image:
@@ -182,7 +185,8 @@ def collect_images(inputs: list[Path]) -> list[Path]:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images without masks, for prediction: ``(image 3×S×S uint8, original (width, height), error)``."""
+    """Images without masks, for prediction: ``(image 3×S×S uint8, error)``, zeros and a one-line error for an
+    image that cannot be read."""
 
     def __init__(self, paths: list[Path], image_size: int) -> None:
         self.paths, self.image_size = paths, image_size
@@ -190,13 +194,12 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         try:
             image = read_rgb(self.paths[index])
         except FishsegError as error:
-            blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
-            return blank, torch.zeros(2, dtype=torch.int64), str(error)
-        return model_input(image, self.image_size), torch.tensor(image.size), ""
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), str(error)
+        return model_input(image, self.image_size), ""
 
 
 class ExtractionDataset(torch.utils.data.Dataset):
@@ -305,8 +308,8 @@ def grouped_folds(groups: np.ndarray, classes: np.ndarray, n_folds: int, seed: i
     """K folds that never split a group, stratified by class where the groups allow (StratifiedGroupKFold)."""
     n_groups = len(np.unique(groups))
     if n_groups < n_folds:
-        raise FishsegError(f"{n_groups} groups of near-duplicates are too few for {n_folds} folds; use fewer folds "
-                           f"or --split random")
+        raise FishsegError(f"{plural(n_groups, 'group')} of near-duplicates are too few for {n_folds} folds; use "
+                           f"fewer folds or --split random")
     folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return [(np.sort(train), np.sort(val)) for train, val in folds.split(np.zeros(len(groups)), classes, groups)]
 

@@ -19,6 +19,7 @@ from fishseg.config import ExtractConfig, TrainConfig
 from fishseg.evaluate import run_evaluation
 from fishseg.extract import run_extraction
 from fishseg.report import REPORT_HTML
+from fishseg.runtime import removed_on_error
 from fishseg.train import run_training
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,12 @@ def write_demo_dataset(root: Path, *, classes: int = 3, images_per_class: int = 
 def run_demo(out: Path, *, backbone: str | None = None, classes: int = 3, images_per_class: int = 12,
              epochs: int = 20, image_size: int = 448, device: str = "auto") -> Path:
     """Run the whole pipeline on generated data under ``out``; returns the report path."""
+    with removed_on_error(out):
+        return _run_demo(out, backbone, classes, images_per_class, epochs, image_size, device)
+
+
+def _run_demo(out: Path, backbone: str | None, classes: int, images_per_class: int, epochs: int, image_size: int,
+              device: str) -> Path:
     data_root = write_demo_dataset(out / "data", classes=classes, images_per_class=images_per_class)
     if backbone is None:
         backbone = str(save_random_backbone(out / "backbone-random-init"))

@@ -17,13 +17,14 @@ import torch
 
 from fishseg.cache import FeatureCache
 from fishseg.decoders import segment
-from fishseg.metrics import (BOUNDARY_TOLERANCE, THRESHOLD, THRESHOLDS, boundary_f_per_image, pixel_counts,
-                             precision_per_image, recall_per_image, summarize, sweep_thresholds)
+from fishseg.metrics import (BOUNDARY_TOLERANCE, REFERENCE_BATCH, THRESHOLD, THRESHOLDS, batch_pooled_iou,
+                             boundary_f_per_image, pixel_counts, precision_per_image, recall_per_image, summarize,
+                             sweep_thresholds)
 from fishseg.probe import run_probe
 from fishseg.report import Example, ReportData, gallery_positions, write_report
-from fishseg.runtime import atomic_path, autocast, resolve_device, write_json
 from fishseg.runs import (REPORT_DIR, RUN_FILE, SPLIT_FILE, RunRecord, load_run, read_history, read_record,
                           read_split)
+from fishseg.runtime import atomic_path, autocast, make_output_dir, resolve_device, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ def evaluate_run(cache: FeatureCache, run_dir: Path, device: torch.device, *, ba
         "val_with_duplicate_in_train": record.split["val_with_duplicate_in_train"],
         **summarize_scores(scores, classes, split["val"]),
         "pooled_iou": float(raw["intersection"].sum() / max(raw["union"].sum(), 1)),
+        "reference_batch_iou": batch_pooled_iou(raw["intersection"], raw["union"], REFERENCE_BATCH),
+        "reference_batch_size": REFERENCE_BATCH,
     }
     if full:
         metrics["threshold_sweep"] = summarize_sweep(raw)
@@ -178,6 +181,7 @@ def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None,
             galleries, pca_sample = _report_arrays(evaluation.decoder, cache, evaluation.val_idx,
                                                    evaluation.scores["iou"], evaluation.record.train_config.seed,
                                                    torch_device)
+    make_output_dir(out_dir)
     write_scores(out_dir, evaluation, image_ids)
     if report:
         history = read_history(run_dir, evaluation.record)

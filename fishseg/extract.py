@@ -17,13 +17,14 @@ import torch
 from tqdm import tqdm
 
 from fishseg import __version__, distributed
-from fishseg.backbone import Backbone, load_backbone
-from fishseg.cache import CacheWriter, FeatureCache, PartStore, discard_parts, disk_errors, parts_dir
+from fishseg.backbone import Backbone, backbone_reference, load_backbone
+from fishseg.cache import (CacheWriter, FeatureCache, PartStore, discard_parts, disk_errors, is_cache,
+                           non_finite_rows, parts_dir)
 from fishseg.config import DEFAULT_COMPRESSION, ExtractConfig
 from fishseg.data import ExtractionDataset, Sample, discover_samples, near_duplicate_groups, thumbnails
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
-from fishseg.runtime import default_num_workers, resolve_device
+from fishseg.runtime import default_num_workers, make_output_dir, plural, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +61,17 @@ def _extract_batches(store: PartStore, samples: list[Sample], backbone: Backbone
     with tqdm(total=total, initial=done, unit="img", desc="extract", dynamic_ncols=True,
               disable=not ranks.main) as progress:
         for (start, stop), (images, masks, previews, errors) in zip(todo, loader):
+            features = backbone(images).cpu().numpy()
+            errors = list(errors)
+            for k in non_finite_rows(features):
+                errors[k] = errors[k] or (f"{samples[start + k].image_path}: the backbone gave NaN or inf features "
+                                          f"for this image")
             failed = [error for error in errors if error]
             if failed and not skip_bad:
                 raise FishsegError(f"{failed[0]} (pass --skip-bad to leave such images out; finished batches "
                                    f"are kept)")
             for error in failed:
                 logger.warning("skipped: %s", error)
-            features = backbone(images).cpu().numpy()
             store.write(start, stop, features=features, masks=masks.numpy(), previews=previews.numpy(),
                         thumbnails=thumbnails(previews.numpy()), errors=np.array(errors, dtype=str))
             progress.update(stop - start)
@@ -106,8 +111,14 @@ def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_s
     An existing finished cache is checked and kept (up to date) or refused (stale, other settings)
     unless ``overwrite``; an interrupted extraction into ``out`` is resumed.
     """
+    config = dataclasses.replace(config, backbone=backbone_reference(config.backbone))
     samples = discover_samples(data_root)
-    if out.exists() and not overwrite:
+    if out.exists() and not is_cache(out):
+        if not overwrite:
+            raise FishsegError(f"{out}: exists and is not a fishseg cache, so extract will not touch it; choose "
+                               f"another --out, or pass --overwrite to replace it")
+        logger.warning("%s is not a fishseg cache; --overwrite replaces it", out)
+    elif out.exists() and not overwrite:
         check_existing(out, config, samples)
         discard_parts(out)  # left behind by a run killed between finishing the cache and cleaning up
         logger.info("%s is up to date (%d images); nothing to do", out, len(samples))
@@ -132,13 +143,14 @@ def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ran
                 "backbone": dataclasses.asdict(backbone.info), "batch_size": batch_size,
                 "image_ids": [s.image_id for s in samples], "sources": [list(s.source_stat) for s in samples]}
     if ranks.main:
+        make_output_dir(out.parent)
         store = PartStore.open(out, manifest, discard_other=overwrite)
     ranks.barrier()  # the manifest exists before the other ranks check it
     if not ranks.main:
         store = PartStore.open(out, manifest)
     workers = default_num_workers() if num_workers is None else num_workers
-    logger.info("extracting %d images with %s on %s (%d workers%s); progress is kept in %s", len(samples),
-                config.backbone, torch_device, workers,
+    logger.info("extracting %s with %s on %s (%s%s); progress is kept in %s", plural(len(samples), "image"),
+                config.backbone, torch_device, plural(workers, "worker"),
                 f", rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "", parts_dir(out))
     try:
         _extract_batches(store, samples, backbone, config, workers, skip_bad, ranks)
@@ -151,5 +163,6 @@ def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ran
         return out
     n_skipped = _assemble(store, out, config, backbone, samples, compression)
     discard_parts(out)
-    logger.info("wrote %s (%d images%s)", out, len(samples) - n_skipped, f", {n_skipped} skipped" if n_skipped else "")
+    logger.info("wrote %s (%s%s)", out, plural(len(samples) - n_skipped, "image"),
+                f", {n_skipped} skipped" if n_skipped else "")
     return out

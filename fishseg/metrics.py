@@ -15,6 +15,7 @@ import torch.nn.functional as F
 THRESHOLD = 0.5  # on the sigmoid probability, as in the reference
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 … 0.95 for sweeps; includes THRESHOLD
 BOUNDARY_TOLERANCE = 2  # pixels at the mask size, for the boundary F-score
+REFERENCE_BATCH = 8  # the reference notebook's validation batch size
 
 
 def binarize(logits: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
@@ -92,6 +93,14 @@ def pixel_counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
     """Intersection and union pixel counts per image, to pool over a dataset: pooled IoU = Σ|P∩T| / Σ|P∪T|."""
     intersection, pred_area, target_area = _counts(pred, target)
     return intersection, pred_area + target_area - intersection
+
+
+def batch_pooled_iou(intersection: np.ndarray, union: np.ndarray, batch_size: int = REFERENCE_BATCH) -> float:
+    """The reference notebook's "val IoU": over consecutive batches of ``batch_size`` images (loader order), the
+    mean of each batch's IoU with all its pixels pooled; a batch with nothing predicted and nothing true scores 1."""
+    starts = range(0, len(intersection), batch_size)
+    pooled = [(intersection[s:s + batch_size].sum(), union[s:s + batch_size].sum()) for s in starts]
+    return float(np.mean([inter / total if total > 0 else 1.0 for inter, total in pooled]))
 
 
 def sweep_thresholds(probabilities: torch.Tensor, target: torch.Tensor,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import html
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import font_manager, ft2font
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
@@ -33,6 +35,9 @@ OVERLAY_COLOURS = {  # region → (colour name for the legend, RGB)
 }
 TRAIN_COLOUR, VAL_COLOUR = "tab:blue", "tab:orange"
 RANDOM_INIT_NOTE = "Backbone is random-init: these numbers measure the pipeline, not what DINOv3 features can do."
+REFERENCE_NOTE = ("Reference batch IoU is the number the reference notebook reports as validation IoU: the mean, over "
+                  "validation batches in loader order, of the IoU of all the batch's pixels pooled, so large fish "
+                  "weigh more and the batching matters; mean IoU weighs every image alike.")
 
 CURVES = (  # (file, title, history split, value, y label)
     ("01_train_iteration_loss.png", "Train loss per iteration", "train", "loss", "BCE loss"),
@@ -113,6 +118,7 @@ def _epoch_figure(epochs: list[dict[str, float]], value: str, title: str, ylabel
         axes.plot(x, mean, marker="o", ms=3, color=colour, label=f"{split} mean")
         axes.fill_between(x, mean - std, mean + std, color=colour, alpha=0.2, label=f"{split} ± std")
     axes.set(title=title, xlabel="epoch", ylabel=ylabel)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend(loc="best")
     axes.grid(alpha=0.3)
     return figure
@@ -168,8 +174,9 @@ def _probe_figure(probe: dict[str, Any]) -> Figure:
                   color="white" if count > confusion.max() / 2 else "black")
     axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
     axes.set_yticks(range(len(names)), names)
-    axes.set(title=f"Species probe on pooled features: accuracy {fmt(probe['accuracy'])}",
-             xlabel="predicted species", ylabel="true species")
+    axes.set(xlabel="predicted species", ylabel="true species")
+    # a figure title on two lines: one line over the axes ran into the image edge (the colour bar takes the right)
+    figure.suptitle(f"Species probe on pooled features\naccuracy {fmt(probe['accuracy'])}")
     figure.colorbar(image, ax=axes, label="validation images", ticks=MaxNLocator(integer=True))
     return figure
 
@@ -189,7 +196,8 @@ def _pca_figure(examples: list[Example], sample: np.ndarray) -> Figure:
     axes = figure.subplots(2, len(examples), squeeze=False)
     for column, (example, rgb) in enumerate(zip(examples, rgbs)):
         axes[0, column].imshow(example.preview)
-        axes[0, column].set_title(_short_id(example.image_id), fontsize=9)
+        title, families = _legible(_short_id(example.image_id))
+        axes[0, column].set_title(title, fontsize=9, fontfamily=families)
         axes[1, column].imshow(rgb, interpolation="nearest")
         axes[1, column].set_title(f"{rgb.shape[0]}×{rgb.shape[1]} patch grid", fontsize=9)
     for ax in axes.ravel():
@@ -207,6 +215,36 @@ def overlay(example: Example) -> np.ndarray:
     return base.astype(np.uint8)
 
 
+@functools.cache
+def _installed_fonts() -> tuple[tuple[str, frozenset[int]], ...]:
+    """(family, code points it draws) of every installed font, matplotlib's default (DejaVu Sans) first."""
+    default = font_manager.findfont("DejaVu Sans")
+    fonts = []
+    for path in [default, *sorted({font.fname for font in font_manager.fontManager.ttflist} - {default})]:
+        try:
+            face = ft2font.FT2Font(path)
+        except (OSError, RuntimeError):
+            continue
+        fonts.append((face.family_name, frozenset(face.get_charmap())))
+    return tuple(fonts)
+
+
+def _legible(text: str) -> tuple[str, list[str]]:
+    """``text`` and the font families that draw it: the default, then for each character it lacks (a CJK file
+    name) the first installed font that has it. A character no font has becomes "?": matplotlib would draw a box
+    and warn."""
+    fonts = _installed_fonts()
+    families, shown = [fonts[0][0]], []
+    for char in text:
+        family = next((name for name, covered in fonts if ord(char) in covered), None)
+        if family is None and not char.isspace():
+            char = "?"
+        elif family is not None and family not in families:
+            families.append(family)
+        shown.append(char)
+    return "".join(shown), families
+
+
 def _short_id(image_id: str) -> str:
     """The last two path parts: enough to find the file, short enough for a panel title."""
     return "/".join(image_id.split("/")[-2:])
@@ -220,7 +258,8 @@ def _gallery_figure(examples: list[Example], title: str) -> Figure:
     figure.suptitle(f"{title} ({legend})", fontsize=13)
     panels = np.asarray(figure.subfigures(rows, per_row, squeeze=False)).ravel()
     for panel, example in zip(panels, examples):
-        panel.suptitle(f"{_short_id(example.image_id)} · {example.class_name} · IoU {fmt(example.iou)}", fontsize=10)
+        title, families = _legible(f"{_short_id(example.image_id)} · {example.class_name} · IoU {fmt(example.iou)}")
+        panel.suptitle(title, fontsize=10, fontfamily=families)
         axes = panel.subplots(1, 4)
         images = (example.preview, example.truth, example.pred, overlay(example))
         for ax, image, name in zip(axes, images, ("image", "ground truth", "prediction", "overlay")):
@@ -274,6 +313,8 @@ def summary_rows(data: ReportData) -> list[tuple[str, str, str | None]]:
         ("checkpoint", f"{metrics['checkpoint']} (epoch {metrics['epoch']})", None),
         ("validation images", str(metrics["n_images"]), "n_images"),
         ("mean IoU", fmt(metrics["mean_iou"]), "mean_iou"),
+        (f"reference batch IoU (batches of {metrics['reference_batch_size']}, pixels pooled)",
+         fmt(metrics["reference_batch_iou"]), "reference_batch_iou"),
         ("mean Dice", fmt(metrics["mean_dice"]), "mean_dice"),
         ("median IoU", fmt(metrics["median_iou"]), "median_iou"),
         ("median Dice", fmt(metrics["median_dice"]), "median_dice"),
@@ -307,6 +348,7 @@ def epoch_rows(history: dict[str, Any]) -> list[list[str]]:
 def markdown(data: ReportData, files: dict[str, str]) -> str:
     lines = ["# fishseg report", ""]
     lines += [f"- {label}: {value}" for label, value, _ in summary_rows(data)]
+    lines += ["", REFERENCE_NOTE]
     if data.metrics["random_init"]:
         lines += ["", f"**{RANDOM_INIT_NOTE}**"]
     sections = [("Per class", PER_CLASS_HEADER, per_class_rows(data.metrics)),
@@ -352,6 +394,7 @@ def page(data: ReportData, files: dict[str, str]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>fishseg report</title><style>{STYLE}</style></head><body>
 <h1>fishseg report</h1>{warning}
 <table class="summary">{summary}</table>
+<p>{html.escape(REFERENCE_NOTE)}</p>
 <p>Per-image scores: <a href="per_image.csv">per_image.csv</a>;
 all numbers: <a href="metrics.json">metrics.json</a>.</p>
 <h2>Training curves</h2><div class="grid">{curves}</div>

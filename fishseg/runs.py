@@ -37,7 +37,7 @@ from fishseg import __version__
 from fishseg.config import TrainConfig
 from fishseg.decoders import load_checkpoint, save_checkpoint
 from fishseg.errors import FishsegError
-from fishseg.runtime import atomic_path, file_digest, read_json, write_json
+from fishseg.runtime import atomic_path, file_digest, make_output_dir, read_json, write_json
 
 RUN_FILE, SPLIT_FILE, HISTORY_FILE, LOCK_FILE = "run.json", "split.json", "history.json", ".lock"
 CHECKPOINT_DIR, REPORT_DIR = "checkpoints", "report"
@@ -182,11 +182,6 @@ def load_run(run_dir: Path) -> tuple[RunRecord, nn.Module, dict[str, Any]]:
     return record, decoder, meta
 
 
-def best_checkpoint_digest(run_dir: Path) -> str | None:
-    ref = read_record(run_dir).checkpoints.get("best")
-    return ref.sha256 if ref else None
-
-
 def write_resume_state(run_dir: Path, epoch: int, optimizer: torch.optim.Optimizer,
                        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
                        generator: torch.Generator) -> CheckpointRef:
@@ -274,8 +269,7 @@ def is_locked(run_dir: Path) -> bool:
 @contextlib.contextmanager
 def training_lock(run_dir: Path) -> Iterator[None]:
     """Hold the folder's lock while training into it; a second trainer is refused, not interleaved."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_FILE, "a+b")
+    handle = open(make_output_dir(run_dir) / LOCK_FILE, "a+b")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -6,7 +6,8 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -64,6 +65,31 @@ def default_num_workers() -> int:
     return min(8, (os.cpu_count() or 2) // 2)
 
 
+def make_output_dir(path: Path) -> Path:
+    """Create the folder ``path`` (and its parents) for a command's outputs; say why when it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        reason = (f"{blocker} is a file, not a folder" if blocker is not None
+                  else f"{error.strerror or error} at {error.filename or path}")
+        raise FishsegError(f"{path}: cannot create the output folder: {reason}; choose another --out") from None
+    return path
+
+
+@contextlib.contextmanager
+def removed_on_error(folder: Path) -> Iterator[None]:
+    """Remove ``folder`` when the block fails and the folder did not exist before it, so that a failed command
+    leaves nothing new behind (Ctrl-C keeps it: finished work is worth resuming)."""
+    created = not folder.exists()
+    try:
+        yield
+    except Exception:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final`` and rename it into place only on success.
@@ -71,9 +97,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
     A crash or an exception leaves the previous ``final`` (if any) untouched and no temp file.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, unlike mkstemp's 0600
     try:
         yield tmp
         os.replace(tmp, final)
@@ -81,10 +106,18 @@ def atomic_path(final: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, hex."""
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, hex (read in chunks: ``hashlib.file_digest`` needs Python 3.11)."""
+    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """``1 image``, ``2 images``: a count with its noun."""
+    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
 
 
 def write_json(path: Path, data: Any) -> None:

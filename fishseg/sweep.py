@@ -28,7 +28,7 @@ from fishseg.errors import FishsegError
 from fishseg.evaluate import evaluate_run, write_scores
 from fishseg.runs import (FINISHED, REPORT_DIR, RunRecord, differing_fields, holds_cv, holds_run, read_cv,
                           read_record, read_sweep, write_sweep)
-from fishseg.runtime import resolve_device
+from fishseg.runtime import make_output_dir, resolve_device
 from fishseg.train import TrainingData, plan_run, train_run
 
 logger = logging.getLogger(__name__)
@@ -155,6 +155,7 @@ def run_sweep(cache_path: Path, out_dir: Path, grid: Grid, *, folds: int = 0, de
     with FeatureCache(cache_path) as cache:
         _check_sweep_folder(out_dir, cache)
         finished = {entry.name for entry in configs if _check_folder(out_dir, entry, cache)}
+        make_output_dir(out_dir)
         write_sweep(out_dir, {"fishseg_version": __version__, "cache": cache.summary(), "folds": folds,
                               "grid": {field: list(values) for field, values in grid.items()},
                               "configs": [{"name": entry.name, "train_config": dataclasses.asdict(entry.config)}

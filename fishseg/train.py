@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -340,16 +341,30 @@ def train_run(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: 
     if previous is not None and previous.status == FINISHED:
         logger.info("%s: finished already (%s); nothing to resume", out_dir, previous.describe())
         return previous
+    if previous is not None and previous.epochs_done == 0:
+        previous = None  # stopped before its first epoch: nothing to continue, start again in place
+    created = not out_dir.exists()
     with training_lock(out_dir) if ranks.main else contextlib.nullcontext():
         if overwrite and ranks.main:
             clear_run(out_dir)
         try:
             return _train(data, out_dir, config, ranks, device, previous, on_epoch or _log_epoch)
-        except (KeyboardInterrupt, FishsegError):
-            if ranks.main and holds_run(out_dir):
-                record = read_record(out_dir)  # the committed state, whatever this process held in memory
-                write_record(out_dir, dataclasses.replace(record, status=INTERRUPTED))
+        except (KeyboardInterrupt, FishsegError) as stop:
+            if ranks.main:
+                _after_stop(out_dir, created, failed=isinstance(stop, FishsegError))
             raise
+
+
+def _after_stop(out_dir: Path, created: bool, *, failed: bool) -> None:
+    """Record a stopped run as interrupted (resumable), or, when it failed before finishing an epoch, leave
+    nothing new behind."""
+    record = read_record(out_dir) if holds_run(out_dir) else None  # the committed state, not this process's
+    if record is not None and (record.epochs_done or not failed):
+        write_record(out_dir, dataclasses.replace(record, status=INTERRUPTED))
+        return
+    clear_run(out_dir)
+    if created:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 @dataclasses.dataclass

@@ -42,3 +42,11 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
     cache = write_toy_cache(root / "toy.h5", n_images=20)
     run_training(cache, root / "run", TrainConfig(epochs=3, batch_size=4, seed=3), device="cpu")
     return cache, root / "run", run_evaluation(cache, root / "run", root / "report", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Path:
+    """A short run on ``tiny_cache``, whose backbone loads: enough for predict's argument checks."""
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    run_training(tiny_cache, run, TrainConfig(epochs=1, batch_size=4), device="cpu")
+    return run

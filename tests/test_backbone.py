@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from fishseg.backbone import load_backbone, save_random_backbone
+from fishseg.backbone import backbone_reference, load_backbone, looks_like_path, save_random_backbone
 from fishseg.config import IMAGENET_MEAN, IMAGENET_STD
 from fishseg.errors import FishsegError
 
@@ -52,3 +53,21 @@ def test_backbone_folder_with_custom_code_is_refused(tiny_backbone: Path, tmp_pa
     (folder / "modeling_evil.py").write_text("raise SystemExit('ran remote code')\n")
     with pytest.raises(FishsegError, match="ships custom code"):
         load_backbone(str(folder), IMAGENET_MEAN, IMAGENET_STD, CPU)
+
+
+@pytest.mark.parametrize("name", ["./vit", "/nowhere/vit", "~/nowhere-fishseg", "runs/a/vit", "a\\vit"])
+def test_a_missing_path_stops_at_once_without_the_hub(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_hub(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr("fishseg.backbone.AutoModel.from_pretrained", no_hub)
+    with pytest.raises(FishsegError, match=rf"backbone {re.escape(name)}: no such folder"):
+        load_backbone(name, IMAGENET_MEAN, IMAGENET_STD, CPU)
+
+
+def test_local_backbones_are_recorded_as_absolute_paths(tiny_backbone: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tiny_backbone.parent)
+    assert backbone_reference(tiny_backbone.name) == str(tiny_backbone)
+    assert backbone_reference(f"./{tiny_backbone.name}/") == str(tiny_backbone)
+    assert backbone_reference("facebook/dinov3-vits16-pretrain-lvd1689m") == "facebook/dinov3-vits16-pretrain-lvd1689m"
+    assert not looks_like_path("facebook/dinov3-vits16-pretrain-lvd1689m") and looks_like_path(".hidden")

@@ -6,9 +6,11 @@ Each case builds its input under ``input/`` and returns the command line, whose 
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import errno
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -17,13 +19,17 @@ from typing import Callable
 import h5py
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import fishseg.backbone
 import fishseg.cache
 import fishseg.data
+from fishseg.cache import FeatureCache
 from fishseg.cli import main
-from tests.helpers import TINY_IMAGE_SIZE, write_toy_cache
+from fishseg.extract import run_extraction
+from tests.helpers import TINY_IMAGE_SIZE, tiny_extract_config, write_toy_cache
 
 OUT = "out"
 
@@ -73,6 +79,18 @@ def _unreadable(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+def _nan_for_image_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backbone returns NaN features for ``1.png`` of ``_generic`` (the image filled with 61)."""
+    real = fishseg.backbone.Backbone.__call__
+
+    def poisoned(self: fishseg.backbone.Backbone, images: torch.Tensor) -> torch.Tensor:
+        grid = real(self, images)
+        hit = (images[:, 0, 0, 0] == 61).view(-1, 1, 1, 1)
+        return torch.where(hit, torch.tensor(float("nan"), dtype=grid.dtype), grid)
+
+    monkeypatch.setattr(fishseg.backbone.Backbone, "__call__", poisoned)
+
+
 def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_space(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -85,6 +103,7 @@ class Context:
     root: Path  # an empty path where the case builds its input
     backbone: Path
     evaluated: tuple[Path, Path, dict]  # a toy cache, a run trained on it, its metrics
+    tiny_run: Path  # a run whose backbone loads, for predict
     monkeypatch: pytest.MonkeyPatch
 
     def extract(self, data_root: Path, *extra: str) -> list[str]:
@@ -93,8 +112,24 @@ class Context:
     def train(self, cache: Path) -> list[str]:
         return ["train", "--cache", str(cache), "--out", str(self.root.parent / OUT)]
 
-    def evaluate(self, cache: Path, run: Path) -> list[str]:
-        return ["evaluate", "--cache", str(cache), "--run", str(run), "--out", str(self.root.parent / OUT)]
+    def evaluate(self, cache: Path, run: Path, out: Path | None = None) -> list[str]:
+        return ["evaluate", "--cache", str(cache), "--run", str(run), "--out", str(out or self.root.parent / OUT)]
+
+    def predict(self, *inputs: Path, out: Path | None = None) -> list[str]:
+        return ["predict", *map(str, inputs), "--run", str(self.tiny_run), "--out", str(out or self.root.parent / OUT),
+                "--num-workers", "0", "--device", "cpu"]
+
+    def poisoned_cache(self, value: float, image: str | None = None, patch: bool = False) -> Path:
+        """A copy of the toy cache with ``value`` written into the features of every image, of ``image``, or of
+        one patch of ``image``."""
+        path = Path(shutil.copy(self.evaluated[0], _mkdir(self.root) / "c.h5"))
+        with h5py.File(path, "r+") as file:
+            row = list(file["image_ids"].asstr()[:]).index(image) if image else slice(None)
+            file["features"][(row, 3, 4) if patch else row] = value
+        return path
+
+    def val_id(self) -> str:
+        return json.loads((self.evaluated[1] / "split.json").read_text())["val"][0]
 
     def run_copy(self) -> Path:
         """A copy of the trained run, free to damage."""
@@ -150,7 +185,8 @@ def foreign_hdf5(ctx: Context) -> list[str]:
 
 
 def interrupted_cache(ctx: Context) -> list[str]:
-    fishseg.cache.PartStore.open(ctx.root / "c.h5", {"batch_size": 2, "image_ids": ["a"]})
+    store = fishseg.cache.PartStore.open(ctx.root / "c.h5", {"batch_size": 2, "image_ids": ["a", "b", "c"]})
+    store.write(0, 2, features=np.zeros((2, 1)))
     return ctx.train(ctx.root / "c.h5")
 
 
@@ -173,11 +209,28 @@ def tampered_checkpoint(ctx: Context) -> list[str]:
     return ctx.evaluate(ctx.evaluated[0], run)
 
 
+def a_file(ctx: Context) -> Path:
+    """A plain file where a folder would be needed."""
+    _mkdir(ctx.root)
+    (ctx.root / "file").write_text("not a folder")
+    return ctx.root / "file"
+
+
+def demo_with_bad_image_size(ctx: Context) -> list[str]:
+    return ["demo", "--out", str(ctx.root.parent / OUT), "--backbone", str(ctx.backbone), "--classes", "1",
+            "--images-per-class", "2", "--epochs", "1", "--image-size", "60", "--device", "cpu"]
+
+
+def predict_one_corrupt(ctx: Context) -> list[str]:
+    _truncated(_generic(ctx.root) / "images" / "1.png")
+    return ctx.predict(ctx.root / "images")
+
+
 CASES: list[tuple[str, Callable[[Context], list[str]], str]] = [
     ("missing data root", lambda ctx: ctx.extract(ctx.root / "nowhere"), r"nowhere: data root not found"),
     ("empty data root", lambda ctx: ctx.extract(_mkdir(ctx.root)), r"input: no dataset found"),
     ("images but no masks", images_without_masks, r"masks: mask folder missing for the 3 images"),
-    ("unpaired files", unpaired_files, r"1 files without a partner.*images/2.png"),
+    ("unpaired files", unpaired_files, r"1 file without a partner.*images/2.png"),
     ("mask of another size", mask_of_another_size, r"masks/1.png: mask is 7×7 but its image is 40×30"),
     ("truncated PNG", truncated_png, r"images/1.png: cannot read image .*--skip-bad"),
     ("truncated JPEG", lambda ctx: ctx.extract(_jpeg(ctx.root)), r"images/0.jpg: cannot read image"),
@@ -190,12 +243,55 @@ CASES: list[tuple[str, Callable[[Context], list[str]], str]] = [
     ("truncated HDF5 as cache", truncated_hdf5, r"c.h5: not a readable HDF5 file"),
     ("foreign HDF5 as cache", foreign_hdf5, r"c.h5: HDF5 file is not a fishseg cache"),
     ("interrupted cache", interrupted_cache,
-     r"c.h5: extraction is incomplete \(0 of 1 images done\); run the same extract command again to resume"),
+     r"c.h5: extraction is incomplete \(2 of 3 images done\); run the same extract command again to resume"),
     ("cache of another image size", cache_of_another_image_size,
      r"run.json: made from cache \w+ \(backbone toy, image_size 32\) but .*c.h5 is cache \w+ \(backbone toy, "
      r"image_size 64\)"),
     ("run from another cache", run_from_another_cache, r"run.json: made from cache .*pass the cache it was trained on"),
+    ("not a run folder", lambda ctx: ctx.evaluate(ctx.evaluated[0], _mkdir(ctx.root)),
+     r"input: not a run folder \(no run.json\); pass the --out folder of `train`"),
     ("tampered checkpoint", tampered_checkpoint, r"epoch-\d{4}.safetensors: does not match the SHA-256 recorded in run.json"),
+    ("NaN in every feature", lambda ctx: ctx.train(ctx.poisoned_cache(float("nan"))),
+     r"c.h5: features of 20 images hold NaN or inf \(class0/000.png, .* and 15 more\); extract again"),
+    ("inf in one training image", lambda ctx: ctx.train(ctx.poisoned_cache(float("inf"), "class1/005.png")),
+     r"c.h5: features of 1 image hold NaN or inf \(class1/005.png\); extract again"),
+    ("NaN in one patch of one val image",
+     lambda ctx: ctx.evaluate(ctx.poisoned_cache(float("nan"), ctx.val_id(), patch=True), ctx.evaluated[1]),
+     r"c.h5: features of 1 image hold NaN or inf \(class\d/\d{3}.png\); extract again"),
+    ("NaN features in the species probe",
+     lambda ctx: ["probe", "--cache", str(ctx.poisoned_cache(float("-inf"), "class0/000.png"))],
+     r"features of 1 image hold NaN or inf \(class0/000.png\)"),
+    ("backbone gives NaN for one image",
+     lambda ctx: (_nan_for_image_1(ctx.monkeypatch), ctx.extract(_generic(ctx.root)))[1],
+     r"images/1.png: the backbone gave NaN or inf features for this image \(pass --skip-bad"),
+    ("evaluate --out under /proc", lambda ctx: ctx.evaluate(*ctx.evaluated[:2], Path("/proc/fishseg-out/report")),
+     r"/proc/fishseg-out/report: cannot create the output folder: No such file or directory at /proc/fishseg-out"),
+    ("evaluate --out below a file", lambda ctx: ctx.evaluate(*ctx.evaluated[:2], a_file(ctx) / "report"),
+     r"file/report: cannot create the output folder: .*input/file is a file, not a folder; choose another --out"),
+    ("predict --out below a file", lambda ctx: ctx.predict(_generic(ctx.root) / "images", out=a_file(ctx) / "p"),
+     r"file/p: cannot create the output folder: .*input/file is a file, not a folder"),
+    ("extract --out under /proc", lambda ctx: [*ctx.extract(_generic(ctx.root)), "--out", "/proc/fishseg-out/c.h5"],
+     r"/proc/fishseg-out: cannot create the output folder: No such file or directory"),
+    ("extract --out below a file", lambda ctx: [*ctx.extract(_generic(ctx.root)), "--out", str(a_file(ctx) / "c.h5")],
+     r"input/file: cannot create the output folder: .*input/file is a file, not a folder"),
+    ("demo with an image size the patch does not divide", demo_with_bad_image_size,
+     r"--image-size 60: not divisible by the backbone's patch size 8"),
+    ("backbone path that does not exist", lambda ctx: [*ctx.extract(_generic(ctx.root)), "--backbone", "./nowhere/vit"],
+     r"backbone ./nowhere/vit: no such folder"),
+    ("predict with one corrupt image", predict_one_corrupt, r"images/1.png: cannot read image .*--skip-bad"),
+    ("train --out below a file", lambda ctx: [*ctx.train(ctx.evaluated[0]), "--out", str(a_file(ctx) / "run")],
+     r"file/run: cannot create the output folder: .*input/file is a file, not a folder"),
+    ("sweep --out below a file", lambda ctx: ["sweep", "--cache", str(ctx.evaluated[0]), "--out",
+                                              str(a_file(ctx) / "sweep"), "--epochs", "1"],
+     r"file/sweep: cannot create the output folder: .*input/file is a file, not a folder"),
+    ("train --lr nan", lambda ctx: [*ctx.train(ctx.evaluated[0]), "--lr", "nan"], r"'nan' is not a finite number"),
+    ("train --weight-decay inf", lambda ctx: [*ctx.train(ctx.evaluated[0]), "--weight-decay", "inf"],
+     r"'inf' is not a finite number"),
+    ("train --cv 1", lambda ctx: [*ctx.train(ctx.evaluated[0]), "--cv", "1"],
+     r"folds 1: expected 0 \(one split\) or a whole number >= 2"),
+    ("streamed training on NaN features",
+     lambda ctx: [*ctx.train(ctx.poisoned_cache(float("nan"), ctx.val_id())), "--stream", "--device", "cpu"],
+     r"c.h5: features of 1 image hold NaN or inf \(class\d/\d{3}.png\); extract again"),
 ]
 
 
@@ -207,9 +303,9 @@ def _mkdir(path: Path) -> Path:
 @pytest.mark.parametrize("case, build, message", CASES, ids=[case for case, _, _ in CASES])
 def test_bad_input_gives_one_line_exit_2_and_no_output(case: str, build: Callable[[Context], list[str]],
                                                         message: str, tmp_path: Path, tiny_backbone: Path,
-                                                        evaluated: tuple[Path, Path, dict],
+                                                        evaluated: tuple[Path, Path, dict], tiny_run: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    ctx = Context(tmp_path / "input", tiny_backbone, evaluated, monkeypatch)
+    ctx = Context(tmp_path / "input", tiny_backbone, evaluated, tiny_run, monkeypatch)
     result = CliRunner().invoke(main, build(ctx))
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if "Error" in line]  # progress bars may come before
@@ -233,3 +329,86 @@ def test_unusual_image_modes_extract_fine(array: np.ndarray, tmp_path: Path, tin
     result = CliRunner().invoke(main, _extract(root, tiny_backbone))
     assert result.exit_code == 0, result.output
     assert (tmp_path / OUT).is_file()
+
+
+def test_skip_bad_leaves_out_an_image_whose_features_are_not_finite(tmp_path: Path, tiny_backbone: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    _nan_for_image_1(monkeypatch)
+    result = CliRunner().invoke(main, _extract(_generic(tmp_path / "input"), tiny_backbone, "--skip-bad"))
+    assert result.exit_code == 0, result.output
+    with FeatureCache(tmp_path / OUT) as cache:
+        assert cache.image_ids == ["images/0.png", "images/2.png"]
+        assert [image_id for image_id, _ in cache.skipped] == ["images/1.png"]
+        assert "the backbone gave NaN or inf features" in cache.skipped[0][1]
+
+
+def test_extract_never_touches_a_file_that_is_not_a_cache_unless_told(tmp_path: Path, tiny_backbone: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    root, out = _generic(tmp_path / "input"), tmp_path / OUT
+    out.write_text("my notes")
+    result = CliRunner().invoke(main, _extract(root, tiny_backbone))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (f"Error: {out}: exists and is not a fishseg cache, so extract will not touch it; choose another --out, "
+            f"or pass --overwrite to replace it") in result.output
+    assert out.read_text() == "my notes"
+    with caplog.at_level(logging.WARNING):
+        run_extraction(root, out, tiny_extract_config(tiny_backbone), num_workers=0, device="cpu", overwrite=True)
+    assert f"{out} is not a fishseg cache; --overwrite replaces it" in caplog.text
+    with FeatureCache(out) as cache:
+        assert len(cache) == 3
+
+
+def test_predict_skip_bad_predicts_the_good_images_and_lists_the_bad(tmp_path: Path, tiny_run: Path) -> None:
+    root = _generic(tmp_path / "input")
+    _truncated(root / "images" / "1.png")
+    out = tmp_path / OUT
+    result = CliRunner().invoke(main, ["predict", str(root / "images"), "--run", str(tiny_run), "--out", str(out),
+                                       "--num-workers", "0", "--device", "cpu", "--skip-bad"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"skipped: .*images/1.png: cannot read image", result.output)
+    assert "predictions written" in result.output and "(1 image skipped)" in result.output
+    rows = {Path(row["file"]).name: row for row in csv.DictReader((out / "predictions.csv").open())}
+    assert list(rows) == ["0.png", "1.png", "2.png"]
+    assert rows["1.png"]["mask"] == "" and "cannot read image" in rows["1.png"]["error"]
+    assert rows["0.png"]["error"] == "" and rows["2.png"]["width"] == "40"
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["0.png", "2.png"]
+
+
+def _sideways_jpeg(root: Path) -> np.ndarray:
+    """A 40×30 photo stored as 30×40 with EXIF orientation 6 (rotate 90° clockwise to view), an upright 40×30
+    mask beside it; returns the upright photo."""
+    _generic(root, n=3)
+    upright = np.zeros((30, 40, 3), np.uint8)
+    upright[:, 20:] = 250  # right half bright: tells the orientation apart
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (root / "images" / "0.png").unlink()
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(root / "images" / "0.jpg", exif=exif,
+                                                                         quality=95)
+    return upright
+
+
+def test_exif_orientation_is_applied_to_images_in_extract_and_predict(tmp_path: Path, tiny_backbone: Path,
+                                                                       tiny_run: Path) -> None:
+    upright = _sideways_jpeg(tmp_path / "input")
+    result = CliRunner().invoke(main, _extract(tmp_path / "input", tiny_backbone))
+    assert result.exit_code == 0, result.output  # the upright mask is accepted: the image is upright too
+    with FeatureCache(tmp_path / OUT) as cache:
+        preview = cache.previews([cache.image_ids.index("images/0.jpg")])[0].mean(axis=2)
+    assert preview[:, :12].mean() < 40 and preview[:, -12:].mean() > 210  # dark left, bright right: upright
+    out = tmp_path / "predicted"
+    result = CliRunner().invoke(main, ["predict", str(tmp_path / "input" / "images" / "0.jpg"), "--run", str(tiny_run),
+                                       "--out", str(out), "--num-workers", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out / "masks" / "0.png").size == Image.open(out / "overlays" / "0.png").size == (40, 30)
+    assert np.abs(np.asarray(Image.open(out / "overlays" / "0.png"), float)[:, 30:] - upright[:, 30:]).mean() < 150
+
+
+def test_exif_orientation_is_applied_to_masks(tmp_path: Path) -> None:
+    mask = np.zeros((30, 40), np.uint8)
+    mask[:, :10] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(mask).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "m.jpg", exif=exif, quality=100)
+    read = np.asarray(fishseg.data.read_mask(tmp_path / "m.jpg"))
+    assert read.shape == (30, 40) and read[:, :8].all() and not read[:, 12:].any()

@@ -28,5 +28,6 @@ def test_f4k_sample_end_to_end(tmp_path: Path, tiny_backbone: Path) -> None:
         assert 0 < opened.masks(range(54)).mean() < 1  # real masks: some fish, some background
     run_training(cache, tmp_path / "run", TrainConfig(epochs=3), device="cpu")
     metrics = run_evaluation(cache, tmp_path / "run", tmp_path / "report", device="cpu")
-    assert metrics["n_images"] == 11 and 0 <= metrics["mean_iou"] <= 1
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert metrics["n_images"] == 11 and metrics["mean_iou"] == pytest.approx(run["best_val_iou"], abs=1e-6)
     assert json.loads((tmp_path / "report" / "metrics.json").read_text()) == metrics

@@ -5,8 +5,9 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
 
-from fishseg.metrics import (THRESHOLDS, binarize, boundary, boundary_f_per_image, dice_per_image, iou_per_image,
-                             pixel_counts, precision_per_image, recall_per_image, summarize, sweep_thresholds)
+from fishseg.metrics import (THRESHOLDS, batch_pooled_iou, binarize, boundary, boundary_f_per_image, dice_per_image,
+                             iou_per_image, pixel_counts, precision_per_image, recall_per_image, summarize,
+                             sweep_thresholds)
 
 
 def test_hand_worked_example() -> None:
@@ -101,3 +102,11 @@ def test_pixel_counts_pool_over_images() -> None:
     intersection, union = pixel_counts(pred, target)
     assert intersection.tolist() == [1, 1] and union.tolist() == [2, 4]
     assert (intersection.sum() / union.sum()).item() == pytest.approx(2 / 6)  # pooled, not the mean of 1/2 and 1/4
+
+
+def test_reference_batch_iou_pools_pixels_within_each_batch_in_order() -> None:
+    intersection, union = np.array([1, 9, 0, 0, 5]), np.array([2, 10, 0, 0, 10])
+    # batches of 2: (1+9)/(2+10), both empty → 1, 5/10; the per-image mean would be (0.5+0.9+1+1+0.5)/5
+    assert batch_pooled_iou(intersection, union, 2) == pytest.approx((10 / 12 + 1 + 0.5) / 3)
+    assert batch_pooled_iou(intersection, union, 8) == pytest.approx(15 / 22)  # one batch: the pooled IoU
+    assert batch_pooled_iou(intersection[::-1], union[::-1], 2) == pytest.approx((0.5 + 0.9 + 0.5) / 3)  # order matters

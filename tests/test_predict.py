@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
@@ -14,7 +16,7 @@ from fishseg.cli import main
 from fishseg.config import TrainConfig
 from fishseg.data import discover_samples, read_mask
 from fishseg.errors import FishsegError
-from fishseg.predict import run_prediction
+from fishseg.predict import OVERLAY_ALPHA, OVERLAY_COLOUR, full_size, run_prediction, tint
 from fishseg.train import run_training
 from tests.helpers import SMALL_PHOTO
 
@@ -30,7 +32,8 @@ def test_predict_round_trip_gives_masks_at_input_size_close_to_the_truth(trained
                                                                         tmp_path: Path) -> None:
     samples = discover_samples(kaggle_root)
     folders = sorted({s.image_path.parent for s in samples})  # the species' image folders, not their GT folders
-    csv_path = run_prediction(trained_run, folders, tmp_path, num_workers=0, device="cpu")
+    csv_path, skipped = run_prediction(trained_run, folders, tmp_path, num_workers=0, device="cpu")
+    assert skipped == []
     rows = list(csv.DictReader(csv_path.open()))
     assert [Path(r["file"]) for r in rows] == [s.image_path for s in samples]
     ious = []
@@ -69,3 +72,21 @@ def test_predict_refuses_a_different_backbone(trained_run: Path, kaggle_root: Pa
     with pytest.raises(FishsegError, match=r"differs from the one the run was trained on .*feature_dim 32 → 16"):
         run_prediction(trained_run, [kaggle_root], tmp_path / "out", backbone=str(other), num_workers=0, device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_upsampled_probabilities_match_float_bilinear_to_one_level_in_255() -> None:
+    probability = torch.rand(8, 8, generator=torch.Generator().manual_seed(0))
+    full = full_size(probability, (50, 30))
+    assert full.dtype == np.uint8 and full.shape == (30, 50)
+    exact = F.interpolate(probability[None, None], size=(30, 50), mode="bilinear", align_corners=False)[0, 0]
+    assert np.abs(full / 255 - exact.numpy()).max() < 2 / 255
+
+
+def test_tint_blends_the_colour_over_the_fish_only() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    mask = np.zeros((20, 30), bool)
+    mask[5:10, 3:20] = True
+    tinted = np.asarray(tint(Image.fromarray(pixels), mask), float)
+    expected = (1 - OVERLAY_ALPHA) * pixels[mask] + OVERLAY_ALPHA * np.array(OVERLAY_COLOUR)
+    assert np.abs(tinted[mask] - expected).max() <= 1
+    np.testing.assert_array_equal(tinted[~mask], pixels[~mask])

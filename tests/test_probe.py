@@ -20,7 +20,7 @@ def test_pooled_features_are_grid_means(tmp_path: Path) -> None:
         np.testing.assert_allclose(pooled_features(cache, indices), expected, rtol=1e-6)
 
 
-def test_probe_scores_the_validation_split_of_a_separable_set(tmp_path: Path) -> None:
+def test_probe_confusion_matrix_counts_every_validation_image_by_its_true_species(tmp_path: Path) -> None:
     with FeatureCache(write_toy_cache(tmp_path / "toy.h5", n_images=40)) as cache:
         labels = cache.class_index  # class0 / class1 alternate; the toy features do not encode them
         result = run_probe(cache, np.arange(0, 30), np.arange(30, 40))

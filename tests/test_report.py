@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fishseg.report import DPI, Example, _gallery_figure, fmt, gallery_positions
+import fishseg.report
+from fishseg.report import (DPI, REFERENCE_NOTE, Example, _epoch_figure, _gallery_figure, _legible, _probe_figure, fmt,
+                           gallery_positions)
 
 CURVE_FILES = ["01_train_iteration_loss.png", "02_train_iteration_iou.png", "03_epoch_loss.png",
                "04_val_iteration_loss.png", "05_epoch_iou.png", "06_val_iteration_iou.png"]
@@ -42,10 +46,13 @@ def test_page_and_markdown_show_the_numbers_of_metrics_json(report: Path, evalua
                      "n_images": str(metrics["n_images"]), "mean_iou": fmt(metrics["mean_iou"]),
                      "mean_dice": fmt(metrics["mean_dice"]), "median_iou": fmt(metrics["median_iou"]),
                      "median_dice": fmt(metrics["median_dice"]), "threshold": str(metrics["threshold"]),
-                     "mean_boundary_f": fmt(metrics["mean_boundary_f"]), "pooled_iou": fmt(metrics["pooled_iou"])}
+                     "mean_boundary_f": fmt(metrics["mean_boundary_f"]), "pooled_iou": fmt(metrics["pooled_iou"]),
+                     "reference_batch_iou": fmt(metrics["reference_batch_iou"])}
     markdown = (report / "report.md").read_text()
     assert f"- mean IoU: {fmt(metrics['mean_iou'])}" in markdown
     assert f"- mean Dice: {fmt(metrics['mean_dice'])}" in markdown
+    assert f"- reference batch IoU (batches of 8, pixels pooled): {fmt(metrics['reference_batch_iou'])}" in markdown
+    assert REFERENCE_NOTE in markdown and html.escape(REFERENCE_NOTE) in page
     for name, summary in metrics["per_class"].items():
         row = f"| {name} | {summary['n_images']} | {fmt(summary['mean_iou'])} | {fmt(summary['median_iou'])} |"
         assert row in markdown and f"<td>{name}</td><td>{summary['n_images']}</td>" in page
@@ -94,3 +101,34 @@ def test_report_loads_in_a_real_browser_with_no_missing_images(report: Path) -> 
     check = json.loads(found.group(1).replace("&quot;", '"'))
     assert check == {"images": (report / "report.html").read_text().count("<img "), "broken": []}
     assert check["images"] == 14  # 6 curves, per class, histogram, threshold, PCA, species probe, 3 galleries
+
+
+def _example(image_id: str) -> Example:
+    return Example(image_id, "鲤鱼", 0.5, np.zeros((16, 16, 3), np.uint8), np.zeros((32, 32), bool),
+                   np.ones((32, 32), bool), np.zeros((4, 4, 8), np.float16))
+
+
+def test_cjk_file_names_draw_without_a_missing_glyph_warning(tmp_path: Path) -> None:
+    figure = _gallery_figure([_example("金鱼/鲤鱼 01.png")], "1 random validation image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure.savefig(tmp_path / "g.png", format="png")
+    assert Image.open(tmp_path / "g.png").size[0] > 0
+
+
+def test_a_character_the_default_font_lacks_uses_an_installed_font_that_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    fonts = (("DejaVu Sans", frozenset(map(ord, "ab /."))), ("Noto Sans CJK JP", frozenset(map(ord, "金鱼"))))
+    monkeypatch.setattr(fishseg.report, "_installed_fonts", lambda: fonts)
+    assert _legible("a/金鱼.b") == ("a/金鱼.b", ["DejaVu Sans", "Noto Sans CJK JP"])
+    assert _legible("a 鲤.b") == ("a ?.b", ["DejaVu Sans"])  # no installed font draws 鲤
+
+
+def test_epoch_plots_tick_whole_epochs_and_the_probe_title_stays_inside_the_image() -> None:
+    epochs = [{"epoch": e, **{f"{s}_loss{x}": 0.1 for s in ("train", "val") for x in ("", "_std")}} for e in (1, 2, 3)]
+    axes = _epoch_figure(epochs, "loss", "Loss per epoch", "loss").axes[0]
+    assert all(float(tick).is_integer() for tick in axes.get_xticks())
+    probe = _probe_figure({"classes": ["Black Sea Sprat", "Gilt-Head Bream"], "confusion": [[3, 1], [0, 4]],
+                           "accuracy": 0.875})
+    probe.draw_without_rendering()
+    title, image = probe._suptitle.get_window_extent(), probe.bbox
+    assert image.x0 + 5 < title.x0 and title.x1 < image.x1 - 5 and title.y1 < image.y1

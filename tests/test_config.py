@@ -1,0 +1,62 @@
+"""Configs validate their own fields: the Python API refuses what the CLI refuses, nothing falls through."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fishseg.config import DECODER_NAMES, ExtractConfig, TrainConfig, from_json, to_json
+from fishseg.decoders import DECODERS
+from fishseg.errors import FishsegError
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("decoder", "unet", "decoder 'unet': expected one of linear, seed-cnn, progressive"),
+    ("loss", "focal", "loss 'focal': expected one of bce, dice, bce\\+dice"),
+    ("schedule", "step", "schedule 'step': expected one of constant, cosine"),
+    ("split", "stratified", "split 'stratified': expected one of random, grouped"),
+    ("augment", "views", "augment 'views': expected one of none, flips"),
+    ("epochs", 0, "epochs 0: expected a whole number >= 1"),
+    ("epochs", 2.0, "epochs 2.0: expected a whole number >= 1"),
+    ("batch_size", True, "batch_size True: expected a whole number >= 1"),
+    ("lr", float("nan"), "lr nan: expected a finite number in \\(0, inf\\)"),
+    ("lr", 0.0, "lr 0.0: expected a finite number in \\(0, inf\\)"),
+    ("weight_decay", float("inf"), "weight_decay inf: expected a finite number in \\[0, inf\\)"),
+    ("val_fraction", 1.0, "val_fraction 1.0: expected a finite number in \\(0, 1\\)"),
+    ("seed", -1, "seed -1: expected a whole number >= 0"),
+    ("group_pattern", "fish_(", "group_pattern 'fish_\\(': not a regular expression"),
+    ("folds", 1, "folds 1: expected 0 \\(one split\\) or a whole number >= 2"),
+    ("warmup_epochs", -1, "warmup_epochs -1: expected a whole number >= 0"),
+])
+def test_every_train_field_is_checked(field: str, value: object, message: str) -> None:
+    with pytest.raises(FishsegError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_a_fold_must_exist() -> None:
+    assert TrainConfig(folds=3, fold=2).fold == 2
+    with pytest.raises(FishsegError, match="fold 3: expected a fold index below folds \\(3\\)"):
+        TrainConfig(folds=3, fold=3)
+    with pytest.raises(FishsegError, match="fold 1: expected a fold index below folds \\(0\\)"):
+        TrainConfig(fold=1)
+
+
+@pytest.mark.parametrize("field, value", [("image_size", 0), ("preview_size", -4), ("backbone", ""),
+                                          ("std", (0.2, 0.0, 0.2)), ("mean", (0.5, float("nan"), 0.5)),
+                                          ("mean", (0.5, 0.5))])
+def test_every_extract_field_is_checked(field: str, value: object) -> None:
+    with pytest.raises(FishsegError, match=f"^{field} "):
+        ExtractConfig(**{field: value})
+
+
+def test_the_decoder_names_are_the_registry() -> None:
+    """config.py names the decoders without importing torch; the registry must build exactly those."""
+    assert tuple(DECODERS) == DECODER_NAMES
+
+
+def test_configs_round_trip_through_json() -> None:
+    config = TrainConfig(decoder="linear", lr=3e-4, folds=5, fold=4, group_pattern=r"^fish_\d+")
+    assert from_json(TrainConfig, to_json(config)) == config
+    extract = dataclasses.replace(ExtractConfig(), image_size=224)
+    assert from_json(ExtractConfig, to_json(extract)) == extract
