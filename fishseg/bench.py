@@ -257,8 +257,8 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"  {row['compression']:<18} {row['file_mb']:>8.1f} {row['read_mb_per_s']:>17.0f}")
     lines += _scaling_lines(results["scaling"])
     sweep = results["sweep"]
-    lines.append(f"7 sweep of {sweep['configs']} configs × {sweep['epochs_per_config']} epochs  {sweep['wall_s']:6.1f} s, "
-                 f"{sweep['inside_epochs_share']:.0%} inside epochs (target ≥ 90%)")
+    lines.append(f"7 sweep of {sweep['configs']} configs × {sweep['epochs_per_config']} epochs  "
+                 f"{sweep['wall_s']:6.1f} s, {sweep['inside_epochs_share']:.0%} inside epochs (target ≥ 90%)")
     return "\n".join(lines)
 
 

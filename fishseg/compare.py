@@ -57,7 +57,8 @@ class Entry:
 
     def scores(self, name: str) -> dict[str, float]:
         """Per image id, over all folds (each image is validated in exactly one fold)."""
-        return {image_id: float(value) for run in self.runs for image_id, value in zip(run.image_ids, run.per_image[name])}
+        return {image_id: float(value)
+                for run in self.runs for image_id, value in zip(run.image_ids, run.per_image[name])}
 
     def fold_means(self, name: str) -> list[float]:
         return [float(run.per_image[name].mean()) for run in self.runs]

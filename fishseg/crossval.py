@@ -20,8 +20,8 @@ from fishseg.config import TrainConfig
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.evaluate import evaluate_run, write_scores
-from fishseg.runs import (FINISHED, REPORT_DIR, RUNNING, clear_run, differing_fields, fold_dir, holds_cv, holds_run,
-                          read_cv, write_cv)
+from fishseg.runs import (FINISHED, REPORT_DIR, RUNNING, check_resume_flags, clear_run, differing_fields, fold_dir,
+                          holds_cv, holds_run, read_cv, write_cv)
 from fishseg.runtime import resolve_device
 from fishseg.train import EpochCallback, TrainingData, train_run
 
@@ -32,8 +32,7 @@ CV_METRICS = ("mean_iou", "mean_dice", "mean_boundary_f", "pooled_iou")
 
 def plan_cross_validation(out_dir: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> None:
     """Refuse, changing nothing, what would lose or mix cross-validations (as ``train.plan_run`` for a run)."""
-    if resume and overwrite:
-        raise FishsegError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    check_resume_flags(resume, overwrite)
     if not holds_cv(out_dir):
         if resume:
             raise FishsegError(f"{out_dir}: holds no cross-validation to resume; drop --resume to start one")

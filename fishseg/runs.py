@@ -281,6 +281,11 @@ def training_lock(run_dir: Path) -> Iterator[None]:
         handle.close()
 
 
+def check_resume_flags(resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise FishsegError("--resume and --overwrite exclude each other: continue the run, or replace it")
+
+
 def differing_fields(recorded: TrainConfig, requested: TrainConfig) -> list[str]:
     """``name recorded → requested`` for every config field that differs."""
     old, new = dataclasses.asdict(recorded), dataclasses.asdict(requested)

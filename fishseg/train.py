@@ -31,10 +31,10 @@ from fishseg.decoders import build_decoder, load_checkpoint, segment
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.metrics import binarize, iou_per_image
-from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUNNING, SPLIT_FILE, RunRecord, clear_run, commit_epoch,
-                          differing_fields, empty_history, holds_run, read_history, read_record, read_resume_state,
-                          read_split, training_lock, verified, write_checkpoint, write_record, write_resume_state,
-                          write_split)
+from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUNNING, SPLIT_FILE, RunRecord, check_resume_flags,
+                          clear_run, commit_epoch, differing_fields, empty_history, holds_run, read_history,
+                          read_record, read_resume_state, read_split, training_lock, verified, write_checkpoint,
+                          write_record, write_resume_state, write_split)
 from fishseg.runtime import autocast, available_memory, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -276,9 +276,9 @@ def _new_record(cache: FeatureCache, config: TrainConfig, train_idx: np.ndarray,
              "val_with_duplicate_in_train": duplicates_across(train_idx, val_idx, groups),
              **({"fold": config.fold + 1, "folds": config.folds} if config.folds else {})}
     where = {"path": str(cache.path.resolve())}  # so that `compare` finds it from any folder
-    return RunRecord(train_config=config, cache={**cache.summary(), **where}, backbone=dataclasses.asdict(cache.backbone),
-                     extract_config=json.loads(to_json(cache.config)), split=split, features="", device="",
-                     processes=1)
+    return RunRecord(train_config=config, cache={**cache.summary(), **where},
+                     backbone=dataclasses.asdict(cache.backbone), extract_config=json.loads(to_json(cache.config)),
+                     split=split, features="", device="", processes=1)  # the last three: set by each session
 
 
 def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume: bool,
@@ -286,8 +286,7 @@ def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume:
     """The record to continue (``resume``), or None to start afresh. Refuses, changing nothing, whatever
     would lose or corrupt a run: an existing run without --resume or --overwrite, a resume with other
     settings or another cache, a folder another process is training into."""
-    if resume and overwrite:
-        raise FishsegError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    check_resume_flags(resume, overwrite)
     if not holds_run(out_dir):
         if resume:
             raise FishsegError(f"{out_dir}: holds no run to resume; drop --resume to start one")

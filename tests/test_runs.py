@@ -69,7 +69,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_one(reference: tuple[Pa
     with pytest.raises(KeyboardInterrupt):
         run_training(cache, tmp_path / "run", RECIPE, device="cpu", stream=stream)
     record = read_record(tmp_path / "run")
-    assert (record.status, record.epochs_done, set(record.checkpoints)) == ("interrupted", 3, {"best", "last", "resume"})
+    assert (record.status, record.epochs_done) == ("interrupted", 3)
+    assert set(record.checkpoints) == {"best", "last", "resume"}
     monkeypatch.undo()
     resumed = run_training(cache, tmp_path / "run", RECIPE, device="cpu", stream=stream, resume=True)
     assert resumed.status == "finished" and "resume" not in resumed.checkpoints
@@ -100,7 +101,7 @@ def _kill(command: list[str], log: Path, run_dir: Path, moment: str) -> bool:
         seen = len(_epochs_logged(log)) if log.exists() else 0
         while process.poll() is None:
             if moment == "writing checkpoints":
-                if checkpoints.is_dir() and any(name.endswith(".tmp") for name in (p.name for p in checkpoints.iterdir())):
+                if checkpoints.is_dir() and any(path.name.endswith(".tmp") for path in checkpoints.iterdir()):
                     break
                 continue
             logged = _epochs_logged(log)
