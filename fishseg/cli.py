@@ -130,6 +130,7 @@ class TrainOption:
     type: click.ParamType
     help: str = ""
     listable: bool = True  # False: `sweep` takes the value verbatim (a regex may hold commas)
+    shown_default: str | None = None  # what --help says the default is, when not the value itself
 
     @property
     def flag(self) -> str:
@@ -147,8 +148,8 @@ TRAIN_OPTIONS = (
     TrainOption("seed", click.IntRange(0), "Drives split, init and batch order."),
     TrainOption("split", click.Choice(SPLITS),
                 "random reproduces the reference; grouped keeps near-duplicates on one side (see README)."),
-    TrainOption("group_pattern", click.STRING, "Regex whose match in an image id names its group "
-                                               "[default: the cache's near-duplicate groups].", listable=False),
+    TrainOption("group_pattern", click.STRING, "Regex whose match in an image id names its group.", listable=False,
+                shown_default="the cache's near-duplicate groups"),
     TrainOption("loss", click.Choice(LOSSES)),
     TrainOption("schedule", click.Choice(SCHEDULES), "cosine: linear warm-up over --warmup-epochs, then cosine "
                                                      "decay to 0."),
@@ -162,7 +163,8 @@ SWEEP_FIELDS = tuple(option.field for option in TRAIN_OPTIONS)
 def train_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """Every TrainConfig field as one option, its default taken from TrainConfig."""
     for option in reversed(TRAIN_OPTIONS):
-        function = click.option(option.flag, option.field, type=option.type, show_default=True,
+        function = click.option(option.flag, option.field, type=option.type,
+                                show_default=option.shown_default or True,
                                 default=getattr(TRAIN_DEFAULTS, option.field), help=option.help)(function)
     return function
 
@@ -181,12 +183,30 @@ def _value_list(option: TrainOption) -> Callable[[click.Context, click.Parameter
 def sweep_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """Every TrainConfig field as a comma list of values to sweep (unset: the --grid file's, else the default)."""
     for option in reversed(TRAIN_OPTIONS):
-        default = getattr(TRAIN_DEFAULTS, option.field)
+        default = option.shown_default or repr(getattr(TRAIN_DEFAULTS, option.field))
         kind = "a value (taken verbatim)" if not option.listable else "values separated by commas"
         function = click.option(option.flag, option.field, default=None, callback=_value_list(option),
                                 metavar="LIST" if option.listable else "TEXT",
-                                help=f"{option.help} As {kind}; default {default!r}.".strip())(function)
+                                help=f"{option.help} As {kind}; default {default}.".strip())(function)
     return function
+
+
+def _folds(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value < 0 or value == 1:
+        raise click.BadParameter("K-fold cross-validation needs K >= 2 (0: one train/val split)", ctx, param)
+    return value
+
+
+def cv_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--cv", "folds", default=0, type=int, callback=_folds, metavar="K",
+                        help=f"{help_text} K >= 2; 0: one train/val split.")
+
+
+def _given(fields: dict[str, Any]) -> dict[str, Any]:
+    """The options among ``fields`` that the user typed (not left at their defaults)."""
+    context = click.get_current_context()
+    return {name: value for name, value in fields.items()
+            if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
 
 
 def stream_option(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -199,9 +219,9 @@ def stream_option(function: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--cache", "cache_path", required=True, type=input_file, help="Cache from `extract`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder to write.")
 @train_options
-@click.option("--cv", "folds", default=0, type=click.IntRange(0),
-              help="K-fold cross-validation (K >= 2): K runs in OUT/fold-k and OUT/cv.json with mean ± std.")
-@click.option("--resume", is_flag=True, help="Continue the unfinished run in OUT from its last finished epoch.")
+@cv_option("K-fold cross-validation: K runs in OUT/fold-k and OUT/cv.json with mean ± std.")
+@click.option("--resume", is_flag=True, help="Continue the unfinished run in OUT from its last finished epoch, with "
+                                             "its own settings (options given must agree with them).")
 @click.option("--overwrite", is_flag=True, help="Replace the run in OUT (refused without it or --resume).")
 @stream_option
 @device_option
@@ -217,15 +237,18 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
     floating-point order.
     """
     from fishseg.crossval import run_cross_validation
+    from fishseg.runs import recorded_config
     from fishseg.runtime import plural
     from fishseg.train import run_training
 
-    config = TrainConfig(**fields, folds=folds)
-    if folds:
+    fields["folds"] = folds
+    recorded = recorded_config(out) if resume else None
+    config = dataclasses.replace(recorded, **_given(fields)) if recorded else TrainConfig(**fields)
+    if config.folds:
         cv = run_cross_validation(cache_path, out, config, device=device, stream=stream, resume=resume,
                                   overwrite=overwrite)
         if is_main_process():
-            click.echo(f"{folds}-fold {config.split} cross-validation: " + ", ".join(
+            click.echo(f"{config.folds}-fold {config.split} cross-validation: " + ", ".join(
                 f"{name} {value['mean']:.4f} ± {value['std']:.4f}" for name, value in cv["summary"].items()))
             click.echo(f"written: {out}/cv.json")
         return
@@ -244,8 +267,7 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
               help="TOML file of field = value or [values] (fields as the options below, - or _); options given "
                    "on the command line replace the file's.")
 @sweep_options
-@click.option("--cv", "folds", default=0, type=click.IntRange(0),
-              help="Each config is a K-fold cross-validation (K >= 2) instead of one split.")
+@cv_option("Each config is a K-fold cross-validation instead of one split.")
 @stream_option
 @device_option
 @command
@@ -272,7 +294,7 @@ def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, strea
 @click.option("--baseline", default=None, type=input_dir,
               help="Run (or cross-validation) folder every entry is compared with [default: the best].")
 @click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Leaderboard folder [default: the sweep folder when one is given, else ./compare].")
+              help="Leaderboard folder [default: the sweep folder when it is the only folder given, else ./compare].")
 @click.option("--cache", "cache_path", default=None, type=input_file,
               help="The runs' cache, to score runs not evaluated yet [default: the path the runs recorded].")
 @device_option

@@ -23,7 +23,7 @@ from fishseg.evaluate import METRICS_FILE, PER_IMAGE_FILE, evaluate_run
 from fishseg.leaderboard import LeaderboardEntry, write_leaderboard
 from fishseg.runs import (REPORT_DIR, RunRecord, fold_dir, holds_cv, holds_run, holds_sweep, read_cv, read_history,
                           read_record, read_split, read_sweep)
-from fishseg.runtime import make_output_dir, read_json, resolve_device
+from fishseg.runtime import make_output_dir, plural, read_json, resolve_device
 from fishseg.stats import compare_to_reference
 
 DEFAULT_OUT = Path("compare")
@@ -74,13 +74,15 @@ class Leaderboard:
         best = self.entries[0]
         verdicts = [entry.comparison.verdict for entry in self.entries if entry.comparison is not None]
         real = sum(verdict in ("better", "worse") for verdict in verdicts)
-        return (f"leaderboard of {len(self.entries)} entries: best {best.name} (mean IoU {best.mean_iou:.4f}); "
-                f"{real} of {len(verdicts)} differences from {self.reference} are real at 95%: {self.out_dir}")
+        tested = (f"{real} of {len(verdicts)} differences from {self.reference} are real at 95%" if verdicts
+                  else "nothing to compare it with")
+        return (f"leaderboard of {plural(len(self.entries), 'entry', 'entries')}: best {best.name} "
+                f"(mean IoU {best.mean_iou:.4f}); {tested}: {self.out_dir}")
 
 
 def default_out(folders: Sequence[Path]) -> Path:
-    """The sweep folder when one is given, else ./compare."""
-    return next((folder for folder in folders if holds_sweep(folder)), DEFAULT_OUT)
+    """The sweep folder when it is all that is compared (its own leaderboard), else ./compare."""
+    return folders[0] if len(folders) == 1 and holds_sweep(folders[0]) else DEFAULT_OUT
 
 
 def entry_folders(folders: Sequence[Path]) -> list[Path]:
@@ -92,6 +94,8 @@ def entry_folders(folders: Sequence[Path]) -> list[Path]:
             found += [folder / name for name in names if holds_run(folder / name) or holds_cv(folder / name)]
         elif holds_run(folder) or holds_cv(folder):
             found.append(folder)
+        elif not folder.exists():
+            raise FishsegError(f"{folder}: not found")
         else:
             raise FishsegError(f"{folder}: neither a run, a cross-validation nor a sweep folder "
                                f"(no run.json, cv.json or sweep.json)")
@@ -167,14 +171,25 @@ def _load_entry(name: str, folder: Path, opener: _CacheOpener, device: Any) -> E
     return Entry(name, folder, [_run_scores(run, opener, device) for run in runs])
 
 
+def _first_run(folder: Path) -> Path:
+    return folder if holds_run(folder) else fold_dir(folder, 0)
+
+
+def _check_one_cache(folders: list[Path]) -> None:
+    """Refuse entries of different caches from their records, before any of them is scored."""
+    caches = {folder: read_record(_first_run(folder)).cache for folder in folders if holds_run(_first_run(folder))}
+    first, cache = next(iter(caches.items()), (None, None))
+    for folder, other in caches.items():
+        if other["fingerprint"] != cache["fingerprint"]:
+            raise FishsegError(f"{first} and {folder} were trained on different caches ({cache['path']} vs "
+                               f"{other['path']}); compare runs of one cache")
+
+
 def check_comparable(entries: list[Entry]) -> None:
-    """One cache, and the same validation images (per fold for cross-validations); else exit 2 naming both."""
+    """The same validation images (per fold for cross-validations; one cache is checked before scoring);
+    else exit 2 naming both."""
     first = entries[0]
     for entry in entries[1:]:
-        if entry.runs[0].record.cache["fingerprint"] != first.runs[0].record.cache["fingerprint"]:
-            raise FishsegError(f"{first.folder} and {entry.folder} were trained on different caches "
-                               f"({first.runs[0].record.cache['path']} vs {entry.runs[0].record.cache['path']}); "
-                               f"compare runs of one cache")
         if entry.is_cv != first.is_cv or len(entry.runs) != len(first.runs):
             raise FishsegError(f"{first.folder} and {entry.folder} validate on different images (a single split "
                                f"vs cross-validation, or other fold counts); compare like with like")
@@ -215,6 +230,7 @@ def run_compare(folders: Sequence[Path], out_dir: Path, *, baseline: Path | None
     if baseline is not None and not (holds_run(baseline) or holds_cv(baseline)):
         raise FishsegError(f"--baseline {baseline}: not a run or cross-validation folder")
     found = entry_folders([*folders, *([baseline] if baseline else [])])
+    _check_one_cache(found)
     names = _entry_names(found)
     opener = _CacheOpener(cache_path)
     try:

@@ -39,9 +39,10 @@ def plan_cross_validation(out_dir: Path, config: TrainConfig, *, resume: bool, o
         if holds_run(out_dir) and not overwrite:
             raise FishsegError(f"{out_dir}: already holds a single run; use another --out, or --overwrite")
         return
-    cv = read_cv(out_dir)
     if overwrite:
+        logger.info("%s: replacing the cross-validation there (--overwrite)", out_dir)
         return
+    cv = read_cv(out_dir)
     done = sum(1 for result in cv["folds"] if result)
     if not resume:
         raise FishsegError(f"{out_dir}: already holds a {config.folds}-fold cross-validation ({cv['status']}, "

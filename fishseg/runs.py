@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import fcntl
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -90,12 +91,17 @@ class RunRecord:
         return {**data, "epochs_planned": self.epochs_planned}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RunRecord:
-        fields = {field.name for field in dataclasses.fields(cls)}
-        values = {key: value for key, value in data.items() if key in fields}
-        values["train_config"] = TrainConfig(**data["train_config"])
-        values["checkpoints"] = {role: CheckpointRef(**ref) for role, ref in data.get("checkpoints", {}).items()}
-        return cls(**values)
+    def from_json(cls, data: Any, source: Path) -> RunRecord:
+        """The record in ``data`` (as read from ``source``); anything else is refused naming the file."""
+        try:
+            fields = {field.name for field in dataclasses.fields(cls)}
+            values = {key: value for key, value in data.items() if key in fields}
+            values["train_config"] = TrainConfig(**data["train_config"])
+            values["checkpoints"] = {role: CheckpointRef(**ref) for role, ref in data.get("checkpoints", {}).items()}
+            return cls(**values)
+        except (AttributeError, KeyError, TypeError, FishsegError) as error:
+            raise FishsegError(f"{source}: not a fishseg run record ({error}); restore it, or replace the run "
+                               f"with --overwrite") from None
 
 
 def _now() -> str:
@@ -111,10 +117,7 @@ def read_record(run_dir: Path) -> RunRecord:
     nobody holds was killed, and reads as ``interrupted``."""
     if not holds_run(run_dir):
         raise FishsegError(f"{run_dir}: not a run folder (no {RUN_FILE}); pass the --out folder of `train`")
-    try:
-        record = RunRecord.from_json(read_json(run_dir / RUN_FILE))
-    except (KeyError, TypeError) as error:
-        raise FishsegError(f"{run_dir / RUN_FILE}: not a fishseg run record ({error})") from None
+    record = RunRecord.from_json(read_json(run_dir / RUN_FILE), run_dir / RUN_FILE)
     if record.status == RUNNING and not is_locked(run_dir):
         record.status = INTERRUPTED
     return record
@@ -236,20 +239,38 @@ def commit_epoch(run_dir: Path, record: RunRecord, history: dict[str, Any]) -> N
     write_json(run_dir / HISTORY_FILE, history)
     write_record(run_dir, record)
     named = {ref.file for ref in record.checkpoints.values()}
-    leftovers = [*(run_dir / CHECKPOINT_DIR).iterdir(), *run_dir.glob(".*.tmp")]  # incl. a killed writer's temp files
-    for path in leftovers:
+    for path in _own_files(run_dir):
         if path.relative_to(run_dir).as_posix() not in named:
             path.unlink(missing_ok=True)
 
 
+OWN_CHECKPOINT = re.compile(r"epoch-\d{4}(\.resume)?\.safetensors")
+OWN_TEMPORARY = re.compile(r"\.(epoch-\d{4}(\.resume)?\.safetensors|run\.json|history\.json|split\.json)\.\w+\.tmp")
+
+
+def _own_files(run_dir: Path) -> list[Path]:
+    """The checkpoint files fishseg writes into a run folder and the temp files a killed writer may have left:
+    never a file of the user's that happens to sit there."""
+    checkpoints = run_dir / CHECKPOINT_DIR
+    found = [path for path in run_dir.iterdir() if OWN_TEMPORARY.fullmatch(path.name)] if run_dir.is_dir() else []
+    if checkpoints.is_dir():
+        found += [path for path in checkpoints.iterdir()
+                  if OWN_CHECKPOINT.fullmatch(path.name) or OWN_TEMPORARY.fullmatch(path.name)]
+    return found
+
+
+SCORE_FILES = ("metrics.json", "per_image.csv")  # of REPORT_DIR: what `compare` reads as the run's scores
+
+
 def clear_run(run_dir: Path) -> None:
-    """Remove the files a run (and its report) consists of, and nothing else (``--overwrite``)."""
-    for name in (RUN_FILE, SPLIT_FILE, HISTORY_FILE, CV_FILE):
-        (run_dir / name).unlink(missing_ok=True)
+    """Remove the files fishseg wrote for a run (``--overwrite``): the record, split, history, checkpoints and
+    the report's scores, so nothing stale is read as the new run's. Nothing else is touched: other files in
+    ``report/`` stay until ``evaluate`` writes a new report."""
+    for path in (*(run_dir / name for name in (RUN_FILE, SPLIT_FILE, HISTORY_FILE, CV_FILE)),
+                 *(run_dir / REPORT_DIR / name for name in SCORE_FILES), *_own_files(run_dir)):
+        path.unlink(missing_ok=True)
     for folder in (CHECKPOINT_DIR, REPORT_DIR):
-        for path in sorted((run_dir / folder).rglob("*"), reverse=True) if (run_dir / folder).is_dir() else ():
-            path.rmdir() if path.is_dir() else path.unlink()
-        if (run_dir / folder).is_dir():
+        with contextlib.suppress(OSError):  # kept when something else is in it
             (run_dir / folder).rmdir()
 
 
@@ -281,6 +302,15 @@ def training_lock(run_dir: Path) -> Iterator[None]:
         handle.close()
 
 
+def recorded_config(folder: Path) -> TrainConfig | None:
+    """The settings of the run or cross-validation in ``folder``, or None when it holds neither."""
+    if holds_run(folder):
+        return read_record(folder).train_config
+    if holds_cv(folder):
+        return TrainConfig(**read_cv(folder)["train_config"])
+    return None
+
+
 def check_resume_flags(resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise FishsegError("--resume and --overwrite exclude each other: continue the run, or replace it")
@@ -293,7 +323,16 @@ def differing_fields(recorded: TrainConfig, requested: TrainConfig) -> list[str]
 
 
 def read_cv(out_dir: Path) -> dict[str, Any]:
-    return read_json(out_dir / CV_FILE)
+    return _read_folder_file(out_dir / CV_FILE, ("train_config", "status", "folds"), "cross-validation record")
+
+
+def _read_folder_file(path: Path, keys: tuple[str, ...], kind: str) -> dict[str, Any]:
+    """A JSON object holding ``keys``; anything else is refused naming the file."""
+    data = read_json(path)
+    if not isinstance(data, dict) or not set(keys) <= set(data):
+        raise FishsegError(f"{path}: not a fishseg {kind} (it needs {', '.join(keys)}); restore it, or use "
+                           f"--overwrite or another --out")
+    return data
 
 
 def write_cv(out_dir: Path, cv: dict[str, Any]) -> None:
@@ -314,7 +353,7 @@ def holds_sweep(folder: Path) -> bool:
 
 
 def read_sweep(sweep_dir: Path) -> dict[str, Any]:
-    return read_json(sweep_dir / SWEEP_FILE)
+    return _read_folder_file(sweep_dir / SWEEP_FILE, ("cache", "grid", "configs"), "sweep record")
 
 
 def write_sweep(sweep_dir: Path, sweep: dict[str, Any]) -> None:

@@ -99,8 +99,10 @@ def atomic_path(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, unlike mkstemp's 0600
+    mode = tmp.stat().st_mode
     try:
         yield tmp
+        os.chmod(tmp, mode)  # some writers (safetensors) replace the file with a 0600 one of their own
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

@@ -26,8 +26,8 @@ from fishseg.config import TrainConfig
 from fishseg.crossval import cross_validate, plan_cross_validation
 from fishseg.errors import FishsegError
 from fishseg.evaluate import evaluate_run, write_scores
-from fishseg.runs import (FINISHED, REPORT_DIR, RunRecord, differing_fields, holds_cv, holds_run, read_cv,
-                          read_record, read_sweep, write_sweep)
+from fishseg.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, RunRecord, differing_fields, holds_cv, holds_run,
+                          holds_sweep, read_cv, read_record, read_sweep, write_sweep)
 from fishseg.runtime import make_output_dir, resolve_device
 from fishseg.train import TrainingData, plan_run, train_run
 
@@ -72,6 +72,8 @@ def read_grid_file(path: Path, fields: Sequence[str]) -> Grid:
         raise FishsegError(f"{path}: not valid TOML ({error})") from None
     grid = {key.replace("-", "_"): tuple(value) if isinstance(value, list) else (value,)
             for key, value in table.items()}
+    if len(grid) < len(table):
+        raise FishsegError(f"{path}: a field is given twice (once with - and once with _); keep one")
     unknown = sorted(set(grid) - set(fields))
     if unknown:
         raise FishsegError(f"{path}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
@@ -79,13 +81,23 @@ def read_grid_file(path: Path, fields: Sequence[str]) -> Grid:
     empty = [field for field, values in grid.items() if not values]
     if empty:
         raise FishsegError(f"{path}: {', '.join(empty)} has no values")
+    for field, values in grid.items():
+        for value in values:
+            try:
+                TrainConfig(**{field: value})
+            except FishsegError as error:
+                raise FishsegError(f"{path}: {error}") from None
     return grid
 
 
 def expand_grid(grid: Grid, folds: int = 0) -> list[SweepConfig]:
     """Every combination of the grid's values as a validated TrainConfig, named by the fields that vary."""
     fields = list(grid)
-    varying = [field for field in fields if len(set(grid[field])) > 1]
+    for field, values in grid.items():
+        repeated = sorted({_text(value) for value in values if values.count(value) > 1})
+        if repeated:
+            raise FishsegError(f"sweep value {field} lists {', '.join(repeated)} more than once; list each value once")
+    varying = [field for field in fields if len(grid[field]) > 1]
     configs, names = [], set()
     for values in itertools.product(*(grid[field] for field in fields)):
         chosen = dict(zip(fields, values))
@@ -96,7 +108,8 @@ def expand_grid(grid: Grid, folds: int = 0) -> list[SweepConfig]:
         name = ",".join(f"{field}={_text(chosen[field])}" for field in varying) or "run"
         name = re.sub(r"[^\w=,.+-]", "_", name)
         if name in names:
-            raise FishsegError(f"two configs of the grid get the folder name {name}; list each value once")
+            raise FishsegError(f"two configs of the grid get the folder name {name}; make the values differ in more "
+                               f"than the characters a folder name cannot hold")
         names.add(name)
         configs.append(SweepConfig(name, config))
     return configs
@@ -127,9 +140,20 @@ def _check_sweep_folder(out_dir: Path, cache: FeatureCache) -> None:
         raise FishsegError(f"{out_dir}: exists and is not a folder")
     if holds_run(out_dir) or holds_cv(out_dir):
         raise FishsegError(f"{out_dir}: holds a run, not a sweep; use another --out")
-    if (out_dir / "sweep.json").is_file():
-        recorded = read_sweep(out_dir)["cache"]
-        cache.require(recorded, out_dir / "sweep.json")
+    if holds_sweep(out_dir):
+        cache.require(read_sweep(out_dir)["cache"], out_dir / SWEEP_FILE)
+
+
+def _check_same_grid(out_dir: Path, configs: list[SweepConfig]) -> None:
+    """A sweep folder holds one grid: another one would orphan its runs and replace its leaderboard."""
+    if not holds_sweep(out_dir):
+        return
+    recorded = [config["name"] for config in read_sweep(out_dir)["configs"]]
+    names = [entry.name for entry in configs]
+    if recorded != names:
+        raise FishsegError(f"{out_dir}: holds a sweep of another grid ({len(recorded)} configs: "
+                           f"{', '.join(recorded[:3])}{', …' if len(recorded) > 3 else ''}); run that sweep again to "
+                           f"continue it, or use another --out (`fishseg compare` puts both sweeps side by side)")
 
 
 @contextlib.contextmanager
@@ -154,6 +178,7 @@ def run_sweep(cache_path: Path, out_dir: Path, grid: Grid, *, folds: int = 0, de
     torch_device = resolve_device(device)
     with FeatureCache(cache_path) as cache:
         _check_sweep_folder(out_dir, cache)
+        _check_same_grid(out_dir, configs)
         finished = {entry.name for entry in configs if _check_folder(out_dir, entry, cache)}
         make_output_dir(out_dir)
         write_sweep(out_dir, {"fishseg_version": __version__, "cache": cache.summary(), "folds": folds,

@@ -32,9 +32,9 @@ from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.metrics import binarize, iou_per_image
 from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUNNING, SPLIT_FILE, RunRecord, check_resume_flags,
-                          clear_run, commit_epoch, differing_fields, empty_history, holds_run, read_history,
-                          read_record, read_resume_state, read_split, training_lock, verified, write_checkpoint,
-                          write_record, write_resume_state, write_split)
+                          clear_run, commit_epoch, differing_fields, empty_history, holds_run, is_locked,
+                          read_history, read_record, read_resume_state, read_split, training_lock, verified,
+                          write_checkpoint, write_record, write_resume_state, write_split)
 from fishseg.runtime import autocast, available_memory, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -291,11 +291,12 @@ def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume:
         if resume:
             raise FishsegError(f"{out_dir}: holds no run to resume; drop --resume to start one")
         return None
-    record = read_record(out_dir)
-    if record.status == RUNNING:
-        raise FishsegError(f"{out_dir}: another process is training into this folder ({record.describe()})")
+    if is_locked(out_dir):
+        raise FishsegError(f"{out_dir}: another process is training into this folder; wait for it or stop it")
     if overwrite:
+        logger.info("%s: replacing the run there (--overwrite)", out_dir)
         return None
+    record = read_record(out_dir)
     if not resume:
         raise FishsegError(f"{out_dir}: already holds a run ({record.describe()}); add --resume to continue it "
                            f"or --overwrite to replace it")

@@ -288,7 +288,7 @@ CASES: list[tuple[str, Callable[[Context], list[str]], str]] = [
     ("train --weight-decay inf", lambda ctx: [*ctx.train(ctx.evaluated[0]), "--weight-decay", "inf"],
      r"'inf' is not a finite number"),
     ("train --cv 1", lambda ctx: [*ctx.train(ctx.evaluated[0]), "--cv", "1"],
-     r"folds 1: expected 0 \(one split\) or a whole number >= 2"),
+     r"--cv.*: K-fold cross-validation needs K >= 2 \(0: one train/val split\)"),
     ("streamed training on NaN features",
      lambda ctx: [*ctx.train(ctx.poisoned_cache(float("nan"), ctx.val_id())), "--stream", "--device", "cpu"],
      r"c.h5: features of 1 image hold NaN or inf \(class\d/\d{3}.png\); extract again"),

@@ -127,11 +127,26 @@ def test_runs_that_cannot_be_paired_are_refused(runs: dict[str, Path], tmp_path:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_sweep_keeps_its_own_leaderboard_when_compared_with_other_runs(runs: dict[str, Path], tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    sweep = tmp_path / "sweep"
+    result = CliRunner().invoke(main, ["sweep", "--cache", str(runs["cache"]), "--out", str(sweep), "--lr", "3e-3",
+                                       "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    own = (sweep / "leaderboard.csv").read_text()
+    monkeypatch.chdir(tmp_path)
+    status, output = _invoke(sweep, runs["linear"], "--device", "cpu")
+    assert status == 0, output
+    assert (sweep / "leaderboard.csv").read_text() == own and len(_rows(tmp_path / "compare")) == 2
+
+
 def test_a_folder_that_is_no_run_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
     status, output = _invoke(runs["seed-cnn"], tmp_path, "--out", tmp_path / "out")
     assert status == 2 and "neither a run, a cross-validation nor a sweep folder" in output, output
     status, output = _invoke(runs["seed-cnn"], "--baseline", tmp_path, "--out", tmp_path / "out")
     assert status == 2 and "not a run or cross-validation folder" in output, output
+    status, output = _invoke(runs["seed-cnn"], tmp_path / "nowhere", "--out", tmp_path / "out")
+    assert status == 2 and "nowhere: not found" in output, output
 
 
 def test_cross_validations_on_the_same_folds_are_one_entry_each(runs: dict[str, Path], tmp_path: Path) -> None:

@@ -183,18 +183,16 @@ def test_an_existing_run_is_never_overwritten_without_being_asked(reference: tup
 def test_resume_refuses_other_settings_naming_them(reference: tuple[Path, Path]) -> None:
     cache, run_dir = reference
     before = _snapshot(run_dir)
-    status, output = _invoke("train", "--cache", cache, "--out", run_dir, "--epochs", 6, "--batch-size", 4,
-                             "--lr", 0.003, "--seed", 2, "--schedule", "cosine", "--augment", "none", "--resume")
+    status, output = _invoke("train", "--cache", cache, "--out", run_dir, "--augment", "none", "--lr", 0.003,
+                             "--resume")  # the lr given agrees with the run's; only augment differs
     assert status == 2 and "other settings (augment 'flips' → 'none')" in output, output
     assert _snapshot(run_dir) == before
 
 
-def test_resume_of_a_finished_run_says_so_and_changes_nothing(reference: tuple[Path, Path]) -> None:
+def test_resume_takes_the_runs_own_settings_and_a_finished_run_stays_as_it_is(reference: tuple[Path, Path]) -> None:
     cache, run_dir = reference
     before = _snapshot(run_dir)
-    status, output = _invoke("train", "--cache", cache, "--out", run_dir, "--epochs", 6, "--batch-size", 4,
-                             "--lr", 0.003, "--seed", 2, "--schedule", "cosine", "--augment", "flips", "--resume",
-                             "--device", "cpu")
+    status, output = _invoke("train", "--cache", cache, "--out", run_dir, "--resume", "--device", "cpu")
     assert status == 0 and output.startswith(f"run finished: {run_dir} (best val IoU"), output
     assert _snapshot(run_dir) == before
 
@@ -256,3 +254,43 @@ def test_resume_state_is_safetensors_with_every_optimizer_tensor(stopped: tuple[
     assert {name.rsplit(".", 1)[1] for name in moments} == {"step", "exp_avg", "exp_avg_sq"}
     assert len(moments) == 3 * 10 < 3 * parameters  # 10 parameters; batch-norm buffers have no moments
     assert state["generator"].dtype == torch.uint8 and np.any(state["generator"].numpy())
+
+
+def test_files_fishseg_did_not_write_are_never_deleted(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
+    run_dir = tmp_path / "run"
+    for mine in (run_dir / "checkpoints" / "my_model.pt", run_dir / "report" / "paper_figure.png"):
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        mine.write_text("mine")
+    run_training(cache, run_dir, TrainConfig(epochs=3, batch_size=4), device="cpu")
+    run_evaluation(cache, run_dir, device="cpu", report=False)
+    run_training(cache, run_dir, TrainConfig(epochs=1, batch_size=4), device="cpu", overwrite=True)
+    assert (run_dir / "checkpoints" / "my_model.pt").read_text() == "mine"
+    assert (run_dir / "report" / "paper_figure.png").read_text() == "mine"
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == [
+        "epoch-0001.safetensors", "my_model.pt"]
+    assert not (run_dir / "report" / "metrics.json").exists()  # the old run's scores are not the new run's
+
+
+def test_checkpoints_get_the_permissions_of_the_other_files(reference: tuple[Path, Path]) -> None:
+    _, run_dir = reference
+    record = read_record(run_dir)
+    modes = {(run_dir / name).stat().st_mode & 0o777 for name in ("run.json", record.checkpoints["best"].file)}
+    assert len(modes) == 1, modes
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "run.json: not a fishseg run record"),
+    ('{"train_config": {"epochs": null}}', "run.json: not a fishseg run record \\(epochs None"),
+    ('{"train_config": ', "run.json: not valid JSON"),
+])
+def test_a_damaged_record_is_named_and_overwrite_replaces_it(tmp_path: Path, content: str, message: str) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=8)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(content)
+    for command in (["evaluate", "--cache", cache, "--run", tmp_path / "run"], ["compare", tmp_path / "run"],
+                    ["train", "--cache", cache, "--out", tmp_path / "run", "--resume"]):
+        status, output = _invoke(*command)
+        assert status == 2 and re.search(message, output) and "Traceback" not in output, (command, output)
+    status, output = _invoke("train", "--cache", cache, "--out", tmp_path / "run", "--epochs", 1, "--overwrite")
+    assert status == 0 and read_record(tmp_path / "run").epochs_done == 1, output

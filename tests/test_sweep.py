@@ -53,6 +53,14 @@ def test_a_grid_file_takes_lists_and_scalars_and_names_unknown_fields(tmp_path: 
     good.write_text('decoder = ["seed-cnn", "linear"]\nbatch-size = 4\nlr = [1e-3, 3e-4]\n')
     assert read_grid_file(good, ("decoder", "batch_size", "lr")) == {
         "decoder": ("seed-cnn", "linear"), "batch_size": (4,), "lr": (1e-3, 3e-4)}
+    values = tmp_path / "values.toml"
+    values.write_text('decoder = ["seed-cnn", "unet"]\n')
+    with pytest.raises(FishsegError, match="values.toml: decoder 'unet': expected one of"):
+        read_grid_file(values, ("decoder",))
+    twice = tmp_path / "twice.toml"
+    twice.write_text("batch_size = [4]\nbatch-size = [8]\n")
+    with pytest.raises(FishsegError, match="twice.toml: a field is given twice"):
+        read_grid_file(twice, ("batch_size",))
     bad = tmp_path / "bad.toml"
     bad.write_text('decoders = ["linear"]\nlearning_rate = 1\n')
     with pytest.raises(FishsegError, match="bad.toml: unknown fields decoders, learning_rate; known: decoder"):
@@ -107,6 +115,23 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path: Path, monkeypat
     assert resumed.best_val_iou == pytest.approx(straight.best_val_iou, abs=1e-6)
 
 
+def test_a_sweep_folder_holds_one_grid(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
+    status, output = _sweep(cache, tmp_path / "sweep", "--decoder", "seed-cnn,linear", "--epochs", "1")
+    assert status == 0, output
+    before = (tmp_path / "sweep" / "sweep.json").read_text()
+    status, output = _sweep(cache, tmp_path / "sweep", "--decoder", "linear", "--lr", "1e-3,3e-4", "--epochs", "1")
+    assert status == 2 and "holds a sweep of another grid (2 configs: decoder=seed-cnn, decoder=linear)" in output
+    assert (tmp_path / "sweep" / "sweep.json").read_text() == before
+    assert sorted(path.name for path in (tmp_path / "sweep").iterdir() if path.is_dir()) == [
+        "decoder=linear", "decoder=seed-cnn"]
+
+
+def test_a_value_listed_twice_is_named() -> None:
+    with pytest.raises(FishsegError, match="sweep value lr lists 0.001 more than once"):
+        expand_grid({"lr": (1e-3, 1e-3)})
+
+
 def test_a_foreign_run_under_a_config_name_is_refused(tmp_path: Path) -> None:
     cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
     run_training(cache, tmp_path / "sweep" / "decoder=linear,lr=0.001", TrainConfig(epochs=1), device="cpu")
@@ -119,7 +144,7 @@ def test_a_foreign_run_under_a_config_name_is_refused(tmp_path: Path) -> None:
     (["--decoder", "seed-cnn,unet"], "'unet' is not one of"),
     (["--lr", "1e-3,inf"], "is not a finite number"),
     (["--lr", "1e-3,,3e-4"], "an empty value in the list"),
-    (["--cv", "1"], "folds 1: expected 0 (one split) or a whole number >= 2"),
+    (["--cv", "1"], "K-fold cross-validation needs K >= 2 (0: one train/val split)"),
 ])
 def test_bad_sweep_options_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     cache = write_toy_cache(tmp_path / "toy.h5", n_images=8)

@@ -43,7 +43,7 @@ def test_run_folder_records_config_split_history_and_checkpoints(toy_run: tuple[
     assert files == {".lock", "history.json", "run.json", "split.json", "checkpoints/epoch-0008.safetensors",
                      f"checkpoints/epoch-{run.best_epoch:04d}.safetensors"}  # the best and the last epoch only
     recorded = json.loads((run_dir / "run.json").read_text())
-    assert recorded == run.to_json() and RunRecord.from_json(recorded) == run
+    assert recorded == run.to_json() and RunRecord.from_json(recorded, run_dir / "run.json") == run
     assert (run.status, run.epochs_done, recorded["epochs_planned"]) == ("finished", TOY.epochs, TOY.epochs)
     assert run.train_config == TOY and "resume" not in run.checkpoints  # a finished run keeps no optimizer state
     assert run.split == {"method": "random", "n_train": 24, "n_val": 6, "groups": "near-duplicates",
