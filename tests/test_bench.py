@@ -59,7 +59,7 @@ def test_storage_options_hold_the_same_features(results: dict, bench_dir: Path) 
 def test_sweep_overhead_is_measured_on_eight_configs(results: dict, bench_dir: Path) -> None:
     sweep = results["sweep"]
     assert (sweep["configs"], sweep["epochs_per_config"]) == (8, 2)
-    assert 0 < sweep["inside_epochs_s"] < sweep["wall_s"]
+    assert 0 < sweep["inside_epochs_s"] < sweep["wall_s"] - sweep["torch_startup_s"]
     assert len((bench_dir / "sweep" / "leaderboard.csv").read_text().splitlines()) == 1 + 8
     histories = [json.loads(path.read_text()) for path in (bench_dir / "sweep").glob("*/history.json")]
     assert len(histories) == 8 and all(len(history["epochs"]) == 2 for history in histories)
@@ -85,7 +85,7 @@ def test_table_names_each_measure_and_target(results: dict) -> None:
     for text in ("1 backbone forward", "2 extraction end to end", "(target ≥ 0.9)", "cached epoch", "(target ≥ 25)",
                  "streamed / in-memory epoch time at 8 images", "5 cache storage", "gzip",
                  "6 torchrun scaling: not run (pass --processes", "7 sweep of 8 configs × 2 epochs",
-                 "inside epochs (target ≥ 90%)"):
+                 "of the rest inside epochs (target ≥ 90%)"):
         assert text in table
 
 

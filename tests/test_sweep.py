@@ -82,7 +82,7 @@ def test_a_sweep_trains_every_config_once_from_one_load_of_the_cache(tmp_path: P
     assert loads == [1]
     assert {path.name for path in (tmp_path / "sweep").iterdir() if path.is_dir()} == NAMES
     assert output.count("] decoder=") == 4 and "[4/4] " in output and "s left)" in output
-    assert "4 configs (4 trained now) in " in output and "% of it inside epochs" in output
+    assert "4 configs (4 trained now) in " in output and "% of the rest inside epochs" in output
     for name in NAMES:
         record = read_record(tmp_path / "sweep" / name)
         assert (record.status, record.epochs_done, record.train_config.batch_size) == ("finished", 2, 4)
