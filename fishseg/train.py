@@ -338,6 +338,7 @@ def train_run(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: 
     A finished run asked to resume is returned as it is.
     """
     previous = plan_run(out_dir, config, data.cache, resume=resume, overwrite=overwrite)
+    ranks.barrier()  # every rank has read the folder before rank 0 writes into it
     if previous is not None and previous.status == FINISHED:
         logger.info("%s: finished already (%s); nothing to resume", out_dir, previous.describe())
         return previous
