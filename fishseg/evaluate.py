@@ -99,7 +99,8 @@ def summarize_sweep(raw: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _report_arrays(decoder: torch.nn.Module, cache: FeatureCache, val_idx: np.ndarray, ious: np.ndarray,
-                   seed: int, device: torch.device, layers: tuple[int, ...]) -> tuple[dict[str, list[Example]], np.ndarray]:
+                   seed: int, device: torch.device,
+                   layers: tuple[int, ...]) -> tuple[dict[str, list[Example]], np.ndarray]:
     """Gallery examples (predicted once for the union of galleries) and a patch sample for the PCA."""
     positions = gallery_positions(ious, seed)
     shown = np.unique(np.concatenate(list(positions.values())))
