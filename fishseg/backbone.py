@@ -1,26 +1,38 @@
-"""The frozen backbone: load a DINOv3 ViT through transformers and turn images into patch grids."""
+"""The frozen backbone: load a DINO ViT through transformers and turn images into patch grids.
+
+Supported: DINOv3 ViTs of every size, DINOv2 and DINOv2 with registers (``SUPPORTED``); their token
+sequence is CLS, registers, then the patches in row-major order. Models without a patch-token
+sequence (DINOv3 ConvNeXt, …) are refused.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
-from transformers import AutoModel, DINOv3ViTConfig, DINOv3ViTModel, PreTrainedModel
+from torch import nn
+from transformers import (AutoModel, DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model,
+                          Dinov2WithRegistersConfig, Dinov2WithRegistersModel, PreTrainedModel)
 from transformers.utils import logging as transformers_logging
 
-from fishseg.config import BackboneInfo
+from fishseg.config import LAST_BLOCK, BackboneInfo, resolve_layers
 from fishseg.errors import FishsegError
 from fishseg.runtime import autocast
 
 RANDOM_INIT_FLAG = "fishseg_random_init"  # set in config.json of checkpoints made by save_random_backbone
 VITS16_LAYOUT = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
                      patch_size=16, num_register_tokens=4)  # the DINOv3 ViT-S/16 architecture
+# model_type → the attribute holding the final layer norm, applied to every stored block (as DINOv3's
+# get_intermediate_layers(norm=True)); transformers' hidden_states are taken before it.
+SUPPORTED = {"dinov3_vit": "norm", "dinov2": "layernorm", "dinov2_with_registers": "layernorm"}
+SUPPORTED_NAMES = "DINOv3 ViT (dinov3_vit), DINOv2 (dinov2) and DINOv2 with registers (dinov2_with_registers)"
 
 
 class Backbone:
-    """A frozen ViT mapping uint8 images (B×3×S×S) to float16 patch grids (B×h×w×D)."""
+    """A frozen ViT mapping uint8 images (B×3×S×S) to float16 patch grids (B×h×w×L·D) of L blocks."""
 
     def __init__(self, model: PreTrainedModel, info: BackboneInfo, mean: tuple, std: tuple,
                  device: torch.device) -> None:
@@ -29,13 +41,20 @@ class Backbone:
         self.device = device
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.norm: nn.Module = getattr(self.model, SUPPORTED[info.model_type])
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.model.config.num_hidden_layers)
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, layers: Sequence[int] = LAST_BLOCK) -> torch.Tensor:
+        """Each of ``layers``' patch tokens after the final norm, concatenated on channels in that order."""
         batch, _, height, width = images.shape
         pixels = (images.to(self.device, non_blocking=True).float() / 255.0 - self.mean) / self.std
         with autocast(self.device):
-            tokens = self.model(pixel_values=pixels).last_hidden_state
+            states = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states  # [0]: embeddings
+            tokens = torch.cat([self.norm(states[block]) for block in resolve_layers(layers, self.num_blocks)], -1)
         patches = tokens[:, 1 + self.info.num_register_tokens:]  # drop CLS and registers
         grid_h, grid_w = height // self.info.patch_size, width // self.info.patch_size
         if patches.shape[1] != grid_h * grid_w:
@@ -91,8 +110,11 @@ def _refuse_custom_code(directory: Path) -> None:
 
 
 def describe(model: PreTrainedModel, name: str) -> BackboneInfo:
-    """The facts about a loaded model that a cache records."""
+    """The facts about a loaded model that a cache records; a model fishseg cannot read patches from is refused."""
     config = model.config
+    if config.model_type not in SUPPORTED:
+        raise FishsegError(f"backbone {name}: a {config.model_type} model has no patch-token sequence; fishseg "
+                           f"supports {SUPPORTED_NAMES}")
     patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
     return BackboneInfo(
         name=name,
@@ -104,15 +126,24 @@ def describe(model: PreTrainedModel, name: str) -> BackboneInfo:
     )
 
 
-def save_random_backbone(directory: Path, seed: int = 0, **layout: int) -> Path:
-    """Save a randomly initialised DINOv3 ViT (ViT-S/16 unless ``layout`` overrides) for demos and tests.
+RANDOM_FAMILIES = {  # model_type → config and model classes, and the layout ``layout`` overrides
+    "dinov3_vit": (DINOv3ViTConfig, DINOv3ViTModel, VITS16_LAYOUT),
+    "dinov2": (Dinov2Config, Dinov2Model, {}),
+    "dinov2_with_registers": (Dinov2WithRegistersConfig, Dinov2WithRegistersModel, {}),
+}
+
+
+def save_random_backbone(directory: Path, seed: int = 0, family: str = "dinov3_vit", **layout: int) -> Path:
+    """Save a randomly initialised model of ``family`` (a DINOv3 ViT-S/16 unless told otherwise) for demos and
+    tests.
 
     The checkpoint is marked random-init in its config.json, and that mark travels into every
     cache and report made from it, so no one mistakes its numbers for DINOv3's.
     """
-    config = DINOv3ViTConfig(**{**VITS16_LAYOUT, **layout, RANDOM_INIT_FLAG: True})
+    config_class, model_class, defaults = RANDOM_FAMILIES[family]
+    config = config_class(**{**defaults, **layout, RANDOM_INIT_FLAG: True})
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = DINOv3ViTModel(config)
+        model = model_class(config)
     model.save_pretrained(directory)
     return directory

@@ -1,8 +1,11 @@
 """The HDF5 feature cache: the one place that knows its layout.
 
-Datasets (N images, grid h×w, feature dim D, image size S, preview size P):
+Datasets (N images, grid h×w, feature dim D, L stored blocks, image size S, preview size P):
 
-* ``features``    N×h×w×D float16, one chunk per image, optionally lzf or gzip compressed
+* ``features``    N×h×w×L·D float16: the blocks' patch tokens concatenated on channels (block order of
+  the ``layers`` attribute), one chunk per image, optionally lzf or gzip compressed
+* ``views/NAME``  N×h×w×L·D float16 like ``features``, of the photo seen in view NAME (flipped or rotated
+  before the backbone); its masks are ``masks`` seen in the same view, so they are not stored
 * ``masks``       N×S×S uint8 in {0, 1}, one chunk per image, lzf-compressed
 * ``previews``    N×P×P×3 uint8 RGB, one chunk per image, lzf-compressed
 * ``image_ids``   N utf-8 strings: image paths relative to the data root
@@ -14,7 +17,9 @@ Datasets (N images, grid h×w, feature dim D, image size S, preview size P):
 Attributes: ``format_version``, ``fishseg_version``, ``created_at``, ``fingerprint``,
 ``extract_config`` and ``backbone`` (JSON), and for people reading the file with h5dump:
 ``backbone_id``, ``random_init``, ``image_size``, ``patch_size``, ``feature_dim``, ``grid_size``,
-``normalisation``. A cache is written to ``<name>.partial`` and renamed when complete, so a file
+``normalisation``, ``layers`` (stored blocks, 1 … ``num_blocks``), ``num_blocks`` and ``views``
+("identity" and the extra views, comma-separated). Format 2 caches (one block, the last, and no views)
+read as that special case of format 3. A cache is written to ``<name>.partial`` and renamed when complete, so a file
 at the final path is always whole.
 
 While extraction runs, finished batches live in ``<name>.parts/``: one ``.npz`` per batch of the
@@ -35,19 +40,26 @@ from typing import Any, Iterator, Sequence
 
 import h5py
 import numpy as np
+import torch
 
 from fishseg import __version__
-from fishseg.config import (COMPRESSIONS, DEFAULT_COMPRESSION, BackboneInfo, ExtractConfig, fingerprint, from_json,
-                            to_json)
-from fishseg.data import Sample
+from fishseg.config import (COMPRESSIONS, DEFAULT_COMPRESSION, IDENTITY, LAST_BLOCK, BackboneInfo, ExtractConfig,
+                            fingerprint, format_layers, from_json, resolve_layers, to_json)
+from fishseg.data import Sample, apply_view
 from fishseg.errors import FishsegError
 from fishseg.runtime import atomic_path, plural, read_json, write_json
 
-FORMAT_VERSION = 2  # 2: sources, skipped_ids/_reasons and groups added
+FORMAT_VERSION = 3  # 2: sources, skipped_ids/_reasons and groups added; 3: several layers, views
+READABLE_VERSIONS = (2, 3)  # a format 2 cache is a format 3 cache of the last block and no views
 DATASETS = ("features", "masks", "previews", "image_ids", "class_names", "class_index", "sources", "skipped_ids",
             "skipped_reasons", "groups")
 STRING = h5py.string_dtype("utf-8")
 MAX_NAMED = 5  # image ids named in an error before "and N more"
+
+
+def feature_name(view: str) -> str:
+    """The dataset (and part-store array) holding the features of ``view``."""
+    return "features" if view == IDENTITY else f"views/{view}"
 
 
 def cache_fingerprint(config: ExtractConfig, backbone: BackboneInfo, image_ids: Sequence[str]) -> str:
@@ -60,7 +72,7 @@ class CacheWriter:
 
     def __init__(self, path: Path, config: ExtractConfig, backbone: BackboneInfo, samples: Sequence[Sample],
                  compression: str = DEFAULT_COMPRESSION, skipped: Sequence[tuple[str, str]] = (),
-                 groups: np.ndarray | None = None) -> None:
+                 groups: np.ndarray | None = None, num_blocks: int = 1) -> None:
         if compression not in COMPRESSIONS:
             raise FishsegError(f"unknown compression '{compression}'; choose one of {', '.join(COMPRESSIONS)}")
         self.compression = None if compression == "none" else compression
@@ -71,6 +83,8 @@ class CacheWriter:
         self.samples = samples
         self.skipped = skipped
         self.groups = np.arange(len(samples)) if groups is None else groups
+        self.num_blocks = num_blocks
+        self.layers = resolve_layers(config.layers, num_blocks)
         self.file: h5py.File | None = None
 
     def __enter__(self) -> CacheWriter:
@@ -82,8 +96,10 @@ class CacheWriter:
     def _create_layout(self, file: h5py.File) -> None:
         n, size, preview = len(self.samples), self.config.image_size, self.config.preview_size
         grid, dim = size // self.backbone.patch_size, self.backbone.feature_dim
-        file.create_dataset("features", (n, grid, grid, dim), np.float16, chunks=(1, grid, grid, dim),
-                            compression=self.compression)
+        channels = dim * len(self.layers)
+        for view in (IDENTITY, *self.config.views):
+            file.create_dataset(feature_name(view), (n, grid, grid, channels), np.float16,
+                                chunks=(1, grid, grid, channels), compression=self.compression)
         file.create_dataset("masks", (n, size, size), np.uint8, chunks=(1, size, size), compression="lzf")
         file.create_dataset("previews", (n, preview, preview, 3), np.uint8, chunks=(1, preview, preview, 3),
                             compression="lzf")
@@ -111,12 +127,18 @@ class CacheWriter:
             "feature_dim": dim,
             "grid_size": grid,
             "normalisation": json.dumps({"mean": self.config.mean, "std": self.config.std}),
+            "layers": np.array(self.layers, dtype=np.int64),
+            "num_blocks": self.num_blocks,
+            "views": ",".join((IDENTITY, *self.config.views)),
         })
 
-    def write(self, start: int, features: np.ndarray, masks: np.ndarray, previews: np.ndarray) -> None:
-        """Store images ``start … start+B-1``: features B×h×w×D, masks B×S×S, previews B×P×P×3."""
+    def write(self, start: int, features: np.ndarray, masks: np.ndarray, previews: np.ndarray,
+              views: dict[str, np.ndarray] | None = None) -> None:
+        """Store images ``start … start+B-1``: features B×h×w×L·D, masks B×S×S, previews B×P×P×3, and the
+        features of each extra view (``views``, by name)."""
         stop = start + len(features)
-        self.file["features"][start:stop] = features
+        for view, array in {IDENTITY: features, **(views or {})}.items():
+            self.file[feature_name(view)][start:stop] = array
         self.file["masks"][start:stop] = masks
         self.file["previews"][start:stop] = previews
 
@@ -144,6 +166,10 @@ class FeatureCache:
         self.class_index: np.ndarray = self.file["class_index"][:].astype(np.int64)
         self.skipped = list(zip(self.file["skipped_ids"].asstr()[:], self.file["skipped_reasons"].asstr()[:]))
         self.groups: np.ndarray = self.file["groups"][:].astype(np.int64)
+        # A format 2 cache holds the last block only, and did not record how many blocks the backbone has.
+        self.layers: tuple[int, ...] = tuple(int(k) for k in attrs.get("layers", LAST_BLOCK))
+        self.num_blocks: int = int(attrs.get("num_blocks", 0))
+        self.views: tuple[str, ...] = tuple(str(attrs.get("views", IDENTITY)).split(","))
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -155,14 +181,41 @@ class FeatureCache:
         self.file.close()
 
     def bytes_per_image(self) -> int:
-        """Uncompressed bytes of one image's features and mask, as training holds them."""
+        """Uncompressed bytes of one image's features (every view) and mask, as training holds them."""
         return sum(int(np.prod(self.file[name].shape[1:])) * self.file[name].dtype.itemsize
-                   for name in ("features", "masks"))
+                   for name in (*map(feature_name, self.views), "masks"))
 
-    def features(self, indices: Sequence[int]) -> np.ndarray:
-        """float16 B×h×w×D for the given image indices, in the given order; NaN or inf is refused, so that
-        no reader turns a damaged cache into numbers."""
-        features = _take(self.file["features"], indices)
+    def select_layers(self, requested: Sequence[int]) -> tuple[int, ...]:
+        """The cached blocks a run asks for (``TrainConfig.layers``; () = all cached), as this cache names them;
+        a block the cache lacks is refused."""
+        if not requested:
+            return self.layers
+        wanted = resolve_layers(requested, self.num_blocks) if self.num_blocks else tuple(requested)
+        missing = [block for block in wanted if block not in self.layers]
+        if missing:
+            raise FishsegError(f"the run needs layers {format_layers(wanted)} but {self.path} holds layers "
+                               f"{format_layers(self.layers)}; extract with --layers {format_layers(wanted)}")
+        return wanted
+
+    def channels(self, layers: Sequence[int] | None) -> np.ndarray | None:
+        """Channel positions of ``layers`` (cached blocks) in a stored grid; None when they are all cached blocks
+        in stored order."""
+        if layers is None or tuple(layers) == self.layers:
+            return None
+        width = self.backbone.feature_dim
+        return np.concatenate([np.arange(width) + self.layers.index(block) * width for block in layers])
+
+    def features(self, indices: Sequence[int], view: str = IDENTITY, layers: Sequence[int] | None = None) -> np.ndarray:
+        """float16 B×h×w×L·D of ``view`` for the given image indices, in the given order, of ``layers`` (cached
+        blocks, from ``select_layers``; None = all cached); NaN or inf is refused, so that no reader turns a
+        damaged cache into numbers."""
+        if view not in self.views:
+            raise FishsegError(f"{self.path}: holds views {', '.join(self.views)}, not {view}; extract with "
+                               f"--views to add it")
+        features = _take(self.file[feature_name(view)], indices)
+        channels = self.channels(layers)
+        if channels is not None:
+            features = features[..., channels]
         bad = non_finite_rows(features)
         if bad.size:
             ids = [self.image_ids[int(np.asarray(indices)[k])] for k in bad]
@@ -171,9 +224,10 @@ class FeatureCache:
                                f"({', '.join(ids[:MAX_NAMED])}{more}); extract again with --overwrite")
         return features
 
-    def masks(self, indices: Sequence[int]) -> np.ndarray:
-        """uint8 B×S×S in {0, 1}."""
-        return _take(self.file["masks"], indices)
+    def masks(self, indices: Sequence[int], view: str = IDENTITY) -> np.ndarray:
+        """uint8 B×S×S in {0, 1}, seen in ``view``."""
+        masks = _take(self.file["masks"], indices)
+        return masks if view == IDENTITY else apply_view(torch.from_numpy(masks), view, (1, 2)).numpy()
 
     def previews(self, indices: Sequence[int]) -> np.ndarray:
         """uint8 B×P×P×3 RGB."""
@@ -333,13 +387,14 @@ def _open_checked(path: Path) -> h5py.File:
     if version is None:
         file.close()
         raise FishsegError(f"{path}: HDF5 file is not a fishseg cache (no format_version attribute)")
-    if int(version) != FORMAT_VERSION:
+    if int(version) not in READABLE_VERSIONS:
         file.close()
         raise FishsegError(
-            f"{path}: cache format v{int(version)}, this fishseg {__version__} reads v{FORMAT_VERSION}; "
-            f"extract the cache again"
+            f"{path}: cache format v{int(version)}, this fishseg {__version__} reads "
+            f"{' and '.join(f'v{v}' for v in READABLE_VERSIONS)}; extract the cache again"
         )
-    missing = [name for name in DATASETS if name not in file]
+    views = str(file.attrs.get("views", IDENTITY)).split(",")
+    missing = [name for name in (*DATASETS, *map(feature_name, views)) if name not in file]
     if missing:
         file.close()
         raise FishsegError(f"{path}: fishseg cache without {', '.join(missing)}; extract the cache again")

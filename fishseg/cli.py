@@ -20,7 +20,7 @@ import click
 
 from fishseg import __version__
 from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DECODER_NAMES, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, LOSSES,
-                            SCHEDULES, SPLITS, ExtractConfig, TrainConfig)
+                            SCHEDULES, SPLITS, VIEWS, ExtractConfig, TrainConfig, format_layers)
 from fishseg.distributed import is_main_process, under_torchrun
 from fishseg.errors import FishsegError
 
@@ -50,6 +50,35 @@ class FiniteFloat(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
+
+
+class Blocks(click.ParamType):
+    """Backbone block indices separated by commas: ``12``, ``6,9,12``, ``-1,-4`` (from the end); "all" = ()."""
+
+    name = "BLOCKS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        if value.strip() == "all":
+            return ()
+        try:
+            return tuple(int(part) for part in value.split(","))
+        except ValueError:
+            self.fail(f"{value!r}: expected block indices separated by commas, e.g. 12 or 6,9,12 or -1,-4", param, ctx)
+
+
+class Views(click.ParamType):
+    """Names from config.VIEWS separated by commas; "" = none."""
+
+    name = "VIEWS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        views = tuple(part.strip() for part in value.split(",") if part.strip())
+        unknown = [view for view in views if view not in VIEWS]
+        if unknown:
+            self.fail(f"unknown view {unknown[0]!r}; choose from {', '.join(VIEWS)}", param, ctx)
+        return views
 
 
 def command(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -98,6 +127,11 @@ input_dir = click.Path(file_okay=False, path_type=Path)
               help="Square input side; a multiple of the patch size (16).")
 @click.option("--preview-size", default=EXTRACT_DEFAULTS.preview_size, show_default=True, type=click.IntRange(16),
               help="Side of the RGB preview stored per image for reports.")
+@click.option("--layers", default=format_layers(EXTRACT_DEFAULTS.layers), show_default=True, type=Blocks(),
+              help="Blocks whose patch tokens (after the final norm) are stored: 12, 6,9,12 or -1,-4 from the end.")
+@click.option("--views", default="", type=Views(),
+              help=f"Also store the features of these transformed photos (any of {','.join(VIEWS)}), for "
+                   f"`train --augment views`.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @workers_option
 @click.option("--compression", default=DEFAULT_COMPRESSION, show_default=True, type=click.Choice(COMPRESSIONS),
@@ -106,8 +140,9 @@ input_dir = click.Path(file_okay=False, path_type=Path)
 @click.option("--skip-bad", is_flag=True, help="Leave unreadable images out with a warning (recorded in the cache).")
 @device_option
 @command
-def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_size: int, batch_size: int,
-            num_workers: int | None, compression: str, overwrite: bool, skip_bad: bool, device: str) -> None:
+def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_size: int, layers: tuple[int, ...],
+            views: tuple[str, ...], batch_size: int, num_workers: int | None, compression: str, overwrite: bool,
+            skip_bad: bool, device: str) -> None:
     """Run the frozen backbone once over every image and write patch features, masks and previews to one HDF5 cache.
 
     Resumable: stopped at any point, the same command continues where it stopped. Under
@@ -115,7 +150,8 @@ def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_
     """
     from fishseg.extract import run_extraction
 
-    config = ExtractConfig(backbone=backbone, image_size=image_size, preview_size=preview_size)
+    config = ExtractConfig(backbone=backbone, image_size=image_size, preview_size=preview_size, layers=layers,
+                           views=views)
     run_extraction(data_root, out, config, batch_size=batch_size, num_workers=num_workers, device=device,
                    compression=compression, overwrite=overwrite, skip_bad=skip_bad)
     if is_main_process():
@@ -131,6 +167,7 @@ class TrainOption:
     help: str = ""
     listable: bool = True  # False: `sweep` takes the value verbatim (a regex may hold commas)
     shown_default: str | None = None  # what --help says the default is, when not the value itself
+    separator: str = ","  # between `sweep`'s values (a value that is itself a comma list needs another)
 
     @property
     def flag(self) -> str:
@@ -155,7 +192,10 @@ TRAIN_OPTIONS = (
                                                      "decay to 0."),
     TrainOption("warmup_epochs", click.IntRange(0)),
     TrainOption("augment", click.Choice(AUGMENTATIONS),
-                "flips: random flips and 90° rotations of the cached grid and mask, per batch."),
+                "flips: random flips and 90° rotations of the cached grid and mask, per batch; views: each image "
+                "in one of the views the cache stores (extract --views), drawn per epoch."),
+    TrainOption("layers", Blocks(), "Cached blocks the decoder sees, concatenated on channels: 12, 6,9,12, -1 or all "
+                                    "(every cached block).", separator="/", shown_default="all cached blocks"),
 )
 SWEEP_FIELDS = tuple(option.field for option in TRAIN_OPTIONS)
 
@@ -173,7 +213,7 @@ def _value_list(option: TrainOption) -> Callable[[click.Context, click.Parameter
     def parse(ctx: click.Context, param: click.Parameter, text: str | None) -> tuple | None:
         if text is None:
             return None
-        parts = [part.strip() for part in text.split(",")] if option.listable else [text]
+        parts = [part.strip() for part in text.split(option.separator)] if option.listable else [text]
         if not all(parts):
             raise click.BadParameter(f"{text!r}: an empty value in the list", ctx, param)
         return tuple(option.type.convert(part, param, ctx) for part in parts)
@@ -184,7 +224,8 @@ def sweep_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """Every TrainConfig field as a comma list of values to sweep (unset: the --grid file's, else the default)."""
     for option in reversed(TRAIN_OPTIONS):
         default = option.shown_default or repr(getattr(TRAIN_DEFAULTS, option.field))
-        kind = "a value (taken verbatim)" if not option.listable else "values separated by commas"
+        kind = ("a value (taken verbatim)" if not option.listable else
+                f"values separated by {'commas' if option.separator == ',' else repr(option.separator)}")
         function = click.option(option.flag, option.field, default=None, callback=_value_list(option),
                                 metavar="LIST" if option.listable else "TEXT",
                                 help=f"{option.help} As {kind}; default {default}.".strip())(function)

@@ -23,7 +23,10 @@ COMPRESSIONS = ("none", "lzf", "gzip")  # HDF5 filters for the features; a stora
 DEFAULT_COMPRESSION = "none"  # chosen by `fishseg bench` (README "Performance")
 LOSSES = ("bce", "dice", "bce+dice")
 SCHEDULES = ("constant", "cosine")
-AUGMENTATIONS = ("none", "flips")
+AUGMENTATIONS = ("none", "flips", "views")
+IDENTITY = "identity"  # the photo as it is: the view every cache holds
+VIEWS = ("hflip", "vflip", "rot90", "rot180", "rot270", "transpose")  # extra views `extract --views` can store
+LAST_BLOCK = (-1,)  # the default layers: the backbone's last block
 SPLITS = ("random", "grouped")
 DECODER_NAMES = ("linear", "seed-cnn", "progressive")  # the keys of fishseg.decoders.DECODERS
 
@@ -51,6 +54,39 @@ def _choice(value: Any, field: str, choices: Sequence[str]) -> None:
     _require(value in choices, field, value, f"one of {', '.join(choices)}")
 
 
+def _as_tuple(config: Any, field: str) -> tuple:
+    """A list (as JSON reads back) or a single value (a sweep grid's) as the tuple the field holds."""
+    value = getattr(config, field)
+    value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    object.__setattr__(config, field, value)
+    _require(len(set(value)) == len(value), field, value, "each value once")
+    return value
+
+
+def _block_indices(config: Any, field: str, allow_empty: bool) -> None:
+    """Backbone blocks: 1 … n, or -1 … -n counting from the end (0 is the embedding, not a block)."""
+    for block in _as_tuple(config, field):
+        _require(isinstance(block, int) and not isinstance(block, bool) and block != 0, field, block,
+                 "block indices 1 … n, or -1 … -n counting from the end")
+    _require(allow_empty or bool(getattr(config, field)), field, getattr(config, field), "at least one block")
+
+
+def resolve_layers(layers: Sequence[int], num_blocks: int) -> tuple[int, ...]:
+    """Block indices 1 … ``num_blocks``, or -k counting from the end (-1 = the last), as 1 … ``num_blocks``."""
+    resolved = tuple(block if block > 0 else num_blocks + 1 + block for block in layers)
+    if not all(1 <= block <= num_blocks for block in resolved):
+        blocks = f"{num_blocks} block{'s' if num_blocks != 1 else ''}"
+        raise FishsegError(f"layers {format_layers(layers)}: the backbone has {blocks} (1 … {num_blocks}, "
+                           f"or -1 … -{num_blocks} counting from the end)")
+    if len(set(resolved)) != len(resolved):
+        raise FishsegError(f"layers {format_layers(layers)}: name the same block twice")
+    return resolved
+
+
+def format_layers(layers: Sequence[int]) -> str:
+    return ",".join(map(str, layers))
+
+
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
     """What determines the content of a feature cache (runtime options such as device are not here)."""
@@ -60,6 +96,8 @@ class ExtractConfig:
     preview_size: int = 224  # side of the RGB preview stored per image for reports
     mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation applied after scaling to [0, 1]
     std: tuple[float, float, float] = IMAGENET_STD
+    layers: tuple[int, ...] = LAST_BLOCK  # blocks whose patch tokens (after the final norm) are stored
+    views: tuple[str, ...] = ()  # transformed photos whose features are stored too, from VIEWS
 
     def __post_init__(self) -> None:
         _require(isinstance(self.backbone, str) and bool(self.backbone), "backbone", self.backbone,
@@ -71,6 +109,9 @@ class ExtractConfig:
             _require(isinstance(values, tuple) and len(values) == 3, name, values, "3 numbers (R, G, B)")
             for value in values:
                 _real(value, name, 0.0, open_low=name == "std")
+        _block_indices(self, "layers", allow_empty=False)
+        for view in _as_tuple(self, "views"):
+            _choice(view, "views", VIEWS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +144,8 @@ class TrainConfig:
     loss: str = "bce"  # "bce" (the reference's), "dice" (soft Dice) or "bce+dice"
     schedule: str = "constant"  # learning rate: "constant" or "cosine" (linear warm-up, then cosine to 0)
     warmup_epochs: int = 1  # with schedule "cosine"
-    augment: str = "none"  # "none" or "flips": flips and 90° rotations of the cached grid and mask
+    augment: str = "none"  # "none", "flips" (of the cached grid and mask) or "views" (one stored view per image)
+    layers: tuple[int, ...] = ()  # cached blocks the decoder sees, concatenated on channels; () = all cached
 
     def __post_init__(self) -> None:
         """Every field is checked here, so the Python API refuses what the CLI refuses (no fall-through)."""
@@ -128,6 +170,7 @@ class TrainConfig:
         _choice(self.schedule, "schedule", SCHEDULES)
         _integer(self.warmup_epochs, "warmup_epochs", 0)
         _choice(self.augment, "augment", AUGMENTATIONS)
+        _block_indices(self, "layers", allow_empty=True)
 
 
 Config = TypeVar("Config", ExtractConfig, BackboneInfo, TrainConfig)

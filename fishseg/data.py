@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageOps
 from sklearn.model_selection import KFold, StratifiedGroupKFold
 
+from fishseg.config import IDENTITY
 from fishseg.errors import FishsegError
 from fishseg.runtime import plural
 
@@ -166,6 +167,18 @@ def model_input(image: Image.Image, size: int) -> torch.Tensor:
     """An RGB image as the backbone takes it: bilinear resize to size×size, uint8 3×S×S."""
     pixels = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+def apply_view(tensor: torch.Tensor, view: str, dims: tuple[int, int]) -> torch.Tensor:
+    """``tensor`` seen in ``view`` (config.IDENTITY or one of config.VIEWS), ``dims`` its (row, column) axes:
+    images B×3×S×S use (2, 3), grids B×h×w×D and masks B×S×S (1, 2). Rotations are counter-clockwise."""
+    rows, cols = dims
+    transforms = {
+        IDENTITY: lambda x: x, "hflip": lambda x: x.flip(cols), "vflip": lambda x: x.flip(rows),
+        "rot90": lambda x: x.rot90(1, dims), "rot180": lambda x: x.rot90(2, dims), "rot270": lambda x: x.rot90(3, dims),
+        "transpose": lambda x: x.transpose(rows, cols),
+    }
+    return transforms[view](tensor).contiguous()
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:

@@ -22,8 +22,8 @@ from fishseg.metrics import (BOUNDARY_TOLERANCE, REFERENCE_BATCH, THRESHOLD, THR
                              sweep_thresholds)
 from fishseg.probe import run_probe
 from fishseg.report import Example, ReportData, gallery_positions, write_report
-from fishseg.runs import (REPORT_DIR, RUN_FILE, SPLIT_FILE, RunRecord, load_run, read_history, read_record,
-                          read_split)
+from fishseg.runs import (REPORT_DIR, RUN_FILE, SPLIT_FILE, RunRecord, checkpoint_layers, load_run, read_history,
+                          read_record, read_split)
 from fishseg.runtime import atomic_path, autocast, make_output_dir, resolve_device, write_json
 
 logger = logging.getLogger(__name__)
@@ -33,13 +33,15 @@ PCA_IMAGES = 64  # validation images whose patches fit the PCA of the feature pi
 
 
 def _probabilities(decoder: torch.nn.Module, cache: FeatureCache, indices: np.ndarray, batch_size: int,
-                   device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(probabilities B×S×S, truth B×S×S bool)`` for ``indices`` in order, batch by batch."""
+                   device: torch.device, layers: tuple[int, ...]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(probabilities B×S×S, truth B×S×S bool)`` for ``indices`` in order, batch by batch, the decoder
+    reading the cached blocks ``layers``."""
     decoder.eval().to(device)
     for batch in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
         truth = torch.from_numpy(cache.masks(batch)).to(device).bool()
         with autocast(device):
-            logits = segment(decoder, torch.from_numpy(cache.features(batch)).to(device), truth.shape[-1])
+            logits = segment(decoder, torch.from_numpy(cache.features(batch, layers=layers)).to(device),
+                             truth.shape[-1])
         yield torch.sigmoid(logits.float()), truth
 
 
@@ -54,21 +56,22 @@ def _batch_scores(probs: torch.Tensor, truth: torch.Tensor, thresholds: tuple[fl
 
 @torch.inference_mode()
 def score_images(decoder: torch.nn.Module, cache: FeatureCache, indices: np.ndarray, *, batch_size: int,
-                 device: torch.device, thresholds: tuple[float, ...] = THRESHOLDS) -> dict[str, np.ndarray]:
+                 device: torch.device, layers: tuple[int, ...],
+                 thresholds: tuple[float, ...] = THRESHOLDS) -> dict[str, np.ndarray]:
     """Per-image scores of ``indices``: ``sweep_iou`` and ``sweep_dice`` at every one of ``thresholds``
     (T×N); ``precision``, ``recall``, ``boundary_f`` and the pixel ``intersection`` and ``union`` at
     ``THRESHOLD`` (N)."""
-    batches = _probabilities(decoder, cache, indices, batch_size, device)
+    batches = _probabilities(decoder, cache, indices, batch_size, device, layers)
     parts = [_batch_scores(probs, truth, thresholds) for probs, truth in batches]
     return {name: torch.cat([part[name] for part in parts], dim=-1).cpu().numpy() for name in parts[0]}
 
 
 @torch.inference_mode()
 def predict_masks(decoder: torch.nn.Module, cache: FeatureCache, indices: np.ndarray, *, batch_size: int,
-                  device: torch.device) -> np.ndarray:
+                  device: torch.device, layers: tuple[int, ...]) -> np.ndarray:
     """Boolean N×S×S predictions at ``THRESHOLD``."""
     return np.concatenate([(probs > THRESHOLD).cpu().numpy()
-                           for probs, _ in _probabilities(decoder, cache, indices, batch_size, device)])
+                           for probs, _ in _probabilities(decoder, cache, indices, batch_size, device, layers)])
 
 
 def summarize_scores(scores: dict[str, np.ndarray], classes: list[str], image_ids: list[str]) -> dict[str, Any]:
@@ -96,13 +99,15 @@ def summarize_sweep(raw: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _report_arrays(decoder: torch.nn.Module, cache: FeatureCache, val_idx: np.ndarray, ious: np.ndarray,
-                   seed: int, device: torch.device) -> tuple[dict[str, list[Example]], np.ndarray]:
+                   seed: int, device: torch.device,
+                   layers: tuple[int, ...]) -> tuple[dict[str, list[Example]], np.ndarray]:
     """Gallery examples (predicted once for the union of galleries) and a patch sample for the PCA."""
     positions = gallery_positions(ious, seed)
     shown = np.unique(np.concatenate(list(positions.values())))
     cache_idx = val_idx[shown]
-    preds = predict_masks(decoder, cache, cache_idx, batch_size=16, device=device)
-    truths, previews, features = cache.masks(cache_idx), cache.previews(cache_idx), cache.features(cache_idx)
+    preds = predict_masks(decoder, cache, cache_idx, batch_size=16, device=device, layers=layers)
+    truths, previews = cache.masks(cache_idx), cache.previews(cache_idx)
+    features = cache.features(cache_idx, layers=layers)
     examples = {
         int(p): Example(cache.image_ids[i], cache.class_names[cache.class_index[i]], float(ious[p]), previews[k],
                         truths[k].astype(bool), preds[k], features[k])
@@ -110,7 +115,7 @@ def _report_arrays(decoder: torch.nn.Module, cache: FeatureCache, val_idx: np.nd
     }
     galleries = {name: [examples[int(p)] for p in chosen] for name, chosen in positions.items()}
     fit_idx = np.random.default_rng(seed).choice(val_idx, min(PCA_IMAGES, len(val_idx)), replace=False)
-    pca_sample = cache.features(np.sort(fit_idx)).reshape(-1, cache.backbone.feature_dim)
+    pca_sample = cache.features(np.sort(fit_idx), layers=layers).reshape(-1, features.shape[-1])
     return galleries, pca_sample
 
 
@@ -124,6 +129,7 @@ class Evaluation:
     classes: list[str]  # per validation image
     scores: dict[str, np.ndarray]  # per image at THRESHOLD: iou, dice, precision, recall, boundary_f
     metrics: dict[str, Any]  # what metrics.json holds
+    layers: tuple[int, ...]  # the cached blocks the decoder reads
 
 
 def evaluate_run(cache: FeatureCache, run_dir: Path, device: torch.device, *, batch_size: int = 16,
@@ -138,7 +144,8 @@ def evaluate_run(cache: FeatureCache, run_dir: Path, device: torch.device, *, ba
     split = read_split(run_dir)
     val_idx = cache.indices_of(split["val"], run_dir / SPLIT_FILE)
     thresholds = THRESHOLDS if full else (THRESHOLD,)
-    raw = score_images(decoder, cache, val_idx, batch_size=batch_size, device=device, thresholds=thresholds)
+    raw = score_images(decoder, cache, val_idx, batch_size=batch_size, device=device,
+                       layers=checkpoint_layers(checkpoint), thresholds=thresholds)
     at = thresholds.index(THRESHOLD)
     scores = {"iou": raw["sweep_iou"][at], "dice": raw["sweep_dice"][at],
               **{name: raw[name] for name in ("precision", "recall", "boundary_f")}}
@@ -158,7 +165,7 @@ def evaluate_run(cache: FeatureCache, run_dir: Path, device: torch.device, *, ba
     if full:
         metrics["threshold_sweep"] = summarize_sweep(raw)
         metrics["species_probe"] = run_probe(cache, cache.indices_of(split["train"], run_dir / SPLIT_FILE), val_idx)
-    return Evaluation(record, decoder, val_idx, classes, scores, metrics)
+    return Evaluation(record, decoder, val_idx, classes, scores, metrics, checkpoint_layers(checkpoint))
 
 
 def write_scores(out_dir: Path, evaluation: Evaluation, image_ids: list[str]) -> None:
@@ -180,7 +187,7 @@ def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None,
         if report:
             galleries, pca_sample = _report_arrays(evaluation.decoder, cache, evaluation.val_idx,
                                                    evaluation.scores["iou"], evaluation.record.train_config.seed,
-                                                   torch_device)
+                                                   torch_device, evaluation.layers)
     make_output_dir(out_dir)
     write_scores(out_dir, evaluation, image_ids)
     if report:

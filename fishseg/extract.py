@@ -18,10 +18,11 @@ from tqdm import tqdm
 
 from fishseg import __version__, distributed
 from fishseg.backbone import Backbone, backbone_reference, load_backbone
-from fishseg.cache import (CacheWriter, FeatureCache, PartStore, discard_parts, disk_errors, is_cache,
+from fishseg.cache import (CacheWriter, FeatureCache, PartStore, discard_parts, disk_errors, feature_name, is_cache,
                            non_finite_rows, parts_dir)
-from fishseg.config import DEFAULT_COMPRESSION, ExtractConfig
-from fishseg.data import ExtractionDataset, Sample, discover_samples, near_duplicate_groups, thumbnails
+from fishseg.config import DEFAULT_COMPRESSION, IDENTITY, ExtractConfig, resolve_layers
+from fishseg.data import (ExtractionDataset, Sample, apply_view, discover_samples, near_duplicate_groups,
+                          thumbnails)
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.runtime import default_num_workers, make_output_dir, plural, resolve_device
@@ -61,9 +62,10 @@ def _extract_batches(store: PartStore, samples: list[Sample], backbone: Backbone
     with tqdm(total=total, initial=done, unit="img", desc="extract", dynamic_ncols=True,
               disable=not ranks.main) as progress:
         for (start, stop), (images, masks, previews, errors) in zip(todo, loader):
-            features = backbone(images).cpu().numpy()
+            features = {feature_name(view): backbone(apply_view(images, view, (2, 3)), config.layers).cpu().numpy()
+                        for view in (IDENTITY, *config.views)}
             errors = list(errors)
-            for k in non_finite_rows(features):
+            for k in np.unique(np.concatenate([non_finite_rows(grids) for grids in features.values()])):
                 errors[k] = errors[k] or (f"{samples[start + k].image_path}: the backbone gave NaN or inf features "
                                           f"for this image")
             failed = [error for error in errors if error]
@@ -72,7 +74,7 @@ def _extract_batches(store: PartStore, samples: list[Sample], backbone: Backbone
                                    f"are kept)")
             for error in failed:
                 logger.warning("skipped: %s", error)
-            store.write(start, stop, features=features, masks=masks.numpy(), previews=previews.numpy(),
+            store.write(start, stop, **features, masks=masks.numpy(), previews=previews.numpy(),
                         thumbnails=thumbnails(previews.numpy()), errors=np.array(errors, dtype=str))
             progress.update(stop - start)
 
@@ -93,12 +95,14 @@ def _assemble(store: PartStore, out: Path, config: ExtractConfig, backbone: Back
     skipped = [(sample.image_id, str(error)) for sample, error in zip(samples, errors) if error]
     groups = near_duplicate_groups(np.concatenate(thumbs))
     logger.info("%d near-duplicate groups among %d images", len(np.unique(groups)), len(kept))
-    with disk_errors(out), CacheWriter(out, config, backbone.info, kept, compression, skipped, groups) as writer:
+    with disk_errors(out), CacheWriter(out, config, backbone.info, kept, compression, skipped, groups,
+                                       backbone.num_blocks) as writer:
         position = 0
         for batch in store.batches():
             part = store.read(*batch)
             ok = part["errors"] == ""
-            writer.write(position, part["features"][ok], part["masks"][ok], part["previews"][ok])
+            views = {view: part[feature_name(view)][ok] for view in config.views}
+            writer.write(position, part["features"][ok], part["masks"][ok], part["previews"][ok], views)
             position += int(ok.sum())
     return len(skipped)
 
@@ -137,6 +141,7 @@ def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ran
     if config.image_size % patch:
         raise FishsegError(f"--image-size {config.image_size}: not divisible by the backbone's patch size {patch}; "
                            f"try {config.image_size // patch * patch}")
+    resolve_layers(config.layers, backbone.num_blocks)  # a block the backbone lacks stops before any work
     if backbone.info.random_init:
         logger.warning("backbone %s is RANDOM-INIT: its features carry no pretrained knowledge", config.backbone)
     manifest = {"fishseg_version": __version__, "extract_config": dataclasses.asdict(config),

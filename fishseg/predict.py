@@ -25,7 +25,7 @@ from fishseg.data import ImageDataset, collect_images, read_rgb
 from fishseg.decoders import segment
 from fishseg.errors import FishsegError
 from fishseg.metrics import THRESHOLD
-from fishseg.runs import load_run
+from fishseg.runs import checkpoint_layers, load_run
 from fishseg.runtime import (atomic_path, autocast, default_num_workers, make_output_dir, removed_on_error,
                              resolve_device)
 
@@ -99,10 +99,11 @@ def _write_outputs(out_dir: Path, name: str, source: Path, probability: torch.Te
     return [f"masks/{name}.png", *describe_mask(full, mask), ""]
 
 
-def _probabilities(model: Backbone, decoder: torch.nn.Module, images: torch.Tensor, size: int) -> torch.Tensor:
-    """B×S×S foreground probabilities of uint8 images B×3×S×S."""
+def _probabilities(model: Backbone, decoder: torch.nn.Module, images: torch.Tensor, size: int,
+                   layers: tuple[int, ...]) -> torch.Tensor:
+    """B×S×S foreground probabilities of uint8 images B×3×S×S, the decoder reading the backbone's ``layers``."""
     with autocast(model.device):
-        return torch.sigmoid(segment(decoder, model(images), size).float())
+        return torch.sigmoid(segment(decoder, model(images, layers), size).float())
 
 
 def run_prediction(run_dir: Path, inputs: list[Path], out_dir: Path, *, backbone: str | None = None,
@@ -110,7 +111,7 @@ def run_prediction(run_dir: Path, inputs: list[Path], out_dir: Path, *, backbone
                    skip_bad: bool = False) -> tuple[Path, list[str]]:
     """Predict every image in ``inputs`` (files or folders); returns the path of predictions.csv and the errors
     of the images left out (``skip_bad``; without it the first unreadable image stops the run)."""
-    record, decoder, _ = load_run(run_dir)
+    record, decoder, meta = load_run(run_dir)
     paths = collect_images(inputs)
     config = from_json(ExtractConfig, json.dumps(record.extract_config))
     torch_device = resolve_device(device)
@@ -122,14 +123,16 @@ def run_prediction(run_dir: Path, inputs: list[Path], out_dir: Path, *, backbone
                                          num_workers=workers, pin_memory=torch_device.type == "cuda")
     with removed_on_error(out_dir):
         make_output_dir(out_dir)
-        rows, skipped = _predict_all(model, decoder, loader, paths, out_dir, config.image_size, skip_bad)
+        rows, skipped = _predict_all(model, decoder, loader, paths, out_dir, config.image_size,
+                                     checkpoint_layers(meta), skip_bad)
         with atomic_path(out_dir / PREDICTIONS_CSV) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerows([CSV_HEADER, *rows])
     return out_dir / PREDICTIONS_CSV, skipped
 
 
 def _predict_all(model: Backbone, decoder: torch.nn.Module, loader: torch.utils.data.DataLoader, paths: list[Path],
-                 out_dir: Path, image_size: int, skip_bad: bool) -> tuple[list[list[Any]], list[str]]:
+                 out_dir: Path, image_size: int, layers: tuple[int, ...],
+                 skip_bad: bool) -> tuple[list[list[Any]], list[str]]:
     """Write every photo's mask and overlay; returns the CSV rows and the errors of the images left out."""
     names, rows, skipped, start = _unique_names(paths), [], [], 0
     with tqdm(total=len(paths), unit="img", desc="predict", dynamic_ncols=True) as progress, torch.inference_mode():
@@ -138,7 +141,7 @@ def _predict_all(model: Backbone, decoder: torch.nn.Module, loader: torch.utils.
             if failed and not skip_bad:
                 raise FishsegError(f"{failed[0]} (pass --skip-bad to leave such images out)")
             good = [k for k, error in enumerate(errors) if not error]
-            probabilities = iter(_probabilities(model, decoder, images[good], image_size) if good else ())
+            probabilities = iter(_probabilities(model, decoder, images[good], image_size, layers) if good else ())
             for source, name, error in zip(paths[start:], names[start:], errors):
                 cells = [*[""] * (len(CSV_HEADER) - 2), error] if error else _write_outputs(
                     out_dir, name, source, next(probabilities))

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from fishseg import __version__
-from fishseg.config import TrainConfig
+from fishseg.config import LAST_BLOCK, TrainConfig
 from fishseg.decoders import load_checkpoint, save_checkpoint
 from fishseg.errors import FishsegError
 from fishseg.runtime import atomic_path, file_digest, make_output_dir, read_json, write_json
@@ -87,7 +87,7 @@ class RunRecord:
         return f"{self.status}, {self.epochs_done} of {self.epochs_planned} epochs{best}"
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = json.loads(json.dumps(dataclasses.asdict(self)))  # as it reads back (tuples become lists)
         return {**data, "epochs_planned": self.epochs_planned}
 
     @classmethod
@@ -183,6 +183,12 @@ def load_run(run_dir: Path) -> tuple[RunRecord, nn.Module, dict[str, Any]]:
                            f"let training finish an epoch, or resume it with `train --resume`")
     decoder, meta = load_checkpoint(verified(run_dir, record.checkpoints["best"]))
     return record, decoder, meta
+
+
+def checkpoint_layers(meta: dict[str, Any]) -> tuple[int, ...]:
+    """The backbone blocks a checkpoint's decoder reads, as its cache names them (before cache format 3: the
+    last block only)."""
+    return tuple(meta.get("layers", LAST_BLOCK))
 
 
 def write_resume_state(run_dir: Path, epoch: int, optimizer: torch.optim.Optimizer,

@@ -121,6 +121,8 @@ def expand_grid(grid: Grid, folds: int = 0) -> list[SweepConfig]:
 
 
 def _text(value: Any) -> str:
+    if isinstance(value, tuple):  # layers: 9+12, or all
+        return "+".join(map(str, value)) or "all"
     return repr(value) if isinstance(value, float) else str(value)
 
 

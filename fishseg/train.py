@@ -15,7 +15,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -24,8 +24,8 @@ from torch import nn
 
 from fishseg import distributed
 from fishseg.cache import FeatureCache
-from fishseg.config import TrainConfig, to_json
-from fishseg.data import (duplicates_across, grouped_folds, grouped_split, groups_from_names, random_folds,
+from fishseg.config import IDENTITY, TrainConfig, to_json
+from fishseg.data import (apply_view, duplicates_across, grouped_folds, grouped_split, groups_from_names, random_folds,
                           random_split)
 from fishseg.decoders import build_decoder, load_checkpoint, segment
 from fishseg.distributed import Ranks
@@ -66,26 +66,54 @@ class EpochResult:
         return result
 
 
-class InMemorySplit:
-    """A split of features (float16 h×w×D) and masks (uint8 S×S) held in memory, gathered per batch from
-    tensors that may hold the whole cache (a sweep loads it once for all its runs)."""
+ViewIds = torch.Tensor | None  # per image of a split, the position of the view it is seen in; None: the photo as is
 
-    def __init__(self, features: torch.Tensor, masks: torch.Tensor, indices: np.ndarray) -> None:
+
+def _read_views(rows: Any, view_ids: ViewIds, views: tuple[str, ...],
+                read: Callable[[str, Any], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch whose images are seen in different views: ``read(view, rows)`` once per view present, joined
+    back in batch order."""
+    if view_ids is None or not len(rows):
+        return read(IDENTITY, rows)
+    parts = [(where, *read(views[k], rows[where.numpy()])) for k in view_ids.unique().tolist()
+             for where in [view_ids == k]]
+    features = parts[0][1].new_empty((len(rows), *parts[0][1].shape[1:]))
+    masks = parts[0][2].new_empty((len(rows), *parts[0][2].shape[1:]))
+    for where, view_features, view_masks in parts:
+        features[where], masks[where] = view_features, view_masks
+    return features, masks
+
+
+class InMemorySplit:
+    """A split of features (float16 h×w×C per view) and masks (uint8 S×S) held in memory, gathered per batch
+    from tensors that may hold the whole cache (a sweep loads it once for all its runs). ``channels`` selects
+    the run's layers (None: all)."""
+
+    def __init__(self, features: Mapping[str, torch.Tensor], masks: torch.Tensor, indices: np.ndarray,
+                 channels: np.ndarray | None = None, views: tuple[str, ...] = (IDENTITY,)) -> None:
         self.features, self.masks, self.indices = features, masks, torch.from_numpy(np.asarray(indices))
+        self.channels = None if channels is None else torch.from_numpy(channels)
+        self.views = views
 
     @classmethod
     def from_cache(cls, cache: FeatureCache, indices: np.ndarray) -> InMemorySplit:
         """Only ``indices`` read into memory."""
-        return cls(torch.from_numpy(cache.features(indices)), torch.from_numpy(cache.masks(indices)),
+        return cls({IDENTITY: torch.from_numpy(cache.features(indices))}, torch.from_numpy(cache.masks(indices)),
                    np.arange(len(indices)))
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def batches(self, batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _read(self, view: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features[view][rows]
+        return (features if self.channels is None else features[..., self.channels],
+                apply_view(self.masks[rows], view, (1, 2)))
+
+    def batches(self, batches: Iterable[torch.Tensor],
+                view_ids: ViewIds = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for positions in batches:
-            rows = self.indices[positions]
-            yield self.features[rows], self.masks[rows]
+            yield _read_views(self.indices[positions], None if view_ids is None else view_ids[positions], self.views,
+                              self._read)
 
 
 class StreamedSplit:
@@ -95,21 +123,26 @@ class StreamedSplit:
     step because torch releases the GIL while it computes.
     """
 
-    def __init__(self, cache: FeatureCache, indices: np.ndarray) -> None:
-        self.cache, self.indices = cache, indices
+    def __init__(self, cache: FeatureCache, indices: np.ndarray, layers: tuple[int, ...] | None = None) -> None:
+        self.cache, self.indices, self.layers, self.views = cache, indices, layers, cache.views
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _read(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = self.indices[positions.numpy()]
-        return torch.from_numpy(self.cache.features(indices)), torch.from_numpy(self.cache.masks(indices))
+    def _read_view(self, view: str, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(self.cache.features(rows, view, self.layers)),
+                torch.from_numpy(self.cache.masks(rows, view)))
 
-    def batches(self, batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _read(self, positions: torch.Tensor, view_ids: ViewIds) -> tuple[torch.Tensor, torch.Tensor]:
+        return _read_views(self.indices[positions.numpy()], None if view_ids is None else view_ids[positions],
+                           self.views, self._read_view)
+
+    def batches(self, batches: Iterable[torch.Tensor],
+                view_ids: ViewIds = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         with ThreadPoolExecutor(max_workers=1) as reader:
             pending = None
             for positions in batches:
-                upcoming = reader.submit(self._read, positions)
+                upcoming = reader.submit(self._read, positions, view_ids)
                 if pending is not None:
                     yield pending.result()
                 pending = upcoming
@@ -179,9 +212,11 @@ def run_epoch(decoder: nn.Module, split: Split, batch_size: int, device: torch.d
     training = optimizer is not None
     decoder.train(training)
     order = torch.randperm(len(split), generator=generator) if training else torch.arange(len(split))
+    views = (torch.randint(0, len(split.views), (len(split),), generator=generator)
+             if training and augment == "views" else None)  # one stored view per image, identity included
     batches = order.split(batch_size)
     losses_per_batch, ious_per_batch = [], []
-    for batch, (features, masks) in zip(batches, split.batches(ranks.shard(batch) for batch in batches)):
+    for batch, (features, masks) in zip(batches, split.batches((ranks.shard(batch) for batch in batches), views)):
         if training and augment == "flips":
             features, masks = dihedral(features, masks, generator)
         losses, ious = decoder_step(decoder, features, masks, device, optimizer, loss,
@@ -217,7 +252,7 @@ class TrainingData:
     them), or ``None`` for both when batches are streamed from the file."""
 
     cache: FeatureCache
-    features: torch.Tensor | None
+    features: Mapping[str, torch.Tensor] | None  # per view, read on first use
     masks: torch.Tensor | None
 
     @classmethod
@@ -229,17 +264,31 @@ class TrainingData:
             stream = free is not None and cache.bytes_per_image() * len(cache) * processes > free // 2
         if stream:
             return cls(cache, None, None)
-        everything = np.arange(len(cache))
-        return cls(cache, torch.from_numpy(cache.features(everything)), torch.from_numpy(cache.masks(everything)))
+        features = _ViewsInMemory(cache)
+        features[IDENTITY]  # read now: a run that does not need the other views never reads them
+        return cls(cache, features, torch.from_numpy(cache.masks(np.arange(len(cache)))))
 
     @property
     def streamed(self) -> bool:
         return self.features is None
 
-    def split(self, indices: np.ndarray) -> Split:
+    def split(self, indices: np.ndarray, layers: tuple[int, ...] | None = None) -> Split:
+        """Images ``indices`` with the cached blocks ``layers`` (None: all)."""
         if self.features is None or self.masks is None:
-            return StreamedSplit(self.cache, indices)
-        return InMemorySplit(self.features, self.masks, indices)
+            return StreamedSplit(self.cache, indices, layers)
+        return InMemorySplit(self.features, self.masks, indices, self.cache.channels(layers), self.cache.views)
+
+
+class _ViewsInMemory(dict):
+    """Every image's features of a view (N×h×w×C), read from the cache when first asked for."""
+
+    def __init__(self, cache: FeatureCache) -> None:
+        super().__init__()
+        self.cache = cache
+
+    def __missing__(self, view: str) -> torch.Tensor:
+        self[view] = torch.from_numpy(self.cache.features(np.arange(len(self.cache)), view))
+        return self[view]
 
 
 def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
@@ -281,12 +330,21 @@ def _new_record(cache: FeatureCache, config: TrainConfig, train_idx: np.ndarray,
                      split=split, features="", device="", processes=1)  # the last three: set by each session
 
 
+def check_cache(cache: FeatureCache, config: TrainConfig) -> tuple[int, ...]:
+    """The cached blocks the run reads; a block or the views it needs and the cache lacks are refused."""
+    if config.augment == "views" and len(cache.views) == 1:
+        raise FishsegError(f"--augment views: {cache.path} holds no views but the photo as it is; extract with "
+                           f"--views (e.g. hflip,vflip,rot90)")
+    return cache.select_layers(config.layers)
+
+
 def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume: bool,
              overwrite: bool) -> RunRecord | None:
     """The record to continue (``resume``), or None to start afresh. Refuses, changing nothing, whatever
     would lose or corrupt a run: an existing run without --resume or --overwrite, a resume with other
     settings or another cache, a folder another process is training into."""
     check_resume_flags(resume, overwrite)
+    check_cache(cache, config)
     if not holds_run(out_dir):
         if resume:
             raise FishsegError(f"{out_dir}: holds no run to resume; drop --resume to start one")
@@ -399,8 +457,10 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
            previous: RunRecord | None, on_epoch: EpochCallback) -> RunRecord:
     cache = data.cache
     train_idx, val_idx, groups = split_indices(cache, config)
-    train, val = data.split(train_idx), data.split(val_idx)
-    session = _start_session(config, cache.backbone.feature_dim, math.ceil(len(train) / config.batch_size), ranks,
+    layers = check_cache(cache, config)
+    train, val = data.split(train_idx, layers), data.split(val_idx, layers)
+    in_dim = len(layers) * cache.backbone.feature_dim
+    session = _start_session(config, in_dim, math.ceil(len(train) / config.batch_size), ranks,
                              device, out_dir, previous)
     split = {"train": [cache.image_ids[i] for i in train_idx], "val": [cache.image_ids[i] for i in val_idx]}
     if previous is not None and read_split(out_dir) != split:
@@ -419,7 +479,7 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
                     f", {ranks.world} processes" if ranks.world > 1 else "", record.features)
         if on_epoch is _log_epoch:
             logger.info(TABLE_HEADER)
-    meta = {"decoder": config.decoder, "in_dim": cache.backbone.feature_dim,
+    meta = {"decoder": config.decoder, "in_dim": in_dim, "layers": list(layers),
             "train_config": dataclasses.asdict(config), "cache_fingerprint": cache.fingerprint}
     for epoch in range(record.epochs_done + 1, config.epochs + 1):
         started = time.perf_counter()

@@ -7,12 +7,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 import fishseg.train as train_module
 
 from fishseg.cache import CacheWriter
 from fishseg.config import BackboneInfo, ExtractConfig
-from fishseg.data import Sample
+from fishseg.data import Sample, apply_view
 
 REPO = Path(__file__).resolve().parents[1]
 F4K_SAMPLE = REPO.parent / "shared" / "data" / "f4k-sample"
@@ -27,10 +28,11 @@ def tiny_extract_config(backbone: Path) -> ExtractConfig:
 
 
 def write_toy_cache(path: Path, n_images: int = 24, *, seed: int = 0, image_size: int = 32, grid: int = 8,
-                    dim: int = 16) -> Path:
-    """A learnable cache: feature channel 0 is the mask at grid resolution plus noise, the rest noise."""
+                    dim: int = 16, views: tuple[str, ...] = ()) -> Path:
+    """A learnable cache: feature channel 0 is the mask at grid resolution plus noise, the rest noise; each of
+    ``views`` holds the grids seen in that view."""
     rng = np.random.default_rng(seed)
-    config = ExtractConfig(backbone="toy", image_size=image_size, preview_size=8)
+    config = ExtractConfig(backbone="toy", image_size=image_size, preview_size=8, views=views)
     info = BackboneInfo("toy", "toy", image_size // grid, dim, 0, True)
     samples = [Sample(f"class{i % 2}/{i:03d}.png", Path("unused"), Path("unused"), f"class{i % 2}")
                for i in range(n_images)]
@@ -43,8 +45,10 @@ def write_toy_cache(path: Path, n_images: int = 24, *, seed: int = 0, image_size
     features = rng.normal(0, 0.3, (n_images, grid, grid, dim))
     features[..., 0] += 2 * coarse - 1
     previews = rng.integers(0, 255, (n_images, 8, 8, 3), dtype=np.uint8)
+    features = features.astype(np.float16)
+    seen = {view: apply_view(torch.from_numpy(features), view, (1, 2)).numpy() for view in views}
     with CacheWriter(path, config, info, samples) as writer:
-        writer.write(0, features.astype(np.float16), masks, previews)
+        writer.write(0, features, masks, previews, seen)
     return path
 
 

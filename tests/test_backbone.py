@@ -6,10 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import DINOv3ConvNextConfig, DINOv3ConvNextModel
 
 from fishseg.backbone import backbone_reference, load_backbone, looks_like_path, save_random_backbone
-from fishseg.config import IMAGENET_MEAN, IMAGENET_STD
+from fishseg.cache import FeatureCache
+from fishseg.config import IMAGENET_MEAN, IMAGENET_STD, ExtractConfig, TrainConfig
 from fishseg.errors import FishsegError
+from fishseg.evaluate import run_evaluation
+from fishseg.extract import run_extraction
+from fishseg.predict import run_prediction
+from fishseg.train import run_training
+from tests.helpers import TINY_LAYOUT
 
 CPU = torch.device("cpu")
 
@@ -71,3 +78,75 @@ def test_local_backbones_are_recorded_as_absolute_paths(tiny_backbone: Path, mon
     assert backbone_reference(f"./{tiny_backbone.name}/") == str(tiny_backbone)
     assert backbone_reference("facebook/dinov3-vits16-pretrain-lvd1689m") == "facebook/dinov3-vits16-pretrain-lvd1689m"
     assert not looks_like_path("facebook/dinov3-vits16-pretrain-lvd1689m") and looks_like_path(".hidden")
+
+
+def test_every_block_is_stored_after_the_final_norm_and_the_last_equals_last_hidden_state(tmp_path: Path) -> None:
+    folder = save_random_backbone(tmp_path / "b", **{**TINY_LAYOUT, "num_hidden_layers": 3})
+    backbone = load_backbone(str(folder), IMAGENET_MEAN, IMAGENET_STD, CPU)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    pixels = (images / 255.0 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        output = backbone.model(pixel_values=pixels, output_hidden_states=True)
+        normed_first = backbone.model.norm(output.hidden_states[1])
+    grids = backbone(images, (1, -1)).float()  # block 1, then the last (3)
+    assert grids.shape == (2, 4, 4, 64) and backbone.num_blocks == 3
+    torch.testing.assert_close(grids[..., 32:], output.last_hidden_state[:, 5:].reshape(2, 4, 4, 32).half().float())
+    torch.testing.assert_close(grids[..., :32], normed_first[:, 5:].reshape(2, 4, 4, 32).half().float())
+    raw = output.hidden_states[1][:, 5:].reshape(2, 4, 4, 32)
+    assert not torch.allclose(grids[..., :32], raw, atol=1e-2)  # transformers' hidden_states are before the norm
+    with pytest.raises(FishsegError, match="layers 4: the backbone has 3 blocks"):
+        backbone(images, (4,))
+
+
+@pytest.mark.parametrize("family, layout, registers", [
+    ("dinov2", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14), 0),
+    ("dinov2_with_registers", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                   patch_size=14, num_register_tokens=4), 4),
+])
+def test_dinov2_families_read_patch_size_and_registers_from_their_config(tmp_path: Path, family: str, layout: dict,
+                                                                         registers: int) -> None:
+    folder = save_random_backbone(tmp_path / family, family=family, **layout)
+    backbone = load_backbone(str(folder), IMAGENET_MEAN, IMAGENET_STD, CPU)
+    assert (backbone.info.model_type, backbone.info.patch_size, backbone.info.num_register_tokens) == (family, 14,
+                                                                                                        registers)
+    images = torch.randint(0, 256, (1, 3, 56, 56), dtype=torch.uint8)
+    with torch.no_grad():
+        tokens = backbone.model(pixel_values=(images / 255.0 - backbone.mean) / backbone.std).last_hidden_state
+    assert tokens.shape[1] == 1 + registers + 16
+    torch.testing.assert_close(backbone(images).float(), tokens[:, 1 + registers:].reshape(1, 4, 4, 32).half().float())
+
+
+def test_a_model_without_a_patch_token_sequence_is_refused_in_one_line(tmp_path: Path) -> None:
+    config = DINOv3ConvNextConfig(num_channels=3, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1])
+    DINOv3ConvNextModel(config).save_pretrained(tmp_path / "convnext")
+    with pytest.raises(FishsegError, match=r"^backbone .*convnext: a dinov3_convnext model has no patch-token sequence; "
+                                           r"fishseg supports DINOv3 ViT \(dinov3_vit\), DINOv2 \(dinov2\) and DINOv2 "
+                                           r"with registers \(dinov2_with_registers\)$"):
+        load_backbone(str(tmp_path / "convnext"), IMAGENET_MEAN, IMAGENET_STD, CPU)
+
+
+FAMILIES = {  # tiny random-init stand-ins, one per supported path
+    "dinov3-vit (S, B, L)": ("dinov3_vit", dict(TINY_LAYOUT, num_hidden_layers=2)),
+    "dinov3-vit gated MLP (S+, H+, 7B)": ("dinov3_vit", dict(TINY_LAYOUT, num_hidden_layers=2, use_gated_mlp=True)),
+    "dinov2": ("dinov2", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14)),
+    "dinov2 with registers": ("dinov2_with_registers", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                            mlp_ratio=2, patch_size=14, num_register_tokens=4)),
+}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_family_extracts_trains_evaluates_and_predicts(name: str, tmp_path: Path, kaggle_root: Path) -> None:
+    family, layout = FAMILIES[name]
+    folder = save_random_backbone(tmp_path / "backbone", family=family, **layout)
+    config = ExtractConfig(backbone=str(folder), image_size=56, preview_size=32, layers=(1, -1))
+    cache = run_extraction(kaggle_root, tmp_path / "c.h5", config, num_workers=0, device="cpu")
+    run = tmp_path / "run"
+    run_training(cache, run, TrainConfig(epochs=1, batch_size=4, layers=(-1,)), device="cpu")
+    metrics = run_evaluation(cache, run, device="cpu", report=False)
+    _, masks = run_prediction(run, [next(kaggle_root.rglob("*.png"))], tmp_path / "pred", num_workers=0, device="cpu")
+    grid = 56 // layout["patch_size"]
+    with FeatureCache(cache) as opened:
+        assert opened.backbone.model_type == family and opened.layers == (1, 2)
+        assert opened.features([0]).shape == (1, grid, grid, 64)
+    assert metrics["n_images"] == 2 and 0 <= metrics["mean_iou"] <= 1 and masks == []
+    assert (tmp_path / "pred" / "predictions.csv").is_file()

@@ -14,7 +14,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import h5py
 import numpy as np
@@ -83,8 +83,8 @@ def _nan_for_image_1(monkeypatch: pytest.MonkeyPatch) -> None:
     """The backbone returns NaN features for ``1.png`` of ``_generic`` (the image filled with 61)."""
     real = fishseg.backbone.Backbone.__call__
 
-    def poisoned(self: fishseg.backbone.Backbone, images: torch.Tensor) -> torch.Tensor:
-        grid = real(self, images)
+    def poisoned(self: fishseg.backbone.Backbone, images: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+        grid = real(self, images, layers)
         hit = (images[:, 0, 0, 0] == 61).view(-1, 1, 1, 1)
         return torch.where(hit, torch.tensor(float("nan"), dtype=grid.dtype), grid)
 

@@ -74,8 +74,49 @@ def test_other_format_version_is_refused(tmp_path: Path) -> None:
     path = write_toy_cache(tmp_path / "c.h5")
     with h5py.File(path, "a") as file:
         file.attrs["format_version"] = 99
-    with pytest.raises(FishsegError, match="cache format v99"):
+    with pytest.raises(FishsegError, match="cache format v99, this fishseg .* reads v2 and v3; extract the cache again"):
         FeatureCache(path)
+
+
+def test_a_format_2_cache_reads_as_one_layer_the_last_block_and_no_views(tmp_path: Path) -> None:
+    path = write_toy_cache(tmp_path / "c.h5")
+    with h5py.File(path, "a") as file:  # what fishseg wrote before format 3
+        file.attrs["format_version"] = 2
+        for name in ("layers", "num_blocks", "views"):
+            del file.attrs[name]
+    with FeatureCache(path) as cache:
+        assert (cache.layers, cache.num_blocks, cache.views) == ((-1,), 0, ("identity",))
+        assert cache.select_layers(()) == cache.select_layers((-1,)) == (-1,)
+        np.testing.assert_array_equal(cache.features([0], layers=(-1,)), cache.file["features"][:1])
+        with pytest.raises(FishsegError, match=r"the run needs layers 12 but .*c.h5 holds layers -1; extract with "
+                                               r"--layers 12"):
+            cache.select_layers((12,))
+
+
+def test_layers_and_views_are_stored_side_by_side_and_read_by_name(tmp_path: Path) -> None:
+    config = ExtractConfig(backbone="toy", image_size=16, preview_size=4, layers=(6, -1), views=("hflip", "rot90"))
+    rng = np.random.default_rng(0)
+    features, masks, previews = _arrays(rng)
+    features = np.concatenate([features, features + 1], axis=-1)  # block 6, then block 12
+    flipped = rng.normal(size=features.shape).astype(np.float16)
+    with CacheWriter(tmp_path / "c.h5", config, INFO, SAMPLES, num_blocks=12) as writer:
+        writer.write(0, features, masks, previews, {"hflip": flipped, "rot90": features})
+    with FeatureCache(tmp_path / "c.h5") as cache:
+        attrs = cache.file.attrs  # what h5dump shows
+        assert attrs["layers"].tolist() == [6, 12] and attrs["num_blocks"] == 12
+        assert attrs["views"] == "identity,hflip,rot90" and attrs["format_version"] == 3
+        assert cache.select_layers(()) == (6, 12) and cache.select_layers((-1,)) == (12,)
+        np.testing.assert_array_equal(cache.features([0, 2], layers=(12,)), features[[0, 2], ..., 3:])
+        np.testing.assert_array_equal(cache.features([0, 2], layers=(12, 6)),
+                                      np.concatenate([features[[0, 2], ..., 3:], features[[0, 2], ..., :3]], -1))
+        np.testing.assert_array_equal(cache.features([1], "hflip"), flipped[[1]])
+        np.testing.assert_array_equal(cache.masks([1], "hflip"), masks[[1], :, ::-1])
+        np.testing.assert_array_equal(cache.masks([1], "rot90"), np.rot90(masks[[1]], 1, axes=(1, 2)))
+        with pytest.raises(FishsegError, match=r"the run needs layers 9 but .*c.h5 holds layers 6,12; extract with "
+                                               r"--layers 9"):
+            cache.select_layers((9,))
+        with pytest.raises(FishsegError, match="holds views identity, hflip, rot90, not vflip; extract with --views"):
+            cache.features([0], "vflip")
 
 
 def test_cache_missing_a_dataset_is_refused(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from fishseg.config import DECODER_NAMES, ExtractConfig, TrainConfig, from_json, to_json
+from fishseg.config import DECODER_NAMES, ExtractConfig, TrainConfig, from_json, resolve_layers, to_json
 from fishseg.decoders import DECODERS
 from fishseg.errors import FishsegError
 
@@ -16,7 +16,10 @@ from fishseg.errors import FishsegError
     ("loss", "focal", "loss 'focal': expected one of bce, dice, bce\\+dice"),
     ("schedule", "step", "schedule 'step': expected one of constant, cosine"),
     ("split", "stratified", "split 'stratified': expected one of random, grouped"),
-    ("augment", "views", "augment 'views': expected one of none, flips"),
+    ("augment", "crops", "augment 'crops': expected one of none, flips, views"),
+    ("layers", (0,), "layers 0: expected block indices 1 … n, or -1 … -n counting from the end"),
+    ("layers", (12, 12), "layers \\(12, 12\\): expected each value once"),
+    ("layers", ("12",), "layers '12': expected block indices"),
     ("epochs", 0, "epochs 0: expected a whole number >= 1"),
     ("epochs", 2.0, "epochs 2.0: expected a whole number >= 1"),
     ("batch_size", True, "batch_size True: expected a whole number >= 1"),
@@ -44,7 +47,8 @@ def test_a_fold_must_exist() -> None:
 
 @pytest.mark.parametrize("field, value", [("image_size", 0), ("preview_size", -4), ("backbone", ""),
                                           ("std", (0.2, 0.0, 0.2)), ("mean", (0.5, float("nan"), 0.5)),
-                                          ("mean", (0.5, 0.5))])
+                                          ("mean", (0.5, 0.5)), ("layers", ()), ("layers", (1.5,)),
+                                          ("views", ("hflip", "shear")), ("views", ("hflip", "hflip"))])
 def test_every_extract_field_is_checked(field: str, value: object) -> None:
     with pytest.raises(FishsegError, match=f"^{field} "):
         ExtractConfig(**{field: value})
@@ -58,5 +62,14 @@ def test_the_decoder_names_are_the_registry() -> None:
 def test_configs_round_trip_through_json() -> None:
     config = TrainConfig(decoder="linear", lr=3e-4, folds=5, fold=4, group_pattern=r"^fish_\d+")
     assert from_json(TrainConfig, to_json(config)) == config
-    extract = dataclasses.replace(ExtractConfig(), image_size=224)
+    extract = dataclasses.replace(ExtractConfig(), image_size=224, layers=(6, -1), views=("hflip", "rot90"))
     assert from_json(ExtractConfig, to_json(extract)) == extract
+
+
+def test_layers_read_back_as_a_tuple_and_resolve_against_the_block_count() -> None:
+    assert TrainConfig(layers=[6, 9]).layers == (6, 9) and TrainConfig(layers=-1).layers == (-1,)  # JSON, sweep grid
+    assert resolve_layers((6, 9, 12), 12) == (6, 9, 12) and resolve_layers((-1, -4), 12) == (12, 9)
+    with pytest.raises(FishsegError, match="layers 13: the backbone has 12 blocks \\(1 … 12, or -1 … -12"):
+        resolve_layers((13,), 12)
+    with pytest.raises(FishsegError, match="layers 12,-1: name the same block twice"):
+        resolve_layers((12, -1), 12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from torch import nn
 
+from fishseg.backbone import save_random_backbone
 from fishseg.cache import FeatureCache
 from fishseg.cli import main
 from fishseg.config import TrainConfig
@@ -23,7 +25,7 @@ from fishseg.distributed import Ranks, SyncedBatchNorm, session, sync_batch_norm
 from fishseg.errors import FishsegError
 from fishseg.extract import run_extraction
 from fishseg.train import EpochResult, run_training
-from tests.helpers import REPO, SMALL_PHOTO, tiny_extract_config, write_toy_cache
+from tests.helpers import REPO, SMALL_PHOTO, TINY_LAYOUT, tiny_extract_config, write_toy_cache
 
 
 
@@ -63,19 +65,22 @@ def test_synced_batch_norm_keeps_the_state_and_is_batch_norm_outside_a_process_g
     torch.testing.assert_close(synced(features), reference)
 
 
-def test_torchrun_extraction_equals_a_single_process_cache(tmp_path: Path, tiny_backbone: Path) -> None:
+def test_torchrun_extraction_equals_a_single_process_cache(tmp_path: Path) -> None:
+    backbone = save_random_backbone(tmp_path / "backbone", **{**TINY_LAYOUT, "num_hidden_layers": 2})
     data = write_demo_dataset(tmp_path / "data", classes=2, images_per_class=5, size=SMALL_PHOTO, seed=3)
-    single = run_extraction(data, tmp_path / "single.h5", tiny_extract_config(tiny_backbone), batch_size=2,
-                            num_workers=0, device="cpu")
+    config = dataclasses.replace(tiny_extract_config(backbone), layers=(1, 2), views=("vflip", "rot270"))
+    single = run_extraction(data, tmp_path / "single.h5", config, batch_size=2, num_workers=0, device="cpu")
     result = torchrun("extract_features.py", "--data-root", data, "--out", tmp_path / "two.h5", "--backbone",
-                      tiny_backbone, "--image-size", 64, "--preview-size", 32, "--batch-size", 2, "--num-workers", 0,
-                      "--device", "cpu")
+                      backbone, "--image-size", 64, "--preview-size", 32, "--layers", "1,2", "--views", "vflip,rot270",
+                      "--batch-size", 2, "--num-workers", 0, "--device", "cpu")
     assert "rank 1 of 2" in result.stderr and not (tmp_path / "two.h5.parts").exists()
     assert result.stdout.count("cache ready") == 1
     with FeatureCache(tmp_path / "two.h5") as two, FeatureCache(single) as one:
         assert two.fingerprint == one.fingerprint and two.image_ids == one.image_ids
         everything = range(len(one))
-        np.testing.assert_array_equal(two.features(everything), one.features(everything))
+        assert two.views == one.views == ("identity", "vflip", "rot270") and two.layers == one.layers == (1, 2)
+        for view in one.views:
+            np.testing.assert_array_equal(two.features(everything, view), one.features(everything, view))
         np.testing.assert_array_equal(two.masks(everything), one.masks(everything))
         np.testing.assert_array_equal(two.groups, one.groups)
 

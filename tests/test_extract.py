@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from fishseg.backbone import load_backbone
+from fishseg.backbone import load_backbone, save_random_backbone
 from fishseg.cache import FeatureCache
-from fishseg.data import ExtractionDataset, discover_samples
+from fishseg.data import ExtractionDataset, apply_view, discover_samples
 from fishseg.errors import FishsegError
 from fishseg.extract import run_extraction
-from tests.helpers import tiny_extract_config
+from tests.helpers import TINY_LAYOUT, tiny_extract_config
 
 
 def test_cache_holds_what_the_backbone_computes_for_each_image(tiny_cache: Path, kaggle_root: Path,
@@ -98,3 +98,24 @@ def test_a_relative_backbone_folder_is_recorded_as_an_absolute_path(tmp_path: Pa
     run_extraction(kaggle_root, tmp_path / "c.h5", config, num_workers=0, device="cpu")
     with FeatureCache(tmp_path / "c.h5") as cache:
         assert cache.config.backbone == cache.backbone.name == str(tiny_backbone)
+
+
+def test_layers_and_views_hold_what_the_backbone_computes_for_each_transformed_photo(
+        tmp_path: Path, kaggle_root: Path) -> None:
+    folder = save_random_backbone(tmp_path / "b", **{**TINY_LAYOUT, "num_hidden_layers": 2})
+    config = dataclasses.replace(tiny_extract_config(folder), layers=(-1, 1), views=("hflip", "rot90", "transpose"))
+    out = run_extraction(kaggle_root, tmp_path / "c.h5", config, batch_size=5, num_workers=0, device="cpu")
+    backbone = load_backbone(config.backbone, config.mean, config.std, torch.device("cpu"))
+    dataset = ExtractionDataset(discover_samples(kaggle_root), config.image_size, config.preview_size)
+    with FeatureCache(out) as cache:
+        assert cache.layers == (2, 1) and cache.views == ("identity", "hflip", "rot90", "transpose")
+        image, mask, _, _ = dataset[7]
+        for view in cache.views:
+            expected = backbone(apply_view(image[None], view, (2, 3)), (2, 1)).numpy()
+            np.testing.assert_allclose(cache.features([7], view), expected, atol=2e-3)
+            np.testing.assert_array_equal(cache.masks([7], view), apply_view(mask[None], view, (1, 2)).numpy())
+        np.testing.assert_array_equal(cache.masks([7], "transpose")[0], mask.numpy().T)
+        assert not np.allclose(cache.features([7], "hflip"), cache.features([7])[:, :, ::-1], atol=1e-2)
+    with pytest.raises(FishsegError, match=r"c.h5: extracted with other settings \(views \('hflip', 'rot90', "
+                                           r"'transpose'\) → \(\)\)"):
+        run_extraction(kaggle_root, out, dataclasses.replace(config, views=()), num_workers=0, device="cpu")

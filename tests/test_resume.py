@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -20,7 +21,8 @@ KILLS = 4
 
 def _command(data: Path, out: Path, backbone: Path) -> list[str]:
     return [sys.executable, str(REPO / "extract_features.py"), "--data-root", str(data), "--out", str(out),
-            "--backbone", str(backbone), "--image-size", "64", "--preview-size", "32", "--batch-size", "1",
+            "--backbone", str(backbone), "--image-size", "64", "--preview-size", "32", "--views", "hflip",
+            "--batch-size", "1",
             "--num-workers", "0", "--device", "cpu"]
 
 
@@ -38,8 +40,8 @@ def _kill_after(command: list[str], parts: Path, finished_batches: int) -> bool:
 
 def test_killed_extraction_resumes_to_the_uninterrupted_cache(tmp_path: Path, tiny_backbone: Path) -> None:
     data = write_demo_dataset(tmp_path / "data", classes=2, images_per_class=20, size=SMALL_PHOTO, seed=5)
-    reference = run_extraction(data, tmp_path / "reference.h5", tiny_extract_config(tiny_backbone), batch_size=1,
-                               num_workers=0, device="cpu")
+    config = dataclasses.replace(tiny_extract_config(tiny_backbone), views=("hflip",))
+    reference = run_extraction(data, tmp_path / "reference.h5", config, batch_size=1, num_workers=0, device="cpu")
     out, parts = tmp_path / "resumed.h5", tmp_path / "resumed.h5.parts"
     command = _command(data, out, tiny_backbone)
     targets = np.sort(np.random.default_rng(0).choice(np.arange(1, 41), KILLS, replace=False))
@@ -50,7 +52,8 @@ def test_killed_extraction_resumes_to_the_uninterrupted_cache(tmp_path: Path, ti
     with FeatureCache(out) as resumed, FeatureCache(reference) as expected:
         assert resumed.fingerprint == expected.fingerprint and resumed.image_ids == expected.image_ids
         everything = range(len(expected))
-        np.testing.assert_array_equal(resumed.features(everything), expected.features(everything))
+        for view in ("identity", "hflip"):
+            np.testing.assert_array_equal(resumed.features(everything, view), expected.features(everything, view))
         np.testing.assert_array_equal(resumed.masks(everything), expected.masks(everything))
         np.testing.assert_array_equal(resumed.previews(everything), expected.previews(everything))
 

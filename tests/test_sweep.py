@@ -164,3 +164,15 @@ def test_a_cross_validated_sweep_counts_each_config_once(tmp_path: Path) -> None
     with (tmp_path / "sweep" / "leaderboard.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 and all(row["folds"] == "2" and row["mean_iou_std"] for row in rows)
+
+
+def test_layer_sets_are_listed_with_a_slash_and_name_their_folders(tmp_path: Path) -> None:
+    grid_file = tmp_path / "grid.toml"
+    grid_file.write_text("layers = [[12], [4, 8, 12]]\n")
+    assert read_grid_file(grid_file, ["layers"]) == {"layers": ([12], [4, 8, 12])}
+    configs = expand_grid({"layers": ((12,), (4, 8, 12), ())})
+    assert [(entry.name, entry.config.layers) for entry in configs] == [
+        ("layers=12", (12,)), ("layers=4+8+12", (4, 8, 12)), ("layers=all", ())]
+    result = CliRunner().invoke(main, ["sweep", "--cache", str(tmp_path / "none.h5"), "--out", str(tmp_path / "s"),
+                                       "--layers", "12/4,8,12/-1,x"])
+    assert result.exit_code == 2 and "'-1,x': expected block indices separated by commas" in result.output

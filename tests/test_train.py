@@ -163,3 +163,35 @@ def test_flips_transform_grid_and_mask_together() -> None:
         assert torch.equal(flipped_features[..., 0], block_means(flipped_masks))
         seen.add(flipped_masks.numpy().tobytes())
     assert len(seen) > 4  # several of the 8 transforms occur
+
+
+def test_augment_views_sees_each_image_in_a_stored_view_drawn_from_the_seed(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=20, views=("hflip", "rot90"))
+    with FeatureCache(cache) as opened:
+        data = TrainingData.open(opened, False)
+        memory, streamed = data.split(np.arange(20)), TrainingData.open(opened, True).split(np.arange(20))
+        positions, view_ids = torch.tensor([3, 0, 7, 5]), torch.zeros(20, dtype=torch.long)
+        view_ids[[0, 7]] = torch.tensor([1, 2])  # image 0 flipped, image 7 rotated, the others as they are
+        (features, masks), = memory.batches([positions], view_ids)
+        (streamed_features, streamed_masks), = streamed.batches([positions], view_ids)
+        torch.testing.assert_close(features, streamed_features)
+        torch.testing.assert_close(masks, streamed_masks)
+        torch.testing.assert_close(features[1], torch.from_numpy(opened.features([0], "hflip")[0]))
+        torch.testing.assert_close(masks[2], torch.from_numpy(opened.masks([7])[0]).rot90(1, (0, 1)))
+        torch.testing.assert_close(masks[0], torch.from_numpy(opened.masks([3])[0]))
+        assert set(data.features) == {"identity", "hflip", "rot90"}  # read when first asked for
+    config = TrainConfig(epochs=3, batch_size=4, lr=3e-3, seed=1, augment="views")
+    first = run_training(cache, tmp_path / "a", config, device="cpu")
+    run_training(cache, tmp_path / "b", config, device="cpu", stream=True)
+    history = [json.loads((tmp_path / name / "history.json").read_text())["iterations"] for name in "ab"]
+    assert history[0] == history[1] and first.status == "finished"
+
+
+def test_a_run_needing_views_or_layers_the_cache_lacks_is_refused_before_training(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=10)
+    with pytest.raises(FishsegError, match=r"--augment views: .*toy.h5 holds no views but the photo as it is; "
+                                           r"extract with --views"):
+        run_training(cache, tmp_path / "run", TrainConfig(augment="views"), device="cpu")
+    with pytest.raises(FishsegError, match=r"layers 2: the backbone has 1 block \(1 … 1"):
+        run_training(cache, tmp_path / "run", TrainConfig(layers=(2,)), device="cpu")
+    assert not (tmp_path / "run").exists()
