@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fishseg.cache import FeatureCache
-from fishseg.config import TrainConfig
+from fishseg.config import TrainConfig, value_text
 from fishseg.errors import FishsegError
 from fishseg.evaluate import METRICS_FILE, PER_IMAGE_FILE, evaluate_run
 from fishseg.leaderboard import LeaderboardEntry, write_leaderboard
@@ -214,7 +214,7 @@ def _leaderboard_entry(entry: Entry, fields: list[str], comparison: Any) -> Lead
     length = min(len(curve) for curve in curves)
     records = [run.record for run in entry.runs]
     return LeaderboardEntry(
-        name=entry.name, differing={field: str(config[field]) for field in fields},
+        name=entry.name, differing={field: value_text(config[field]) for field in fields},
         mean_iou=float(np.mean(fold_ious)), mean_iou_std=float(np.std(fold_ious)) if entry.is_cv else None,
         mean_dice=float(np.mean(entry.fold_means("dice"))),
         boundary_f=float(np.mean(entry.fold_means("boundary_f"))),

@@ -83,6 +83,13 @@ def resolve_layers(layers: Sequence[int], num_blocks: int) -> tuple[int, ...]:
     return resolved
 
 
+def value_text(value: Any) -> str:
+    """A config value as sweep folder names and leaderboards show it: layers as 9+12 (or all), floats exact."""
+    if isinstance(value, (list, tuple)):
+        return "+".join(map(str, value)) or "all"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def format_layers(layers: Sequence[int]) -> str:
     return ",".join(map(str, layers))
 

@@ -12,8 +12,8 @@ import dataclasses
 import itertools
 import logging
 import re
+import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from fishseg import __version__
 from fishseg.cache import FeatureCache
 from fishseg.compare import Leaderboard, run_compare
-from fishseg.config import TrainConfig
+from fishseg.config import TrainConfig, value_text
 from fishseg.crossval import cross_validate, plan_cross_validation
 from fishseg.errors import FishsegError
 from fishseg.evaluate import evaluate_run, write_scores
@@ -31,6 +31,11 @@ from fishseg.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, RunRecord, differing
                           holds_sweep, read_cv, read_record, read_sweep, write_sweep)
 from fishseg.runtime import make_output_dir, plural, resolve_device
 from fishseg.train import TrainingData, plan_run, train_run
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +104,7 @@ def expand_grid(grid: Grid, folds: int = 0) -> list[SweepConfig]:
     """Every combination of the grid's values as a validated TrainConfig, named by the fields that vary."""
     fields = list(grid)
     for field, values in grid.items():
-        repeated = sorted({_text(value) for value in values if values.count(value) > 1})
+        repeated = sorted({value_text(value) for value in values if values.count(value) > 1})
         if repeated:
             raise FishsegError(f"sweep value {field} lists {', '.join(repeated)} more than once; list each value once")
     varying = [field for field in fields if len(grid[field]) > 1]
@@ -110,7 +115,7 @@ def expand_grid(grid: Grid, folds: int = 0) -> list[SweepConfig]:
             config = TrainConfig(**chosen, folds=folds)
         except FishsegError as error:
             raise FishsegError(f"sweep value {error}") from None
-        name = ",".join(f"{field}={_text(chosen[field])}" for field in varying) or "run"
+        name = ",".join(f"{field}={value_text(chosen[field])}" for field in varying) or "run"
         name = re.sub(r"[^\w=,.+-]", "_", name)
         if name in names:
             raise FishsegError(f"two configs of the grid get the folder name {name}; make the values differ in more "
@@ -118,12 +123,6 @@ def expand_grid(grid: Grid, folds: int = 0) -> list[SweepConfig]:
         names.add(name)
         configs.append(SweepConfig(name, config))
     return configs
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, tuple):  # layers: 9+12, or all
-        return "+".join(map(str, value)) or "all"
-    return repr(value) if isinstance(value, float) else str(value)
 
 
 def _check_folder(out_dir: Path, entry: SweepConfig, cache: FeatureCache) -> bool:
