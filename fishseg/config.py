@@ -25,7 +25,7 @@ LOSSES = ("bce", "dice", "bce+dice")
 SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("none", "flips")
 SPLITS = ("random", "grouped")
-DECODER_NAMES = ("linear", "seed-cnn", "progressive")  # the keys of fishseg.decoders.DECODERS
+DECODER_NAMES = ("linear", "seed-cnn", "progressive", "guided")  # the keys of fishseg.decoders.DECODERS
 
 
 def _require(ok: bool, field: str, value: Any, expected: str) -> None:
