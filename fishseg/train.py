@@ -27,7 +27,7 @@ from fishseg.cache import FeatureCache
 from fishseg.config import TrainConfig, to_json
 from fishseg.data import (duplicates_across, grouped_folds, grouped_split, groups_from_names, random_folds,
                           random_split)
-from fishseg.decoders import build_decoder, load_checkpoint, segment
+from fishseg.decoders import build_decoder, load_checkpoint, segment, uses_image
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.metrics import binarize, iou_per_image
@@ -66,26 +66,32 @@ class EpochResult:
         return result
 
 
-class InMemorySplit:
-    """A split of features (float16 h×w×D) and masks (uint8 S×S) held in memory, gathered per batch from
-    tensors that may hold the whole cache (a sweep loads it once for all its runs)."""
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # features, masks, guide previews (or None)
 
-    def __init__(self, features: torch.Tensor, masks: torch.Tensor, indices: np.ndarray) -> None:
-        self.features, self.masks, self.indices = features, masks, torch.from_numpy(np.asarray(indices))
+
+class InMemorySplit:
+    """A split of features (float16 h×w×D), masks (uint8 S×S) and, for a decoder that uses the image, the
+    guide previews (uint8 P×P×3) held in memory, gathered per batch from tensors that may hold the whole
+    cache (a sweep loads it once for all its runs)."""
+
+    def __init__(self, features: torch.Tensor, masks: torch.Tensor, indices: np.ndarray,
+                 previews: torch.Tensor | None = None) -> None:
+        self.features, self.masks, self.previews = features, masks, previews
+        self.indices = torch.from_numpy(np.asarray(indices))
 
     @classmethod
     def from_cache(cls, cache: FeatureCache, indices: np.ndarray) -> InMemorySplit:
-        """Only ``indices`` read into memory."""
+        """Only ``indices`` read into memory (features and masks, no previews)."""
         return cls(torch.from_numpy(cache.features(indices)), torch.from_numpy(cache.masks(indices)),
                    np.arange(len(indices)))
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def batches(self, batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batches: Iterable[torch.Tensor]) -> Iterator[Batch]:
         for positions in batches:
             rows = self.indices[positions]
-            yield self.features[rows], self.masks[rows]
+            yield self.features[rows], self.masks[rows], None if self.previews is None else self.previews[rows]
 
 
 class StreamedSplit:
@@ -95,17 +101,18 @@ class StreamedSplit:
     step because torch releases the GIL while it computes.
     """
 
-    def __init__(self, cache: FeatureCache, indices: np.ndarray) -> None:
-        self.cache, self.indices = cache, indices
+    def __init__(self, cache: FeatureCache, indices: np.ndarray, previews: bool = False) -> None:
+        self.cache, self.indices, self.previews = cache, indices, previews
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _read(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read(self, positions: torch.Tensor) -> Batch:
         indices = self.indices[positions.numpy()]
-        return torch.from_numpy(self.cache.features(indices)), torch.from_numpy(self.cache.masks(indices))
+        guides = torch.from_numpy(self.cache.previews(indices)) if self.previews else None
+        return torch.from_numpy(self.cache.features(indices)), torch.from_numpy(self.cache.masks(indices)), guides
 
-    def batches(self, batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batches: Iterable[torch.Tensor]) -> Iterator[Batch]:
         with ThreadPoolExecutor(max_workers=1) as reader:
             pending = None
             for positions in batches:
@@ -131,21 +138,25 @@ def image_losses(logits: torch.Tensor, target: torch.Tensor, loss: str = "bce") 
     return dice if loss == "dice" else bce + dice
 
 
-def dihedral(features: torch.Tensor, masks: torch.Tensor,
-             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random flip/90° rotation, the same for the cached grids (B×h×w×D) and masks (B×S×S).
+def dihedral(generator: torch.Generator, *grids: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """One random flip/90° rotation, the same for every grid given (B×H×W…: the cached features B×h×w×D,
+    masks B×S×S, guide previews B×P×P×3); ``None`` passes through.
 
-    An approximation: the features of a flipped photo are not exactly the flipped features."""
+    An approximation for the features: those of a flipped photo are not exactly the flipped features."""
     turns, flip = torch.randint(0, 4, (2,), generator=generator).tolist()
-    if flip % 2:
-        features, masks = features.flip(2), masks.flip(2)
-    return features.rot90(turns, dims=(1, 2)), masks.rot90(turns, dims=(1, 2))
+
+    def transform(grid: torch.Tensor) -> torch.Tensor:
+        return (grid.flip(2) if flip % 2 else grid).rot90(turns, dims=(1, 2))
+
+    return tuple(None if grid is None else transform(grid) for grid in grids)
 
 
 def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor, device: torch.device,
                  optimizer: torch.optim.Optimizer | None = None, loss: str = "bce", *,
-                 image_weight: float | None = None, ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor]:
+                 guides: torch.Tensor | None = None, image_weight: float | None = None,
+                 ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward (and a training step when given an optimizer); returns per-image losses and IoUs (B).
+    ``guides``: the previews B×P×P×3, for a decoder that uses the image.
 
     ``image_weight``: each image's weight in the loss, 1/B by default (the batch mean). Under torchrun a
     rank holds part of a global batch of G images and passes ``world/G``: DistributedDataParallel averages
@@ -153,7 +164,8 @@ def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor
     """
     target = masks.to(device, non_blocking=True).float()
     with torch.set_grad_enabled(optimizer is not None), autocast(device):
-        logits = segment(decoder, features.to(device, non_blocking=True), target.shape[-1])
+        logits = segment(decoder, features.to(device, non_blocking=True), target.shape[-1],
+                         None if guides is None else guides.to(device, non_blocking=True))
     losses = image_losses(logits.float(), target, loss)
     if not ranks.all(torch.isfinite(losses).all()):
         cause = ("the batch's features hold NaN or inf; extract the cache again" if not torch.isfinite(features).all()
@@ -181,10 +193,10 @@ def run_epoch(decoder: nn.Module, split: Split, batch_size: int, device: torch.d
     order = torch.randperm(len(split), generator=generator) if training else torch.arange(len(split))
     batches = order.split(batch_size)
     losses_per_batch, ious_per_batch = [], []
-    for batch, (features, masks) in zip(batches, split.batches(ranks.shard(batch) for batch in batches)):
+    for batch, (features, masks, guides) in zip(batches, split.batches(ranks.shard(batch) for batch in batches)):
         if training and augment == "flips":
-            features, masks = dihedral(features, masks, generator)
-        losses, ious = decoder_step(decoder, features, masks, device, optimizer, loss,
+            features, masks, guides = dihedral(generator, features, masks, guides)
+        losses, ious = decoder_step(decoder, features, masks, device, optimizer, loss, guides=guides,
                                     image_weight=ranks.world / len(batch), ranks=ranks)
         if training and scheduler is not None:
             scheduler.step()
@@ -213,33 +225,43 @@ def _iterations(epoch: int, result: EpochResult) -> list[dict[str, float]]:
 
 @dataclasses.dataclass
 class TrainingData:
-    """A cache opened for training: every image's features and masks loaded once (a sweep's runs share
-    them), or ``None`` for both when batches are streamed from the file."""
+    """A cache opened for training: every image's features and masks (and, with ``guides``, previews) loaded
+    once (a sweep's runs share them), or ``None`` for all when batches are streamed from the file."""
 
     cache: FeatureCache
     features: torch.Tensor | None
     masks: torch.Tensor | None
+    previews: torch.Tensor | None = None
+    guides: bool = False  # whether splits can yield the previews, for decoders that use the image
 
     @classmethod
-    def open(cls, cache: FeatureCache, stream: bool | None, processes: int = 1) -> TrainingData:
+    def open(cls, cache: FeatureCache, stream: bool | None, processes: int = 1, *,
+             guides: bool = False) -> TrainingData:
         """In memory unless asked to stream, or (``stream=None``) unless the cache would take over half the
-        free memory (each of the ``processes`` on this machine holding its own copy)."""
+        free memory (each of the ``processes`` on this machine holding its own copy). ``guides``: some decoder
+        to train uses the image, so the previews are held (or streamed) too."""
         if stream is None:
             free = available_memory()
-            stream = free is not None and cache.bytes_per_image() * len(cache) * processes > free // 2
+            preview_bytes = cache.config.preview_size ** 2 * 3 if guides else 0
+            needed = (cache.bytes_per_image() + preview_bytes) * len(cache) * processes
+            stream = free is not None and needed > free // 2
         if stream:
-            return cls(cache, None, None)
+            return cls(cache, None, None, guides=guides)
         everything = np.arange(len(cache))
-        return cls(cache, torch.from_numpy(cache.features(everything)), torch.from_numpy(cache.masks(everything)))
+        previews = torch.from_numpy(cache.previews(everything)) if guides else None
+        return cls(cache, torch.from_numpy(cache.features(everything)), torch.from_numpy(cache.masks(everything)),
+                   previews, guides)
 
     @property
     def streamed(self) -> bool:
         return self.features is None
 
-    def split(self, indices: np.ndarray) -> Split:
+    def split(self, indices: np.ndarray, *, guides: bool = False) -> Split:
+        """The images ``indices``; ``guides``: batches carry their previews (the data was opened with guides)."""
+        assert self.guides or not guides, "TrainingData.open(..., guides=True) is needed to train on the image"
         if self.features is None or self.masks is None:
-            return StreamedSplit(self.cache, indices)
-        return InMemorySplit(self.features, self.masks, indices)
+            return StreamedSplit(self.cache, indices, guides)
+        return InMemorySplit(self.features, self.masks, indices, self.previews if guides else None)
 
 
 def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
@@ -319,7 +341,7 @@ def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device
     """
     with distributed.session(resolve_device(device)) as (ranks, torch_device), FeatureCache(cache_path) as cache:
         plan_run(out_dir, config, cache, resume=resume, overwrite=overwrite)  # refuse before loading anything
-        data = TrainingData.open(cache, stream, ranks.local)
+        data = TrainingData.open(cache, stream, ranks.local, guides=uses_image(config.decoder))
         record = train_run(data, out_dir, config, ranks=ranks, device=torch_device, resume=resume,
                            overwrite=overwrite)
         ranks.barrier()  # the run folder is complete before any rank returns
@@ -398,7 +420,8 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
            previous: RunRecord | None, on_epoch: EpochCallback) -> RunRecord:
     cache = data.cache
     train_idx, val_idx, groups = split_indices(cache, config)
-    train, val = data.split(train_idx), data.split(val_idx)
+    guides = uses_image(config.decoder)
+    train, val = data.split(train_idx, guides=guides), data.split(val_idx, guides=guides)
     session = _start_session(config, cache.backbone.feature_dim, math.ceil(len(train) / config.batch_size), ranks,
                              device, out_dir, previous)
     split = {"train": [cache.image_ids[i] for i in train_idx], "val": [cache.image_ids[i] for i in val_idx]}

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -114,10 +115,12 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     assert len(json.loads((tmp_path / "run" / "history.json").read_text())["epochs"]) == 1
 
 
-@pytest.mark.parametrize("decoder, floor", [("linear", 0.55), ("seed-cnn", 0.8), ("progressive", 0.8)])
+@pytest.mark.parametrize("decoder, floor", [("linear", 0.55), ("seed-cnn", 0.8), ("progressive", 0.8),
+                                            ("guided", 0.7)])
 def test_every_decoder_learns_the_toy_set(decoder: str, floor: float, toy_run: tuple[Path, Path, RunRecord],
                                           tmp_path: Path) -> None:
-    """Floors measured here: linear 0.63 (one logit per 4×4-pixel patch, no context), the others > 0.85."""
+    """Floors measured here: linear 0.63 (one logit per 4×4-pixel patch, no context), guided 0.78 (the toy
+    previews are noise: its guide only distracts), the others > 0.85."""
     run = run_training(toy_run[0], tmp_path / decoder, dataclasses.replace(TOY, decoder=decoder), device="cpu")
     epochs = json.loads((tmp_path / decoder / "history.json").read_text())["epochs"]
     assert epochs[-1]["train_loss"] < 0.9 * epochs[0]["train_loss"]
@@ -149,17 +152,56 @@ def test_cosine_schedule_warms_up_then_decays_to_zero() -> None:
     assert learning_rate_schedule(optimizer, TrainConfig(), 5) is None
 
 
-def test_flips_transform_grid_and_mask_together() -> None:
+def test_flips_transform_grid_mask_and_guide_together() -> None:
     generator = torch.Generator().manual_seed(0)
     masks = (torch.rand(3, 16, 16, generator=generator) > 0.5).to(torch.uint8)
 
     def block_means(m: torch.Tensor) -> torch.Tensor:  # 4×4-pixel patches: commutes with flips and rotations
         return m.float().reshape(3, 4, 4, 4, 4).mean((2, 4))
 
+    def halved(m: torch.Tensor) -> torch.Tensor:  # the guide: an RGB preview at half the mask size
+        return (m.reshape(3, 8, 2, 8, 2)[:, :, 0, :, 0] * 255)[..., None].repeat(1, 1, 1, 3)
+
     features = block_means(masks)[..., None].repeat(1, 1, 1, 5)
     seen = set()
     for _ in range(20):
-        flipped_features, flipped_masks = dihedral(features, masks, generator)
+        flipped_features, flipped_masks, flipped_guides, nothing = dihedral(generator, features, masks, halved(masks),
+                                                                            None)
         assert torch.equal(flipped_features[..., 0], block_means(flipped_masks))
+        assert torch.equal(flipped_guides, halved(flipped_masks)) and nothing is None
         seen.add(flipped_masks.numpy().tobytes())
     assert len(seen) > 4  # several of the 8 transforms occur
+
+
+def test_a_decoder_that_uses_the_image_trains_on_cached_previews_without_decoding_an_image(
+        toy_run: tuple[Path, Path, RunRecord], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("training decoded an image")
+
+    monkeypatch.setattr(PIL.Image, "open", no_decoding)
+    seen: list[torch.Tensor | None] = []
+    real_step = train_module.decoder_step
+    monkeypatch.setattr(train_module, "decoder_step",
+                        lambda *args, **kwargs: seen.append(kwargs["guides"]) or real_step(*args, **kwargs))
+    config = dataclasses.replace(TOY, decoder="guided", epochs=2, augment="flips")
+    in_memory = run_training(toy_run[0], tmp_path / "memory", config, device="cpu", stream=False)
+    assert all(guides is not None and guides.dtype == torch.uint8 and guides.shape[1:] == (8, 8, 3)
+               for guides in seen)  # every batch, train and val, carries its previews
+    run_training(toy_run[0], tmp_path / "streamed", config, device="cpu", stream=True)
+    histories = [json.loads((tmp_path / name / "history.json").read_text())["iterations"]
+                 for name in ("memory", "streamed")]
+    assert histories[0] == histories[1] and in_memory.epochs_done == 2
+
+
+def test_previews_are_held_only_for_a_decoder_that_uses_the_image(toy_run: tuple[Path, Path, RunRecord],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    with FeatureCache(toy_run[0]) as cache:
+        needed = cache.bytes_per_image() * len(cache)
+        monkeypatch.setattr(train_module, "available_memory", lambda: 2 * needed + 2)
+        assert TrainingData.open(cache, None).previews is None
+        assert TrainingData.open(cache, None, guides=True).streamed  # the 8×8×3 previews tip it over
+        data = TrainingData.open(cache, False, guides=True)
+        assert data.previews is not None and data.previews.shape == (len(cache), 8, 8, 3)
+        assert next(data.split(np.arange(4)).batches([torch.arange(2)]))[2] is None
+        with pytest.raises(AssertionError, match="guides=True"):
+            TrainingData.open(cache, False).split(np.arange(4), guides=True)
