@@ -121,8 +121,9 @@ def run_prediction(run_dir: Path, inputs: list[Path], out_dir: Path, *, backbone
     check_backbone(model.info, record.backbone)
     decoder.eval().to(torch_device)
     workers = default_num_workers() if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(ImageDataset(paths, config.image_size, config.preview_size), batch_size=batch_size,
-                                         num_workers=workers, pin_memory=torch_device.type == "cuda")
+    dataset = ImageDataset(paths, config.image_size, config.preview_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=torch_device.type == "cuda")
     with removed_on_error(out_dir):
         make_output_dir(out_dir)
         rows, skipped = _predict_all(model, decoder, loader, paths, out_dir, config.image_size, skip_bad)

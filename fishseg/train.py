@@ -101,15 +101,15 @@ class StreamedSplit:
     step because torch releases the GIL while it computes.
     """
 
-    def __init__(self, cache: FeatureCache, indices: np.ndarray, previews: bool = False) -> None:
-        self.cache, self.indices, self.previews = cache, indices, previews
+    def __init__(self, cache: FeatureCache, indices: np.ndarray, guides: bool = False) -> None:
+        self.cache, self.indices, self.guides = cache, indices, guides
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def _read(self, positions: torch.Tensor) -> Batch:
         indices = self.indices[positions.numpy()]
-        guides = torch.from_numpy(self.cache.previews(indices)) if self.previews else None
+        guides = torch.from_numpy(self.cache.previews(indices)) if self.guides else None
         return torch.from_numpy(self.cache.features(indices)), torch.from_numpy(self.cache.masks(indices)), guides
 
     def batches(self, batches: Iterable[torch.Tensor]) -> Iterator[Batch]:
