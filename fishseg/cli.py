@@ -154,7 +154,7 @@ TRAIN_OPTIONS = (
                                                      "decay to 0."),
     TrainOption("warmup_epochs", click.IntRange(0)),
     TrainOption("augment", click.Choice(AUGMENTATIONS),
-                "flips: random flips and 90° rotations of the cached grid and mask, per batch."),
+                "flips: random flips and 90° rotations of the cached grid, mask (and guided's preview), per batch."),
 )
 SWEEP_FIELDS = tuple(option.field for option in TRAIN_OPTIONS)
 
