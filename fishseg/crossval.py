@@ -71,6 +71,7 @@ def cross_validate(data: TrainingData, out_dir: Path, config: TrainConfig, *, ra
                    on_epoch: EpochCallback | None = None) -> dict[str, Any]:
     """Cross-validate from already opened data (a sweep shares it between configs)."""
     plan_cross_validation(out_dir, config, resume=resume, overwrite=overwrite)
+    ranks.barrier()  # every rank has checked the folder before rank 0 writes into it
     if overwrite and ranks.main:
         for fold in range(config.folds):
             clear_run(fold_dir(out_dir, fold))
