@@ -192,8 +192,8 @@ TRAIN_OPTIONS = (
                                                      "decay to 0."),
     TrainOption("warmup_epochs", click.IntRange(0)),
     TrainOption("augment", click.Choice(AUGMENTATIONS),
-                "flips: random flips and 90° rotations of the cached grid and mask, per batch; views: each image "
-                "in one of the views the cache stores (extract --views), drawn per epoch."),
+                "flips: random flips and 90° rotations of the cached grid, mask (and guided's preview), per batch; "
+                "views: each image in one of the views the cache stores (extract --views), drawn per epoch."),
     TrainOption("layers", Blocks(), "Cached blocks the decoder sees, concatenated on channels: 12, 6,9,12, -1 or all "
                                     "(every cached block).", separator="/", shown_default="all cached blocks"),
 )

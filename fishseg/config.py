@@ -28,7 +28,7 @@ IDENTITY = "identity"  # the photo as it is: the view every cache holds
 VIEWS = ("hflip", "vflip", "rot90", "rot180", "rot270", "transpose")  # extra views `extract --views` can store
 LAST_BLOCK = (-1,)  # the default layers: the backbone's last block
 SPLITS = ("random", "grouped")
-DECODER_NAMES = ("linear", "seed-cnn", "progressive")  # the keys of fishseg.decoders.DECODERS
+DECODER_NAMES = ("linear", "seed-cnn", "progressive", "guided")  # the keys of fishseg.decoders.DECODERS
 
 
 def _require(ok: bool, field: str, value: Any, expected: str) -> None:

@@ -17,6 +17,7 @@ import torch
 from fishseg import distributed
 from fishseg.cache import FeatureCache
 from fishseg.config import TrainConfig
+from fishseg.decoders import uses_image
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.evaluate import evaluate_run, write_scores
@@ -60,7 +61,7 @@ def run_cross_validation(cache_path: Path, out_dir: Path, config: TrainConfig, *
     writes cv.json (the other ranks return ``{}``)."""
     with distributed.session(resolve_device(device)) as (ranks, torch_device), FeatureCache(cache_path) as cache:
         plan_cross_validation(out_dir, config, resume=resume, overwrite=overwrite)
-        data = TrainingData.open(cache, stream, ranks.local)
+        data = TrainingData.open(cache, stream, ranks.local, guides=uses_image(config.decoder))
         return cross_validate(data, out_dir, config, ranks=ranks, device=torch_device, resume=resume,
                               overwrite=overwrite)
 

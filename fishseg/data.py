@@ -165,8 +165,12 @@ def read_mask(path: Path) -> Image.Image:
 
 def model_input(image: Image.Image, size: int) -> torch.Tensor:
     """An RGB image as the backbone takes it: bilinear resize to size×size, uint8 3×S×S."""
-    pixels = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    return resized_rgb(image, size).permute(2, 0, 1)
+
+
+def resized_rgb(image: Image.Image, size: int) -> torch.Tensor:
+    """Bilinear resize to uint8 size×size×3: how the cache's previews (a guided decoder's guides) are made."""
+    return torch.from_numpy(np.asarray(image.resize((size, size), Image.Resampling.BILINEAR)).copy())
 
 
 def apply_view(tensor: torch.Tensor, view: str, dims: tuple[int, int]) -> torch.Tensor:
@@ -198,21 +202,23 @@ def collect_images(inputs: list[Path]) -> list[Path]:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images without masks, for prediction: ``(image 3×S×S uint8, error)``, zeros and a one-line error for an
-    image that cannot be read."""
+    """Images without masks, for prediction: ``(image 3×S×S uint8, preview P×P×3 uint8, error)`` (the preview
+    made as extraction makes the cache's, for a decoder that uses the image), zeros and a one-line error for
+    an image that cannot be read."""
 
-    def __init__(self, paths: list[Path], image_size: int) -> None:
-        self.paths, self.image_size = paths, image_size
+    def __init__(self, paths: list[Path], image_size: int, preview_size: int) -> None:
+        self.paths, self.image_size, self.preview_size = paths, image_size, preview_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         try:
             image = read_rgb(self.paths[index])
         except FishsegError as error:
-            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), str(error)
-        return model_input(image, self.image_size), ""
+            return (torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8),
+                    torch.zeros(self.preview_size, self.preview_size, 3, dtype=torch.uint8), str(error))
+        return model_input(image, self.image_size), resized_rgb(image, self.preview_size), ""
 
 
 class ExtractionDataset(torch.utils.data.Dataset):
@@ -242,7 +248,7 @@ class ExtractionDataset(torch.utils.data.Dataset):
         return (
             model_input(image, self.image_size),
             torch.from_numpy(np.asarray(mask.resize(side, Image.Resampling.NEAREST)).copy()),
-            torch.from_numpy(np.asarray(image.resize(preview, Image.Resampling.BILINEAR)).copy()),
+            resized_rgb(image, self.preview_size),
             "",
         )
 

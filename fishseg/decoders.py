@@ -1,7 +1,9 @@
 """Decoders over cached patch grids, their registry, and the checkpoint format.
 
 A decoder maps features B×D×h×w to logits B×1×h'×w' (the grid, or finer); ``segment`` upsamples
-them to the mask size.
+them to the mask size. A decoder whose class sets ``uses_image = True`` also takes the photo as a
+guide, float RGB B×3×P×P in [0, 1] (the cache's previews, or the input photo resized alike in
+``predict``); every other decoder is called with the features alone.
 A checkpoint is one safetensors file: the weights plus JSON metadata from which the decoder is
 rebuilt, so loading it never unpickles anything.
 """
@@ -74,10 +76,48 @@ class ProgressiveDecoder(nn.Module):
         return self.head(self.up(self.reduce(features)))
 
 
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels),
+                         nn.ReLU(inplace=True))
+
+
+class GuidedDecoder(nn.Module):
+    """The seed-cnn trunk's coarse logits, refined in three ×2 steps (28→56→112→224 for ViT-S/16 at 448)
+    that each see the photo resized to the step's resolution: the grid says what is fish, the photo
+    where its edge is. The refinement is added to the bilinearly upsampled coarse logits, so it only
+    has to learn the correction near edges."""
+
+    uses_image = True
+    WIDTHS = (64, 32, 16, 16)  # trunk output, then each ×2 step
+    GUIDE_CHANNELS = 16  # image features concatenated at each step
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(_conv_block(in_dim, 128), _conv_block(128, self.WIDTHS[0]))
+        self.coarse = nn.Conv2d(self.WIDTHS[0], 1, 1)
+        self.guides = nn.ModuleList(_conv_block(3, self.GUIDE_CHANNELS) for _ in self.WIDTHS[1:])
+        self.steps = nn.ModuleList(_conv_block(a + self.GUIDE_CHANNELS + 1, b)
+                                   for a, b in zip(self.WIDTHS, self.WIDTHS[1:]))
+        self.head = nn.Conv2d(self.WIDTHS[-1], 1, 1)
+
+    def forward(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Features B×D×h×w and the guide B×3×P×P (any P) → logits B×1×8h×8w."""
+        hidden = self.trunk(features)
+        logits = self.coarse(hidden)
+        for guide, step in zip(self.guides, self.steps):
+            size = (hidden.shape[-2] * 2, hidden.shape[-1] * 2)
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            pixels = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+            hidden = F.interpolate(hidden, size=size, mode="bilinear", align_corners=False)
+            hidden = step(torch.cat([hidden, guide(pixels), logits], dim=1))
+        return logits + self.head(hidden)
+
+
 DECODERS: dict[str, Callable[[int], nn.Module]] = {
     "linear": LinearProbe,
     "seed-cnn": SeedCNN,
     "progressive": ProgressiveDecoder,
+    "guided": GuidedDecoder,
 }
 
 
@@ -87,10 +127,25 @@ def build_decoder(name: str, in_dim: int) -> nn.Module:
     return DECODERS[name](in_dim)
 
 
-def segment(decoder: nn.Module, features: torch.Tensor, size: int) -> torch.Tensor:
-    """Float16/32 features B×h×w×D → float32 logits B×size×size (bilinear upsampling of whatever
-    resolution the decoder returns: the patch grid, or 16× it for ``progressive``)."""
-    logits = decoder(features.permute(0, 3, 1, 2).float()).float()
+def uses_image(decoder: nn.Module | str) -> bool:
+    """Whether a decoder takes the photo as a guide: a registry name, a built decoder, or one inside a
+    DistributedDataParallel wrapper."""
+    if isinstance(decoder, str):
+        return bool(getattr(DECODERS[decoder], "uses_image", False))
+    return bool(getattr(getattr(decoder, "module", decoder), "uses_image", False))
+
+
+def segment(decoder: nn.Module, features: torch.Tensor, size: int, image: torch.Tensor | None = None) -> torch.Tensor:
+    """Float16/32 features B×h×w×D (and, for a decoder that ``uses_image``, the guide photo as uint8 RGB
+    B×P×P×3) → float32 logits B×size×size (bilinear upsampling of whatever resolution the decoder
+    returns: the patch grid, or finer)."""
+    grid = features.permute(0, 3, 1, 2).float()
+    if uses_image(decoder):
+        assert image is not None, "this decoder needs the guide photo (uint8 B×P×P×3)"
+        logits = decoder(grid, image.permute(0, 3, 1, 2).float() / 255)
+    else:
+        logits = decoder(grid)
+    logits = logits.float()
     if logits.shape[-2:] != (size, size):
         logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
     return logits[:, 0]

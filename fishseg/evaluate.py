@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fishseg.cache import FeatureCache
-from fishseg.decoders import segment
+from fishseg.decoders import segment, uses_image
 from fishseg.metrics import (BOUNDARY_TOLERANCE, REFERENCE_BATCH, THRESHOLD, THRESHOLDS, batch_pooled_iou,
                              boundary_f_per_image, pixel_counts, precision_per_image, recall_per_image, summarize,
                              sweep_thresholds)
@@ -35,13 +35,14 @@ PCA_IMAGES = 64  # validation images whose patches fit the PCA of the feature pi
 def _probabilities(decoder: torch.nn.Module, cache: FeatureCache, indices: np.ndarray, batch_size: int,
                    device: torch.device, layers: tuple[int, ...]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(probabilities B×S×S, truth B×S×S bool)`` for ``indices`` in order, batch by batch, the decoder
-    reading the cached blocks ``layers``."""
+    reading the cached blocks ``layers`` (and the cached previews guiding a decoder that uses the image)."""
     decoder.eval().to(device)
     for batch in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
         truth = torch.from_numpy(cache.masks(batch)).to(device).bool()
+        guides = torch.from_numpy(cache.previews(batch)).to(device) if uses_image(decoder) else None
         with autocast(device):
             logits = segment(decoder, torch.from_numpy(cache.features(batch, layers=layers)).to(device),
-                             truth.shape[-1])
+                             truth.shape[-1], guides)
         yield torch.sigmoid(logits.float()), truth
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from fishseg.backbone import Backbone, load_backbone
 from fishseg.config import BackboneInfo, ExtractConfig, from_json
 from fishseg.data import ImageDataset, collect_images, read_rgb
-from fishseg.decoders import segment
+from fishseg.decoders import segment, uses_image
 from fishseg.errors import FishsegError
 from fishseg.metrics import THRESHOLD
 from fishseg.runs import checkpoint_layers, load_run
@@ -99,11 +99,13 @@ def _write_outputs(out_dir: Path, name: str, source: Path, probability: torch.Te
     return [f"masks/{name}.png", *describe_mask(full, mask), ""]
 
 
-def _probabilities(model: Backbone, decoder: torch.nn.Module, images: torch.Tensor, size: int,
-                   layers: tuple[int, ...]) -> torch.Tensor:
-    """B×S×S foreground probabilities of uint8 images B×3×S×S, the decoder reading the backbone's ``layers``."""
+def _probabilities(model: Backbone, decoder: torch.nn.Module, images: torch.Tensor, previews: torch.Tensor,
+                   size: int, layers: tuple[int, ...]) -> torch.Tensor:
+    """B×S×S foreground probabilities of uint8 images B×3×S×S, the decoder reading the backbone's ``layers``;
+    their previews B×P×P×3 guide a decoder that uses the image."""
+    guides = previews.to(model.device) if uses_image(decoder) else None
     with autocast(model.device):
-        return torch.sigmoid(segment(decoder, model(images, layers), size).float())
+        return torch.sigmoid(segment(decoder, model(images, layers), size, guides).float())
 
 
 def run_prediction(run_dir: Path, inputs: list[Path], out_dir: Path, *, backbone: str | None = None,
@@ -119,8 +121,9 @@ def run_prediction(run_dir: Path, inputs: list[Path], out_dir: Path, *, backbone
     check_backbone(model.info, record.backbone)
     decoder.eval().to(torch_device)
     workers = default_num_workers() if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(ImageDataset(paths, config.image_size), batch_size=batch_size,
-                                         num_workers=workers, pin_memory=torch_device.type == "cuda")
+    dataset = ImageDataset(paths, config.image_size, config.preview_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=torch_device.type == "cuda")
     with removed_on_error(out_dir):
         make_output_dir(out_dir)
         rows, skipped = _predict_all(model, decoder, loader, paths, out_dir, config.image_size,
@@ -136,12 +139,13 @@ def _predict_all(model: Backbone, decoder: torch.nn.Module, loader: torch.utils.
     """Write every photo's mask and overlay; returns the CSV rows and the errors of the images left out."""
     names, rows, skipped, start = _unique_names(paths), [], [], 0
     with tqdm(total=len(paths), unit="img", desc="predict", dynamic_ncols=True) as progress, torch.inference_mode():
-        for images, errors in loader:
+        for images, previews, errors in loader:
             failed = [error for error in errors if error]
             if failed and not skip_bad:
                 raise FishsegError(f"{failed[0]} (pass --skip-bad to leave such images out)")
             good = [k for k, error in enumerate(errors) if not error]
-            probabilities = iter(_probabilities(model, decoder, images[good], image_size, layers) if good else ())
+            probabilities = iter(_probabilities(model, decoder, images[good], previews[good], image_size, layers)
+                                 if good else ())
             for source, name, error in zip(paths[start:], names[start:], errors):
                 cells = [*[""] * (len(CSV_HEADER) - 2), error] if error else _write_outputs(
                     out_dir, name, source, next(probabilities))

@@ -25,6 +25,7 @@ from fishseg.cache import FeatureCache
 from fishseg.compare import Leaderboard, run_compare
 from fishseg.config import TrainConfig, value_text
 from fishseg.crossval import cross_validate, plan_cross_validation
+from fishseg.decoders import uses_image
 from fishseg.errors import FishsegError
 from fishseg.evaluate import evaluate_run, write_scores
 from fishseg.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, RunRecord, differing_fields, holds_cv, holds_run,
@@ -195,7 +196,7 @@ def run_sweep(cache_path: Path, out_dir: Path, grid: Grid, *, folds: int = 0, de
         epoch_seconds, startup_seconds = 0.0, 0.0
         if todo:
             startup_seconds = _torch_startup()
-            data = TrainingData.open(cache, stream)
+            data = TrainingData.open(cache, stream, guides=any(uses_image(entry.config.decoder) for entry in todo))
             with _quiet(QUIET_DURING_SWEEP):
                 for position, entry in enumerate(todo, start=1):
                     epoch_seconds += _train_entry(data, out_dir, entry, torch_device, position, len(todo), started)

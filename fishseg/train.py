@@ -27,7 +27,7 @@ from fishseg.cache import FeatureCache
 from fishseg.config import IDENTITY, TrainConfig, to_json
 from fishseg.data import (apply_view, duplicates_across, grouped_folds, grouped_split, groups_from_names, random_folds,
                           random_split)
-from fishseg.decoders import build_decoder, load_checkpoint, segment
+from fishseg.decoders import build_decoder, load_checkpoint, segment, uses_image
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.metrics import binarize, iou_per_image
@@ -66,51 +66,54 @@ class EpochResult:
         return result
 
 
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # features, masks, guide previews (or None)
 ViewIds = torch.Tensor | None  # per image of a split, the position of the view it is seen in; None: the photo as is
 
 
-def _read_views(rows: Any, view_ids: ViewIds, views: tuple[str, ...],
-                read: Callable[[str, Any], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch whose images are seen in different views: ``read(view, rows)`` once per view present, joined
-    back in batch order."""
+def _read_views(rows: Any, view_ids: ViewIds, views: tuple[str, ...], read: Callable[[str, Any], Batch]) -> Batch:
+    """A batch whose images are seen in different views: ``read(view, rows)`` once per view present, each part
+    (features, masks, guides or None) joined back in batch order."""
     if view_ids is None or not len(rows):
         return read(IDENTITY, rows)
-    parts = [(where, *read(views[k], rows[where.numpy()])) for k in view_ids.unique().tolist()
+    parts = [(where, read(views[k], rows[where.numpy()])) for k in view_ids.unique().tolist()
              for where in [view_ids == k]]
-    features = parts[0][1].new_empty((len(rows), *parts[0][1].shape[1:]))
-    masks = parts[0][2].new_empty((len(rows), *parts[0][2].shape[1:]))
-    for where, view_features, view_masks in parts:
-        features[where], masks[where] = view_features, view_masks
-    return features, masks
+    joined = []
+    for position, first in enumerate(parts[0][1]):
+        whole = None if first is None else first.new_empty((len(rows), *first.shape[1:]))
+        for where, tensors in parts if whole is not None else ():
+            whole[where] = tensors[position]
+        joined.append(whole)
+    return joined[0], joined[1], joined[2]
 
 
 class InMemorySplit:
-    """A split of features (float16 h×w×C per view) and masks (uint8 S×S) held in memory, gathered per batch
-    from tensors that may hold the whole cache (a sweep loads it once for all its runs). ``channels`` selects
-    the run's layers (None: all)."""
+    """A split of features (float16 h×w×C per view), masks (uint8 S×S) and, for a decoder that uses the image,
+    guide previews (uint8 P×P×3) held in memory, gathered per batch from tensors that may hold the whole cache
+    (a sweep loads it once for all its runs). ``channels`` selects the run's layers (None: all)."""
 
     def __init__(self, features: Mapping[str, torch.Tensor], masks: torch.Tensor, indices: np.ndarray,
-                 channels: np.ndarray | None = None, views: tuple[str, ...] = (IDENTITY,)) -> None:
+                 channels: np.ndarray | None = None, views: tuple[str, ...] = (IDENTITY,),
+                 previews: torch.Tensor | None = None) -> None:
         self.features, self.masks, self.indices = features, masks, torch.from_numpy(np.asarray(indices))
         self.channels = None if channels is None else torch.from_numpy(channels)
-        self.views = views
+        self.views, self.previews = views, previews
 
     @classmethod
     def from_cache(cls, cache: FeatureCache, indices: np.ndarray) -> InMemorySplit:
-        """Only ``indices`` read into memory."""
+        """Only ``indices`` read into memory (features and masks, no previews)."""
         return cls({IDENTITY: torch.from_numpy(cache.features(indices))}, torch.from_numpy(cache.masks(indices)),
                    np.arange(len(indices)))
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _read(self, view: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read(self, view: str, rows: torch.Tensor) -> Batch:
         features = self.features[view][rows]
+        guides = None if self.previews is None else apply_view(self.previews[rows], view, (1, 2))
         return (features if self.channels is None else features[..., self.channels],
-                apply_view(self.masks[rows], view, (1, 2)))
+                apply_view(self.masks[rows], view, (1, 2)), guides)
 
-    def batches(self, batches: Iterable[torch.Tensor],
-                view_ids: ViewIds = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batches: Iterable[torch.Tensor], view_ids: ViewIds = None) -> Iterator[Batch]:
         for positions in batches:
             yield _read_views(self.indices[positions], None if view_ids is None else view_ids[positions], self.views,
                               self._read)
@@ -123,22 +126,23 @@ class StreamedSplit:
     step because torch releases the GIL while it computes.
     """
 
-    def __init__(self, cache: FeatureCache, indices: np.ndarray, layers: tuple[int, ...] | None = None) -> None:
-        self.cache, self.indices, self.layers, self.views = cache, indices, layers, cache.views
+    def __init__(self, cache: FeatureCache, indices: np.ndarray, layers: tuple[int, ...] | None = None,
+                 guides: bool = False) -> None:
+        self.cache, self.indices, self.layers, self.views, self.guides = cache, indices, layers, cache.views, guides
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _read_view(self, view: str, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_view(self, view: str, rows: np.ndarray) -> Batch:
+        guides = apply_view(torch.from_numpy(self.cache.previews(rows)), view, (1, 2)) if self.guides else None
         return (torch.from_numpy(self.cache.features(rows, view, self.layers)),
-                torch.from_numpy(self.cache.masks(rows, view)))
+                torch.from_numpy(self.cache.masks(rows, view)), guides)
 
-    def _read(self, positions: torch.Tensor, view_ids: ViewIds) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read(self, positions: torch.Tensor, view_ids: ViewIds) -> Batch:
         return _read_views(self.indices[positions.numpy()], None if view_ids is None else view_ids[positions],
                            self.views, self._read_view)
 
-    def batches(self, batches: Iterable[torch.Tensor],
-                view_ids: ViewIds = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batches: Iterable[torch.Tensor], view_ids: ViewIds = None) -> Iterator[Batch]:
         with ThreadPoolExecutor(max_workers=1) as reader:
             pending = None
             for positions in batches:
@@ -164,21 +168,25 @@ def image_losses(logits: torch.Tensor, target: torch.Tensor, loss: str = "bce") 
     return dice if loss == "dice" else bce + dice
 
 
-def dihedral(features: torch.Tensor, masks: torch.Tensor,
-             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random flip/90° rotation, the same for the cached grids (B×h×w×D) and masks (B×S×S).
+def dihedral(generator: torch.Generator, *grids: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """One random flip/90° rotation, the same for every grid given (B×H×W…: the cached features B×h×w×D,
+    masks B×S×S, guide previews B×P×P×3); ``None`` passes through.
 
-    An approximation: the features of a flipped photo are not exactly the flipped features."""
+    An approximation for the features: those of a flipped photo are not exactly the flipped features."""
     turns, flip = torch.randint(0, 4, (2,), generator=generator).tolist()
-    if flip % 2:
-        features, masks = features.flip(2), masks.flip(2)
-    return features.rot90(turns, dims=(1, 2)), masks.rot90(turns, dims=(1, 2))
+
+    def transform(grid: torch.Tensor) -> torch.Tensor:
+        return (grid.flip(2) if flip % 2 else grid).rot90(turns, dims=(1, 2))
+
+    return tuple(None if grid is None else transform(grid) for grid in grids)
 
 
 def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor, device: torch.device,
                  optimizer: torch.optim.Optimizer | None = None, loss: str = "bce", *,
-                 image_weight: float | None = None, ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor]:
+                 guides: torch.Tensor | None = None, image_weight: float | None = None,
+                 ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward (and a training step when given an optimizer); returns per-image losses and IoUs (B).
+    ``guides``: the previews B×P×P×3, for a decoder that uses the image.
 
     ``image_weight``: each image's weight in the loss, 1/B by default (the batch mean). Under torchrun a
     rank holds part of a global batch of G images and passes ``world/G``: DistributedDataParallel averages
@@ -186,7 +194,8 @@ def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor
     """
     target = masks.to(device, non_blocking=True).float()
     with torch.set_grad_enabled(optimizer is not None), autocast(device):
-        logits = segment(decoder, features.to(device, non_blocking=True), target.shape[-1])
+        logits = segment(decoder, features.to(device, non_blocking=True), target.shape[-1],
+                         None if guides is None else guides.to(device, non_blocking=True))
     losses = image_losses(logits.float(), target, loss)
     if not ranks.all(torch.isfinite(losses).all()):
         cause = ("the batch's features hold NaN or inf; extract the cache again" if not torch.isfinite(features).all()
@@ -216,10 +225,11 @@ def run_epoch(decoder: nn.Module, split: Split, batch_size: int, device: torch.d
              if training and augment == "views" else None)  # one stored view per image, identity included
     batches = order.split(batch_size)
     losses_per_batch, ious_per_batch = [], []
-    for batch, (features, masks) in zip(batches, split.batches((ranks.shard(batch) for batch in batches), views)):
+    for batch, (features, masks, guides) in zip(batches, split.batches((ranks.shard(batch) for batch in batches),
+                                                                       views)):
         if training and augment == "flips":
-            features, masks = dihedral(features, masks, generator)
-        losses, ious = decoder_step(decoder, features, masks, device, optimizer, loss,
+            features, masks, guides = dihedral(generator, features, masks, guides)
+        losses, ious = decoder_step(decoder, features, masks, device, optimizer, loss, guides=guides,
                                     image_weight=ranks.world / len(batch), ranks=ranks)
         if training and scheduler is not None:
             scheduler.step()
@@ -248,35 +258,46 @@ def _iterations(epoch: int, result: EpochResult) -> list[dict[str, float]]:
 
 @dataclasses.dataclass
 class TrainingData:
-    """A cache opened for training: every image's features and masks loaded once (a sweep's runs share
-    them), or ``None`` for both when batches are streamed from the file."""
+    """A cache opened for training: every image's features and masks (and, with ``guides``, previews) loaded
+    once (a sweep's runs share them), or ``None`` for all when batches are streamed from the file."""
 
     cache: FeatureCache
     features: Mapping[str, torch.Tensor] | None  # per view, read on first use
     masks: torch.Tensor | None
+    previews: torch.Tensor | None = None
+    guides: bool = False  # whether splits can yield the previews, for decoders that use the image
 
     @classmethod
-    def open(cls, cache: FeatureCache, stream: bool | None, processes: int = 1) -> TrainingData:
+    def open(cls, cache: FeatureCache, stream: bool | None, processes: int = 1, *,
+             guides: bool = False) -> TrainingData:
         """In memory unless asked to stream, or (``stream=None``) unless the cache would take over half the
-        free memory (each of the ``processes`` on this machine holding its own copy)."""
+        free memory (each of the ``processes`` on this machine holding its own copy). ``guides``: some decoder
+        to train uses the image, so the previews are held (or streamed) too."""
         if stream is None:
             free = available_memory()
-            stream = free is not None and cache.bytes_per_image() * len(cache) * processes > free // 2
+            preview_bytes = cache.config.preview_size ** 2 * 3 if guides else 0
+            needed = (cache.bytes_per_image() + preview_bytes) * len(cache) * processes
+            stream = free is not None and needed > free // 2
         if stream:
-            return cls(cache, None, None)
+            return cls(cache, None, None, guides=guides)
         features = _ViewsInMemory(cache)
         features[IDENTITY]  # read now: a run that does not need the other views never reads them
-        return cls(cache, features, torch.from_numpy(cache.masks(np.arange(len(cache)))))
+        everything = np.arange(len(cache))
+        previews = torch.from_numpy(cache.previews(everything)) if guides else None
+        return cls(cache, features, torch.from_numpy(cache.masks(everything)), previews, guides)
 
     @property
     def streamed(self) -> bool:
         return self.features is None
 
-    def split(self, indices: np.ndarray, layers: tuple[int, ...] | None = None) -> Split:
-        """Images ``indices`` with the cached blocks ``layers`` (None: all)."""
+    def split(self, indices: np.ndarray, layers: tuple[int, ...] | None = None, *, guides: bool = False) -> Split:
+        """Images ``indices`` with the cached blocks ``layers`` (None: all); ``guides``: batches carry their
+        previews (the data was opened with guides)."""
+        assert self.guides or not guides, "TrainingData.open(..., guides=True) is needed to train on the image"
         if self.features is None or self.masks is None:
-            return StreamedSplit(self.cache, indices, layers)
-        return InMemorySplit(self.features, self.masks, indices, self.cache.channels(layers), self.cache.views)
+            return StreamedSplit(self.cache, indices, layers, guides)
+        return InMemorySplit(self.features, self.masks, indices, self.cache.channels(layers), self.cache.views,
+                             self.previews if guides else None)
 
 
 class _ViewsInMemory(dict):
@@ -377,7 +398,7 @@ def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device
     """
     with distributed.session(resolve_device(device)) as (ranks, torch_device), FeatureCache(cache_path) as cache:
         plan_run(out_dir, config, cache, resume=resume, overwrite=overwrite)  # refuse before loading anything
-        data = TrainingData.open(cache, stream, ranks.local)
+        data = TrainingData.open(cache, stream, ranks.local, guides=uses_image(config.decoder))
         record = train_run(data, out_dir, config, ranks=ranks, device=torch_device, resume=resume,
                            overwrite=overwrite)
         ranks.barrier()  # the run folder is complete before any rank returns
@@ -458,7 +479,8 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
     cache = data.cache
     train_idx, val_idx, groups = split_indices(cache, config)
     layers = check_cache(cache, config)
-    train, val = data.split(train_idx, layers), data.split(val_idx, layers)
+    guides = uses_image(config.decoder)
+    train, val = data.split(train_idx, layers, guides=guides), data.split(val_idx, layers, guides=guides)
     in_dim = len(layers) * cache.backbone.feature_dim
     session = _start_session(config, in_dim, math.ceil(len(train) / config.batch_size), ranks,
                              device, out_dir, previous)

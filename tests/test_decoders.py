@@ -5,17 +5,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from fishseg.decoders import DECODERS, build_decoder, load_checkpoint, save_checkpoint, segment
+from fishseg.config import DECODER_NAMES
+from fishseg.decoders import DECODERS, build_decoder, load_checkpoint, save_checkpoint, segment, uses_image
 from fishseg.errors import FishsegError
 
 
-OUTPUT_SCALE = {"linear": 1, "seed-cnn": 1, "progressive": 16}  # logits per patch side; a new decoder adds its own
+OUTPUT_SCALE = {"linear": 1, "seed-cnn": 1, "progressive": 16, "guided": 8}  # logits per patch side
+
+
+def guide_photos(batch: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Random uint8 RGB guides B×P×P×3, as the cache's previews are stored."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=generator)
+
+
+def test_the_registry_and_the_config_name_the_same_decoders() -> None:
+    assert tuple(DECODERS) == DECODER_NAMES
 
 
 @pytest.mark.parametrize("name", sorted(DECODERS))
 def test_every_registered_decoder_maps_a_grid_to_one_logit_map_and_learns(name: str) -> None:
     decoder, scale = build_decoder(name, 24), OUTPUT_SCALE[name]
-    logits = decoder(torch.randn(2, 24, 7, 9))
+    image = (torch.rand(2, 3, 40, 40),) if uses_image(decoder) else ()
+    logits = decoder(torch.randn(2, 24, 7, 9), *image)
     assert logits.shape == (2, 1, 7 * scale, 9 * scale)
     logits.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.parameters())
@@ -27,20 +39,46 @@ def test_segment_upsamples_to_the_mask_size() -> None:
     assert logits.shape == (3, 64, 64) and logits.dtype == torch.float32
 
 
+def test_only_the_guided_decoder_uses_the_image() -> None:
+    assert [name for name in DECODERS if uses_image(name)] == ["guided"]
+    assert uses_image(build_decoder("guided", 8)) and not uses_image(build_decoder("seed-cnn", 8))
+    wrapper = torch.nn.Module()
+    wrapper.module = build_decoder("guided", 8)  # as DistributedDataParallel holds it
+    assert uses_image(wrapper)
+
+
+def test_guided_segmentation_follows_the_guide_photo() -> None:
+    torch.manual_seed(0)
+    decoder = build_decoder("guided", 16).eval()
+    features = torch.randn(2, 8, 8, 16)
+    logits = segment(decoder, features, 64, guide_photos(2))
+    assert logits.shape == (2, 64, 64) and logits.dtype == torch.float32
+    torch.testing.assert_close(segment(decoder, features, 64, guide_photos(2)), logits)  # deterministic
+    other = segment(decoder, features, 64, guide_photos(2, seed=1))
+    assert (other - logits).abs().mean() > 1e-3  # another photo, other logits, from the same features
+
+
+def test_a_decoder_that_uses_the_image_refuses_to_run_without_it() -> None:
+    with pytest.raises(AssertionError, match="needs the guide photo"):
+        segment(build_decoder("guided", 16).eval(), torch.randn(1, 8, 8, 16), 64)
+
+
 def test_seed_cnn_matches_the_reference_architecture() -> None:
     convs = [m for m in build_decoder("seed-cnn", 384).modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
         (384, 128, (3, 3)), (128, 64, (3, 3)), (64, 1, (1, 1))]
 
 
-def test_checkpoint_round_trip_rebuilds_the_same_decoder(tmp_path: Path) -> None:
-    decoder = build_decoder("seed-cnn", 16)
-    decoder(torch.randn(4, 16, 8, 8))  # move BatchNorm running stats off their defaults
-    save_checkpoint(tmp_path / "c.safetensors", decoder.eval(), {"decoder": "seed-cnn", "in_dim": 16, "epoch": 3})
+@pytest.mark.parametrize("name", ["seed-cnn", "guided"])
+def test_checkpoint_round_trip_rebuilds_the_same_decoder(name: str, tmp_path: Path) -> None:
+    decoder = build_decoder(name, 16)
+    segment(decoder, torch.randn(4, 8, 8, 16), 32, guide_photos(4))  # move BatchNorm running stats off their defaults
+    save_checkpoint(tmp_path / "c.safetensors", decoder.eval(), {"decoder": name, "in_dim": 16, "epoch": 3})
     loaded, meta = load_checkpoint(tmp_path / "c.safetensors")
-    assert meta["epoch"] == 3 and "fishseg_version" in meta
-    features = torch.randn(2, 16, 8, 8)
-    torch.testing.assert_close(loaded.eval()(features), decoder(features))
+    assert meta["epoch"] == 3 and "fishseg_version" in meta and uses_image(loaded) == uses_image(name)
+    features, guides = torch.randn(2, 8, 8, 16), guide_photos(2)
+    expected = segment(decoder, features, 32, guides)
+    torch.testing.assert_close(segment(loaded.eval(), features, 32, guides), expected)
 
 
 def test_tampered_checkpoint_is_refused(tmp_path: Path) -> None:
@@ -52,5 +90,6 @@ def test_tampered_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_unknown_decoder_is_refused() -> None:
-    with pytest.raises(FishsegError, match="unknown decoder 'unet'; choose one of linear, seed-cnn, progressive"):
+    with pytest.raises(FishsegError, match="unknown decoder 'unet'; choose one of linear, seed-cnn, progressive, "
+                                           "guided"):
         build_decoder("unet", 8)

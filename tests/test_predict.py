@@ -11,12 +11,18 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
+import fishseg.evaluate as evaluate_module
+import fishseg.predict as predict_module
 from fishseg.backbone import save_random_backbone
+from fishseg.cache import FeatureCache
 from fishseg.cli import main
 from fishseg.config import TrainConfig
 from fishseg.data import discover_samples, read_mask
+from fishseg.decoders import segment
 from fishseg.errors import FishsegError
+from fishseg.evaluate import run_evaluation
 from fishseg.predict import OVERLAY_ALPHA, OVERLAY_COLOUR, full_size, run_prediction, tint
+from fishseg.runs import read_split
 from fishseg.train import run_training
 from tests.helpers import SMALL_PHOTO
 
@@ -64,6 +70,37 @@ def test_predict_works_on_a_folder_without_masks_and_names_repeated_stems_apart(
                                        "--out", str(tmp_path / "out"), "--num-workers", "0", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["00001-2.png", "00001.png"]
+
+
+def test_a_guided_run_evaluates_and_predicts_with_the_photo_as_its_guide(tiny_cache: Path, kaggle_root: Path,
+                                                                          tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation guides with the cached previews; prediction makes the guide from the photo exactly as extraction
+    made the preview."""
+    run = tmp_path / "guided"
+    run_training(tiny_cache, run, TrainConfig(decoder="guided", epochs=2, batch_size=4), device="cpu")
+    guides: list[torch.Tensor | None] = []
+
+    def recording(decoder: torch.nn.Module, features: torch.Tensor, size: int,
+                  image: torch.Tensor | None = None) -> torch.Tensor:
+        guides.append(image)
+        return segment(decoder, features, size, image)
+
+    monkeypatch.setattr(evaluate_module, "segment", recording)
+    monkeypatch.setattr(predict_module, "segment", recording)
+    metrics = run_evaluation(tiny_cache, run, tmp_path / "report", device="cpu")
+    assert metrics["n_images"] == len(read_split(run)["val"]) and 0 <= metrics["mean_boundary_f"] <= 1
+    assert (tmp_path / "report" / "report.html").is_file()
+    sample = discover_samples(kaggle_root)[5]
+    with FeatureCache(tiny_cache) as cache:
+        val = cache.indices_of(read_split(run)["val"], run)
+        cached = torch.from_numpy(cache.previews(val))
+        preview = torch.from_numpy(cache.previews(cache.indices_of([sample.image_id], run)))
+    assert torch.equal(guides[0], cached)  # the validation images in one batch, each with its preview
+    guides.clear()
+    csv_path, _ = run_prediction(run, [sample.image_path], tmp_path / "out", num_workers=0, device="cpu")
+    assert len(guides) == 1 and torch.equal(guides[0], preview)
+    assert (tmp_path / "out" / list(csv.DictReader(csv_path.open()))[0]["mask"]).is_file()
 
 
 def test_predict_refuses_a_different_backbone(trained_run: Path, kaggle_root: Path, tmp_path: Path) -> None:

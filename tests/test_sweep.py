@@ -76,7 +76,8 @@ def test_a_sweep_trains_every_config_once_from_one_load_of_the_cache(tmp_path: P
     cache = write_toy_cache(tmp_path / "toy.h5", n_images=20)
     loads = []
     real_open = train_module.TrainingData.open
-    monkeypatch.setattr(sweep_module.TrainingData, "open", lambda *args: loads.append(1) or real_open(*args))
+    monkeypatch.setattr(sweep_module.TrainingData, "open",
+                        lambda *args, **kwargs: loads.append(1) or real_open(*args, **kwargs))
     status, output = _sweep(cache, tmp_path / "sweep", *GRID_ARGS)
     assert status == 0, output
     assert loads == [1]

@@ -6,12 +6,14 @@ import math
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
 import fishseg.train as train_module
 from fishseg.cache import FeatureCache
 from fishseg.config import TrainConfig
+from fishseg.data import apply_view
 from fishseg.decoders import load_checkpoint
 from fishseg.errors import FishsegError
 from fishseg.runs import RunRecord
@@ -71,7 +73,8 @@ def test_same_seed_gives_the_same_history(toy_run: tuple[Path, Path, RunRecord],
     assert first["iterations"] == second["iterations"]
 
 
-def test_streaming_from_hdf5_trains_exactly_like_in_memory(toy_run: tuple[Path, Path, RunRecord], tmp_path: Path) -> None:
+def test_streaming_from_hdf5_trains_exactly_like_in_memory(toy_run: tuple[Path, Path, RunRecord],
+                                                           tmp_path: Path) -> None:
     cache, run_dir, _ = toy_run
     streamed = run_training(cache, tmp_path / "streamed", TOY, device="cpu", stream=True)
     assert streamed.features == "streamed from HDF5"
@@ -114,10 +117,12 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     assert len(json.loads((tmp_path / "run" / "history.json").read_text())["epochs"]) == 1
 
 
-@pytest.mark.parametrize("decoder, floor", [("linear", 0.55), ("seed-cnn", 0.8), ("progressive", 0.8)])
+@pytest.mark.parametrize("decoder, floor", [("linear", 0.55), ("seed-cnn", 0.8), ("progressive", 0.8),
+                                            ("guided", 0.7)])
 def test_every_decoder_learns_the_toy_set(decoder: str, floor: float, toy_run: tuple[Path, Path, RunRecord],
                                           tmp_path: Path) -> None:
-    """Floors measured here: linear 0.63 (one logit per 4×4-pixel patch, no context), the others > 0.85."""
+    """Floors measured here: linear 0.63 (one logit per 4×4-pixel patch, no context), guided 0.78 (the toy
+    previews are noise: its guide only distracts), the others > 0.85."""
     run = run_training(toy_run[0], tmp_path / decoder, dataclasses.replace(TOY, decoder=decoder), device="cpu")
     epochs = json.loads((tmp_path / decoder / "history.json").read_text())["epochs"]
     assert epochs[-1]["train_loss"] < 0.9 * epochs[0]["train_loss"]
@@ -149,18 +154,24 @@ def test_cosine_schedule_warms_up_then_decays_to_zero() -> None:
     assert learning_rate_schedule(optimizer, TrainConfig(), 5) is None
 
 
-def test_flips_transform_grid_and_mask_together() -> None:
+def test_flips_transform_grid_mask_and_guide_together() -> None:
     generator = torch.Generator().manual_seed(0)
-    masks = (torch.rand(3, 16, 16, generator=generator) > 0.5).to(torch.uint8)
+    coarse = (torch.rand(3, 8, 8, generator=generator) > 0.5).to(torch.uint8)
+    masks = coarse.repeat_interleave(2, 1).repeat_interleave(2, 2)  # 2×2-pixel blocks
 
     def block_means(m: torch.Tensor) -> torch.Tensor:  # 4×4-pixel patches: commutes with flips and rotations
         return m.float().reshape(3, 4, 4, 4, 4).mean((2, 4))
 
+    def halved(m: torch.Tensor) -> torch.Tensor:  # the guide: an RGB preview at half the mask size
+        return (m[:, ::2, ::2] * 255)[..., None].repeat(1, 1, 1, 3)  # exact on 2×2 blocks, so it commutes too
+
     features = block_means(masks)[..., None].repeat(1, 1, 1, 5)
     seen = set()
     for _ in range(20):
-        flipped_features, flipped_masks = dihedral(features, masks, generator)
+        flipped_features, flipped_masks, flipped_guides, nothing = dihedral(generator, features, masks, halved(masks),
+                                                                            None)
         assert torch.equal(flipped_features[..., 0], block_means(flipped_masks))
+        assert torch.equal(flipped_guides, halved(flipped_masks)) and nothing is None
         seen.add(flipped_masks.numpy().tobytes())
     assert len(seen) > 4  # several of the 8 transforms occur
 
@@ -172,8 +183,8 @@ def test_augment_views_sees_each_image_in_a_stored_view_drawn_from_the_seed(tmp_
         memory, streamed = data.split(np.arange(20)), TrainingData.open(opened, True).split(np.arange(20))
         positions, view_ids = torch.tensor([3, 0, 7, 5]), torch.zeros(20, dtype=torch.long)
         view_ids[[0, 7]] = torch.tensor([1, 2])  # image 0 flipped, image 7 rotated, the others as they are
-        (features, masks), = memory.batches([positions], view_ids)
-        (streamed_features, streamed_masks), = streamed.batches([positions], view_ids)
+        (features, masks, _), = memory.batches([positions], view_ids)
+        (streamed_features, streamed_masks, _), = streamed.batches([positions], view_ids)
         torch.testing.assert_close(features, streamed_features)
         torch.testing.assert_close(masks, streamed_masks)
         torch.testing.assert_close(features[1], torch.from_numpy(opened.features([0], "hflip")[0]))
@@ -195,3 +206,56 @@ def test_a_run_needing_views_or_layers_the_cache_lacks_is_refused_before_trainin
     with pytest.raises(FishsegError, match=r"layers 2: the backbone has 1 block \(1 … 1"):
         run_training(cache, tmp_path / "run", TrainConfig(layers=(2,)), device="cpu")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_decoder_that_uses_the_image_trains_on_cached_previews_without_decoding_an_image(
+        toy_run: tuple[Path, Path, RunRecord], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("training decoded an image")
+
+    monkeypatch.setattr(PIL.Image, "open", no_decoding)
+    seen: list[torch.Tensor | None] = []
+    real_step = train_module.decoder_step
+    monkeypatch.setattr(train_module, "decoder_step",
+                        lambda *args, **kwargs: seen.append(kwargs["guides"]) or real_step(*args, **kwargs))
+    config = dataclasses.replace(TOY, decoder="guided", epochs=2, augment="flips")
+    in_memory = run_training(toy_run[0], tmp_path / "memory", config, device="cpu", stream=False)
+    assert all(guides is not None and guides.dtype == torch.uint8 and guides.shape[1:] == (8, 8, 3)
+               for guides in seen)  # every batch, train and val, carries its previews
+    run_training(toy_run[0], tmp_path / "streamed", config, device="cpu", stream=True)
+    histories = [json.loads((tmp_path / name / "history.json").read_text())["iterations"]
+                 for name in ("memory", "streamed")]
+    assert histories[0] == histories[1] and in_memory.epochs_done == 2
+
+
+def test_previews_are_held_only_for_a_decoder_that_uses_the_image(toy_run: tuple[Path, Path, RunRecord],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    with FeatureCache(toy_run[0]) as cache:
+        needed = cache.bytes_per_image() * len(cache)
+        monkeypatch.setattr(train_module, "available_memory", lambda: 2 * needed + 2)
+        assert TrainingData.open(cache, None).previews is None
+        assert TrainingData.open(cache, None, guides=True).streamed  # the 8×8×3 previews tip it over
+        data = TrainingData.open(cache, False, guides=True)
+        assert data.previews is not None and data.previews.shape == (len(cache), 8, 8, 3)
+        assert next(data.split(np.arange(4)).batches([torch.arange(2)]))[2] is None
+        with pytest.raises(AssertionError, match="guides=True"):
+            TrainingData.open(cache, False).split(np.arange(4), guides=True)
+
+
+def test_a_guide_is_seen_in_the_same_view_as_its_features(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12, views=("hflip", "rot90"))
+    with FeatureCache(cache) as opened:
+        positions, view_ids = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0] + [0] * 9)
+        previews = torch.from_numpy(opened.previews([0, 1, 2]))
+        for stream in (False, True):
+            split = TrainingData.open(opened, stream, guides=True).split(np.arange(12), guides=True)
+            (_, masks, guides), = split.batches([positions], view_ids)
+            torch.testing.assert_close(guides[0], apply_view(previews[:1], "hflip", (1, 2))[0])
+            torch.testing.assert_close(guides[1], apply_view(previews[1:2], "rot90", (1, 2))[0])
+            torch.testing.assert_close(guides[2], previews[2])
+            torch.testing.assert_close(masks[1], torch.from_numpy(opened.masks([1], "rot90")[0]))
+    config = TrainConfig(decoder="guided", epochs=2, batch_size=4, seed=1, augment="views")
+    run_training(cache, tmp_path / "a", config, device="cpu")
+    run_training(cache, tmp_path / "b", config, device="cpu", stream=True)
+    history = [json.loads((tmp_path / name / "history.json").read_text())["iterations"] for name in "ab"]
+    assert history[0] == history[1]
