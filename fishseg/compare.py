@@ -22,7 +22,7 @@ from fishseg.errors import FishsegError
 from fishseg.evaluate import METRICS_FILE, PER_IMAGE_FILE, evaluate_run
 from fishseg.leaderboard import LeaderboardEntry, write_leaderboard
 from fishseg.runs import (REPORT_DIR, RunRecord, fold_dir, holds_cv, holds_run, holds_sweep, read_cv, read_history,
-                          read_record, read_split, read_sweep)
+                          read_record, read_sweep)
 from fishseg.runtime import make_output_dir, plural, read_json, resolve_device
 from fishseg.stats import compare_to_reference
 
@@ -142,7 +142,7 @@ def _run_scores(run_dir: Path, opener: _CacheOpener, device: Any) -> RunScores:
         return RunScores(record, image_ids, per_image, pooled, curve)
     cache = opener.get(record, run_dir)
     evaluation = evaluate_run(cache, run_dir, device, full=False)
-    return RunScores(record, read_split(run_dir)["val"], {name: evaluation.scores[name] for name in SCORES},
+    return RunScores(record, evaluation.val_ids, {name: evaluation.scores[name] for name in SCORES},
                      evaluation.metrics["pooled_iou"], curve)
 
 

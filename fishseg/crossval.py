@@ -104,7 +104,7 @@ def _summary(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def _score_fold(cache: FeatureCache, run_dir: Path, fold: int, device: torch.device) -> dict[str, Any]:
     evaluation = evaluate_run(cache, run_dir, device, full=False)
-    write_scores(run_dir / REPORT_DIR, evaluation, [cache.image_ids[i] for i in evaluation.val_idx])
+    write_scores(run_dir / REPORT_DIR, evaluation)
     metrics = evaluation.metrics
     return {"fold": fold + 1, "n_images": metrics["n_images"],
             "val_with_duplicate_in_train": metrics["val_with_duplicate_in_train"],

@@ -126,7 +126,8 @@ class Evaluation:
 
     record: RunRecord
     decoder: torch.nn.Module
-    val_idx: np.ndarray  # cache indices, in split.json order
+    val_ids: list[str]  # as split.json lists them
+    val_idx: np.ndarray  # their cache indices
     classes: list[str]  # per validation image
     scores: dict[str, np.ndarray]  # per image at THRESHOLD: iou, dice, precision, recall, boundary_f
     metrics: dict[str, Any]  # what metrics.json holds
@@ -166,13 +167,13 @@ def evaluate_run(cache: FeatureCache, run_dir: Path, device: torch.device, *, ba
     if full:
         metrics["threshold_sweep"] = summarize_sweep(raw)
         metrics["species_probe"] = run_probe(cache, cache.indices_of(split["train"], run_dir / SPLIT_FILE), val_idx)
-    return Evaluation(record, decoder, val_idx, classes, scores, metrics, checkpoint_layers(checkpoint))
+    return Evaluation(record, decoder, split["val"], val_idx, classes, scores, metrics, checkpoint_layers(checkpoint))
 
 
-def write_scores(out_dir: Path, evaluation: Evaluation, image_ids: list[str]) -> None:
+def write_scores(out_dir: Path, evaluation: Evaluation) -> None:
     """metrics.json and per_image.csv: what `compare` reads back instead of scoring the run again."""
     write_json(out_dir / METRICS_FILE, evaluation.metrics)
-    _write_per_image(out_dir / PER_IMAGE_FILE, image_ids, evaluation.classes, evaluation.scores)
+    _write_per_image(out_dir / PER_IMAGE_FILE, evaluation.val_ids, evaluation.classes, evaluation.scores)
 
 
 def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None, *, batch_size: int = 16,
@@ -184,13 +185,12 @@ def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None,
     read_record(run_dir)  # a wrong --run is named before the cache is opened
     with FeatureCache(cache_path) as cache:
         evaluation = evaluate_run(cache, run_dir, torch_device, batch_size=batch_size, full=report)
-        image_ids = [cache.image_ids[i] for i in evaluation.val_idx]
         if report:
             galleries, pca_sample = _report_arrays(evaluation.decoder, cache, evaluation.val_idx,
                                                    evaluation.scores["iou"], evaluation.record.train_config.seed,
                                                    torch_device, evaluation.layers)
     make_output_dir(out_dir)
-    write_scores(out_dir, evaluation, image_ids)
+    write_scores(out_dir, evaluation)
     if report:
         history = read_history(run_dir, evaluation.record)
         write_report(out_dir, ReportData(evaluation.metrics, evaluation.record.to_json(), history,

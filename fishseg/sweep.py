@@ -232,7 +232,7 @@ def _train_entry(data: TrainingData, out_dir: Path, entry: SweepConfig, device: 
         else:
             train_run(data, folder, config, device=device, resume=holds_run(folder), on_epoch=on_epoch)
             evaluation = evaluate_run(data.cache, folder, device, full=False)
-            write_scores(folder / REPORT_DIR, evaluation, [data.cache.image_ids[i] for i in evaluation.val_idx])
+            write_scores(folder / REPORT_DIR, evaluation)
             score = f"mean IoU {evaluation.metrics['mean_iou']:.4f}"
     elapsed = time.perf_counter() - started
     left = elapsed / position * (total - position)
