@@ -79,8 +79,11 @@ def _read_views(rows: Any, view_ids: ViewIds, views: tuple[str, ...], read: Call
              for where in [view_ids == k]]
     joined = []
     for position, first in enumerate(parts[0][1]):
-        whole = None if first is None else first.new_empty((len(rows), *first.shape[1:]))
-        for where, tensors in parts if whole is not None else ():
+        if first is None:  # no guides
+            joined.append(None)
+            continue
+        whole = first.new_empty((len(rows), *first.shape[1:]))
+        for where, tensors in parts:
             whole[where] = tensors[position]
         joined.append(whole)
     return joined[0], joined[1], joined[2]
