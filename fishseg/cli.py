@@ -20,8 +20,7 @@ import click
 
 from fishseg import __version__
 from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DECODER_NAMES, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, LOSSES,
-                            PRECISIONS,
-                            SCHEDULES, SPLITS, VIEWS, ExtractConfig, TrainConfig, format_layers)
+                            PRECISIONS, SCHEDULES, SPLITS, VIEWS, ExtractConfig, TrainConfig, format_layers)
 from fishseg.distributed import is_main_process, under_torchrun
 from fishseg.errors import FishsegError
 
