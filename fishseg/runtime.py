@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 UNRECORDED = "unrecorded"  # the precision of a cache or run written before fishseg recorded it
 _ARCH = re.compile(r"(sm|compute)_(\d+)")
 _DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_WARNED: set[str] = set()
 
 
 def gpu_support_problem(index: int = 0) -> str | None:
@@ -62,7 +63,8 @@ def resolve_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             return torch.device("cpu")
         problem = gpu_support_problem()
-        if problem:
+        if problem and problem not in _WARNED:  # said once, though a sweep resolves its device twice
+            _WARNED.add(problem)
             logger.warning("using the CPU: %s", problem)
         return torch.device("cpu" if problem else "cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():

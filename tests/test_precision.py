@@ -38,7 +38,9 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch, name: str, capability: tuple[int, 
 def test_auto_on_a_gpu_the_build_cannot_run_falls_back_to_the_cpu_with_one_warning(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     fake_gpu(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0))
+    monkeypatch.setattr(runtime, "_WARNED", set())
     with caplog.at_level(logging.WARNING):
+        assert resolve_device("auto") == torch.device("cpu")
         assert resolve_device("auto") == torch.device("cpu")
     [record] = caplog.records
     message = record.getMessage()
@@ -52,6 +54,16 @@ def test_asking_for_a_gpu_the_build_cannot_run_is_refused(monkeypatch: pytest.Mo
     with pytest.raises(FishsegError, match=r"Tesla P100.*6\.0.*sm_70\.\.sm_90.*--device cpu") as error:
         resolve_device(name)
     assert "\n" not in str(error.value)
+
+
+def test_the_cli_exits_2_on_a_gpu_the_build_cannot_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake_gpu(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0))
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=4)
+    result = CliRunner().invoke(main, ["train", "--cache", str(cache), "--out", str(tmp_path / "run"),
+                                       "--device", "cuda"])
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: --device cuda: Tesla P100-PCIE-16GB (compute capability 6.0)")
+    assert len(result.output.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("capability, arches", [
