@@ -52,7 +52,7 @@ class Backbone:
         """Each of ``layers``' patch tokens after the final norm, concatenated on channels in that order."""
         batch, _, height, width = images.shape
         pixels = (images.to(self.device, non_blocking=True).float() / 255.0 - self.mean) / self.std
-        with autocast(self.device):
+        with autocast(self.device, "backbone"):
             states = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states  # [0]: embeddings
             tokens = torch.cat([self.norm(states[block]) for block in resolve_layers(layers, self.num_blocks)], -1)
         patches = tokens[:, 1 + self.info.num_register_tokens:]  # drop CLS and registers

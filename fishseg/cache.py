@@ -18,7 +18,8 @@ Attributes: ``format_version``, ``fishseg_version``, ``created_at``, ``fingerpri
 ``extract_config`` and ``backbone`` (JSON), and for people reading the file with h5dump:
 ``backbone_id``, ``random_init``, ``image_size``, ``patch_size``, ``feature_dim``, ``grid_size``,
 ``normalisation``, ``layers`` (stored blocks, 1 … ``num_blocks``), ``num_blocks`` and ``views``
-("identity" and the extra views, comma-separated). Format 2 caches (one block, the last, and no views)
+("identity" and the extra views, comma-separated), ``precision`` (the backbone's: fp32, bf16 or fp16; caches
+written before it was recorded read as "unrecorded"). Format 2 caches (one block, the last, and no views)
 read as that special case of format 3. A cache is written to ``<name>.partial`` and renamed when complete, so a file
 at the final path is always whole.
 
@@ -47,7 +48,7 @@ from fishseg.config import (COMPRESSIONS, DEFAULT_COMPRESSION, IDENTITY, LAST_BL
                             fingerprint, format_layers, from_json, resolve_layers, to_json)
 from fishseg.data import Sample, apply_view
 from fishseg.errors import FishsegError
-from fishseg.runtime import atomic_path, plural, read_json, write_json
+from fishseg.runtime import UNRECORDED, atomic_path, plural, read_json, require_same_precision, write_json
 
 FORMAT_VERSION = 3  # 2: sources, skipped_ids/_reasons and groups added; 3: several layers, views
 READABLE_VERSIONS = (2, 3)  # a format 2 cache is a format 3 cache of the last block and no views
@@ -161,6 +162,7 @@ class FeatureCache:
         self.config = from_json(ExtractConfig, attrs["extract_config"])
         self.backbone = from_json(BackboneInfo, attrs["backbone"])
         self.created_at: str = str(attrs["created_at"])
+        self.precision: str = str(attrs.get("precision", UNRECORDED))  # the backbone's; caches before 18 lack it
         self.image_ids: list[str] = list(self.file["image_ids"].asstr()[:])
         self.class_names: list[str] = list(self.file["class_names"].asstr()[:])
         self.class_index: np.ndarray = self.file["class_index"][:].astype(np.int64)
@@ -317,8 +319,11 @@ class PartStore:
         is refused, or discarded when ``discard_other``."""
         directory = parts_dir(path)
         manifest = json.loads(json.dumps(manifest))  # as it reads back from disk (tuples become lists)
-        if (directory / cls.MANIFEST).exists() and read_json(directory / cls.MANIFEST) != manifest:
+        recorded = read_json(directory / cls.MANIFEST) if (directory / cls.MANIFEST).exists() else manifest
+        if recorded != manifest:
             if not discard_other:
+                require_same_precision(recorded.get("precision", UNRECORDED), manifest.get("precision", UNRECORDED),
+                                       directory, "resume with its --precision, or pass --overwrite to start again")
                 raise FishsegError(f"{directory}: an interrupted extraction of other images or settings; "
                                    f"pass --overwrite to discard it and start again")
             discard_parts(path)

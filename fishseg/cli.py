@@ -20,7 +20,7 @@ import click
 
 from fishseg import __version__
 from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DECODER_NAMES, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, LOSSES,
-                            SCHEDULES, SPLITS, VIEWS, ExtractConfig, TrainConfig, format_layers)
+                            PRECISIONS, SCHEDULES, SPLITS, VIEWS, ExtractConfig, TrainConfig, format_layers)
 from fishseg.distributed import is_main_process, under_torchrun
 from fishseg.errors import FishsegError
 
@@ -103,8 +103,38 @@ def command(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def device_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """--device, and --precision, under which the command runs."""
+
+    @functools.wraps(function)
+    def under_precision(*args: Any, precision: str, **kwargs: Any) -> Any:
+        from fishseg.runtime import precision_scope
+
+        with precision_scope(precision):
+            return function(*args, **kwargs)
+
+    under_precision = click.option(
+        "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+        help="auto: fp32 on the CPU; bf16 on GPUs of compute capability 8.0+; below, an fp16 backbone and an "
+             "fp32 decoder. fp16 also trains the decoder in fp16 (with loss scaling).")(under_precision)
     return click.option("--device", type=DEVICES, default="auto", show_default=True,
-                        help="auto uses CUDA (with bf16 autocast) when present.")(function)
+                        help="auto uses CUDA when present and this torch build supports the GPU, else the CPU.")(
+        under_precision)
+
+
+def deterministic_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """--deterministic: the command runs with deterministic algorithms only."""
+
+    @functools.wraps(function)
+    def maybe_deterministic(*args: Any, deterministic: bool, **kwargs: Any) -> Any:
+        if deterministic:
+            from fishseg.runtime import make_deterministic
+
+            make_deterministic()
+        return function(*args, **kwargs)
+
+    return click.option("--deterministic", is_flag=True,
+                        help="Deterministic algorithms only, so that training repeats bit for bit on one machine "
+                             "(slower on GPUs; recorded in run.json).")(maybe_deterministic)
 
 
 def workers_option(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -266,6 +296,7 @@ def stream_option(function: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--overwrite", is_flag=True, help="Replace the run in OUT (refused without it or --resume).")
 @stream_option
 @device_option
+@deterministic_option
 @command
 def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool, stream: bool | None, device: str,
           **fields: Any) -> None:
@@ -311,6 +342,7 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
 @cv_option("Each config is a K-fold cross-validation instead of one split.")
 @stream_option
 @device_option
+@deterministic_option
 @command
 def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, stream: bool | None, device: str,
           **lists: tuple | None) -> None:

@@ -29,6 +29,7 @@ VIEWS = ("hflip", "vflip", "rot90", "rot180", "rot270", "transpose")  # extra vi
 LAST_BLOCK = (-1,)  # the default layers: the backbone's last block
 SPLITS = ("random", "grouped")
 DECODER_NAMES = ("linear", "seed-cnn", "progressive", "guided")  # the keys of fishseg.decoders.DECODERS
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what --precision asks for; fishseg.runtime.precision_policy decides
 
 
 def _require(ok: bool, field: str, value: Any, expected: str) -> None:
@@ -52,6 +53,12 @@ def _real(value: Any, field: str, low: float, high: float = math.inf, *, open_lo
 
 def _choice(value: Any, field: str, choices: Sequence[str]) -> None:
     _require(value in choices, field, value, f"one of {', '.join(choices)}")
+
+
+def check_precision(value: Any) -> None:
+    """Precision is a runtime choice like the device (``auto`` differs by GPU), so it lives in no config: the
+    precision actually used is recorded in the cache and the run instead."""
+    _choice(value, "precision", PRECISIONS)
 
 
 def _as_tuple(config: Any, field: str) -> tuple:

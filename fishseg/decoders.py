@@ -26,6 +26,36 @@ from fishseg.errors import FishsegError
 CHECKPOINT_KEY = "fishseg"  # safetensors metadata entry holding the JSON description
 
 
+def _bilinear_weights(source: int, target: int, device: torch.device) -> torch.Tensor:
+    """The target×source matrix of bilinear interpolation with ``align_corners=False``, as F.interpolate
+    computes it for an explicit size: source position (i + 0.5)·source/target − 0.5, clamped at 0."""
+    position = ((torch.arange(target, dtype=torch.float64) + 0.5) * (source / target) - 0.5).clamp(min=0)
+    low = position.floor().long().clamp(max=source - 1)
+    high = (low + 1).clamp(max=source - 1)
+    weight = position - low
+    matrix = torch.zeros(target, source, dtype=torch.float64)
+    rows = torch.arange(target)
+    matrix.index_put_((rows, low), 1 - weight, accumulate=True)
+    matrix.index_put_((rows, high), weight, accumulate=True)
+    return matrix.float().to(device)
+
+
+def bilinear_by_matmul(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of B×C×H×W to ``size`` as two matrix products, whose backward is deterministic
+    (CUDA's upsample_bilinear2d backward adds with atomics, in a varying order)."""
+    rows = _bilinear_weights(tensor.shape[-2], size[0], tensor.device)
+    columns = _bilinear_weights(tensor.shape[-1], size[1], tensor.device)
+    return rows.to(tensor.dtype) @ tensor @ columns.T.to(tensor.dtype)
+
+
+def upsample(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (``align_corners=False``); by matrix products on CUDA under deterministic algorithms
+    (``train --deterministic``), by F.interpolate everywhere else, so CPU results stay as they were."""
+    if tensor.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return bilinear_by_matmul(tensor, size)
+    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
+
+
 class SeedCNN(nn.Module):
     """The reference decoder: Conv3×3→128+BN+ReLU, Conv3×3→64+BN+ReLU, Conv1×1→1."""
 
@@ -106,9 +136,9 @@ class GuidedDecoder(nn.Module):
         logits = self.coarse(hidden)
         for guide, step in zip(self.guides, self.steps):
             size = (hidden.shape[-2] * 2, hidden.shape[-1] * 2)
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            logits = upsample(logits, size)
             pixels = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
-            hidden = F.interpolate(hidden, size=size, mode="bilinear", align_corners=False)
+            hidden = upsample(hidden, size)
             hidden = step(torch.cat([hidden, guide(pixels), logits], dim=1))
         return logits + self.head(hidden)
 
@@ -147,7 +177,7 @@ def segment(decoder: nn.Module, features: torch.Tensor, size: int, image: torch.
         logits = decoder(grid)
     logits = logits.float()
     if logits.shape[-2:] != (size, size):
-        logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+        logits = upsample(logits, (size, size))
     return logits[:, 0]
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fishseg.errors import FishsegError
+from fishseg.runtime import ddp_no_buffer_sync
 
 Items = TypeVar("Items", bound=Sequence)
 Item = TypeVar("Item")
@@ -166,4 +167,4 @@ def data_parallel(decoder: nn.Module, ranks: Ranks, device: torch.device) -> nn.
     if ranks.world == 1:
         return decoder
     return DistributedDataParallel(sync_batch_norm(decoder), device_ids=[device] if device.type == "cuda" else None,
-                                   forward_sync_buffers=False)
+                                   **ddp_no_buffer_sync(DistributedDataParallel.__init__))

@@ -40,7 +40,7 @@ def _probabilities(decoder: torch.nn.Module, cache: FeatureCache, indices: np.nd
     for batch in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
         truth = torch.from_numpy(cache.masks(batch)).to(device).bool()
         guides = torch.from_numpy(cache.previews(batch)).to(device) if uses_image(decoder) else None
-        with autocast(device):
+        with autocast(device, "decoder"):
             logits = segment(decoder, torch.from_numpy(cache.features(batch, layers=layers)).to(device),
                              truth.shape[-1], guides)
         yield torch.sigmoid(logits.float()), truth

@@ -25,7 +25,7 @@ from fishseg.data import (ExtractionDataset, Sample, apply_view, discover_sample
                           thumbnails)
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
-from fishseg.runtime import default_num_workers, make_output_dir, plural, resolve_device
+from fishseg.runtime import active_precision, default_num_workers, make_output_dir, plural, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ def _assemble(store: PartStore, out: Path, config: ExtractConfig, backbone: Back
     logger.info("%d near-duplicate groups among %d images", len(np.unique(groups)), len(kept))
     with disk_errors(out), CacheWriter(out, config, backbone.info, kept, compression, skipped, groups,
                                        backbone.num_blocks) as writer:
+        writer.file.attrs["precision"] = store.manifest["precision"]
         position = 0
         for batch in store.batches():
             part = store.read(*batch)
@@ -146,6 +147,7 @@ def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ran
         logger.warning("backbone %s is RANDOM-INIT: its features carry no pretrained knowledge", config.backbone)
     manifest = {"fishseg_version": __version__, "extract_config": dataclasses.asdict(config),
                 "backbone": dataclasses.asdict(backbone.info), "batch_size": batch_size,
+                "precision": active_precision(torch_device).backbone_name,
                 "image_ids": [s.image_id for s in samples], "sources": [list(s.source_stat) for s in samples]}
     if ranks.main:
         make_output_dir(out.parent)

@@ -104,7 +104,7 @@ def _probabilities(model: Backbone, decoder: torch.nn.Module, images: torch.Tens
     """B×S×S foreground probabilities of uint8 images B×3×S×S, the decoder reading the backbone's ``layers``;
     their previews B×P×P×3 guide a decoder that uses the image."""
     guides = previews.to(model.device) if uses_image(decoder) else None
-    with autocast(model.device):
+    with autocast(model.device, "decoder"):
         return torch.sigmoid(segment(decoder, model(images, layers), size, guides).float())
 
 

@@ -38,7 +38,7 @@ from fishseg import __version__
 from fishseg.config import LAST_BLOCK, TrainConfig
 from fishseg.decoders import load_checkpoint, save_checkpoint
 from fishseg.errors import FishsegError
-from fishseg.runtime import atomic_path, file_digest, make_output_dir, read_json, write_json
+from fishseg.runtime import UNRECORDED, atomic_path, file_digest, make_output_dir, read_json, write_json
 
 RUN_FILE, SPLIT_FILE, HISTORY_FILE, LOCK_FILE = "run.json", "split.json", "history.json", ".lock"
 CHECKPOINT_DIR, REPORT_DIR = "checkpoints", "report"
@@ -68,6 +68,8 @@ class RunRecord:
     features: str  # "in memory" or "streamed from HDF5" (of the latest session)
     device: str
     processes: int
+    precision: str = UNRECORDED  # the decoder's (fp32, bf16, fp16) in the latest session; older runs: unrecorded
+    deterministic: bool = False  # whether the latest session ran with deterministic algorithms only
     status: str = RUNNING
     epochs_done: int = 0
     best_epoch: int = 0

@@ -35,7 +35,8 @@ from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUNNING, SPLIT_FILE, 
                           clear_run, commit_epoch, differing_fields, empty_history, holds_run, is_locked,
                           read_history, read_record, read_resume_state, read_split, training_lock, verified,
                           write_checkpoint, write_record, write_resume_state, write_split)
-from fishseg.runtime import autocast, available_memory, resolve_device
+from fishseg.runtime import (active_precision, autocast, available_memory, backward_step, require_same_precision,
+                             resolve_device)
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor
     the ranks' gradients, which makes that the gradient of the global batch mean.
     """
     target = masks.to(device, non_blocking=True).float()
-    with torch.set_grad_enabled(optimizer is not None), autocast(device):
+    with torch.set_grad_enabled(optimizer is not None), autocast(device, "decoder"):
         logits = segment(decoder, features.to(device, non_blocking=True), target.shape[-1],
                          None if guides is None else guides.to(device, non_blocking=True))
     losses = image_losses(logits.float(), target, loss)
@@ -206,8 +207,7 @@ def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor
         raise FishsegError(f"loss is NaN or infinite: {cause} (the last good checkpoint is kept)")
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
-        (losses.sum() * (1 / len(losses) if image_weight is None else image_weight)).backward()
-        optimizer.step()
+        backward_step(optimizer, losses.sum() * (1 / len(losses) if image_weight is None else image_weight), device)
     return losses.detach(), iou_per_image(binarize(logits.detach()), target.bool())
 
 
@@ -493,7 +493,11 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
                            f"the run cannot be resumed (train it again with --overwrite)")
     record = previous or _new_record(cache, config, train_idx, val_idx, groups)
     record = dataclasses.replace(record, status=RUNNING, features="streamed from HDF5" if data.streamed else
-                                 "in memory", device=str(device), processes=ranks.world)
+                                 "in memory", device=str(device), processes=ranks.world,
+                                 precision=active_precision(device).decoder_name,
+                                 deterministic=torch.are_deterministic_algorithms_enabled())
+    require_same_precision((previous or record).precision, record.precision, out_dir / RUN_FILE,
+                           "resume with its --precision, or train into another --out")
     history = read_history(out_dir, record) if previous is not None else empty_history()
     if ranks.main:
         if previous is None:
