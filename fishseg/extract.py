@@ -81,9 +81,14 @@ def _compute(backbone: Backbone, config: ExtractConfig, start: int, stop: int, i
     return _Batch(start, stop, dict(zip(names, host[:-1])), host[-1], masks, previews, tuple(errors), ready)
 
 
+THREADED_WRITES = frozenset({"cuda"})  # device types whose batches are written on a thread (see _PartWriter)
+
+
 class _PartWriter:
     """Writes computed batches to the part store on a thread of its own, fed through a bounded queue, so that
-    the backbone computes batch k+1 while batch k is checked, thumbnailed and written.
+    the backbone computes batch k+1 while batch k is checked, thumbnailed and written. Only where the backbone
+    runs on a GPU (``threaded``): on the CPU every core already computes, and the thread only competes with the
+    backbone's own threads (measured: 5% fewer images a second), so batches are written in turn there.
 
     The first error (an unreadable image or non-finite features without ``skip_bad``, a full disk) stops the
     writing and is raised in the main thread by the next ``put`` or on leaving the block; batches queued
@@ -91,24 +96,30 @@ class _PartWriter:
     would have written them, and none after a failed one.
     """
 
-    def __init__(self, store: PartStore, samples: list[Sample], skip_bad: bool, progress: tqdm,
+    def __init__(self, store: PartStore, samples: list[Sample], skip_bad: bool, progress: tqdm, threaded: bool,
                  depth: int = 2) -> None:
         self.store, self.samples, self.skip_bad, self.progress = store, samples, skip_bad, progress
+        self.threaded = threaded
         self.queue: queue.Queue[_Batch | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="fishseg-part-writer", daemon=True)
 
     def __enter__(self) -> _PartWriter:
-        self.thread.start()
+        if self.threaded:
+            self.thread.start()
         return self
 
     def put(self, batch: _Batch) -> None:
         self._raise_failure()
-        self.queue.put(batch)
+        if self.threaded:
+            self.queue.put(batch)
+        else:
+            self._write(batch)
 
     def __exit__(self, exc_type: type | None, *exc_info: object) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        if self.threaded:
+            self.queue.put(None)
+            self.thread.join()
         if exc_type is None:
             self._raise_failure()
 
@@ -158,7 +169,8 @@ def _extract_batches(store: PartStore, samples: list[Sample], backbone: Backbone
     total = sum(stop - start for start, stop in mine)
     done = total - sum(stop - start for start, stop in todo)
     with tqdm(total=total, initial=done, unit="img", desc="extract", dynamic_ncols=True,
-              disable=not ranks.main) as progress, _PartWriter(store, samples, skip_bad, progress) as writer:
+              disable=not ranks.main) as progress, \
+            _PartWriter(store, samples, skip_bad, progress, backbone.device.type in THREADED_WRITES) as writer:
         for (start, stop), (images, masks, previews, errors) in zip(todo, loader):
             writer.put(_compute(backbone, config, start, stop, images, masks, previews, list(errors)))
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import h5py
@@ -142,11 +143,14 @@ def _contents(path: Path) -> dict[str, object]:
 def test_the_writer_thread_writes_the_cache_of_the_serial_loop_bit_for_bit(
         tmp_path: Path, kaggle_root: Path, tiny_backbone: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = dataclasses.replace(tiny_extract_config(tiny_backbone), views=("hflip", "rot90"))
+    serial = run_extraction(kaggle_root, tmp_path / "serial.h5", config, batch_size=5, num_workers=1, device="cpu")
+    monkeypatch.setattr(fishseg.extract, "THREADED_WRITES", frozenset({"cpu"}))  # the GPU's writer thread, on the CPU
+    started = []
+    monkeypatch.setattr(fishseg.extract.threading.Thread, "start",
+                        lambda thread, start=threading.Thread.start: started.append(thread.name) or start(thread))
     threaded = run_extraction(kaggle_root, tmp_path / "threaded.h5", config, batch_size=5, num_workers=1,
                               device="cpu")
-    # Serial: each batch checked and written on the main thread before the next is computed.
-    monkeypatch.setattr(fishseg.extract._PartWriter, "put", lambda writer, batch: writer._write(batch))
-    serial = run_extraction(kaggle_root, tmp_path / "serial.h5", config, batch_size=5, num_workers=1, device="cpu")
+    assert started == ["fishseg-part-writer"]
     threaded_contents, serial_contents = _contents(threaded), _contents(serial)
     assert threaded_contents.keys() == serial_contents.keys() and "views/rot90" in serial_contents
     for name, value in serial_contents.items():
@@ -157,8 +161,11 @@ def test_the_writer_thread_writes_the_cache_of_the_serial_loop_bit_for_bit(
             np.testing.assert_array_equal(threaded_contents[name], value, err_msg=name)
 
 
-def test_a_failed_batch_keeps_the_batches_before_it_and_writes_none_after(tmp_path: Path, kaggle_root: Path,
-                                                                         tiny_backbone: Path) -> None:
+@pytest.mark.parametrize("threaded", [frozenset(), frozenset({"cpu"})], ids=["serial", "writer thread"])
+def test_a_failed_batch_keeps_the_batches_before_it_and_writes_none_after(
+        threaded: frozenset[str], tmp_path: Path, kaggle_root: Path, tiny_backbone: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fishseg.extract, "THREADED_WRITES", threaded)
     data = tmp_path / "data"
     shutil.copytree(kaggle_root, data)
     samples = discover_samples(data)
