@@ -150,7 +150,7 @@ def test_the_writer_thread_writes_the_cache_of_the_serial_loop_bit_for_bit(
                         lambda thread, start=threading.Thread.start: started.append(thread.name) or start(thread))
     threaded = run_extraction(kaggle_root, tmp_path / "threaded.h5", config, batch_size=5, num_workers=1,
                               device="cpu")
-    assert started == ["fishseg-part-writer"]
+    assert "fishseg-part-writer" in started
     threaded_contents, serial_contents = _contents(threaded), _contents(serial)
     assert threaded_contents.keys() == serial_contents.keys() and "views/rot90" in serial_contents
     for name, value in serial_contents.items():
