@@ -139,7 +139,7 @@ def deterministic_option(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def workers_option(function: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--num-workers", default=None, type=click.IntRange(0),
-                        help="Image decoding workers [default: half the cores].")(function)
+                        help="Image decoding workers [default: half the cores on the CPU, all but one on CUDA].")(function)
 
 
 # Existence is checked by the stages, whose one-line messages name the file (click's span several lines).
@@ -162,7 +162,8 @@ input_dir = click.Path(file_okay=False, path_type=Path)
 @click.option("--views", default="", type=Views(),
               help=f"Also store the features of these transformed photos (any of {','.join(VIEWS)}), for "
                    f"`train --augment views`.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=None, type=click.IntRange(1),
+              help="Images per backbone forward [default: 8 on the CPU, 64 on CUDA].")
 @workers_option
 @click.option("--compression", default=DEFAULT_COMPRESSION, show_default=True, type=click.Choice(COMPRESSIONS),
               help="HDF5 compression of the features (see `fishseg bench` for the trade-off).")
@@ -171,7 +172,7 @@ input_dir = click.Path(file_okay=False, path_type=Path)
 @device_option
 @command
 def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_size: int, layers: tuple[int, ...],
-            views: tuple[str, ...], batch_size: int, num_workers: int | None, compression: str, overwrite: bool,
+            views: tuple[str, ...], batch_size: int | None, num_workers: int | None, compression: str, overwrite: bool,
             skip_bad: bool, device: str) -> None:
     """Run the frozen backbone once over every image and write patch features, masks and previews to one HDF5 cache.
 

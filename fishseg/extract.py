@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +21,14 @@ from tqdm import tqdm
 from fishseg import __version__, distributed
 from fishseg.backbone import Backbone, backbone_reference, load_backbone
 from fishseg.cache import (CacheWriter, FeatureCache, PartStore, discard_parts, disk_errors, feature_name, is_cache,
-                           non_finite_rows, parts_dir)
+                           parts_dir)
 from fishseg.config import DEFAULT_COMPRESSION, IDENTITY, ExtractConfig, resolve_layers
 from fishseg.data import (ExtractionDataset, Sample, apply_view, discover_samples, near_duplicate_groups,
                           thumbnails)
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
-from fishseg.runtime import active_precision, default_num_workers, make_output_dir, plural, resolve_device
+from fishseg.runtime import (active_precision, default_batch_size, default_num_workers, make_output_dir, plural,
+                             resolve_device)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,113 @@ def check_existing(out: Path, config: ExtractConfig, samples: list[Sample]) -> N
                            f"to extract again")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    """One computed batch on its way to the part store. On CUDA its host tensors are still being copied from
+    the device until ``ready`` completes (None on the CPU: already there)."""
+
+    start: int
+    stop: int
+    features: dict[str, torch.Tensor]  # by part-store name, B×h×w×L·D float16
+    non_finite: torch.Tensor  # B bool: some view's features hold NaN or inf
+    masks: torch.Tensor
+    previews: torch.Tensor
+    errors: tuple[str, ...]  # per image, empty when it was read
+    ready: torch.cuda.Event | None
+
+
+@torch.inference_mode()
+def _compute(backbone: Backbone, config: ExtractConfig, start: int, stop: int, images: torch.Tensor,
+             masks: torch.Tensor, previews: torch.Tensor, errors: list[str]) -> _Batch:
+    """Run every view of one batch, uploaded once (each view made on the device), and queue the results'
+    copy to the host without waiting for it."""
+    images = images.to(backbone.device, non_blocking=True)
+    grids = [backbone(apply_view(images, view, (2, 3)), config.layers) for view in (IDENTITY, *config.views)]
+    # A float32 sum per image carries any NaN or inf through and cannot overflow for float16 inputs.
+    non_finite = torch.stack([~torch.isfinite(g.flatten(1).sum(1, dtype=torch.float32)) for g in grids]).any(0)
+    host = [tensor.to("cpu", non_blocking=True) for tensor in (*grids, non_finite)]  # pinned on CUDA
+    ready = None
+    if backbone.device.type == "cuda":
+        ready = torch.cuda.Event()
+        ready.record()
+    names = [feature_name(view) for view in (IDENTITY, *config.views)]
+    return _Batch(start, stop, dict(zip(names, host[:-1])), host[-1], masks, previews, tuple(errors), ready)
+
+
+THREADED_WRITES = frozenset({"cuda"})  # device types whose batches are written on a thread (see _PartWriter)
+
+
+class _PartWriter:
+    """Writes computed batches to the part store on a thread of its own, fed through a bounded queue, so that
+    the backbone computes batch k+1 while batch k is checked, thumbnailed and written. Only where the backbone
+    runs on a GPU (``threaded``): on the CPU every core already computes, and the thread only competes with the
+    backbone's own threads (measured: 5% fewer images a second), so batches are written in turn there.
+
+    The first error (an unreadable image or non-finite features without ``skip_bad``, a full disk) stops the
+    writing and is raised in the main thread by the next ``put`` or on leaving the block; batches queued
+    before the main thread stops (Ctrl-C included) are written first, each atomically, as the serial loop
+    would have written them, and none after a failed one.
+    """
+
+    def __init__(self, store: PartStore, samples: list[Sample], skip_bad: bool, progress: tqdm, threaded: bool,
+                 depth: int = 2) -> None:
+        self.store, self.samples, self.skip_bad, self.progress = store, samples, skip_bad, progress
+        self.threaded = threaded
+        self.queue: queue.Queue[_Batch | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="fishseg-part-writer", daemon=True)
+
+    def __enter__(self) -> _PartWriter:
+        if self.threaded:
+            self.thread.start()
+        return self
+
+    def put(self, batch: _Batch) -> None:
+        self._raise_failure()
+        if self.threaded:
+            self.queue.put(batch)
+        else:
+            self._write(batch)
+
+    def __exit__(self, exc_type: type | None, *exc_info: object) -> None:
+        if self.threaded:
+            self.queue.put(None)
+            self.thread.join()
+        if exc_type is None:
+            self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        for batch in iter(self.queue.get, None):
+            if self.error is None:  # after a failure, only drain the queue so that the main thread never blocks
+                try:
+                    self._write(batch)
+                except BaseException as error:  # noqa: B036 -- handed to the main thread, which raises it
+                    self.error = error
+
+    def _write(self, batch: _Batch) -> None:
+        if batch.ready is not None:
+            batch.ready.synchronize()
+        errors = list(batch.errors)
+        for k in np.flatnonzero(batch.non_finite.numpy()):
+            errors[k] = errors[k] or (f"{self.samples[batch.start + k].image_path}: the backbone gave NaN or inf "
+                                      f"features for this image")
+        failed = [error for error in errors if error]
+        if failed and not self.skip_bad:
+            raise FishsegError(f"{failed[0]} (pass --skip-bad to leave such images out; finished batches "
+                               f"are kept)")
+        for error in failed:
+            logger.warning("skipped: %s", error)
+        previews = batch.previews.numpy()
+        features = {name: grids.numpy() for name, grids in batch.features.items()}
+        self.store.write(batch.start, batch.stop, **features, masks=batch.masks.numpy(), previews=previews,
+                         thumbnails=thumbnails(previews), errors=np.array(errors, dtype=str))
+        self.progress.update(batch.stop - batch.start)
+
+
 def _extract_batches(store: PartStore, samples: list[Sample], backbone: Backbone, config: ExtractConfig,
                      num_workers: int, skip_bad: bool, ranks: Ranks) -> None:
     """Compute this rank's unfinished batches (all of them without torchrun)."""
@@ -60,23 +170,10 @@ def _extract_batches(store: PartStore, samples: list[Sample], backbone: Backbone
     total = sum(stop - start for start, stop in mine)
     done = total - sum(stop - start for start, stop in todo)
     with tqdm(total=total, initial=done, unit="img", desc="extract", dynamic_ncols=True,
-              disable=not ranks.main) as progress:
+              disable=not ranks.main) as progress, \
+            _PartWriter(store, samples, skip_bad, progress, backbone.device.type in THREADED_WRITES) as writer:
         for (start, stop), (images, masks, previews, errors) in zip(todo, loader):
-            features = {feature_name(view): backbone(apply_view(images, view, (2, 3)), config.layers).cpu().numpy()
-                        for view in (IDENTITY, *config.views)}
-            errors = list(errors)
-            for k in np.unique(np.concatenate([non_finite_rows(grids) for grids in features.values()])):
-                errors[k] = errors[k] or (f"{samples[start + k].image_path}: the backbone gave NaN or inf features "
-                                          f"for this image")
-            failed = [error for error in errors if error]
-            if failed and not skip_bad:
-                raise FishsegError(f"{failed[0]} (pass --skip-bad to leave such images out; finished batches "
-                                   f"are kept)")
-            for error in failed:
-                logger.warning("skipped: %s", error)
-            store.write(start, stop, **features, masks=masks.numpy(), previews=previews.numpy(),
-                        thumbnails=thumbnails(previews.numpy()), errors=np.array(errors, dtype=str))
-            progress.update(stop - start)
+            writer.put(_compute(backbone, config, start, stop, images, masks, previews, list(errors)))
 
 
 def _assemble(store: PartStore, out: Path, config: ExtractConfig, backbone: Backbone, samples: list[Sample],
@@ -108,13 +205,14 @@ def _assemble(store: PartStore, out: Path, config: ExtractConfig, backbone: Back
     return len(skipped)
 
 
-def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_size: int = 8,
+def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_size: int | None = None,
                    num_workers: int | None = None, device: str = "auto", compression: str = DEFAULT_COMPRESSION,
                    overwrite: bool = False, skip_bad: bool = False) -> Path:
     """Extract patch grids, masks and previews for every sample under ``data_root`` into ``out``.
 
     An existing finished cache is checked and kept (up to date) or refused (stale, other settings)
-    unless ``overwrite``; an interrupted extraction into ``out`` is resumed.
+    unless ``overwrite``; an interrupted extraction into ``out`` is resumed. ``batch_size`` and ``num_workers``
+    None: chosen for the device (``runtime.default_batch_size``, ``runtime.default_num_workers``).
     """
     config = dataclasses.replace(config, backbone=backbone_reference(config.backbone))
     samples = discover_samples(data_root)
@@ -134,7 +232,7 @@ def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_s
 
 
 def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ranks,
-             torch_device: torch.device, *, batch_size: int, num_workers: int | None, compression: str,
+             torch_device: torch.device, *, batch_size: int | None, num_workers: int | None, compression: str,
              overwrite: bool, skip_bad: bool) -> Path:
     """Each rank computes its contiguous shard of batches into the part store; rank 0 assembles the cache."""
     backbone = load_backbone(config.backbone, config.mean, config.std, torch_device)
@@ -145,6 +243,7 @@ def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ran
     resolve_layers(config.layers, backbone.num_blocks)  # a block the backbone lacks stops before any work
     if backbone.info.random_init:
         logger.warning("backbone %s is RANDOM-INIT: its features carry no pretrained knowledge", config.backbone)
+    batch_size = default_batch_size(torch_device) if batch_size is None else batch_size
     manifest = {"fishseg_version": __version__, "extract_config": dataclasses.asdict(config),
                 "backbone": dataclasses.asdict(backbone.info), "batch_size": batch_size,
                 "precision": active_precision(torch_device).backbone_name,
@@ -155,9 +254,9 @@ def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ran
     ranks.barrier()  # the manifest exists before the other ranks check it
     if not ranks.main:
         store = PartStore.open(out, manifest)
-    workers = default_num_workers() if num_workers is None else num_workers
-    logger.info("extracting %s with %s on %s (%s%s); progress is kept in %s", plural(len(samples), "image"),
-                config.backbone, torch_device, plural(workers, "worker"),
+    workers = default_num_workers(torch_device, ranks.local) if num_workers is None else num_workers
+    logger.info("extracting %s with %s on %s (batch %d, %s%s); progress is kept in %s",
+                plural(len(samples), "image"), config.backbone, torch_device, batch_size, plural(workers, "worker"),
                 f", rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "", parts_dir(out))
     try:
         _extract_batches(store, samples, backbone, config, workers, skip_bad, ranks)

@@ -120,7 +120,7 @@ def run_prediction(run_dir: Path, inputs: list[Path], out_dir: Path, *, backbone
     model = load_backbone(backbone or record.backbone["name"], config.mean, config.std, torch_device)
     check_backbone(model.info, record.backbone)
     decoder.eval().to(torch_device)
-    workers = default_num_workers() if num_workers is None else num_workers
+    workers = default_num_workers(torch_device) if num_workers is None else num_workers
     dataset = ImageDataset(paths, config.image_size, config.preview_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=torch_device.type == "cuda")

@@ -3,17 +3,22 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import threading
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
+import fishseg.extract
+import fishseg.runtime
 from fishseg.backbone import load_backbone, save_random_backbone
-from fishseg.cache import FeatureCache
+from fishseg.cache import FeatureCache, PartStore, parts_dir
 from fishseg.data import ExtractionDataset, apply_view, discover_samples
 from fishseg.errors import FishsegError
 from fishseg.extract import run_extraction
+from fishseg.runtime import default_batch_size, default_num_workers
 from tests.helpers import TINY_LAYOUT, tiny_extract_config
 
 
@@ -119,3 +124,74 @@ def test_layers_and_views_hold_what_the_backbone_computes_for_each_transformed_p
     with pytest.raises(FishsegError, match=r"c.h5: extracted with other settings \(views \('hflip', 'rot90', "
                                            r"'transpose'\) → \(\)\)"):
         run_extraction(kaggle_root, out, dataclasses.replace(config, views=()), num_workers=0, device="cpu")
+
+
+def _contents(path: Path) -> dict[str, object]:
+    """Every dataset (values, dtype, chunks, compression) and every attribute of a cache but its creation time."""
+    found: dict[str, object] = {}
+
+    def visit(name: str, item: object) -> None:
+        if isinstance(item, h5py.Dataset):
+            found[name] = (item[()], item.dtype, item.chunks, item.compression)
+
+    with h5py.File(path, "r") as file:
+        found.update({f"attr {k}": v for k, v in file.attrs.items() if k != "created_at"})
+        file.visititems(visit)
+    return found
+
+
+def test_the_writer_thread_writes_the_cache_of_the_serial_loop_bit_for_bit(
+        tmp_path: Path, kaggle_root: Path, tiny_backbone: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = dataclasses.replace(tiny_extract_config(tiny_backbone), views=("hflip", "rot90"))
+    serial = run_extraction(kaggle_root, tmp_path / "serial.h5", config, batch_size=5, num_workers=1, device="cpu")
+    monkeypatch.setattr(fishseg.extract, "THREADED_WRITES", frozenset({"cpu"}))  # the GPU's writer thread, on the CPU
+    started = []
+    monkeypatch.setattr(fishseg.extract.threading.Thread, "start",
+                        lambda thread, start=threading.Thread.start: started.append(thread.name) or start(thread))
+    threaded = run_extraction(kaggle_root, tmp_path / "threaded.h5", config, batch_size=5, num_workers=1,
+                              device="cpu")
+    assert "fishseg-part-writer" in started
+    threaded_contents, serial_contents = _contents(threaded), _contents(serial)
+    assert threaded_contents.keys() == serial_contents.keys() and "views/rot90" in serial_contents
+    for name, value in serial_contents.items():
+        if isinstance(value, tuple):
+            np.testing.assert_array_equal(threaded_contents[name][0], value[0], err_msg=name)
+            assert threaded_contents[name][1:] == value[1:], name
+        else:
+            np.testing.assert_array_equal(threaded_contents[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("threaded", [frozenset(), frozenset({"cpu"})], ids=["serial", "writer thread"])
+def test_a_failed_batch_keeps_the_batches_before_it_and_writes_none_after(
+        threaded: frozenset[str], tmp_path: Path, kaggle_root: Path, tiny_backbone: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fishseg.extract, "THREADED_WRITES", threaded)
+    data = tmp_path / "data"
+    shutil.copytree(kaggle_root, data)
+    samples = discover_samples(data)
+    samples[5].image_path.write_bytes(samples[5].image_path.read_bytes()[:200])  # truncated PNG, in batch [4, 6)
+    out = tmp_path / "c.h5"
+    with pytest.raises(FishsegError, match=rf"{samples[5].image_id}: cannot read image .*\(pass --skip-bad to leave "
+                                           rf"such images out; finished batches are kept\)"):
+        run_extraction(data, out, tiny_extract_config(tiny_backbone), batch_size=2, num_workers=0, device="cpu")
+    written = sorted(path.name for path in parts_dir(out).glob("*.npz"))
+    assert written == ["00000000-00000002.npz", "00000002-00000004.npz"] and not out.exists()
+    assert PartStore(out, {"batch_size": 2, "image_ids": [s.image_id for s in samples]}).done() == [(0, 2), (2, 4)]
+
+
+@pytest.mark.parametrize("cores, processes, workers", [(16, 1, 15), (64, 1, 16), (2, 1, 1), (1, 1, 1), (16, 2, 7),
+                                                       (None, 1, 1)])
+def test_a_gpu_gets_large_batches_and_most_of_the_cores_for_decoding(
+        cores: int | None, processes: int, workers: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fishseg.runtime.os, "cpu_count", lambda: cores)
+    assert default_num_workers(torch.device("cuda"), processes) == default_num_workers(torch.device("cuda:1"),
+                                                                                       processes) == workers
+    assert default_batch_size(torch.device("cuda")) == 64
+
+
+@pytest.mark.parametrize("cores, workers", [(16, 8), (2, 1), (64, 8), (None, 1)])
+def test_the_cpu_keeps_batch_8_and_half_the_cores(cores: int | None, workers: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fishseg.runtime.os, "cpu_count", lambda: cores)
+    assert default_num_workers(torch.device("cpu"), 2) == default_num_workers() == workers
+    assert default_batch_size(torch.device("cpu")) == 8
