@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 from fishseg.backbone import Backbone, load_backbone, save_random_backbone
 from fishseg.cache import CacheWriter
-from fishseg.config import BackboneInfo, ExtractConfig, TrainConfig
-from fishseg.data import IDENTITY, Sample
+from fishseg.config import IDENTITY, BackboneInfo, ExtractConfig, TrainConfig
+from fishseg.data import Sample
+from fishseg.decoders import build_decoder
 from fishseg.demo import write_demo_dataset
 from fishseg.errors import FishsegError
 from fishseg.evaluate import run_evaluation
@@ -37,7 +38,6 @@ from fishseg.memory_probe import time_cached_epochs
 from fishseg.runtime import resolve_device, timed
 from fishseg.sweep import run_sweep
 from fishseg.train import InMemorySplit, run_epoch
-from fishseg.decoders import build_decoder
 
 __all__ = ["GpuBenchConfig", "TINY_GPU_BENCH", "SWEEP_GRID", "run_gpu_benchmark", "format_gpu_table",
            "require_cuda"]
@@ -174,6 +174,7 @@ def run_gpu_benchmark(config: GpuBenchConfig, workdir: Path) -> dict[str, Any]:
     """Every GPU measure once, side by side, on a random-init backbone saved in ``workdir`` (no network)."""
     require_cuda(config.device)
     device = resolve_device(config.device)
+    workdir.mkdir(parents=True, exist_ok=True)
     backbone_dir = save_random_backbone(workdir / "backbone", **dict(config.backbone_layout))
     extract_config = ExtractConfig(backbone=str(backbone_dir), image_size=config.image_size)
     backbone = load_backbone(str(backbone_dir), extract_config.mean, extract_config.std, device)
