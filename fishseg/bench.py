@@ -10,7 +10,10 @@
 6. (with ``--processes 1,2,…``) extraction and training as whole commands under torchrun with each
    process count, as images/s and as a ratio of the first count;
 7. a sweep of 8 configs (``SWEEP_GRID``) of a few epochs over the cache: the share of its wall time spent
-   inside epochs, the rest being the sweep's own overhead (loading, checkpoints, scoring, leaderboard).
+   inside epochs, the rest being the sweep's own overhead (loading, checkpoints, scoring, leaderboard);
+8. ``evaluate`` of one of the sweep's runs on its validation images: scores alone, then with the report;
+9. (with ``--device cuda``) the GPU measures of ``fishseg.gpubench`` at full size; without CUDA, asking for
+   them stops with one line before anything runs.
 
 Usage: ``fishseg bench [--images 64] [--processes 1,2] [--json PATH]`` or ``python -m fishseg.bench``.
 """
@@ -22,6 +25,7 @@ import multiprocessing
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,9 @@ from fishseg.decoders import build_decoder
 from fishseg.demo import SPECIES, write_demo_dataset
 from fishseg.distributed import torchrun_command
 from fishseg.errors import FishsegError
+from fishseg.evaluate import run_evaluation
 from fishseg.extract import run_extraction
+from fishseg.gpubench import GpuBenchConfig, format_gpu_table, require_cuda, run_gpu_benchmark
 from fishseg.memory_probe import MB, measure_training, time_cached_epochs
 from fishseg.runtime import default_num_workers, read_json, resolve_device, timed
 from fishseg.runs import HISTORY_FILE
@@ -183,6 +189,16 @@ def _sweep_overhead(cache_path: Path, workdir: Path, config: BenchConfig) -> dic
             "inside_epochs_share": result.inside_epochs}
 
 
+def _evaluate(cache_path: Path, workdir: Path, config: BenchConfig) -> dict[str, Any]:
+    """Measure 8: ``evaluate`` of the sweep's first run, scores only (what folds pay), then with the report."""
+    run_dir = next(path.parent for path in sorted((workdir / "sweep").glob("*/run.json")))
+    scoring = timed(lambda: run_evaluation(cache_path, run_dir, workdir / "scores", device=config.device,
+                                           report=False), CPU)
+    started = time.perf_counter()
+    images = run_evaluation(cache_path, run_dir, workdir / "report", device=config.device)["n_images"]
+    return {"images": images, "scores_s": scoring, "with_report_s": time.perf_counter() - started}
+
+
 def _environment(config: BenchConfig, device: torch.device, backbone: Any) -> dict[str, Any]:
     return {
         "fishseg": __version__, "torch": torch.__version__, "python": platform.python_version(),
@@ -197,6 +213,7 @@ def _environment(config: BenchConfig, device: torch.device, backbone: Any) -> di
 
 def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> dict[str, Any]:
     """Run every measure once, side by side, and return them with the environment."""
+    require_cuda(config.device)
     with tempfile.TemporaryDirectory(prefix="fishseg-bench-") as scratch:
         workdir = workdir or Path(scratch)
         classes = len(SPECIES) if config.images % len(SPECIES) == 0 else 1  # exactly config.images photos
@@ -216,6 +233,9 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> dict[str,
         reference = _reference_epoch(backbone, samples, config, device)
         cached = _cached_epoch(cache_path, config, device)
         scaling = _scaling(data, cache_path, backbone_name, workdir, config) if config.processes else []
+        sweep = _sweep_overhead(cache_path, workdir, config)
+        gpu = (run_gpu_benchmark(GpuBenchConfig(device=config.device), workdir / "gpu") if device.type == "cuda"
+               else None)
         return {
             "environment": _environment(config, device, backbone),
             "forward_images_per_s": forward,
@@ -225,7 +245,9 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> dict[str,
             "memory": _memory(cache_path, workdir, config),
             "storage": _storage(cache_path, workdir),
             "scaling": scaling,
-            "sweep": _sweep_overhead(cache_path, workdir, config),
+            "sweep": sweep,
+            "evaluate": _evaluate(cache_path, workdir, config),
+            "gpu": gpu,
         }
 
 
@@ -261,6 +283,11 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append(f"7 sweep of {sweep['configs']} configs × {sweep['epochs_per_config']} epochs  "
                  f"{sweep['wall_s']:6.1f} s ({sweep['torch_startup_s']:.1f} s torch start-up), "
                  f"{sweep['inside_epochs_share']:.0%} of the rest inside epochs (target ≥ 90%)")
+    evaluation = results["evaluate"]
+    lines.append(f"8 evaluate on {evaluation['images']} validation images  {evaluation['scores_s']:6.2f} s scores, "
+                 f"{evaluation['with_report_s']:.2f} s with the report (target: report ≤ scores on the CPU)")
+    if results["gpu"]:
+        lines += ["", format_gpu_table(results["gpu"])]
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ import csv
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -30,20 +30,44 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE, PER_IMAGE_FILE = "metrics.json", "per_image.csv"
 PCA_IMAGES = 64  # validation images whose patches fit the PCA of the feature picture
+READ_CHUNK = 512  # images read from the source at once (~0.6 GB of 28×28×384 float16 features with 448² masks)
 
 
-def _probabilities(decoder: torch.nn.Module, cache: FeatureCache, indices: np.ndarray, batch_size: int,
+class ScoringSource(Protocol):
+    """What scoring reads, for image indices in the given order: a ``FeatureCache`` (NumPy arrays read from
+    HDF5), or a store of tensors already resident on the device (a sweep's), returned as they are."""
+
+    def features(self, indices: np.ndarray, *, layers: Sequence[int] | None = None) -> np.ndarray | torch.Tensor:
+        ...  # float B×h×w×C of the cached blocks ``layers``
+
+    def masks(self, indices: np.ndarray) -> np.ndarray | torch.Tensor:
+        ...  # uint8 or bool B×S×S
+
+    def previews(self, indices: np.ndarray) -> np.ndarray | torch.Tensor:
+        ...  # uint8 B×P×P×3
+
+
+def _on(device: torch.device, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(array).to(device, non_blocking=True)
+
+
+def _probabilities(decoder: torch.nn.Module, source: ScoringSource, indices: np.ndarray, batch_size: int,
                    device: torch.device, layers: tuple[int, ...]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(probabilities B×S×S, truth B×S×S bool)`` for ``indices`` in order, batch by batch, the decoder
-    reading the cached blocks ``layers`` (and the cached previews guiding a decoder that uses the image)."""
+    reading the cached blocks ``layers`` (and the cached previews guiding a decoder that uses the image).
+    The source is read in chunks of ``READ_CHUNK`` images, one read per array, not one per batch."""
     decoder.eval().to(device)
-    for batch in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
-        truth = torch.from_numpy(cache.masks(batch)).to(device).bool()
-        guides = torch.from_numpy(cache.previews(batch)).to(device) if uses_image(decoder) else None
-        with autocast(device, "decoder"):
-            logits = segment(decoder, torch.from_numpy(cache.features(batch, layers=layers)).to(device),
-                             truth.shape[-1], guides)
-        yield torch.sigmoid(logits.float()), truth
+    guided = uses_image(decoder)
+    for start in range(0, len(indices), READ_CHUNK):
+        chunk = indices[start:start + READ_CHUNK]
+        features = _on(device, source.features(chunk, layers=layers))
+        truths = _on(device, source.masks(chunk)).bool()
+        guides = _on(device, source.previews(chunk)) if guided else None
+        for first in range(0, len(chunk), batch_size):
+            rows = slice(first, first + batch_size)
+            with autocast(device, "decoder"):
+                logits = segment(decoder, features[rows], truths.shape[-1], None if guides is None else guides[rows])
+            yield torch.sigmoid(logits.float()), truths[rows]
 
 
 def _batch_scores(probs: torch.Tensor, truth: torch.Tensor, thresholds: tuple[float, ...]) -> dict[str, torch.Tensor]:
@@ -56,23 +80,23 @@ def _batch_scores(probs: torch.Tensor, truth: torch.Tensor, thresholds: tuple[fl
 
 
 @torch.inference_mode()
-def score_images(decoder: torch.nn.Module, cache: FeatureCache, indices: np.ndarray, *, batch_size: int,
+def score_images(decoder: torch.nn.Module, source: ScoringSource, indices: np.ndarray, *, batch_size: int,
                  device: torch.device, layers: tuple[int, ...],
                  thresholds: tuple[float, ...] = THRESHOLDS) -> dict[str, np.ndarray]:
     """Per-image scores of ``indices``: ``sweep_iou`` and ``sweep_dice`` at every one of ``thresholds``
     (T×N); ``precision``, ``recall``, ``boundary_f`` and the pixel ``intersection`` and ``union`` at
-    ``THRESHOLD`` (N)."""
-    batches = _probabilities(decoder, cache, indices, batch_size, device, layers)
+    ``THRESHOLD`` (N). ``source``: a ``FeatureCache`` or device-resident tensors (``ScoringSource``)."""
+    batches = _probabilities(decoder, source, indices, batch_size, device, layers)
     parts = [_batch_scores(probs, truth, thresholds) for probs, truth in batches]
     return {name: torch.cat([part[name] for part in parts], dim=-1).cpu().numpy() for name in parts[0]}
 
 
 @torch.inference_mode()
-def predict_masks(decoder: torch.nn.Module, cache: FeatureCache, indices: np.ndarray, *, batch_size: int,
+def predict_masks(decoder: torch.nn.Module, source: ScoringSource, indices: np.ndarray, *, batch_size: int,
                   device: torch.device, layers: tuple[int, ...]) -> np.ndarray:
     """Boolean N×S×S predictions at ``THRESHOLD``."""
     return np.concatenate([(probs > THRESHOLD).cpu().numpy()
-                           for probs, _ in _probabilities(decoder, cache, indices, batch_size, device, layers)])
+                           for probs, _ in _probabilities(decoder, source, indices, batch_size, device, layers)])
 
 
 def summarize_scores(scores: dict[str, np.ndarray], classes: list[str], image_ids: list[str]) -> dict[str, Any]:
@@ -135,10 +159,11 @@ class Evaluation:
 
 
 def evaluate_run(cache: FeatureCache, run_dir: Path, device: torch.device, *, batch_size: int = 16,
-                 full: bool = True) -> Evaluation:
+                 full: bool = True, source: ScoringSource | None = None) -> Evaluation:
     """Score ``run_dir``'s best checkpoint on its validation images from an open cache (refused when the run
     was trained on another cache). ``full`` adds the threshold sweep and the species probe; without them
-    (cross-validation folds, sweeps) scoring costs a fraction."""
+    (cross-validation folds, sweeps) scoring costs a fraction. ``source``: where the features and masks are
+    read (default the cache; a sweep passes the tensors it already holds on the device)."""
     record, decoder, checkpoint = load_run(run_dir)
     cache.require(record.cache, run_dir / RUN_FILE)
     best = record.checkpoints["best"]
@@ -146,7 +171,7 @@ def evaluate_run(cache: FeatureCache, run_dir: Path, device: torch.device, *, ba
     split = read_split(run_dir)
     val_idx = cache.indices_of(split["val"], run_dir / SPLIT_FILE)
     thresholds = THRESHOLDS if full else (THRESHOLD,)
-    raw = score_images(decoder, cache, val_idx, batch_size=batch_size, device=device,
+    raw = score_images(decoder, cache if source is None else source, val_idx, batch_size=batch_size, device=device,
                        layers=checkpoint_layers(checkpoint), thresholds=thresholds)
     at = thresholds.index(THRESHOLD)
     scores = {"iou": raw["sweep_iou"][at], "dice": raw["sweep_dice"][at],

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import fishseg.bench as bench_module
@@ -80,12 +81,27 @@ def test_torchrun_scaling_times_both_commands_for_each_process_count(tiny_backbo
             assert len(cache) == 4
 
 
+def test_evaluate_is_timed_scores_alone_and_with_the_report(results: dict, bench_dir: Path) -> None:
+    evaluation = results["evaluate"]
+    assert evaluation["images"] >= 1 and 0 < evaluation["scores_s"] and 0 < evaluation["with_report_s"]
+    assert (bench_dir / "scores" / "metrics.json").exists() and not (bench_dir / "scores" / "report.html").exists()
+    assert (bench_dir / "report" / "report.html").exists()
+    assert results["gpu"] is None  # the GPU measures run only on CUDA
+
+
+def test_asking_for_cuda_without_it_stops_before_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench_module, "write_demo_dataset", lambda *args, **kwargs: pytest.fail("measured"))
+    result = CliRunner().invoke(main, ["bench", "--images", "4", "--device", "cuda"])
+    assert result.exit_code == 2 and "no CUDA device here" in result.output and "nothing was measured" in result.output
+
+
 def test_table_names_each_measure_and_target(results: dict) -> None:
     table = format_table(results)
     for text in ("1 backbone forward", "2 extraction end to end", "(target ≥ 0.9)", "cached epoch", "(target ≥ 25)",
                  "streamed / in-memory epoch time at 8 images", "5 cache storage", "gzip",
                  "6 torchrun scaling: not run (pass --processes", "7 sweep of 8 configs × 2 epochs",
-                 "of the rest inside epochs (target ≥ 90%)"):
+                 "of the rest inside epochs (target ≥ 90%)", "8 evaluate on", "with the report"):
         assert text in table
 
 

@@ -117,10 +117,18 @@ def test_cjk_file_names_draw_without_a_missing_glyph_warning(tmp_path: Path) -> 
 
 
 def test_a_character_the_default_font_lacks_uses_an_installed_font_that_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    fonts = (("DejaVu Sans", frozenset(map(ord, "ab /."))), ("Noto Sans CJK JP", frozenset(map(ord, "金鱼"))))
-    monkeypatch.setattr(fishseg.report, "_installed_fonts", lambda: fonts)
+    monkeypatch.setattr(fishseg.report, "_default_font", lambda: ("DejaVu Sans", frozenset(map(ord, "ab /."))))
+    monkeypatch.setattr(fishseg.report, "_other_fonts", lambda: (("Noto Sans CJK JP", frozenset(map(ord, "金鱼"))),))
     assert _legible("a/金鱼.b") == ("a/金鱼.b", ["DejaVu Sans", "Noto Sans CJK JP"])
     assert _legible("a 鲤.b") == ("a ?.b", ["DejaVu Sans"])  # no installed font draws 鲤
+
+
+def test_other_fonts_are_read_only_for_a_character_the_default_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unread() -> tuple:
+        raise AssertionError("other fonts read for text the default font draws")
+
+    monkeypatch.setattr(fishseg.report, "_other_fonts", unread)
+    assert _legible("Fish_Dataset/Red Mullet 00012.png") == ("Fish_Dataset/Red Mullet 00012.png", ["DejaVu Sans"])
 
 
 def test_epoch_plots_tick_whole_epochs_and_the_probe_title_stays_inside_the_image() -> None:
