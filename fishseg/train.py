@@ -186,10 +186,10 @@ def dihedral(generator: torch.Generator, *grids: torch.Tensor | None) -> tuple[t
 
 def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor, device: torch.device,
                  optimizer: torch.optim.Optimizer | None = None, loss: str = "bce", *,
-                 guides: torch.Tensor | None = None, image_weight: float | None = None,
-                 ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward (and a training step when given an optimizer); returns per-image losses and IoUs (B).
-    ``guides``: the previews B×P×P×3, for a decoder that uses the image.
+                 guides: torch.Tensor | None = None, image_weight: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (and a training step when given an optimizer); returns per-image losses and IoUs (B), on the
+    device and without waiting for it: a non-finite loss is the caller's to check (``run_epoch``, once an
+    epoch). ``guides``: the previews B×P×P×3, for a decoder that uses the image.
 
     ``image_weight``: each image's weight in the loss, 1/B by default (the batch mean). Under torchrun a
     rank holds part of a global batch of G images and passes ``world/G``: DistributedDataParallel averages
@@ -200,10 +200,6 @@ def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor
         logits = segment(decoder, features.to(device, non_blocking=True), target.shape[-1],
                          None if guides is None else guides.to(device, non_blocking=True))
     losses = image_losses(logits.float(), target, loss)
-    if not ranks.all(torch.isfinite(losses).all()):
-        cause = ("the batch's features hold NaN or inf; extract the cache again" if not torch.isfinite(features).all()
-                 else "the decoder diverged on finite features; lower --lr")
-        raise FishsegError(f"loss is NaN or infinite: {cause} (the last good checkpoint is kept)")
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
         (losses.sum() * (1 / len(losses) if image_weight is None else image_weight)).backward()
@@ -218,8 +214,10 @@ def run_epoch(decoder: nn.Module, split: Split, batch_size: int, device: torch.d
     """One pass over a split in random order with a training step per batch (given an optimizer), or in
     index order without.
 
-    Under torchrun every rank draws the same order and augmentation, computes its contiguous share of each
-    batch, and receives everyone's per-image values at the end: all ranks return the one-process result.
+    The per-image values stay on the device until the epoch ends (one copy to the host, no wait per step);
+    a non-finite loss then stops the run, the epoch unrecorded. Under torchrun every rank draws the same
+    order and augmentation, computes its contiguous share of each batch, and receives everyone's per-image
+    values at the end: all ranks return the one-process result.
     """
     training = optimizer is not None
     decoder.train(training)
@@ -227,20 +225,41 @@ def run_epoch(decoder: nn.Module, split: Split, batch_size: int, device: torch.d
     views = (torch.randint(0, len(split.views), (len(split),), generator=generator)
              if training and augment == "views" else None)  # one stored view per image, identity included
     batches = order.split(batch_size)
-    losses_per_batch, ious_per_batch = [], []
-    for batch, (features, masks, guides) in zip(batches, split.batches((ranks.shard(batch) for batch in batches),
-                                                                       views)):
+    shards = [ranks.shard(batch) for batch in batches]
+    losses, ious = [], []
+    for batch, (features, masks, guides) in zip(batches, split.batches(shards, views)):
         if training and augment == "flips":
             features, masks, guides = dihedral(generator, features, masks, guides)
-        losses, ious = decoder_step(decoder, features, masks, device, optimizer, loss, guides=guides,
-                                    image_weight=ranks.world / len(batch), ranks=ranks)
+        batch_losses, batch_ious = decoder_step(decoder, features, masks, device, optimizer, loss, guides=guides,
+                                                image_weight=ranks.world / len(batch))
         if training and scheduler is not None:
             scheduler.step()
-        # Python floats, not NumPy views of batch tensors: such small long-lived views pin heap pages
-        # between the large per-batch buffers and made streamed training's RSS grow with the cache.
-        losses_per_batch.append(losses.tolist())
-        ious_per_batch.append(ious.tolist())
-    return EpochResult.from_ranks(ranks.gather((losses_per_batch, ious_per_batch)))
+        losses.append(batch_losses)
+        ious.append(batch_ious)
+    sizes = [len(shard) for shard in shards]
+    result = EpochResult.from_ranks(ranks.gather((_per_batch(losses, sizes), _per_batch(ious, sizes))))
+    if not all(map(math.isfinite, result.image_losses)):
+        raise FishsegError(f"loss is NaN or infinite: {_non_finite_cause(split, shards, views, result, ranks)} "
+                           f"(the last good checkpoint is kept)")
+    return result
+
+
+def _per_batch(values: list[torch.Tensor], sizes: list[int]) -> list[list[float]]:
+    """Per-batch device tensors as per-batch lists of Python floats, in one copy to the host (Python floats,
+    not NumPy views: small long-lived views pin heap pages between large buffers and made streamed
+    training's RSS grow with the cache)."""
+    flat = torch.cat(values).cpu().tolist() if values else []
+    ends = np.cumsum(sizes).tolist()
+    return [flat[end - size:end] for size, end in zip(sizes, ends)]
+
+
+def _non_finite_cause(split: Split, shards: list[torch.Tensor], views: ViewIds, result: EpochResult,
+                      ranks: Ranks) -> str:
+    """Why the epoch's loss went non-finite, from the features of the first batch where it did."""
+    first = next(k for k, value in enumerate(result.iteration_losses) if not math.isfinite(value))
+    features = next(iter(split.batches([shards[first]], views)))[0]
+    return ("the decoder diverged on finite features; lower --lr" if ranks.all(torch.isfinite(features).all())
+            else "the batch's features hold NaN or inf; extract the cache again")
 
 
 def epoch_summary(epoch: int, train: EpochResult, val: EpochResult, seconds: float) -> dict[str, float]:
@@ -408,6 +427,12 @@ def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device
     return record
 
 
+def fused_option(device: torch.device) -> dict[str, bool]:
+    """AdamW's fused kernel (one launch for every parameter) on CUDA; the CPU keeps the default, whose
+    numbers the CPU tests and resumes were written with."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
 EpochCallback = Callable[[RunRecord, dict[str, float]], None]
 
 
@@ -469,7 +494,8 @@ def _start_session(config: TrainConfig, feature_dim: int, steps_per_epoch: int, 
         decoder.load_state_dict(load_checkpoint(verified(out_dir, previous.checkpoints["last"]))[0].state_dict())
     decoder.to(device)
     model = distributed.data_parallel(decoder, ranks, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  **fused_option(device))
     scheduler = learning_rate_schedule(optimizer, config, steps_per_epoch)
     generator = torch.Generator().manual_seed(config.seed)
     if previous is not None:
