@@ -32,8 +32,8 @@ from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.metrics import binarize, iou_per_image
 from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUNNING, SPLIT_FILE, RunRecord, check_resume_flags,
-                          clear_run, commit_epoch, differing_fields, empty_history, holds_run, is_locked,
-                          read_history, read_record, read_resume_state, read_split, training_lock, verified,
+                          clear_run, commit_epoch, cut_history, differing_fields, history_entry, holds_run,
+                          is_locked, read_record, read_resume_state, read_split, training_lock, verified,
                           write_checkpoint, write_record, write_resume_state, write_split)
 from fishseg.runtime import autocast, available_memory, resolve_device
 
@@ -520,10 +520,11 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
     record = previous or _new_record(cache, config, train_idx, val_idx, groups)
     record = dataclasses.replace(record, status=RUNNING, features="streamed from HDF5" if data.streamed else
                                  "in memory", device=str(device), processes=ranks.world)
-    history = read_history(out_dir, record) if previous is not None else empty_history()
     if ranks.main:
         if previous is None:
             write_split(out_dir, split["train"], split["val"])
+        else:
+            cut_history(out_dir, record)
         write_record(out_dir, record)
         logger.info("%s %s on %d images, validating on %d (%s%s, features %s)",
                     "resuming" if previous else "training", config.decoder, len(train), len(val), device,
@@ -539,21 +540,19 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
                                  scheduler=session.scheduler, ranks=ranks)
         val_result = run_epoch(session.model, val, config.batch_size, device, loss=config.loss, ranks=ranks)
         row = epoch_summary(epoch, train_result, val_result, time.perf_counter() - started)
-        history["epochs"].append(row)
-        history["iterations"]["train"] += _iterations(epoch, train_result)
-        history["iterations"]["val"] += _iterations(epoch, val_result)
+        entry = history_entry(row, {"train": _iterations(epoch, train_result), "val": _iterations(epoch, val_result)})
         improved = row["val_iou"] > record.best_val_iou
         record = dataclasses.replace(
             record, epochs_done=epoch, status=FINISHED if epoch == config.epochs else RUNNING,
             train_seconds=record.train_seconds + row["seconds"],
             **({"best_epoch": epoch, "best_val_iou": row["val_iou"]} if improved else {}))
         if ranks.main:
-            record = _commit(out_dir, record, history, session, {**meta, "val_iou": row["val_iou"]}, improved)
+            record = _commit(out_dir, record, entry, session, {**meta, "val_iou": row["val_iou"]}, improved)
             on_epoch(record, row)
     return record
 
 
-def _commit(out_dir: Path, record: RunRecord, history: dict[str, Any], session: _Session, meta: dict[str, Any],
+def _commit(out_dir: Path, record: RunRecord, entry: dict[str, Any], session: _Session, meta: dict[str, Any],
             improved: bool) -> RunRecord:
     """Write the epoch's checkpoint (and, unless the run is finished, its resume state), then commit the
     record that names them; returns that record."""
@@ -564,7 +563,7 @@ def _commit(out_dir: Path, record: RunRecord, history: dict[str, Any], session: 
         checkpoints["resume"] = write_resume_state(out_dir, epoch, session.optimizer, session.scheduler,
                                                    session.generator)
     record = dataclasses.replace(record, checkpoints=checkpoints)
-    commit_epoch(out_dir, record, history)
+    commit_epoch(out_dir, record, entry)
     return record
 
 

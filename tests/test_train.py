@@ -16,7 +16,7 @@ from fishseg.config import TrainConfig
 from fishseg.data import apply_view
 from fishseg.decoders import load_checkpoint
 from fishseg.errors import FishsegError
-from fishseg.runs import RunRecord
+from fishseg.runs import RunRecord, read_history, read_record
 from fishseg.train import (InMemorySplit, StreamedSplit, TrainingData, dihedral, image_losses, learning_rate_schedule,
                            run_training)
 from tests.helpers import write_toy_cache
@@ -114,7 +114,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     assert (record["status"], record["epochs_done"]) == ("interrupted", 1)
     _, last = load_checkpoint(tmp_path / "run" / record["checkpoints"]["last"]["file"])
     assert last["epoch"] == 1
-    assert len(json.loads((tmp_path / "run" / "history.json").read_text())["epochs"]) == 1
+    assert len(read_history(tmp_path / "run", read_record(tmp_path / "run"))["epochs"]) == 1
 
 
 @pytest.mark.parametrize("decoder, floor", [("linear", 0.55), ("seed-cnn", 0.8), ("progressive", 0.8),
