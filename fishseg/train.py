@@ -35,6 +35,7 @@ from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUNNING, SPLIT_FILE, 
                           clear_run, commit_epoch, cut_history, differing_fields, history_entry, holds_run,
                           is_locked, read_record, read_resume_state, read_split, training_lock, verified,
                           write_checkpoint, write_record, write_resume_state, write_split)
+from fishseg.resident import ResidentViews, fits_on_device, resident_bytes, upload
 from fishseg.runtime import autocast, available_memory, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -90,16 +91,17 @@ def _read_views(rows: Any, view_ids: ViewIds, views: tuple[str, ...], read: Call
 
 
 class InMemorySplit:
-    """A split of features (float16 h×w×C per view), masks (uint8 S×S) and, for a decoder that uses the image,
-    guide previews (uint8 P×P×3) held in memory, gathered per batch from tensors that may hold the whole cache
-    (a sweep loads it once for all its runs). ``channels`` selects the run's layers (None: all)."""
+    """A split of features (h×w×C per view), masks (uint8 S×S) and, for a decoder that uses the image, guide
+    previews (uint8 P×P×3) held whole in memory or on the GPU, gathered per batch on the device that holds
+    them from tensors that may hold the whole cache (a sweep loads it once for all its runs). ``channels``
+    selects the run's layers (None: all)."""
 
     def __init__(self, features: Mapping[str, torch.Tensor], masks: torch.Tensor, indices: np.ndarray,
                  channels: np.ndarray | None = None, views: tuple[str, ...] = (IDENTITY,),
                  previews: torch.Tensor | None = None) -> None:
-        self.features, self.masks, self.indices = features, masks, torch.from_numpy(np.asarray(indices))
-        self.channels = None if channels is None else torch.from_numpy(channels)
-        self.views, self.previews = views, previews
+        self.features, self.masks, self.views, self.previews = features, masks, views, previews
+        self.indices = torch.from_numpy(np.asarray(indices)).to(masks.device)
+        self.channels = None if channels is None else torch.from_numpy(channels).to(masks.device)
 
     @classmethod
     def from_cache(cls, cache: FeatureCache, indices: np.ndarray) -> InMemorySplit:
@@ -117,8 +119,14 @@ class InMemorySplit:
                 apply_view(self.masks[rows], view, (1, 2)), guides)
 
     def batches(self, batches: Iterable[torch.Tensor], view_ids: ViewIds = None) -> Iterator[Batch]:
-        for positions in batches:
-            yield _read_views(self.indices[positions], None if view_ids is None else view_ids[positions], self.views,
+        """The batches of positions, their rows gathered where the tensors are: the positions go there in one
+        copy, not one a batch."""
+        batches = list(batches)
+        if not batches:
+            return
+        there = torch.cat(batches).to(self.masks.device, non_blocking=True).split([len(b) for b in batches])
+        for positions, rows in zip(batches, there):
+            yield _read_views(self.indices[rows], None if view_ids is None else view_ids[positions], self.views,
                               self._read)
 
 
@@ -280,8 +288,9 @@ def _iterations(epoch: int, result: EpochResult) -> list[dict[str, float]]:
 
 @dataclasses.dataclass
 class TrainingData:
-    """A cache opened for training: every image's features and masks (and, with ``guides``, previews) loaded
-    once (a sweep's runs share them), or ``None`` for all when batches are streamed from the file."""
+    """A cache opened for training: every image's features and masks (and, with ``guides``, previews) held
+    once, on the training device when they fit there (a sweep's runs share them), or ``None`` for all when
+    batches are streamed from the file."""
 
     cache: FeatureCache
     features: Mapping[str, torch.Tensor] | None  # per view, read on first use
@@ -290,27 +299,35 @@ class TrainingData:
     guides: bool = False  # whether splits can yield the previews, for decoders that use the image
 
     @classmethod
-    def open(cls, cache: FeatureCache, stream: bool | None, processes: int = 1, *,
-             guides: bool = False) -> TrainingData:
-        """In memory unless asked to stream, or (``stream=None``) unless the cache would take over half the
-        free memory (each of the ``processes`` on this machine holding its own copy). ``guides``: some decoder
-        to train uses the image, so the previews are held (or streamed) too."""
-        if stream is None:
+    def open(cls, cache: FeatureCache, stream: bool | None, processes: int = 1, *, guides: bool = False,
+             device: torch.device = torch.device("cpu"), dtype: torch.dtype | None = None) -> TrainingData:
+        """On a GPU ``device`` where the cache fits in its free memory (features as ``dtype``, None: as
+        stored), unless asked to stream; else in memory unless asked to stream, or (``stream=None``) unless the
+        cache would take over half the free memory (each of the ``processes`` on this machine holding its own
+        copy). ``guides``: some decoder to train uses the image, so the previews are held (or streamed) too."""
+        on_device = stream is not True and fits_on_device(cache, device, dtype, guides)
+        if stream is None and not on_device:
             free = available_memory()
-            preview_bytes = cache.config.preview_size ** 2 * 3 if guides else 0
-            needed = (cache.bytes_per_image() + preview_bytes) * len(cache) * processes
+            needed = resident_bytes(cache, None, guides) * processes
             stream = free is not None and needed > free // 2
-        if stream:
+        if stream and not on_device:
             return cls(cache, None, None, guides=guides)
-        features = _ViewsInMemory(cache)
+        target = device if on_device else torch.device("cpu")
+        features = ResidentViews(cache, target, dtype)
         features[IDENTITY]  # read now: a run that does not need the other views never reads them
-        everything = np.arange(len(cache))
-        previews = torch.from_numpy(cache.previews(everything)) if guides else None
-        return cls(cache, features, torch.from_numpy(cache.masks(everything)), previews, guides)
+        masks = upload(cache.masks, len(cache), target)
+        previews = upload(cache.previews, len(cache), target) if guides else None
+        return cls(cache, features, masks, previews, guides)
 
     @property
     def streamed(self) -> bool:
         return self.features is None
+
+    def describe(self) -> str:
+        """Where the features are read from, for the run record."""
+        if self.masks is None:
+            return "streamed from HDF5"
+        return "in memory" if self.masks.device.type == "cpu" else f"resident on {self.masks.device}"
 
     def split(self, indices: np.ndarray, layers: tuple[int, ...] | None = None, *, guides: bool = False) -> Split:
         """Images ``indices`` with the cached blocks ``layers`` (None: all); ``guides``: batches carry their
@@ -320,18 +337,6 @@ class TrainingData:
             return StreamedSplit(self.cache, indices, layers, guides)
         return InMemorySplit(self.features, self.masks, indices, self.cache.channels(layers), self.cache.views,
                              self.previews if guides else None)
-
-
-class _ViewsInMemory(dict):
-    """Every image's features of a view (N×h×w×C), read from the cache when first asked for."""
-
-    def __init__(self, cache: FeatureCache) -> None:
-        super().__init__()
-        self.cache = cache
-
-    def __missing__(self, view: str) -> torch.Tensor:
-        self[view] = torch.from_numpy(self.cache.features(np.arange(len(self.cache)), view))
-        return self[view]
 
 
 def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
@@ -518,8 +523,8 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
         raise FishsegError(f"{out_dir / SPLIT_FILE}: differs from the split its settings give on {cache.path}; "
                            f"the run cannot be resumed (train it again with --overwrite)")
     record = previous or _new_record(cache, config, train_idx, val_idx, groups)
-    record = dataclasses.replace(record, status=RUNNING, features="streamed from HDF5" if data.streamed else
-                                 "in memory", device=str(device), processes=ranks.world)
+    record = dataclasses.replace(record, status=RUNNING, features=data.describe(), device=str(device),
+                                 processes=ranks.world)
     if ranks.main:
         if previous is None:
             write_split(out_dir, split["train"], split["val"])
