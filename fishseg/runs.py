@@ -73,6 +73,7 @@ class RunRecord:
     features: str  # "in memory" or "streamed from HDF5" (of the latest session)
     device: str
     processes: int
+    compiled: bool = False  # whether the latest session ran the decoder through torch.compile
     status: str = RUNNING
     epochs_done: int = 0
     best_epoch: int = 0

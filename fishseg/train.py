@@ -415,19 +415,20 @@ def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume:
 
 
 def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device: str = "auto",
-                 stream: bool | None = None, resume: bool = False, overwrite: bool = False) -> RunRecord:
+                 stream: bool | None = None, resume: bool = False, overwrite: bool = False,
+                 compiled: bool = False) -> RunRecord:
     """Train ``config.decoder`` on the cache's train split into ``out_dir``; returns the run's record.
 
     ``stream``: read batches from the HDF5 file (True), hold the cache in memory (False), or decide from
     the free memory (None). ``resume`` continues an unfinished run from its last finished epoch;
-    ``overwrite`` replaces an existing run. Under torchrun each rank computes its share of every batch,
-    and rank 0 writes the run folder.
+    ``overwrite`` replaces an existing run; ``compiled`` runs the decoder through ``torch.compile``. Under
+    torchrun each rank computes its share of every batch, and rank 0 writes the run folder.
     """
     with distributed.session(resolve_device(device)) as (ranks, torch_device), FeatureCache(cache_path) as cache:
         plan_run(out_dir, config, cache, resume=resume, overwrite=overwrite)  # refuse before loading anything
-        data = TrainingData.open(cache, stream, ranks.local, guides=uses_image(config.decoder))
+        data = TrainingData.open(cache, stream, ranks.local, guides=uses_image(config.decoder), device=torch_device)
         record = train_run(data, out_dir, config, ranks=ranks, device=torch_device, resume=resume,
-                           overwrite=overwrite)
+                           overwrite=overwrite, compiled=compiled)
         ranks.barrier()  # the run folder is complete before any rank returns
     return record
 
@@ -443,7 +444,7 @@ EpochCallback = Callable[[RunRecord, dict[str, float]], None]
 
 def train_run(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: Ranks = Ranks(),
               device: torch.device = torch.device("cpu"), resume: bool = False, overwrite: bool = False,
-              on_epoch: EpochCallback | None = None) -> RunRecord:
+              on_epoch: EpochCallback | None = None, compiled: bool = False) -> RunRecord:
     """Train into ``out_dir`` from already opened data (``run_training`` opens it; a sweep shares it).
 
     ``on_epoch`` sees the record and the epoch's summary row after each epoch (default: a log line).
@@ -461,7 +462,7 @@ def train_run(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: 
         if overwrite and ranks.main:
             clear_run(out_dir)
         try:
-            return _train(data, out_dir, config, ranks, device, previous, on_epoch or _log_epoch)
+            return _train(data, out_dir, config, ranks, device, previous, on_epoch or _log_epoch, compiled)
         except (KeyboardInterrupt, FishsegError) as stop:
             if ranks.main:
                 _after_stop(out_dir, created, failed=isinstance(stop, FishsegError))
@@ -492,13 +493,15 @@ class _Session:
 
 
 def _start_session(config: TrainConfig, feature_dim: int, steps_per_epoch: int, ranks: Ranks, device: torch.device,
-                   out_dir: Path, previous: RunRecord | None) -> _Session:
+                   out_dir: Path, previous: RunRecord | None, compiled: bool) -> _Session:
     torch.manual_seed(config.seed)
     decoder = build_decoder(config.decoder, feature_dim)
     if previous is not None:
         decoder.load_state_dict(load_checkpoint(verified(out_dir, previous.checkpoints["last"]))[0].state_dict())
     decoder.to(device)
     model = distributed.data_parallel(decoder, ranks, device)
+    if compiled:
+        model = torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   **fused_option(device))
     scheduler = learning_rate_schedule(optimizer, config, steps_per_epoch)
@@ -509,7 +512,7 @@ def _start_session(config: TrainConfig, feature_dim: int, steps_per_epoch: int, 
 
 
 def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks, device: torch.device,
-           previous: RunRecord | None, on_epoch: EpochCallback) -> RunRecord:
+           previous: RunRecord | None, on_epoch: EpochCallback, compiled: bool) -> RunRecord:
     cache = data.cache
     train_idx, val_idx, groups = split_indices(cache, config)
     layers = check_cache(cache, config)
@@ -517,14 +520,14 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
     train, val = data.split(train_idx, layers, guides=guides), data.split(val_idx, layers, guides=guides)
     in_dim = len(layers) * cache.backbone.feature_dim
     session = _start_session(config, in_dim, math.ceil(len(train) / config.batch_size), ranks,
-                             device, out_dir, previous)
+                             device, out_dir, previous, compiled)
     split = {"train": [cache.image_ids[i] for i in train_idx], "val": [cache.image_ids[i] for i in val_idx]}
     if previous is not None and read_split(out_dir) != split:
         raise FishsegError(f"{out_dir / SPLIT_FILE}: differs from the split its settings give on {cache.path}; "
                            f"the run cannot be resumed (train it again with --overwrite)")
     record = previous or _new_record(cache, config, train_idx, val_idx, groups)
     record = dataclasses.replace(record, status=RUNNING, features=data.describe(), device=str(device),
-                                 processes=ranks.world)
+                                 processes=ranks.world, compiled=compiled)
     if ranks.main:
         if previous is None:
             write_split(out_dir, split["train"], split["val"])

@@ -259,3 +259,20 @@ def test_a_guide_is_seen_in_the_same_view_as_its_features(tmp_path: Path) -> Non
     run_training(cache, tmp_path / "b", config, device="cpu", stream=True)
     history = [json.loads((tmp_path / name / "history.json").read_text())["iterations"] for name in "ab"]
     assert history[0] == history[1]
+
+
+def test_compile_runs_the_decoder_through_torch_compile_and_is_recorded(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flag's plumbing (torch.compile itself is replaced: its first compile takes minutes on this CPU)."""
+    from click.testing import CliRunner
+
+    from fishseg.cli import main
+
+    compiled: list[torch.nn.Module] = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=10)
+    result = CliRunner().invoke(main, ["train", "--cache", str(cache), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                       "--device", "cpu", "--compile"])
+    assert result.exit_code == 0, result.output
+    assert len(compiled) == 1 and read_record(tmp_path / "run").compiled
+    assert not run_training(cache, tmp_path / "plain", TrainConfig(epochs=1), device="cpu").compiled
