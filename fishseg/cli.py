@@ -312,11 +312,14 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
                    "on the command line replace the file's.")
 @sweep_options
 @cv_option("Each config is a K-fold cross-validation instead of one split.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1),
+              help="Configs trained at a time on the one device, sharing one copy of the cache (on a GPU, more "
+                   "than 1 keeps it busy; results are those of one at a time).")
 @stream_option
 @device_option
 @command
-def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, stream: bool | None, device: str,
-          **lists: tuple | None) -> None:
+def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, jobs: int, stream: bool | None,
+          device: str, **lists: tuple | None) -> None:
     """Train every combination of the given values (the Cartesian product) over one cache, then compare them.
 
     Example: `fishseg sweep --cache C --out S --decoder seed-cnn,linear --lr 1e-3,3e-4 --epochs 20`
@@ -329,7 +332,7 @@ def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, strea
 
     grid = read_grid_file(grid_file, SWEEP_FIELDS) if grid_file else {}
     grid.update({field: values for field, values in lists.items() if values is not None})
-    result = run_sweep(cache_path, out, grid, folds=folds, device=device, stream=stream)
+    result = run_sweep(cache_path, out, grid, folds=folds, device=device, stream=stream, jobs=jobs)
     click.echo(result.closing_line())
 
 

@@ -9,6 +9,7 @@ by index on that device. On the CPU the tensors are exactly those a whole read w
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import numpy as np
@@ -61,7 +62,11 @@ class ResidentViews(dict):
     def __init__(self, cache: FeatureCache, device: torch.device, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.cache, self.device, self.dtype = cache, device, dtype
+        self.uploading = threading.Lock()  # a sweep's concurrent jobs ask for a view once between them
 
     def __missing__(self, view: str) -> torch.Tensor:
-        self[view] = upload(lambda rows: self.cache.features(rows, view), len(self.cache), self.device, self.dtype)
+        with self.uploading:
+            if view not in self:
+                self[view] = upload(lambda rows: self.cache.features(rows, view), len(self.cache), self.device,
+                                    self.dtype)
         return self[view]

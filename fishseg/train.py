@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -492,10 +493,14 @@ class _Session:
     generator: torch.Generator
 
 
+_GLOBAL_RNG = threading.Lock()
+
+
 def _start_session(config: TrainConfig, feature_dim: int, steps_per_epoch: int, ranks: Ranks, device: torch.device,
                    out_dir: Path, previous: RunRecord | None, compiled: bool) -> _Session:
-    torch.manual_seed(config.seed)
-    decoder = build_decoder(config.decoder, feature_dim)
+    with _GLOBAL_RNG:  # a sweep's concurrent jobs each get the initial weights of their seed
+        torch.manual_seed(config.seed)
+        decoder = build_decoder(config.decoder, feature_dim)
     if previous is not None:
         decoder.load_state_dict(load_checkpoint(verified(out_dir, previous.checkpoints["last"]))[0].state_dict())
     decoder.to(device)

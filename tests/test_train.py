@@ -276,3 +276,13 @@ def test_compile_runs_the_decoder_through_torch_compile_and_is_recorded(tmp_path
     assert result.exit_code == 0, result.output
     assert len(compiled) == 1 and read_record(tmp_path / "run").compiled
     assert not run_training(cache, tmp_path / "plain", TrainConfig(epochs=1), device="cpu").compiled
+
+
+@pytest.mark.slow
+def test_a_compiled_decoder_trains_like_the_eager_one(tmp_path: Path) -> None:
+    """torch.compile for real (its first compile takes tens of seconds on the 2-core CPU)."""
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=10)
+    config = TrainConfig(decoder="linear", epochs=2, batch_size=4)
+    compiled = run_training(cache, tmp_path / "compiled", config, device="cpu", compiled=True)
+    eager = run_training(cache, tmp_path / "eager", config, device="cpu")
+    assert compiled.compiled and compiled.best_val_iou == pytest.approx(eager.best_val_iou, abs=1e-4)
