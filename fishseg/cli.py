@@ -295,12 +295,14 @@ def stream_option(function: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--resume", is_flag=True, help="Continue the unfinished run in OUT from its last finished epoch, with "
                                              "its own settings (options given must agree with them).")
 @click.option("--overwrite", is_flag=True, help="Replace the run in OUT (refused without it or --resume).")
+@click.option("--compile", "compiled", is_flag=True,
+              help="Run the decoder through torch.compile (pays a compile first; recorded in run.json).")
 @stream_option
 @device_option
 @deterministic_option
 @command
-def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool, stream: bool | None, device: str,
-          **fields: Any) -> None:
+def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool, compiled: bool, stream: bool | None,
+          device: str, **fields: Any) -> None:
     """Train a decoder from the cached features only (no images, no backbone).
 
     A folder that already holds a run is never overwritten silently: add --resume to continue it
@@ -319,13 +321,14 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
     config = dataclasses.replace(recorded, **_given(fields)) if recorded else TrainConfig(**fields)
     if config.folds:
         cv = run_cross_validation(cache_path, out, config, device=device, stream=stream, resume=resume,
-                                  overwrite=overwrite)
+                                  overwrite=overwrite, compiled=compiled)
         if is_main_process():
             click.echo(f"{config.folds}-fold {config.split} cross-validation: " + ", ".join(
                 f"{name} {value['mean']:.4f} ± {value['std']:.4f}" for name, value in cv["summary"].items()))
             click.echo(f"written: {out}/cv.json")
         return
-    record = run_training(cache_path, out, config, device=device, stream=stream, resume=resume, overwrite=overwrite)
+    record = run_training(cache_path, out, config, device=device, stream=stream, resume=resume, overwrite=overwrite,
+                          compiled=compiled)
     if is_main_process():
         duplicates = plural(record.split["val_with_duplicate_in_train"], "val image")
         click.echo(f"run {record.status}: {out} (best val IoU {record.best_val_iou:.4f} at epoch {record.best_epoch} "
@@ -341,12 +344,15 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
                    "on the command line replace the file's.")
 @sweep_options
 @cv_option("Each config is a K-fold cross-validation instead of one split.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1),
+              help="Configs trained at a time on the one device, sharing one copy of the cache (on a GPU, more "
+                   "than 1 keeps it busy; results are those of one at a time).")
 @stream_option
 @device_option
 @deterministic_option
 @command
-def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, stream: bool | None, device: str,
-          **lists: tuple | None) -> None:
+def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, jobs: int, stream: bool | None,
+          device: str, **lists: tuple | None) -> None:
     """Train every combination of the given values (the Cartesian product) over one cache, then compare them.
 
     Example: `fishseg sweep --cache C --out S --decoder seed-cnn,linear --lr 1e-3,3e-4 --epochs 20`
@@ -359,7 +365,7 @@ def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, strea
 
     grid = read_grid_file(grid_file, SWEEP_FIELDS) if grid_file else {}
     grid.update({field: values for field, values in lists.items() if values is not None})
-    result = run_sweep(cache_path, out, grid, folds=folds, device=device, stream=stream)
+    result = run_sweep(cache_path, out, grid, folds=folds, device=device, stream=stream, jobs=jobs)
     click.echo(result.closing_line())
 
 

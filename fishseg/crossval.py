@@ -55,20 +55,21 @@ def plan_cross_validation(out_dir: Path, config: TrainConfig, *, resume: bool, o
 
 
 def run_cross_validation(cache_path: Path, out_dir: Path, config: TrainConfig, *, device: str = "auto",
-                         stream: bool | None = None, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+                         stream: bool | None = None, resume: bool = False, overwrite: bool = False,
+                         compiled: bool = False) -> dict[str, Any]:
     """Train and score one run per fold of ``config.folds`` in ``out_dir/fold-k``; writes ``cv.json`` with
     mean ± std over folds. Under torchrun every fold trains on all ranks; rank 0 alone scores the folds and
     writes cv.json (the other ranks return ``{}``)."""
     with distributed.session(resolve_device(device)) as (ranks, torch_device), FeatureCache(cache_path) as cache:
         plan_cross_validation(out_dir, config, resume=resume, overwrite=overwrite)
-        data = TrainingData.open(cache, stream, ranks.local, guides=uses_image(config.decoder))
+        data = TrainingData.open(cache, stream, ranks.local, guides=uses_image(config.decoder), device=torch_device)
         return cross_validate(data, out_dir, config, ranks=ranks, device=torch_device, resume=resume,
-                              overwrite=overwrite)
+                              overwrite=overwrite, compiled=compiled)
 
 
 def cross_validate(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: Ranks = Ranks(),
                    device: torch.device = torch.device("cpu"), resume: bool = False, overwrite: bool = False,
-                   on_epoch: EpochCallback | None = None) -> dict[str, Any]:
+                   on_epoch: EpochCallback | None = None, compiled: bool = False) -> dict[str, Any]:
     """Cross-validate from already opened data (a sweep shares it between configs)."""
     plan_cross_validation(out_dir, config, resume=resume, overwrite=overwrite)
     ranks.barrier()  # every rank has read the folder before rank 0 writes into it
@@ -84,7 +85,7 @@ def cross_validate(data: TrainingData, out_dir: Path, config: TrainConfig, *, ra
             write_cv(out_dir, cv)
             logger.info("fold %d of %d", fold + 1, config.folds)
         train_run(data, run_dir, dataclasses.replace(config, fold=fold), ranks=ranks, device=device,
-                  resume=resume and holds_run(run_dir), on_epoch=on_epoch)
+                  resume=resume and holds_run(run_dir), on_epoch=on_epoch, compiled=compiled)
         if ranks.main:
             cv["folds"][fold] = _score_fold(data.cache, run_dir, fold, device)
     if not ranks.main:

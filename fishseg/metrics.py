@@ -8,6 +8,8 @@ scikit-learn's ``zero_division=0``).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,8 +21,9 @@ REFERENCE_BATCH = 8  # the reference notebook's validation batch size
 
 
 def binarize(logits: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
-    """Logits → boolean foreground mask at a probability threshold."""
-    return torch.sigmoid(logits) > threshold
+    """Logits → boolean foreground mask at a probability threshold, compared as the logit of the threshold
+    (at 0.5: ``logits > 0``), with no sigmoid computed."""
+    return logits > math.log(threshold / (1 - threshold))
 
 
 def _counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

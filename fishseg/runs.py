@@ -5,8 +5,11 @@ A run folder (``train --out RUN``):
 - ``run.json``: the ``RunRecord``. Written last after every epoch, it is the commit point: every file it
   names is complete, and a crash at any moment leaves the record of the last finished epoch.
 - ``split.json``: train and val image ids.
-- ``history.json``: per-iteration and per-epoch values. Written just before ``run.json``, so after a crash
-  it may hold one epoch more; ``read_history`` cuts it to the record.
+- ``history.jsonl``: per-iteration and per-epoch values while the run is unfinished, one line an epoch,
+  appended (and synced) just before ``run.json`` is written: after a crash it may hold one epoch more or a
+  torn last line, which ``read_history`` ignores and a resume cuts away.
+- ``history.json``: the whole history in one JSON object, written once the run finishes (the journal then
+  goes); run folders of earlier versions hold only this file.
 - ``checkpoints/epoch-NNNN.safetensors``: decoder weights + JSON (``fishseg.decoders``), written once and
   never modified, so the record's SHA-256 of the best one stays true until the record names another.
 - ``checkpoints/epoch-NNNN.resume.safetensors``: AdamW moments, scheduler position and RNG states of the
@@ -25,6 +28,7 @@ import dataclasses
 import datetime
 import fcntl
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,6 +45,7 @@ from fishseg.errors import FishsegError
 from fishseg.runtime import UNRECORDED, atomic_path, file_digest, make_output_dir, read_json, write_json
 
 RUN_FILE, SPLIT_FILE, HISTORY_FILE, LOCK_FILE = "run.json", "split.json", "history.json", ".lock"
+HISTORY_JOURNAL = "history.jsonl"
 CHECKPOINT_DIR, REPORT_DIR = "checkpoints", "report"
 CV_FILE, SWEEP_FILE = "cv.json", "sweep.json"
 RUNNING, FINISHED, INTERRUPTED = "running", "finished", "interrupted"
@@ -70,6 +75,7 @@ class RunRecord:
     processes: int
     precision: str = UNRECORDED  # the decoder's (fp32, bf16, fp16) in the latest session; older runs: unrecorded
     deterministic: bool = False  # whether the latest session ran with deterministic algorithms only
+    compiled: bool = False  # whether the latest session ran the decoder through torch.compile
     status: str = RUNNING
     epochs_done: int = 0
     best_epoch: int = 0
@@ -130,12 +136,59 @@ def write_record(run_dir: Path, record: RunRecord) -> None:
 
 
 def read_history(run_dir: Path, record: RunRecord) -> dict[str, Any]:
-    """history.json cut to the record's finished epochs (a crash can leave it one epoch ahead)."""
-    history = read_json(run_dir / HISTORY_FILE) if (run_dir / HISTORY_FILE).is_file() else empty_history()
+    """The history of the record's finished epochs, from the journal of an unfinished run or from
+    history.json (either may be an epoch ahead of the record after a crash)."""
+    if (run_dir / HISTORY_JOURNAL).is_file():
+        history = _joined(_journal_entries(run_dir / HISTORY_JOURNAL))
+    else:
+        history = read_json(run_dir / HISTORY_FILE) if (run_dir / HISTORY_FILE).is_file() else empty_history()
     done = record.epochs_done
     return {"epochs": history["epochs"][:done],
             "iterations": {split: [row for row in rows if row["epoch"] <= done]
                            for split, rows in history["iterations"].items()}}
+
+
+def history_entry(row: dict[str, float], iterations: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """One epoch's line of the journal: its summary row and its per-iteration rows of each split."""
+    return {"epoch": row, "iterations": iterations}
+
+
+def _journal_entries(path: Path) -> list[dict[str, Any]]:
+    """The journal's complete lines; a torn last line (a crash in the middle of an append) ends it."""
+    entries = []
+    for line in path.read_bytes().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            break
+    return entries
+
+
+def _joined(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    history = empty_history()
+    for entry in entries:
+        history["epochs"].append(entry["epoch"])
+        for split, rows in entry["iterations"].items():
+            history["iterations"][split] += rows
+    return history
+
+
+def cut_history(run_dir: Path, record: RunRecord) -> None:
+    """Before a resume appends to it: the journal holds the record's finished epochs and nothing more (no
+    epoch a crash left ahead, no torn line), whichever file held them."""
+    history = read_history(run_dir, record)
+    entries = [history_entry(row, {split: [step for step in rows if step["epoch"] == row["epoch"]]
+                                   for split, rows in history["iterations"].items()}) for row in history["epochs"]]
+    with atomic_path(run_dir / HISTORY_JOURNAL) as tmp:
+        tmp.write_text("".join(json.dumps(entry) + "\n" for entry in entries), encoding="utf-8")
+
+
+def _append_line(path: Path, entry: dict[str, Any]) -> None:
+    """One JSON line at the end of ``path``, on disk before this returns."""
+    with open(path, "ab") as handle:
+        handle.write(json.dumps(entry).encode("utf-8") + b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def empty_history() -> dict[str, Any]:
@@ -240,12 +293,16 @@ def read_resume_state(run_dir: Path, record: RunRecord, optimizer: torch.optim.O
     torch.set_rng_state(tensors["torch_rng"])
 
 
-def commit_epoch(run_dir: Path, record: RunRecord, history: dict[str, Any]) -> None:
-    """Make the epoch the record now describes the run's state: history first, then the record (the commit
-    point), then drop the checkpoint files the record no longer names. Only the lock holder calls this, so no
-    other writer's temp file is touched."""
-    write_json(run_dir / HISTORY_FILE, history)
+def commit_epoch(run_dir: Path, record: RunRecord, entry: dict[str, Any]) -> None:
+    """Make the epoch the record now describes the run's state: its history line appended first, then the
+    record (the commit point); a finished run's history then becomes history.json. Last, drop the
+    checkpoint files the record no longer names. Only the lock holder calls this, so no other writer's temp
+    file is touched."""
+    _append_line(run_dir / HISTORY_JOURNAL, entry)
     write_record(run_dir, record)
+    if record.status == FINISHED:
+        write_json(run_dir / HISTORY_FILE, read_history(run_dir, record))
+        (run_dir / HISTORY_JOURNAL).unlink()
     named = {ref.file for ref in record.checkpoints.values()}
     for path in _own_files(run_dir):
         if path.relative_to(run_dir).as_posix() not in named:
@@ -253,7 +310,7 @@ def commit_epoch(run_dir: Path, record: RunRecord, history: dict[str, Any]) -> N
 
 
 OWN_CHECKPOINT = re.compile(r"epoch-\d{4}(\.resume)?\.safetensors")
-OWN_TEMPORARY = re.compile(r"\.(epoch-\d{4}(\.resume)?\.safetensors|run\.json|history\.json|split\.json)\.\w+\.tmp")
+OWN_TEMPORARY = re.compile(r"\.(epoch-\d{4}(\.resume)?\.safetensors|run\.json|history\.jsonl?|split\.json)\.\w+\.tmp")
 
 
 def _own_files(run_dir: Path) -> list[Path]:
@@ -274,7 +331,7 @@ def clear_run(run_dir: Path) -> None:
     """Remove the files fishseg wrote for a run (``--overwrite``): the record, split, history, checkpoints and
     the report's scores, so nothing stale is read as the new run's. Nothing else is touched: other files in
     ``report/`` stay until ``evaluate`` writes a new report."""
-    for path in (*(run_dir / name for name in (RUN_FILE, SPLIT_FILE, HISTORY_FILE, CV_FILE)),
+    for path in (*(run_dir / name for name in (RUN_FILE, SPLIT_FILE, HISTORY_FILE, HISTORY_JOURNAL, CV_FILE)),
                  *(run_dir / REPORT_DIR / name for name in SCORE_FILES), *_own_files(run_dir)):
         path.unlink(missing_ok=True)
     for folder in (CHECKPOINT_DIR, REPORT_DIR):

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import re
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -31,7 +34,7 @@ from fishseg.evaluate import evaluate_run, write_scores
 from fishseg.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, RunRecord, differing_fields, holds_cv, holds_run,
                           holds_sweep, read_cv, read_record, read_sweep, write_sweep)
 from fishseg.runtime import make_output_dir, plural, resolve_device
-from fishseg.train import TrainingData, plan_run, train_run
+from fishseg.train import EpochCallback, TrainingData, plan_run, train_run
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -177,9 +180,12 @@ def _quiet(names: Sequence[str]) -> Iterator[None]:
 
 
 def run_sweep(cache_path: Path, out_dir: Path, grid: Grid, *, folds: int = 0, device: str = "auto",
-              stream: bool | None = None) -> SweepResult:
+              stream: bool | None = None, jobs: int = 1) -> SweepResult:
     """Train (or resume, or skip) every config of the grid, score each, and write the leaderboard into
-    ``out_dir``. Everything that would be refused is checked before anything is trained."""
+    ``out_dir``. Everything that would be refused is checked before anything is trained. ``jobs`` configs
+    train at a time on the one device, sharing the one copy of the cache."""
+    if jobs < 1:
+        raise FishsegError(f"--jobs {jobs}: give 1 or more configs to train at a time")
     started = time.perf_counter()
     configs = expand_grid(grid, folds)
     torch_device = resolve_device(device)
@@ -196,10 +202,10 @@ def run_sweep(cache_path: Path, out_dir: Path, grid: Grid, *, folds: int = 0, de
         epoch_seconds, startup_seconds = 0.0, 0.0
         if todo:
             startup_seconds = _torch_startup()
-            data = TrainingData.open(cache, stream, guides=any(uses_image(entry.config.decoder) for entry in todo))
+            data = TrainingData.open(cache, stream, guides=any(uses_image(entry.config.decoder) for entry in todo),
+                                     device=torch_device)
             with _quiet(QUIET_DURING_SWEEP):
-                for position, entry in enumerate(todo, start=1):
-                    epoch_seconds += _train_entry(data, out_dir, entry, torch_device, position, len(todo), started)
+                epoch_seconds = _train_all(data, out_dir, todo, torch_device, started, jobs)
     leaderboard = run_compare([out_dir], out_dir, cache_path=cache_path, device=device)
     return SweepResult(len(configs), len(todo), time.perf_counter() - started, startup_seconds, epoch_seconds,
                        leaderboard)
@@ -213,9 +219,34 @@ def _torch_startup() -> float:
     return time.perf_counter() - started
 
 
-def _train_entry(data: TrainingData, out_dir: Path, entry: SweepConfig, device: Any, position: int, total: int,
-                 started: float) -> float:
-    """Train one config (resuming what is there) and score it; returns its seconds inside epochs."""
+def _train_all(data: TrainingData, out_dir: Path, todo: list[SweepConfig], device: torch.device, started: float,
+               jobs: int) -> float:
+    """Train the configs ``jobs`` at a time (threads: torch releases the GIL in its kernels, and on a GPU each
+    job queues its kernels on a stream of its own); returns their seconds inside epochs. Ctrl-C stops every
+    job at the end of its epoch, each run left resumable."""
+    train = functools.partial(_train_entry, data, out_dir, device=device, total=len(todo), started=started)
+    if jobs == 1:
+        return sum(train(entry, position) for position, entry in enumerate(todo, start=1))
+    stop = threading.Event()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        running = [pool.submit(train, entry, position, stop=stop) for position, entry in enumerate(todo, start=1)]
+        try:
+            return sum(future.result() for future in running)
+        except BaseException:
+            stop.set()
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def _job_stream(device: torch.device) -> contextlib.AbstractContextManager:
+    """A CUDA stream of the job's own, so that concurrent jobs' kernels can overlap; nothing on the CPU."""
+    return torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _train_entry(data: TrainingData, out_dir: Path, entry: SweepConfig, position: int, *, device: torch.device,
+                 total: int, started: float, stop: threading.Event | None = None) -> float:
+    """Train one config (resuming what is there) and score it; returns its seconds inside epochs. A set
+    ``stop`` interrupts it after its current epoch."""
     folder, config = out_dir / entry.name, entry.config
     epochs = config.epochs * max(config.folds, 1)
     seconds = 0.0
@@ -225,16 +256,24 @@ def _train_entry(data: TrainingData, out_dir: Path, entry: SweepConfig, device: 
             seconds += row["seconds"]
             bar.update(1)
             bar.set_postfix(val_iou=f"{row['val_iou']:.3f}")
+            if stop is not None and stop.is_set() and record.status != FINISHED:
+                raise KeyboardInterrupt
 
-        if config.folds:
-            cv = cross_validate(data, folder, config, device=device, resume=holds_cv(folder), on_epoch=on_epoch)
-            score = f"mean IoU {cv['summary']['mean_iou']['mean']:.4f} ± {cv['summary']['mean_iou']['std']:.4f}"
-        else:
-            train_run(data, folder, config, device=device, resume=holds_run(folder), on_epoch=on_epoch)
-            evaluation = evaluate_run(data.cache, folder, device, full=False)
-            write_scores(folder / REPORT_DIR, evaluation)
-            score = f"mean IoU {evaluation.metrics['mean_iou']:.4f}"
+        with _job_stream(device):
+            score = _train_and_score(data, folder, config, device, on_epoch)
     elapsed = time.perf_counter() - started
     left = elapsed / position * (total - position)
     tqdm.write(f"[{position}/{total}] {entry.name}: {score} ({elapsed:.0f} s so far, about {left:.0f} s left)")
     return seconds
+
+
+def _train_and_score(data: TrainingData, folder: Path, config: TrainConfig, device: torch.device,
+                     on_epoch: EpochCallback) -> str:
+    """Train one config into ``folder`` (resuming what is there), score it, and say its score."""
+    if config.folds:
+        cv = cross_validate(data, folder, config, device=device, resume=holds_cv(folder), on_epoch=on_epoch)
+        return f"mean IoU {cv['summary']['mean_iou']['mean']:.4f} ± {cv['summary']['mean_iou']['std']:.4f}"
+    train_run(data, folder, config, device=device, resume=holds_run(folder), on_epoch=on_epoch)
+    evaluation = evaluate_run(data.cache, folder, device, full=False)
+    write_scores(folder / REPORT_DIR, evaluation)
+    return f"mean IoU {evaluation.metrics['mean_iou']:.4f}"

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,9 +33,10 @@ from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.metrics import binarize, iou_per_image
 from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUNNING, SPLIT_FILE, RunRecord, check_resume_flags,
-                          clear_run, commit_epoch, differing_fields, empty_history, holds_run, is_locked,
-                          read_history, read_record, read_resume_state, read_split, training_lock, verified,
+                          clear_run, commit_epoch, cut_history, differing_fields, history_entry, holds_run,
+                          is_locked, read_record, read_resume_state, read_split, training_lock, verified,
                           write_checkpoint, write_record, write_resume_state, write_split)
+from fishseg.resident import ResidentViews, fits_on_device, resident_bytes, upload
 from fishseg.runtime import (active_precision, autocast, available_memory, backward_step, require_same_precision,
                              resolve_device)
 
@@ -91,16 +93,17 @@ def _read_views(rows: Any, view_ids: ViewIds, views: tuple[str, ...], read: Call
 
 
 class InMemorySplit:
-    """A split of features (float16 h×w×C per view), masks (uint8 S×S) and, for a decoder that uses the image,
-    guide previews (uint8 P×P×3) held in memory, gathered per batch from tensors that may hold the whole cache
-    (a sweep loads it once for all its runs). ``channels`` selects the run's layers (None: all)."""
+    """A split of features (h×w×C per view), masks (uint8 S×S) and, for a decoder that uses the image, guide
+    previews (uint8 P×P×3) held whole in memory or on the GPU, gathered per batch on the device that holds
+    them from tensors that may hold the whole cache (a sweep loads it once for all its runs). ``channels``
+    selects the run's layers (None: all)."""
 
     def __init__(self, features: Mapping[str, torch.Tensor], masks: torch.Tensor, indices: np.ndarray,
                  channels: np.ndarray | None = None, views: tuple[str, ...] = (IDENTITY,),
                  previews: torch.Tensor | None = None) -> None:
-        self.features, self.masks, self.indices = features, masks, torch.from_numpy(np.asarray(indices))
-        self.channels = None if channels is None else torch.from_numpy(channels)
-        self.views, self.previews = views, previews
+        self.features, self.masks, self.views, self.previews = features, masks, views, previews
+        self.indices = torch.from_numpy(np.asarray(indices)).to(masks.device)
+        self.channels = None if channels is None else torch.from_numpy(channels).to(masks.device)
 
     @classmethod
     def from_cache(cls, cache: FeatureCache, indices: np.ndarray) -> InMemorySplit:
@@ -118,8 +121,14 @@ class InMemorySplit:
                 apply_view(self.masks[rows], view, (1, 2)), guides)
 
     def batches(self, batches: Iterable[torch.Tensor], view_ids: ViewIds = None) -> Iterator[Batch]:
-        for positions in batches:
-            yield _read_views(self.indices[positions], None if view_ids is None else view_ids[positions], self.views,
+        """The batches of positions, their rows gathered where the tensors are: the positions go there in one
+        copy, not one a batch."""
+        batches = list(batches)
+        if not batches:
+            return
+        there = torch.cat(batches).to(self.masks.device, non_blocking=True).split([len(b) for b in batches])
+        for positions, rows in zip(batches, there):
+            yield _read_views(self.indices[rows], None if view_ids is None else view_ids[positions], self.views,
                               self._read)
 
 
@@ -187,10 +196,10 @@ def dihedral(generator: torch.Generator, *grids: torch.Tensor | None) -> tuple[t
 
 def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor, device: torch.device,
                  optimizer: torch.optim.Optimizer | None = None, loss: str = "bce", *,
-                 guides: torch.Tensor | None = None, image_weight: float | None = None,
-                 ranks: Ranks = Ranks()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward (and a training step when given an optimizer); returns per-image losses and IoUs (B).
-    ``guides``: the previews B×P×P×3, for a decoder that uses the image.
+                 guides: torch.Tensor | None = None, image_weight: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (and a training step when given an optimizer); returns per-image losses and IoUs (B), on the
+    device and without waiting for it: a non-finite loss is the caller's to check (``run_epoch``, once an
+    epoch). ``guides``: the previews B×P×P×3, for a decoder that uses the image.
 
     ``image_weight``: each image's weight in the loss, 1/B by default (the batch mean). Under torchrun a
     rank holds part of a global batch of G images and passes ``world/G``: DistributedDataParallel averages
@@ -201,10 +210,6 @@ def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor
         logits = segment(decoder, features.to(device, non_blocking=True), target.shape[-1],
                          None if guides is None else guides.to(device, non_blocking=True))
     losses = image_losses(logits.float(), target, loss)
-    if not ranks.all(torch.isfinite(losses).all()):
-        cause = ("the batch's features hold NaN or inf; extract the cache again" if not torch.isfinite(features).all()
-                 else "the decoder diverged on finite features; lower --lr")
-        raise FishsegError(f"loss is NaN or infinite: {cause} (the last good checkpoint is kept)")
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
         backward_step(optimizer, losses.sum() * (1 / len(losses) if image_weight is None else image_weight), device)
@@ -218,8 +223,10 @@ def run_epoch(decoder: nn.Module, split: Split, batch_size: int, device: torch.d
     """One pass over a split in random order with a training step per batch (given an optimizer), or in
     index order without.
 
-    Under torchrun every rank draws the same order and augmentation, computes its contiguous share of each
-    batch, and receives everyone's per-image values at the end: all ranks return the one-process result.
+    The per-image values stay on the device until the epoch ends (one copy to the host, no wait per step);
+    a non-finite loss then stops the run, the epoch unrecorded. Under torchrun every rank draws the same
+    order and augmentation, computes its contiguous share of each batch, and receives everyone's per-image
+    values at the end: all ranks return the one-process result.
     """
     training = optimizer is not None
     decoder.train(training)
@@ -227,20 +234,41 @@ def run_epoch(decoder: nn.Module, split: Split, batch_size: int, device: torch.d
     views = (torch.randint(0, len(split.views), (len(split),), generator=generator)
              if training and augment == "views" else None)  # one stored view per image, identity included
     batches = order.split(batch_size)
-    losses_per_batch, ious_per_batch = [], []
-    for batch, (features, masks, guides) in zip(batches, split.batches((ranks.shard(batch) for batch in batches),
-                                                                       views)):
+    shards = [ranks.shard(batch) for batch in batches]
+    losses, ious = [], []
+    for batch, (features, masks, guides) in zip(batches, split.batches(shards, views)):
         if training and augment == "flips":
             features, masks, guides = dihedral(generator, features, masks, guides)
-        losses, ious = decoder_step(decoder, features, masks, device, optimizer, loss, guides=guides,
-                                    image_weight=ranks.world / len(batch), ranks=ranks)
+        batch_losses, batch_ious = decoder_step(decoder, features, masks, device, optimizer, loss, guides=guides,
+                                                image_weight=ranks.world / len(batch))
         if training and scheduler is not None:
             scheduler.step()
-        # Python floats, not NumPy views of batch tensors: such small long-lived views pin heap pages
-        # between the large per-batch buffers and made streamed training's RSS grow with the cache.
-        losses_per_batch.append(losses.tolist())
-        ious_per_batch.append(ious.tolist())
-    return EpochResult.from_ranks(ranks.gather((losses_per_batch, ious_per_batch)))
+        losses.append(batch_losses)
+        ious.append(batch_ious)
+    sizes = [len(shard) for shard in shards]
+    result = EpochResult.from_ranks(ranks.gather((_per_batch(losses, sizes), _per_batch(ious, sizes))))
+    if not all(map(math.isfinite, result.image_losses)):
+        raise FishsegError(f"loss is NaN or infinite: {_non_finite_cause(split, shards, views, result, ranks)} "
+                           f"(the last good checkpoint is kept)")
+    return result
+
+
+def _per_batch(values: list[torch.Tensor], sizes: list[int]) -> list[list[float]]:
+    """Per-batch device tensors as per-batch lists of Python floats, in one copy to the host (Python floats,
+    not NumPy views: small long-lived views pin heap pages between large buffers and made streamed
+    training's RSS grow with the cache)."""
+    flat = torch.cat(values).cpu().tolist() if values else []
+    ends = np.cumsum(sizes).tolist()
+    return [flat[end - size:end] for size, end in zip(sizes, ends)]
+
+
+def _non_finite_cause(split: Split, shards: list[torch.Tensor], views: ViewIds, result: EpochResult,
+                      ranks: Ranks) -> str:
+    """Why the epoch's loss went non-finite, from the features of the first batch where it did."""
+    first = next(k for k, value in enumerate(result.iteration_losses) if not math.isfinite(value))
+    features = next(iter(split.batches([shards[first]], views)))[0]
+    return ("the decoder diverged on finite features; lower --lr" if ranks.all(torch.isfinite(features).all())
+            else "the batch's features hold NaN or inf; extract the cache again")
 
 
 def epoch_summary(epoch: int, train: EpochResult, val: EpochResult, seconds: float) -> dict[str, float]:
@@ -261,8 +289,9 @@ def _iterations(epoch: int, result: EpochResult) -> list[dict[str, float]]:
 
 @dataclasses.dataclass
 class TrainingData:
-    """A cache opened for training: every image's features and masks (and, with ``guides``, previews) loaded
-    once (a sweep's runs share them), or ``None`` for all when batches are streamed from the file."""
+    """A cache opened for training: every image's features and masks (and, with ``guides``, previews) held
+    once, on the training device when they fit there (a sweep's runs share them), or ``None`` for all when
+    batches are streamed from the file."""
 
     cache: FeatureCache
     features: Mapping[str, torch.Tensor] | None  # per view, read on first use
@@ -271,27 +300,35 @@ class TrainingData:
     guides: bool = False  # whether splits can yield the previews, for decoders that use the image
 
     @classmethod
-    def open(cls, cache: FeatureCache, stream: bool | None, processes: int = 1, *,
-             guides: bool = False) -> TrainingData:
-        """In memory unless asked to stream, or (``stream=None``) unless the cache would take over half the
-        free memory (each of the ``processes`` on this machine holding its own copy). ``guides``: some decoder
-        to train uses the image, so the previews are held (or streamed) too."""
-        if stream is None:
+    def open(cls, cache: FeatureCache, stream: bool | None, processes: int = 1, *, guides: bool = False,
+             device: torch.device = torch.device("cpu"), dtype: torch.dtype | None = None) -> TrainingData:
+        """On a GPU ``device`` where the cache fits in its free memory (features as ``dtype``, None: as
+        stored), unless asked to stream; else in memory unless asked to stream, or (``stream=None``) unless the
+        cache would take over half the free memory (each of the ``processes`` on this machine holding its own
+        copy). ``guides``: some decoder to train uses the image, so the previews are held (or streamed) too."""
+        on_device = stream is not True and fits_on_device(cache, device, dtype, guides)
+        if stream is None and not on_device:
             free = available_memory()
-            preview_bytes = cache.config.preview_size ** 2 * 3 if guides else 0
-            needed = (cache.bytes_per_image() + preview_bytes) * len(cache) * processes
+            needed = resident_bytes(cache, None, guides) * processes
             stream = free is not None and needed > free // 2
-        if stream:
+        if stream and not on_device:
             return cls(cache, None, None, guides=guides)
-        features = _ViewsInMemory(cache)
+        target = device if on_device else torch.device("cpu")
+        features = ResidentViews(cache, target, dtype)
         features[IDENTITY]  # read now: a run that does not need the other views never reads them
-        everything = np.arange(len(cache))
-        previews = torch.from_numpy(cache.previews(everything)) if guides else None
-        return cls(cache, features, torch.from_numpy(cache.masks(everything)), previews, guides)
+        masks = upload(cache.masks, len(cache), target)
+        previews = upload(cache.previews, len(cache), target) if guides else None
+        return cls(cache, features, masks, previews, guides)
 
     @property
     def streamed(self) -> bool:
         return self.features is None
+
+    def describe(self) -> str:
+        """Where the features are read from, for the run record."""
+        if self.masks is None:
+            return "streamed from HDF5"
+        return "in memory" if self.masks.device.type == "cpu" else f"resident on {self.masks.device}"
 
     def split(self, indices: np.ndarray, layers: tuple[int, ...] | None = None, *, guides: bool = False) -> Split:
         """Images ``indices`` with the cached blocks ``layers`` (None: all); ``guides``: batches carry their
@@ -301,18 +338,6 @@ class TrainingData:
             return StreamedSplit(self.cache, indices, layers, guides)
         return InMemorySplit(self.features, self.masks, indices, self.cache.channels(layers), self.cache.views,
                              self.previews if guides else None)
-
-
-class _ViewsInMemory(dict):
-    """Every image's features of a view (N×h×w×C), read from the cache when first asked for."""
-
-    def __init__(self, cache: FeatureCache) -> None:
-        super().__init__()
-        self.cache = cache
-
-    def __missing__(self, view: str) -> torch.Tensor:
-        self[view] = torch.from_numpy(self.cache.features(np.arange(len(self.cache)), view))
-        return self[view]
 
 
 def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
@@ -391,21 +416,28 @@ def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume:
 
 
 def run_training(cache_path: Path, out_dir: Path, config: TrainConfig, *, device: str = "auto",
-                 stream: bool | None = None, resume: bool = False, overwrite: bool = False) -> RunRecord:
+                 stream: bool | None = None, resume: bool = False, overwrite: bool = False,
+                 compiled: bool = False) -> RunRecord:
     """Train ``config.decoder`` on the cache's train split into ``out_dir``; returns the run's record.
 
     ``stream``: read batches from the HDF5 file (True), hold the cache in memory (False), or decide from
     the free memory (None). ``resume`` continues an unfinished run from its last finished epoch;
-    ``overwrite`` replaces an existing run. Under torchrun each rank computes its share of every batch,
-    and rank 0 writes the run folder.
+    ``overwrite`` replaces an existing run; ``compiled`` runs the decoder through ``torch.compile``. Under
+    torchrun each rank computes its share of every batch, and rank 0 writes the run folder.
     """
     with distributed.session(resolve_device(device)) as (ranks, torch_device), FeatureCache(cache_path) as cache:
         plan_run(out_dir, config, cache, resume=resume, overwrite=overwrite)  # refuse before loading anything
-        data = TrainingData.open(cache, stream, ranks.local, guides=uses_image(config.decoder))
+        data = TrainingData.open(cache, stream, ranks.local, guides=uses_image(config.decoder), device=torch_device)
         record = train_run(data, out_dir, config, ranks=ranks, device=torch_device, resume=resume,
-                           overwrite=overwrite)
+                           overwrite=overwrite, compiled=compiled)
         ranks.barrier()  # the run folder is complete before any rank returns
     return record
+
+
+def fused_option(device: torch.device) -> dict[str, bool]:
+    """AdamW's fused kernel (one launch for every parameter) on CUDA; the CPU keeps the default, whose
+    numbers the CPU tests and resumes were written with."""
+    return {"fused": True} if device.type == "cuda" else {}
 
 
 EpochCallback = Callable[[RunRecord, dict[str, float]], None]
@@ -413,7 +445,7 @@ EpochCallback = Callable[[RunRecord, dict[str, float]], None]
 
 def train_run(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: Ranks = Ranks(),
               device: torch.device = torch.device("cpu"), resume: bool = False, overwrite: bool = False,
-              on_epoch: EpochCallback | None = None) -> RunRecord:
+              on_epoch: EpochCallback | None = None, compiled: bool = False) -> RunRecord:
     """Train into ``out_dir`` from already opened data (``run_training`` opens it; a sweep shares it).
 
     ``on_epoch`` sees the record and the epoch's summary row after each epoch (default: a log line).
@@ -431,7 +463,7 @@ def train_run(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: 
         if overwrite and ranks.main:
             clear_run(out_dir)
         try:
-            return _train(data, out_dir, config, ranks, device, previous, on_epoch or _log_epoch)
+            return _train(data, out_dir, config, ranks, device, previous, on_epoch or _log_epoch, compiled)
         except (KeyboardInterrupt, FishsegError) as stop:
             if ranks.main:
                 _after_stop(out_dir, created, failed=isinstance(stop, FishsegError))
@@ -461,15 +493,22 @@ class _Session:
     generator: torch.Generator
 
 
+_GLOBAL_RNG = threading.Lock()
+
+
 def _start_session(config: TrainConfig, feature_dim: int, steps_per_epoch: int, ranks: Ranks, device: torch.device,
-                   out_dir: Path, previous: RunRecord | None) -> _Session:
-    torch.manual_seed(config.seed)
-    decoder = build_decoder(config.decoder, feature_dim)
+                   out_dir: Path, previous: RunRecord | None, compiled: bool) -> _Session:
+    with _GLOBAL_RNG:  # a sweep's concurrent jobs each get the initial weights of their seed
+        torch.manual_seed(config.seed)
+        decoder = build_decoder(config.decoder, feature_dim)
     if previous is not None:
         decoder.load_state_dict(load_checkpoint(verified(out_dir, previous.checkpoints["last"]))[0].state_dict())
     decoder.to(device)
     model = distributed.data_parallel(decoder, ranks, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if compiled:
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  **fused_option(device))
     scheduler = learning_rate_schedule(optimizer, config, steps_per_epoch)
     generator = torch.Generator().manual_seed(config.seed)
     if previous is not None:
@@ -478,7 +517,7 @@ def _start_session(config: TrainConfig, feature_dim: int, steps_per_epoch: int, 
 
 
 def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks, device: torch.device,
-           previous: RunRecord | None, on_epoch: EpochCallback) -> RunRecord:
+           previous: RunRecord | None, on_epoch: EpochCallback, compiled: bool) -> RunRecord:
     cache = data.cache
     train_idx, val_idx, groups = split_indices(cache, config)
     layers = check_cache(cache, config)
@@ -486,22 +525,23 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
     train, val = data.split(train_idx, layers, guides=guides), data.split(val_idx, layers, guides=guides)
     in_dim = len(layers) * cache.backbone.feature_dim
     session = _start_session(config, in_dim, math.ceil(len(train) / config.batch_size), ranks,
-                             device, out_dir, previous)
+                             device, out_dir, previous, compiled)
     split = {"train": [cache.image_ids[i] for i in train_idx], "val": [cache.image_ids[i] for i in val_idx]}
     if previous is not None and read_split(out_dir) != split:
         raise FishsegError(f"{out_dir / SPLIT_FILE}: differs from the split its settings give on {cache.path}; "
                            f"the run cannot be resumed (train it again with --overwrite)")
     record = previous or _new_record(cache, config, train_idx, val_idx, groups)
-    record = dataclasses.replace(record, status=RUNNING, features="streamed from HDF5" if data.streamed else
-                                 "in memory", device=str(device), processes=ranks.world,
+    record = dataclasses.replace(record, status=RUNNING, features=data.describe(), device=str(device),
+                                 processes=ranks.world, compiled=compiled,
                                  precision=active_precision(device).decoder_name,
                                  deterministic=torch.are_deterministic_algorithms_enabled())
     require_same_precision((previous or record).precision, record.precision, out_dir / RUN_FILE,
                            "resume with its --precision, or train into another --out")
-    history = read_history(out_dir, record) if previous is not None else empty_history()
     if ranks.main:
         if previous is None:
             write_split(out_dir, split["train"], split["val"])
+        else:
+            cut_history(out_dir, record)
         write_record(out_dir, record)
         logger.info("%s %s on %d images, validating on %d (%s%s, features %s)",
                     "resuming" if previous else "training", config.decoder, len(train), len(val), device,
@@ -517,21 +557,19 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
                                  scheduler=session.scheduler, ranks=ranks)
         val_result = run_epoch(session.model, val, config.batch_size, device, loss=config.loss, ranks=ranks)
         row = epoch_summary(epoch, train_result, val_result, time.perf_counter() - started)
-        history["epochs"].append(row)
-        history["iterations"]["train"] += _iterations(epoch, train_result)
-        history["iterations"]["val"] += _iterations(epoch, val_result)
+        entry = history_entry(row, {"train": _iterations(epoch, train_result), "val": _iterations(epoch, val_result)})
         improved = row["val_iou"] > record.best_val_iou
         record = dataclasses.replace(
             record, epochs_done=epoch, status=FINISHED if epoch == config.epochs else RUNNING,
             train_seconds=record.train_seconds + row["seconds"],
             **({"best_epoch": epoch, "best_val_iou": row["val_iou"]} if improved else {}))
         if ranks.main:
-            record = _commit(out_dir, record, history, session, {**meta, "val_iou": row["val_iou"]}, improved)
+            record = _commit(out_dir, record, entry, session, {**meta, "val_iou": row["val_iou"]}, improved)
             on_epoch(record, row)
     return record
 
 
-def _commit(out_dir: Path, record: RunRecord, history: dict[str, Any], session: _Session, meta: dict[str, Any],
+def _commit(out_dir: Path, record: RunRecord, entry: dict[str, Any], session: _Session, meta: dict[str, Any],
             improved: bool) -> RunRecord:
     """Write the epoch's checkpoint (and, unless the run is finished, its resume state), then commit the
     record that names them; returns that record."""
@@ -542,7 +580,7 @@ def _commit(out_dir: Path, record: RunRecord, history: dict[str, Any], session: 
         checkpoints["resume"] = write_resume_state(out_dir, epoch, session.optimizer, session.scheduler,
                                                    session.generator)
     record = dataclasses.replace(record, checkpoints=checkpoints)
-    commit_epoch(out_dir, record, history)
+    commit_epoch(out_dir, record, entry)
     return record
 
 

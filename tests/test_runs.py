@@ -21,7 +21,7 @@ from fishseg.cli import main
 from fishseg.config import TrainConfig
 from fishseg.errors import FishsegError
 from fishseg.evaluate import run_evaluation
-from fishseg.runs import CHECKPOINT_DIR, read_record
+from fishseg.runs import CHECKPOINT_DIR, HISTORY_JOURNAL, cut_history, read_history, read_record
 from fishseg.train import run_training
 from tests.helpers import REPO, interrupt_at_pass, write_toy_cache
 
@@ -294,3 +294,36 @@ def test_a_damaged_record_is_named_and_overwrite_replaces_it(tmp_path: Path, con
         assert status == 2 and re.search(message, output) and "Traceback" not in output, (command, output)
     status, output = _invoke("train", "--cache", cache, "--out", tmp_path / "run", "--epochs", 1, "--overwrite")
     assert status == 0 and read_record(tmp_path / "run").epochs_done == 1, output
+
+
+def test_history_is_a_journal_while_running_and_one_json_once_finished(stopped: tuple[Path, Path]) -> None:
+    """An unfinished run appends a line an epoch (no whole rewrite); a torn last line and an epoch ahead of
+    the record are ignored by readers and cut by a resume; the finished run holds history.json alone."""
+    _, run_dir = stopped
+    record = read_record(run_dir)
+    assert not (run_dir / "history.json").exists()
+    lines = (run_dir / HISTORY_JOURNAL).read_text().splitlines()
+    assert [json.loads(line)["epoch"]["epoch"] for line in lines] == list(range(1, record.epochs_done + 1))
+    ahead = json.loads(lines[-1])
+    for row in (ahead["epoch"], *ahead["iterations"]["train"], *ahead["iterations"]["val"]):
+        row["epoch"] += 1
+    with open(run_dir / HISTORY_JOURNAL, "a") as journal:
+        journal.write(json.dumps(ahead) + "\n" + json.dumps(ahead)[:40])  # an uncommitted epoch, a torn line
+    history = read_history(run_dir, record)
+    assert [row["epoch"] for row in history["epochs"]] == list(range(1, record.epochs_done + 1))
+    cut_history(run_dir, record)
+    assert list(map(json.loads, (run_dir / HISTORY_JOURNAL).read_text().splitlines())) == list(map(json.loads, lines))
+    assert read_history(run_dir, record) == history
+
+
+def test_a_run_folder_of_an_earlier_version_reads_and_resumes_from_history_json(
+        stopped: tuple[Path, Path], reference: tuple[Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cache, reference_run = reference
+    record = read_record(tmp_path / "run")
+    (tmp_path / "run" / "history.json").write_text(json.dumps(read_history(tmp_path / "run", record)))
+    (tmp_path / "run" / HISTORY_JOURNAL).unlink()  # as an earlier fishseg left it
+    monkeypatch.undo()
+    run_training(cache, tmp_path / "run", RECIPE, device="cpu", resume=True)
+    assert not (tmp_path / "run" / HISTORY_JOURNAL).exists()
+    _assert_same_run(tmp_path / "run", reference_run)

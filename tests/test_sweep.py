@@ -177,3 +177,24 @@ def test_layer_sets_are_listed_with_a_slash_and_name_their_folders(tmp_path: Pat
     result = CliRunner().invoke(main, ["sweep", "--cache", str(tmp_path / "none.h5"), "--out", str(tmp_path / "s"),
                                        "--layers", "12/4,8,12/-1,x"])
     assert result.exit_code == 2 and "'-1,x': expected block indices separated by commas" in result.output
+
+
+def _scores(sweep_dir: Path) -> dict[str, tuple]:
+    """Each config's history (but seconds) and its leaderboard scores."""
+    def history(name: str) -> list:
+        rows = json.loads((sweep_dir / name / "history.json").read_text())
+        return [{key: value for key, value in row.items() if key != "seconds"}
+                for row in (*rows["epochs"], *rows["iterations"]["train"], *rows["iterations"]["val"])]
+
+    with (sweep_dir / "leaderboard.csv").open(newline="") as handle:
+        board = {row["name"]: row["mean_iou"] for row in csv.DictReader(handle)}
+    return {name: (history(name), board[name]) for name in NAMES}
+
+
+def test_concurrent_jobs_give_the_results_of_one_config_at_a_time(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=20)
+    for jobs in ("1", "2"):
+        status, output = _sweep(cache, tmp_path / f"jobs-{jobs}", *GRID_ARGS, "--jobs", jobs)
+        assert status == 0 and "4 configs (4 trained now)" in output, output
+    assert _scores(tmp_path / "jobs-1") == _scores(tmp_path / "jobs-2")
+    assert _sweep(cache, tmp_path / "bad", *GRID_ARGS, "--jobs", "0")[0] == 2

@@ -16,7 +16,7 @@ from fishseg.config import TrainConfig
 from fishseg.data import apply_view
 from fishseg.decoders import load_checkpoint
 from fishseg.errors import FishsegError
-from fishseg.runs import RunRecord
+from fishseg.runs import RunRecord, read_history, read_record
 from fishseg.train import (InMemorySplit, StreamedSplit, TrainingData, dihedral, image_losses, learning_rate_schedule,
                            run_training)
 from tests.helpers import write_toy_cache
@@ -114,7 +114,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     assert (record["status"], record["epochs_done"]) == ("interrupted", 1)
     _, last = load_checkpoint(tmp_path / "run" / record["checkpoints"]["last"]["file"])
     assert last["epoch"] == 1
-    assert len(json.loads((tmp_path / "run" / "history.json").read_text())["epochs"]) == 1
+    assert len(read_history(tmp_path / "run", read_record(tmp_path / "run"))["epochs"]) == 1
 
 
 @pytest.mark.parametrize("decoder, floor", [("linear", 0.55), ("seed-cnn", 0.8), ("progressive", 0.8),
@@ -259,3 +259,30 @@ def test_a_guide_is_seen_in_the_same_view_as_its_features(tmp_path: Path) -> Non
     run_training(cache, tmp_path / "b", config, device="cpu", stream=True)
     history = [json.loads((tmp_path / name / "history.json").read_text())["iterations"] for name in "ab"]
     assert history[0] == history[1]
+
+
+def test_compile_runs_the_decoder_through_torch_compile_and_is_recorded(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flag's plumbing (torch.compile itself is replaced: its first compile takes minutes on this CPU)."""
+    from click.testing import CliRunner
+
+    from fishseg.cli import main
+
+    compiled: list[torch.nn.Module] = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=10)
+    result = CliRunner().invoke(main, ["train", "--cache", str(cache), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                       "--device", "cpu", "--compile"])
+    assert result.exit_code == 0, result.output
+    assert len(compiled) == 1 and read_record(tmp_path / "run").compiled
+    assert not run_training(cache, tmp_path / "plain", TrainConfig(epochs=1), device="cpu").compiled
+
+
+@pytest.mark.slow
+def test_a_compiled_decoder_trains_like_the_eager_one(tmp_path: Path) -> None:
+    """torch.compile for real (its first compile takes tens of seconds on the 2-core CPU)."""
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=10)
+    config = TrainConfig(decoder="linear", epochs=2, batch_size=4)
+    compiled = run_training(cache, tmp_path / "compiled", config, device="cpu", compiled=True)
+    eager = run_training(cache, tmp_path / "eager", config, device="cpu")
+    assert compiled.compiled and compiled.best_val_iou == pytest.approx(eager.best_val_iou, abs=1e-4)
