@@ -87,7 +87,7 @@ def cross_validate(data: TrainingData, out_dir: Path, config: TrainConfig, *, ra
         train_run(data, run_dir, dataclasses.replace(config, fold=fold), ranks=ranks, device=device,
                   resume=resume and holds_run(run_dir), on_epoch=on_epoch, compiled=compiled)
         if ranks.main:
-            cv["folds"][fold] = _score_fold(data.cache, run_dir, fold, device)
+            cv["folds"][fold] = _score_fold(data, run_dir, fold, device)
     if not ranks.main:
         return {}
     cv.update(status=FINISHED, summary=_summary(cv["folds"]))
@@ -103,8 +103,8 @@ def _summary(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return summary
 
 
-def _score_fold(cache: FeatureCache, run_dir: Path, fold: int, device: torch.device) -> dict[str, Any]:
-    evaluation = evaluate_run(cache, run_dir, device, full=False)
+def _score_fold(data: TrainingData, run_dir: Path, fold: int, device: torch.device) -> dict[str, Any]:
+    evaluation = evaluate_run(data.cache, run_dir, device, full=False, source=data.scoring_source())
     write_scores(run_dir / REPORT_DIR, evaluation)
     metrics = evaluation.metrics
     return {"fold": fold + 1, "n_images": metrics["n_images"],

@@ -63,13 +63,15 @@ class GpuBenchConfig:
     mask_size: int = 448
     preview_size: int = 224
     sweep_epochs: int = 20
+    sweep_jobs: int = 4  # configs trained at a time on the one GPU (sweep --jobs)
+    measure_compile: bool = True  # whether --compile is timed against plain epochs (costs a compile)
     sweep_budget_s: float = 150.0  # fewer epochs per config when the cached epoch projects the sweep past this
     backbone_layout: tuple[tuple[str, int], ...] = ()  # save_random_backbone layout; () = DINOv3 ViT-S/16
 
     def __post_init__(self) -> None:
         sizes = {name: getattr(self, name) for name in ("forward_images", "image_size", "extraction_images",
                                                         "extraction_batch", "cache_images", "grid", "feature_dim",
-                                                        "mask_size", "preview_size", "sweep_epochs")}
+                                                        "mask_size", "preview_size", "sweep_epochs", "sweep_jobs")}
         bad = [name for name, value in sizes.items() if value < 1]
         if bad or not self.forward_batches or min(self.forward_batches) < 1:
             raise FishsegError(f"GPU bench sizes must be positive: {', '.join(bad) or 'forward_batches'}")
@@ -80,7 +82,7 @@ class GpuBenchConfig:
 # a CPU dry run: the same measures on sizes that take seconds (tests, `scripts/gpu-check --device cpu`)
 TINY_GPU_BENCH = GpuBenchConfig(device="cpu", forward_batches=(2, 4), forward_images=8, image_size=32,
                                 extraction_images=6, extraction_batch=4, cache_images=20, grid=4, feature_dim=32,
-                                mask_size=32, preview_size=16, sweep_epochs=1,
+                                mask_size=32, preview_size=16, sweep_epochs=1, sweep_jobs=2, measure_compile=False,
                                 backbone_layout=(("hidden_size", 32), ("num_hidden_layers", 1),
                                                  ("num_attention_heads", 2), ("intermediate_size", 64),
                                                  ("patch_size", 8), ("num_register_tokens", 4)))
@@ -146,6 +148,23 @@ def _syncs_per_step(split: InMemorySplit, config: GpuBenchConfig, device: torch.
     return syncs / -(-len(split) // batch)
 
 
+def compile_gain(split: InMemorySplit, config: GpuBenchConfig, device: torch.device,
+                 plain_epoch_s: float) -> dict[str, float]:
+    """``--compile`` against plain epochs over a run of ``sweep_epochs``: the compile is paid in the first
+    epoch, so the run takes the first epoch plus the rest at the compiled steady pace."""
+    decoder = torch.compile(build_decoder(TrainConfig().decoder, config.feature_dim).to(device))
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=TrainConfig().lr)
+    generator = torch.Generator().manual_seed(0)
+
+    def epoch() -> None:
+        run_epoch(decoder, split, TrainConfig().batch_size, device, optimizer, generator)
+
+    first_s, steady_s = timed(epoch, device), timed(epoch, device)
+    epochs = config.sweep_epochs
+    return {"first_epoch_s": first_s, "epoch_s": steady_s, "epochs": epochs,
+            "run_s": first_s + (epochs - 1) * steady_s, "plain_run_s": epochs * plain_epoch_s}
+
+
 def _write_cache(path: Path, features: torch.Tensor, masks: torch.Tensor, config: GpuBenchConfig) -> Path:
     """The generated tensors as a fishseg cache (uncompressed), copied to the host in chunks."""
     n = len(features)
@@ -174,12 +193,13 @@ def sweep_epochs(config: GpuBenchConfig, epoch_s: float) -> int:
 def _sweep_and_evaluate(cache_path: Path, workdir: Path, config: GpuBenchConfig, epoch_s: float) -> dict[str, Any]:
     epochs = sweep_epochs(config, epoch_s)
     grid = {**SWEEP_GRID, "epochs": (epochs,)}
-    result = run_sweep(cache_path, workdir / "sweep", grid, device=config.device)
+    result = run_sweep(cache_path, workdir / "sweep", grid, device=config.device, jobs=config.sweep_jobs)
     run_dir = next(path.parent for path in sorted((workdir / "sweep").glob("*/run.json")))
     started = time.perf_counter()
     metrics = run_evaluation(cache_path, run_dir, workdir / "evaluate", device=config.device)
     return {"sweep": {"configs": result.configs, "epochs_per_config": epochs,
-                      "epochs_asked": config.sweep_epochs, "wall_s": result.wall_seconds, "torch_startup_s": result.startup_seconds,
+                      "epochs_asked": config.sweep_epochs, "jobs": config.sweep_jobs, "wall_s": result.wall_seconds,
+                      "torch_startup_s": result.startup_seconds,
                       "inside_epochs_s": result.epoch_seconds, "inside_epochs_share": result.inside_epochs},
             "evaluate": {"images": metrics["n_images"], "seconds": time.perf_counter() - started}}
 
@@ -201,13 +221,22 @@ def run_gpu_benchmark(config: GpuBenchConfig, workdir: Path) -> dict[str, Any]:
     generated_s = timed(lambda: None, device) + time.perf_counter() - started
     epoch_s = time_cached_epochs(split, config.feature_dim, TrainConfig().batch_size, TrainConfig().decoder, device)
     syncs = _syncs_per_step(split, config, device)
+    compiled = compile_gain(split, config, device, epoch_s) if config.measure_compile else None
     cache_path = _write_cache(workdir / "generated.h5", features, masks, config)
     del features, masks, split
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
             "torch": torch.__version__, "cuda": torch.version.cuda, "config": dataclasses.asdict(config),
             "forward_images_per_s": forward, "extraction_images_per_s": extraction,
             "cache_generated_s": generated_s, "cached_epoch_s": epoch_s, "cached_epoch_images": config.cache_images,
-            "host_syncs_per_step": syncs, **_sweep_and_evaluate(cache_path, workdir, config, epoch_s)}
+            "host_syncs_per_step": syncs, "compile": compiled, **_sweep_and_evaluate(cache_path, workdir, config, epoch_s)}
+
+
+def _compile_line(compiled: dict[str, float] | None) -> str:
+    if compiled is None:
+        return "G3 --compile                       not measured"
+    return (f"G3 --compile, {compiled['epochs']} epochs          {compiled['run_s']:8.2f} s against "
+            f"{compiled['plain_run_s']:.2f} s plain (first epoch {compiled['first_epoch_s']:.2f} s with the compile; "
+            f"keep --compile only where it is the smaller)")
 
 
 def format_gpu_table(results: dict[str, Any]) -> str:
@@ -221,7 +250,9 @@ def format_gpu_table(results: dict[str, Any]) -> str:
         f"G2 extraction end to end           {results['extraction_images_per_s']:8.1f} img/s (target ≥ 1200)",
         f"G3 cached epoch, {results['cached_epoch_images']} images      {results['cached_epoch_s']:8.2f} s "
         f"(target ≤ 0.5); host syncs per step: {'n/a' if syncs is None else f'{syncs:.2f}'} (target 0)",
-        f"G4 sweep {sweep['configs']} configs × {sweep['epochs_per_config']} epochs    {sweep['wall_s']:8.1f} s "
+        _compile_line(results["compile"]),
+        f"G4 sweep {sweep['configs']} configs × {sweep['epochs_per_config']} epochs, {sweep['jobs']} at a time "
+        f"{sweep['wall_s']:8.1f} s "
         f"(target ≤ 120 for 20 epochs{'' if sweep['epochs_per_config'] == sweep['epochs_asked'] else ', cut to fit the budget'}), "
         f"{sweep['inside_epochs_share']:.0%} inside epochs",
         f"G5 evaluate with report            {evaluation['seconds']:8.1f} s on {evaluation['images']} validation images "

@@ -9,15 +9,18 @@ by index on that device. On the CPU the tensors are exactly those a whole read w
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
+import h5py
 import numpy as np
 import torch
 
 from fishseg.cache import FeatureCache, feature_name
+from fishseg.config import IDENTITY
 
-__all__ = ["DEVICE_MARGIN", "ResidentViews", "fits_on_device", "resident_bytes", "upload"]
+__all__ = ["DEVICE_MARGIN", "HeldSource", "ResidentViews", "fits_on_device", "resident_bytes", "upload"]
 
 DEVICE_MARGIN = 2 << 30  # bytes kept free on a GPU for the decoder, its activations, the optimizer and the allocator
 CHUNK_BYTES = 64 << 20  # of HDF5 data read (and copied) at a time
@@ -43,13 +46,13 @@ def fits_on_device(cache: FeatureCache, device: torch.device, dtype: torch.dtype
     return resident_bytes(cache, dtype, guides) <= free - DEVICE_MARGIN
 
 
-def upload(read: Callable[[np.ndarray], np.ndarray], count: int, device: torch.device,
+def upload(read: Callable[[np.ndarray], np.ndarray], stored: h5py.Dataset, device: torch.device,
            dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rows 0…count−1 of ``read(indices)`` in one tensor on ``device`` (as ``dtype``; None: as read), filled
-    a chunk at a time so that the host never holds more than a chunk."""
-    first = torch.from_numpy(read(np.arange(min(1, count))))
-    rows = max(1, CHUNK_BYTES // max(1, first[0].numel() * first.element_size())) if count else 1
-    whole = torch.empty((count, *first.shape[1:]), dtype=dtype or first.dtype, device=device)
+    """All rows of ``read(indices)``, shaped like the HDF5 dataset ``stored``, in one tensor on ``device`` (as
+    ``dtype``; None: as stored), filled a chunk at a time so that the host never holds more than a chunk."""
+    count, row_bytes = stored.shape[0], int(np.prod(stored.shape[1:])) * stored.dtype.itemsize
+    rows = max(1, CHUNK_BYTES // max(1, row_bytes))
+    whole = torch.empty(stored.shape, dtype=dtype or torch.from_numpy(np.empty(0, stored.dtype)).dtype, device=device)
     for start in range(0, count, rows):
         whole[start:start + rows].copy_(torch.from_numpy(read(np.arange(start, min(count, start + rows)))))
     return whole
@@ -67,6 +70,32 @@ class ResidentViews(dict):
     def __missing__(self, view: str) -> torch.Tensor:
         with self.uploading:
             if view not in self:
-                self[view] = upload(lambda rows: self.cache.features(rows, view), len(self.cache), self.device,
-                                    self.dtype)
+                self[view] = upload(lambda rows: self.cache.features(rows, view), self.cache.file[feature_name(view)],
+                                    self.device, self.dtype)
         return self[view]
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldSource:
+    """The held tensors read the way scoring reads a cache (``evaluate.ScoringSource``), so that a sweep
+    scores each config from them instead of reading the HDF5 file again."""
+
+    cache: FeatureCache
+    views: Mapping[str, torch.Tensor]  # per view, as TrainingData holds them
+    held_masks: torch.Tensor
+    held_previews: torch.Tensor | None
+
+    def _rows(self, indices: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(indices, device=self.held_masks.device)
+
+    def features(self, indices: np.ndarray, *, layers: Sequence[int] | None = None) -> torch.Tensor:
+        grid = self.views[IDENTITY][self._rows(indices)]
+        channels = self.cache.channels(layers)
+        return grid if channels is None else grid[..., torch.from_numpy(channels).to(grid.device)]
+
+    def masks(self, indices: np.ndarray) -> torch.Tensor:
+        return self.held_masks[self._rows(indices)]
+
+    def previews(self, indices: np.ndarray) -> np.ndarray | torch.Tensor:
+        return (self.cache.previews(indices) if self.held_previews is None
+                else self.held_previews[self._rows(indices)])

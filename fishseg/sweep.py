@@ -274,6 +274,6 @@ def _train_and_score(data: TrainingData, folder: Path, config: TrainConfig, devi
         cv = cross_validate(data, folder, config, device=device, resume=holds_cv(folder), on_epoch=on_epoch)
         return f"mean IoU {cv['summary']['mean_iou']['mean']:.4f} ± {cv['summary']['mean_iou']['std']:.4f}"
     train_run(data, folder, config, device=device, resume=holds_run(folder), on_epoch=on_epoch)
-    evaluation = evaluate_run(data.cache, folder, device, full=False)
+    evaluation = evaluate_run(data.cache, folder, device, full=False, source=data.scoring_source())
     write_scores(folder / REPORT_DIR, evaluation)
     return f"mean IoU {evaluation.metrics['mean_iou']:.4f}"

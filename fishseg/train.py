@@ -36,7 +36,7 @@ from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUNNING, SPLIT_FILE, 
                           clear_run, commit_epoch, cut_history, differing_fields, history_entry, holds_run,
                           is_locked, read_record, read_resume_state, read_split, training_lock, verified,
                           write_checkpoint, write_record, write_resume_state, write_split)
-from fishseg.resident import ResidentViews, fits_on_device, resident_bytes, upload
+from fishseg.resident import HeldSource, ResidentViews, fits_on_device, resident_bytes, upload
 from fishseg.runtime import (active_precision, autocast, available_memory, backward_step, require_same_precision,
                              resolve_device)
 
@@ -316,8 +316,8 @@ class TrainingData:
         target = device if on_device else torch.device("cpu")
         features = ResidentViews(cache, target, dtype)
         features[IDENTITY]  # read now: a run that does not need the other views never reads them
-        masks = upload(cache.masks, len(cache), target)
-        previews = upload(cache.previews, len(cache), target) if guides else None
+        masks = upload(cache.masks, cache.file["masks"], target)
+        previews = upload(cache.previews, cache.file["previews"], target) if guides else None
         return cls(cache, features, masks, previews, guides)
 
     @property
@@ -329,6 +329,12 @@ class TrainingData:
         if self.masks is None:
             return "streamed from HDF5"
         return "in memory" if self.masks.device.type == "cpu" else f"resident on {self.masks.device}"
+
+    def scoring_source(self) -> FeatureCache | HeldSource:
+        """Where scoring after training reads: the held tensors, or the cache when streamed."""
+        if self.features is None or self.masks is None:
+            return self.cache
+        return HeldSource(self.cache, self.features, self.masks, self.previews)
 
     def split(self, indices: np.ndarray, layers: tuple[int, ...] | None = None, *, guides: bool = False) -> Split:
         """Images ``indices`` with the cached blocks ``layers`` (None: all); ``guides``: batches carry their

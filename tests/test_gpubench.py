@@ -6,12 +6,16 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from fishseg.errors import FishsegError
-from fishseg.gpubench import (RESULTS_FILE, TINY_GPU_BENCH, GpuBenchConfig, format_gpu_table, generate_cache, main,
-                              require_cuda, sweep_epochs)
+import fishseg.gpubench as gpubench
+from fishseg.config import IDENTITY
+from fishseg.gpubench import (RESULTS_FILE, TINY_GPU_BENCH, GpuBenchConfig, compile_gain, format_gpu_table,
+                              generate_cache, main, require_cuda, sweep_epochs)
+from fishseg.train import InMemorySplit
 
 
 def test_the_dry_run_reports_every_measure(tmp_path: Path) -> None:
@@ -50,3 +54,16 @@ def test_sizes_are_checked() -> None:
         GpuBenchConfig(cache_images=0)
     with pytest.raises(FishsegError, match="forward_batches"):
         GpuBenchConfig(forward_batches=())
+
+
+def test_compile_gain_charges_the_compile_to_the_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
+    seconds = iter([3.0, 0.5])
+    monkeypatch.setattr(gpubench, "timed", lambda function, device: (function(), next(seconds))[1])
+    config = dataclasses.replace(TINY_GPU_BENCH, sweep_epochs=20)
+    features, masks = generate_cache(config, torch.device("cpu"))
+    split = InMemorySplit({IDENTITY: features}, masks, np.arange(len(features)))
+    gain = compile_gain(split, config, torch.device("cpu"), plain_epoch_s=0.6)
+    assert len(compiled) == 1
+    assert gain == {"first_epoch_s": 3.0, "epoch_s": 0.5, "epochs": 20, "run_s": 3.0 + 19 * 0.5, "plain_run_s": 12.0}

@@ -12,8 +12,8 @@ import torch
 
 import fishseg.resident as resident
 import fishseg.train as train_module
-from fishseg.cache import FeatureCache
-from fishseg.config import TrainConfig
+from fishseg.cache import FeatureCache, feature_name
+from fishseg.config import IDENTITY, TrainConfig
 from fishseg.resident import DEVICE_MARGIN, ResidentViews, fits_on_device, resident_bytes, upload
 from fishseg.train import TrainingData, train_run
 from tests.helpers import write_toy_cache
@@ -30,10 +30,10 @@ def test_upload_in_chunks_equals_one_whole_read(cache_path: Path, monkeypatch: p
     monkeypatch.setattr(resident, "CHUNK_BYTES", 3000)  # 8×8×16 float16 = 2 KiB an image: one image a chunk
     with FeatureCache(cache_path) as cache:
         everything = np.arange(len(cache))
-        features = upload(cache.features, len(cache), torch.device("cpu"), torch.float32)
+        features = upload(cache.features, cache.file[feature_name(IDENTITY)], torch.device("cpu"), torch.float32)
         assert features.dtype == torch.float32
         assert torch.equal(features, torch.from_numpy(cache.features(everything)).float())
-        assert torch.equal(upload(cache.masks, len(cache), torch.device("cpu")),
+        assert torch.equal(upload(cache.masks, cache.file["masks"], torch.device("cpu")),
                            torch.from_numpy(cache.masks(everything)))
         views = ResidentViews(cache, torch.device("cpu"), None)
         assert list(views) == [] and views["hflip"].dtype == torch.float16 and list(views) == ["hflip"]
