@@ -246,7 +246,7 @@ class FeatureCache:
     def summary(self) -> dict[str, Any]:
         """What a run records of its cache, and what ``require`` names when they differ."""
         return {"path": str(self.path), "fingerprint": self.fingerprint, "backbone": self.backbone.name,
-                "image_size": self.config.image_size, "images": len(self)}
+                "image_size": self.config.image_size, "images": len(self), "precision": self.precision}
 
     def require(self, expected: dict[str, Any], source: Path) -> None:
         """Refuse to pair this cache with an artifact (a run, a checkpoint) made from another cache."""
@@ -255,6 +255,10 @@ class FeatureCache:
                 f"{source}: made from cache {_describe(expected)} but {self.path} is cache "
                 f"{_describe(self.summary())}; pass the cache it was trained on"
             )
+        made_at = expected.get("precision", UNRECORDED)
+        if UNRECORDED not in (made_at, self.precision) and made_at != self.precision:
+            raise FishsegError(f"{source}: made from cache {expected['fingerprint']} extracted at precision {made_at}, "
+                               f"but {self.path} was extracted at {self.precision}; pass the cache it was trained on")
 
     def staleness(self, samples: Sequence[Sample]) -> dict[str, int]:
         """Images added, removed and modified under the data root since this cache was made."""

@@ -8,6 +8,7 @@ Running the same sweep again skips finished configs and resumes interrupted ones
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import itertools
@@ -59,18 +60,21 @@ class SweepResult:
     trained: int  # configs that trained in this session (the others were finished already)
     wall_seconds: float
     startup_seconds: float  # of the wall time, torch's one-time lazy imports (any training process pays them)
-    epoch_seconds: float  # of the wall time, spent inside epochs
+    epoch_seconds: float  # spent inside epochs, summed over the jobs
     leaderboard: Leaderboard
+    jobs: int = 1  # configs trained at a time
 
     @property
     def inside_epochs(self) -> float:
-        """Share of the wall time after start-up spent inside epochs: the rest is the sweep's own overhead
-        (loading the cache, checkpoints, scoring, the leaderboard)."""
-        busy = self.wall_seconds - self.startup_seconds
+        """Share of the wall time after start-up that the job slots spent inside epochs (with one job, of the
+        wall time itself): the rest is the sweep's own overhead (loading the cache, checkpoints, scoring, the
+        leaderboard) and, with several jobs, slots left idle."""
+        busy = (self.wall_seconds - self.startup_seconds) * self.jobs
         return self.epoch_seconds / busy if busy > 0 else 0.0
 
     def closing_line(self) -> str:
-        share = (f" ({self.startup_seconds:.1f} s of it torch start-up), {self.inside_epochs:.0%} of the rest "
+        slots = "" if self.jobs == 1 else f" (of {self.jobs} jobs' time)"
+        share = (f" ({self.startup_seconds:.1f} s of it torch start-up), {self.inside_epochs:.0%} of the rest{slots} "
                  f"inside epochs" if self.trained else "")
         return (f"{plural(self.configs, 'config')} ({self.trained} trained now) in {self.wall_seconds:.1f} s{share}"
                 f"\n{self.leaderboard.summary()}")
@@ -208,7 +212,7 @@ def run_sweep(cache_path: Path, out_dir: Path, grid: Grid, *, folds: int = 0, de
                 epoch_seconds = _train_all(data, out_dir, todo, torch_device, started, jobs)
     leaderboard = run_compare([out_dir], out_dir, cache_path=cache_path, device=device)
     return SweepResult(len(configs), len(todo), time.perf_counter() - started, startup_seconds, epoch_seconds,
-                       leaderboard)
+                       leaderboard, jobs)
 
 
 def _torch_startup() -> float:
@@ -229,7 +233,9 @@ def _train_all(data: TrainingData, out_dir: Path, todo: list[SweepConfig], devic
         return sum(train(entry, position) for position, entry in enumerate(todo, start=1))
     stop = threading.Event()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        running = [pool.submit(train, entry, position, stop=stop) for position, entry in enumerate(todo, start=1)]
+        # each job runs in a copy of this context, so that the --precision scope reaches its thread
+        running = [pool.submit(contextvars.copy_context().run, train, entry, position, stop=stop)
+                   for position, entry in enumerate(todo, start=1)]
         try:
             return sum(future.result() for future in running)
         except BaseException:

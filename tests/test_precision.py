@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 import torch.nn.functional as F
@@ -227,3 +228,26 @@ def test_the_ddp_buffer_keyword_is_the_one_this_torch_has() -> None:
 
     assert ddp_no_buffer_sync(newer) == {"forward_sync_buffers": False}
     assert ddp_no_buffer_sync(older) == {"broadcast_buffers": False}
+
+
+def test_a_run_is_refused_on_a_cache_extracted_at_another_precision(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=8)
+    with h5py.File(cache, "r+") as file:
+        file.attrs["precision"] = "fp32"
+    run_training(cache, tmp_path / "run", TrainConfig(epochs=1, batch_size=4), device="cpu")
+    with h5py.File(cache, "r+") as file:  # the same images and settings, extracted at bf16: the same fingerprint
+        file.attrs["precision"] = "bf16"
+    with FeatureCache(cache) as opened, pytest.raises(FishsegError, match="extracted at precision .* but .* at bf16"):
+        opened.require(read_record(tmp_path / "run").cache, tmp_path / "run" / RUN_FILE)
+    with pytest.raises(FishsegError, match="extracted at precision"):
+        run_training(cache, tmp_path / "run", TrainConfig(epochs=1, batch_size=4), device="cpu", resume=True)
+
+
+def test_concurrent_sweep_jobs_train_at_the_asked_precision(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
+    result = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(tmp_path / "sweep"), "--device",
+                                       "cpu", "--precision", "bf16", "--decoder", "seed-cnn,linear", "--epochs", "1",
+                                       "--batch-size", "4", "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    records = [read_record(path.parent) for path in (tmp_path / "sweep").glob("*/run.json")]
+    assert len(records) == 2 and {record.precision for record in records} == {"bf16"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -196,5 +197,7 @@ def test_concurrent_jobs_give_the_results_of_one_config_at_a_time(tmp_path: Path
     for jobs in ("1", "2"):
         status, output = _sweep(cache, tmp_path / f"jobs-{jobs}", *GRID_ARGS, "--jobs", jobs)
         assert status == 0 and "4 configs (4 trained now)" in output, output
+        share = re.search(r"(\d+)% of the rest(?: \(of 2 jobs' time\))? inside epochs", output)
+        assert share and 0 < int(share.group(1)) <= 100 and (jobs == "2") == ("2 jobs' time" in output), output
     assert _scores(tmp_path / "jobs-1") == _scores(tmp_path / "jobs-2")
     assert _sweep(cache, tmp_path / "bad", *GRID_ARGS, "--jobs", "0")[0] == 2
