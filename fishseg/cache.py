@@ -182,10 +182,16 @@ class FeatureCache:
     def __exit__(self, *exc_info: object) -> None:
         self.file.close()
 
-    def bytes_per_image(self) -> int:
-        """Uncompressed bytes of one image's features (every view) and mask, as training holds them."""
-        return sum(int(np.prod(self.file[name].shape[1:])) * self.file[name].dtype.itemsize
-                   for name in (*map(feature_name, self.views), "masks"))
+    def bytes_per_image(self, *, previews: bool = False, feature_itemsize: int | None = None) -> int:
+        """Uncompressed bytes of one image's features (every view, ``feature_itemsize`` bytes a value; None: as
+        stored), mask and (``previews``) preview, as training holds them."""
+        features = [feature_name(view) for view in self.views]
+        total = 0
+        for name in (*features, "masks", *(("previews",) if previews else ())):
+            stored = self.file[name]
+            itemsize = feature_itemsize if feature_itemsize is not None and name in features else stored.dtype.itemsize
+            total += int(np.prod(stored.shape[1:])) * itemsize
+        return total
 
     def select_layers(self, requested: Sequence[int]) -> tuple[int, ...]:
         """The cached blocks a run asks for (``TrainConfig.layers``; () = all cached), as this cache names them;

@@ -29,12 +29,8 @@ CHUNK_BYTES = 64 << 20  # of HDF5 data read (and copied) at a time
 def resident_bytes(cache: FeatureCache, dtype: torch.dtype | None, guides: bool) -> int:
     """Bytes the whole cache takes held in ``dtype`` (None: as stored), every view included, with its masks
     and (``guides``) previews."""
-    features, per_image = [feature_name(view) for view in cache.views], 0
-    for name in (*features, "masks", *(("previews",) if guides else ())):
-        stored = cache.file[name]
-        size = dtype.itemsize if dtype is not None and name in features else stored.dtype.itemsize
-        per_image += int(np.prod(stored.shape[1:])) * size
-    return per_image * len(cache)
+    return cache.bytes_per_image(previews=guides, feature_itemsize=None if dtype is None else dtype.itemsize) \
+        * len(cache)
 
 
 def fits_on_device(cache: FeatureCache, device: torch.device, dtype: torch.dtype | None, guides: bool) -> bool:
