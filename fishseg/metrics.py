@@ -32,18 +32,26 @@ def _counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, tor
     return intersection, pred.sum(1).double(), target.sum(1).double()
 
 
-def iou_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """|P∩T| / |P∪T| per image (B), 1 where both are empty."""
-    intersection, pred_area, target_area = _counts(pred, target)
+def _iou(intersection: torch.Tensor, pred_area: torch.Tensor, target_area: torch.Tensor) -> torch.Tensor:
+    """|P∩T| / |P∪T| from pixel counts (any broadcastable shapes), 1 where both are empty."""
     union = pred_area + target_area - intersection
     return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
 
 
-def dice_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """2|P∩T| / (|P|+|T|) per image (B), 1 where both are empty."""
-    intersection, pred_area, target_area = _counts(pred, target)
+def _dice(intersection: torch.Tensor, pred_area: torch.Tensor, target_area: torch.Tensor) -> torch.Tensor:
+    """2|P∩T| / (|P|+|T|) from pixel counts (any broadcastable shapes), 1 where both are empty."""
     total = pred_area + target_area
     return torch.where(total > 0, 2 * intersection / total.clamp(min=1), torch.ones_like(total))
+
+
+def iou_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """|P∩T| / |P∪T| per image (B), 1 where both are empty."""
+    return _iou(*_counts(pred, target))
+
+
+def dice_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """2|P∩T| / (|P|+|T|) per image (B), 1 where both are empty."""
+    return _dice(*_counts(pred, target))
 
 
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor, both_empty: torch.Tensor) -> torch.Tensor:
@@ -127,9 +135,7 @@ def sweep_thresholds(probabilities: torch.Tensor, target: torch.Tensor,
     hit_hist = torch.bincount((buckets + rows)[target], minlength=len(buckets) * width).view(-1, width)
     pred_area, intersection = _exceeding(pred_hist), _exceeding(hit_hist)
     target_area = target.sum(1).double()[None]
-    union, total = pred_area + target_area - intersection, pred_area + target_area
-    return {"iou": torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union)),
-            "dice": torch.where(total > 0, 2 * intersection / total.clamp(min=1), torch.ones_like(total))}
+    return {"iou": _iou(intersection, pred_area, target_area), "dice": _dice(intersection, pred_area, target_area)}
 
 
 def summarize(values: np.ndarray) -> dict[str, float]:
