@@ -224,7 +224,7 @@ class FeatureCache:
         channels = self.channels(layers)
         if channels is not None:
             features = features[..., channels]
-        bad = non_finite_rows(features)
+        bad = np.flatnonzero(non_finite_images(torch.from_numpy(features)).numpy())
         if bad.size:
             ids = [self.image_ids[int(np.asarray(indices)[k])] for k in bad]
             more = f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else ""
@@ -275,14 +275,13 @@ class FeatureCache:
                 "modified": sum(1 for i, stat in current.items() if i in stored and stored[i] != stat)}
 
 
-def non_finite_rows(features: np.ndarray) -> np.ndarray:
-    """Positions of the images (rows of B×…) whose features hold NaN or inf.
+def non_finite_images(features: torch.Tensor) -> torch.Tensor:
+    """B bool, on the features' device: which images (rows of B×…) have features holding NaN or inf.
 
     A float32 sum per row carries any NaN or inf through, cannot overflow for float16 inputs, and needs
     no full-size boolean copy of a split held in memory.
     """
-    sums = features.reshape(len(features), int(np.prod(features.shape[1:]))).sum(axis=1, dtype=np.float32)
-    return np.flatnonzero(~np.isfinite(sums))
+    return ~torch.isfinite(features.flatten(1).sum(1, dtype=torch.float32))
 
 
 def _describe(summary: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from fishseg import __version__, distributed
 from fishseg.backbone import Backbone, backbone_reference, load_backbone
 from fishseg.cache import (CacheWriter, FeatureCache, PartStore, discard_parts, disk_errors, feature_name, is_cache,
-                           parts_dir)
+                           non_finite_images, parts_dir)
 from fishseg.config import DEFAULT_COMPRESSION, IDENTITY, ExtractConfig, resolve_layers
 from fishseg.data import (ExtractionDataset, Sample, apply_view, discover_samples, near_duplicate_groups,
                           thumbnails)
@@ -71,8 +71,7 @@ def _compute(backbone: Backbone, config: ExtractConfig, start: int, stop: int, i
     copy to the host without waiting for it."""
     images = images.to(backbone.device, non_blocking=True)
     grids = [backbone(apply_view(images, view, (2, 3)), config.layers) for view in (IDENTITY, *config.views)]
-    # A float32 sum per image carries any NaN or inf through and cannot overflow for float16 inputs.
-    non_finite = torch.stack([~torch.isfinite(g.flatten(1).sum(1, dtype=torch.float32)) for g in grids]).any(0)
+    non_finite = torch.stack([non_finite_images(grid) for grid in grids]).any(0)
     host = [tensor.to("cpu", non_blocking=True) for tensor in (*grids, non_finite)]  # pinned on CUDA
     ready = None
     if backbone.device.type == "cuda":
