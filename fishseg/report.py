@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import html
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import matplotlib.image
@@ -290,33 +290,30 @@ def _gallery_figure(examples: list[Example], title: str) -> Figure:
     return figure
 
 
-def _figure_jobs(data: ReportData) -> list[tuple[str, str, Callable[..., Figure], tuple[Any, ...]]]:
-    """(section key, file name, builder, its arguments) of every figure, in display order."""
-    jobs: list[tuple[str, str, Callable[..., Figure], tuple[Any, ...]]] = []
-    for name, title, split, value, ylabel in CURVES:
-        jobs.append((name, name, *((_iteration_figure, (data.history["iterations"][split], value, title, ylabel))
-                                   if split else (_epoch_figure, (data.history["epochs"], value, title, ylabel)))))
-    analysis: dict[str, tuple[Callable[..., Figure], tuple[Any, ...]]] = {
-        "per_class": (_per_class_figure, (data.metrics["per_class"],)),
-        "histogram": (_histogram_figure, (data.ious,)),
-        "threshold": (_threshold_figure, (data.metrics["threshold_sweep"],)),
-        "pca": (_pca_figure, (data.galleries["random"][:PCA_EXAMPLES], data.pca_sample)),
-    }
-    if "accuracy" in data.metrics["species_probe"]:
-        analysis["probe"] = (_probe_figure, (data.metrics["species_probe"],))
-    jobs += [(key, ANALYSIS[key], builder, args) for key, (builder, args) in analysis.items()]
-    for index, (key, examples) in enumerate(data.galleries.items(), start=1):
-        jobs.append((f"gallery_{key}", f"gallery_{index}_{key}.png", _gallery_figure,
-                     (examples, f"{len(examples)} {GALLERY_TITLES[key]}")))
-    return jobs
-
-
 def write_figures(out_dir: Path, data: ReportData) -> dict[str, str]:
     """Write every PNG, each drawn once; returns ``{section key: file name}`` in display order."""
-    jobs = _figure_jobs(data)
-    for _, name, builder, args in jobs:
-        _save(builder(*args), out_dir / name)
-    return {key: name for key, name, _, _ in jobs}
+    files: dict[str, str] = {}
+    for name, title, split, value, ylabel in CURVES:
+        figure = (_iteration_figure(data.history["iterations"][split], value, title, ylabel) if split
+                  else _epoch_figure(data.history["epochs"], value, title, ylabel))
+        _save(figure, out_dir / name)
+        files[name] = name
+    analysis = {
+        "per_class": _per_class_figure(data.metrics["per_class"]),
+        "histogram": _histogram_figure(data.ious),
+        "threshold": _threshold_figure(data.metrics["threshold_sweep"]),
+        "pca": _pca_figure(data.galleries["random"][:PCA_EXAMPLES], data.pca_sample),
+    }
+    if "accuracy" in data.metrics["species_probe"]:
+        analysis["probe"] = _probe_figure(data.metrics["species_probe"])
+    for key, figure in analysis.items():
+        _save(figure, out_dir / ANALYSIS[key])
+        files[key] = ANALYSIS[key]
+    for index, (key, examples) in enumerate(data.galleries.items(), start=1):
+        name = f"gallery_{index}_{key}.png"
+        _save(_gallery_figure(examples, f"{len(examples)} {GALLERY_TITLES[key]}"), out_dir / name)
+        files[f"gallery_{key}"] = name
+    return files
 
 
 def summary_rows(data: ReportData) -> list[tuple[str, str, str | None]]:
