@@ -31,15 +31,14 @@ from fishseg.backbone import Backbone, load_backbone, save_random_backbone
 from fishseg.cache import CacheWriter
 from fishseg.config import IDENTITY, BackboneInfo, ExtractConfig, TrainConfig
 from fishseg.data import Sample
-from fishseg.decoders import build_decoder
 from fishseg.demo import write_demo_dataset
 from fishseg.errors import FishsegError
 from fishseg.evaluate import run_evaluation
 from fishseg.extract import run_extraction
-from fishseg.memory_probe import time_cached_epochs
+from fishseg.memory_probe import epoch_runner, time_cached_epochs
 from fishseg.runtime import resolve_device, timed, write_json
 from fishseg.sweep import run_sweep
-from fishseg.train import InMemorySplit, run_epoch
+from fishseg.train import InMemorySplit
 
 __all__ = ["GpuBenchConfig", "TINY_GPU_BENCH", "SWEEP_GRID", "run_gpu_benchmark", "format_gpu_table",
            "require_cuda", "sweep_epochs", "generate_cache", "main"]
@@ -134,14 +133,13 @@ def _syncs_per_step(split: InMemorySplit, config: GpuBenchConfig, device: torch.
     """Host syncs per training step of the seed recipe, counted from the sync debug mode's warnings (CUDA)."""
     if device.type != "cuda":
         return None
-    decoder = build_decoder(TrainConfig().decoder, config.feature_dim).to(device)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=TrainConfig().lr)
     batch = TrainConfig().batch_size
+    epoch = epoch_runner(split, config.feature_dim, batch, TrainConfig().decoder, device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            run_epoch(decoder, split, batch, device, optimizer, torch.Generator().manual_seed(0))
+            epoch()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(warning.message) for warning in caught)
@@ -152,13 +150,8 @@ def compile_gain(split: InMemorySplit, config: GpuBenchConfig, device: torch.dev
                  plain_epoch_s: float) -> dict[str, float]:
     """``--compile`` against plain epochs over a run of ``sweep_epochs``: the compile is paid in the first
     epoch, so the run takes the first epoch plus the rest at the compiled steady pace."""
-    decoder = torch.compile(build_decoder(TrainConfig().decoder, config.feature_dim).to(device))
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=TrainConfig().lr)
-    generator = torch.Generator().manual_seed(0)
-
-    def epoch() -> None:
-        run_epoch(decoder, split, TrainConfig().batch_size, device, optimizer, generator)
-
+    epoch = epoch_runner(split, config.feature_dim, TrainConfig().batch_size, TrainConfig().decoder, device,
+                         compiled=True)
     first_s, steady_s = timed(epoch, device), timed(epoch, device)
     epochs = config.sweep_epochs
     return {"first_epoch_s": first_s, "epoch_s": steady_s, "epochs": epochs,

@@ -7,6 +7,7 @@ Kept apart from ``fishseg.bench`` so that the spawned process imports only the t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,14 +27,23 @@ def _status_mb(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
+def epoch_runner(split: InMemorySplit | StreamedSplit, feature_dim: int, batch_size: int, decoder_name: str,
+                 device: torch.device, *, compiled: bool = False) -> Callable[[], None]:
+    """One training epoch over ``split`` as a call (AdamW at 1e-3, seed 0), each call continuing with the same
+    decoder (through ``torch.compile`` when ``compiled``) and optimizer."""
+    decoder = build_decoder(decoder_name, feature_dim).to(device)
+    model = torch.compile(decoder) if compiled else decoder
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    return lambda: run_epoch(model, split, batch_size, device, optimizer, generator)
+
+
 def time_cached_epochs(split: InMemorySplit | StreamedSplit, feature_dim: int, batch_size: int, decoder_name: str,
                        device: torch.device, repeats: int = 1) -> float:
     """Seconds of one training epoch over ``split`` after a warm-up epoch, the best of ``repeats``."""
-    decoder = build_decoder(decoder_name, feature_dim).to(device)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(0)
-    run_epoch(decoder, split, batch_size, device, optimizer, generator)  # warm-up
-    return timed(lambda: run_epoch(decoder, split, batch_size, device, optimizer, generator), device, repeats)
+    epoch = epoch_runner(split, feature_dim, batch_size, decoder_name, device)
+    epoch()  # warm-up
+    return timed(epoch, device, repeats)
 
 
 def measure_training(cache_path: str, stream: bool, batch_size: int, decoder_name: str, device_name: str,
