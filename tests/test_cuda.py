@@ -23,8 +23,7 @@ from fishseg.config import TrainConfig
 from fishseg.decoders import DECODERS, build_decoder, uses_image
 from fishseg.extract import run_extraction
 from fishseg.predict import run_prediction
-from fishseg.runs import HISTORY_FILE
-from fishseg.runtime import read_json
+from fishseg.runs import read_history, read_record
 from fishseg.sweep import run_sweep
 from fishseg.train import decoder_step, run_training
 from tests.helpers import interrupt_at_pass, tiny_extract_config, write_toy_cache
@@ -50,7 +49,7 @@ def _cosines(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torc
 
 
 def _final_val_iou(run_dir: Path) -> float:
-    return read_json(run_dir / HISTORY_FILE)["epochs"][-1]["val_iou"]
+    return read_history(run_dir, read_record(run_dir))["epochs"][-1]["val_iou"]
 
 
 @pytest.fixture(scope="module")
