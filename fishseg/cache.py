@@ -13,15 +13,21 @@ Datasets (N images, grid h×w, feature dim D, L stored blocks, image size S, pre
 * ``sources``     N×4 int64: image bytes, image mtime (ns), mask bytes, mask mtime (ns), to spot stale caches
 * ``skipped_ids``, ``skipped_reasons``: images left out by ``extract --skip-bad``, and why
 * ``groups``      N int32: near-duplicate groups (flips, rotations, small crops of one photo), for grouped splits
+* ``digests``     N ascii strings of 32 hex digits: each image's content, a BLAKE2b digest of its stored features
+  (every view, float16 bytes, in the order of the ``views`` attribute) and its mask (uint8 bytes). Previews are
+  not covered: no score is computed from them.
 
-Attributes: ``format_version``, ``fishseg_version``, ``created_at``, ``fingerprint``,
+Attributes: ``format_version``, ``fishseg_version``, ``created_at``, ``fingerprint`` (a hash of the settings, the
+backbone, the image ids and their digests: two caches of equal fingerprint hold the same numbers),
 ``extract_config`` and ``backbone`` (JSON), and for people reading the file with h5dump:
 ``backbone_id``, ``random_init``, ``image_size``, ``patch_size``, ``feature_dim``, ``grid_size``,
 ``normalisation``, ``layers`` (stored blocks, 1 … ``num_blocks``), ``num_blocks`` and ``views``
 ("identity" and the extra views, comma-separated), ``precision`` (the backbone's: fp32, bf16 or fp16; caches
 written before it was recorded read as "unrecorded"). Format 2 caches (one block, the last, and no views)
-read as that special case of format 3. A cache is written to ``<name>.partial`` and renamed when complete, so a file
-at the final path is always whole.
+read as that special case of format 3. Format 2 and 3 caches recorded no digests: their content reads as
+unrecorded, and their fingerprint (of settings, backbone and image ids only) as stored, so that runs made from
+them still pair with them. A cache is written to ``<name>.partial`` and renamed when complete, so a file at the
+final path is always whole.
 
 While extraction runs, finished batches live in ``<name>.parts/``: one ``.npz`` per batch of the
 manifest's batch size, each written to a temp file and renamed, so a process killed at any moment
@@ -32,12 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -50,11 +57,12 @@ from fishseg.data import Sample, apply_view
 from fishseg.errors import FishsegError
 from fishseg.runtime import UNRECORDED, atomic_path, plural, read_json, require_same_precision, write_json
 
-FORMAT_VERSION = 3  # 2: sources, skipped_ids/_reasons and groups added; 3: several layers, views
-READABLE_VERSIONS = (2, 3)  # a format 2 cache is a format 3 cache of the last block and no views
+FORMAT_VERSION = 4  # 2: sources, skipped_ids/_reasons and groups added; 3: several layers, views; 4: content digests
+READABLE_VERSIONS = (2, 3, 4)  # a format 2 cache is a format 3 cache of the last block and no views
 DATASETS = ("features", "masks", "previews", "image_ids", "class_names", "class_index", "sources", "skipped_ids",
             "skipped_reasons", "groups")
 STRING = h5py.string_dtype("utf-8")
+DIGEST = h5py.string_dtype("ascii", 32)  # hex digits of a 16-byte BLAKE2b digest
 MAX_NAMED = 5  # image ids named in an error before "and N more"
 
 
@@ -63,13 +71,45 @@ def feature_name(view: str) -> str:
     return "features" if view == IDENTITY else f"views/{view}"
 
 
-def cache_fingerprint(config: ExtractConfig, backbone: BackboneInfo, image_ids: Sequence[str]) -> str:
-    """Identifies a cache's content: same config, backbone and images give the same fingerprint."""
-    return fingerprint(to_json(config), to_json(backbone), image_ids)
+def cache_fingerprint(config: ExtractConfig, backbone: BackboneInfo, image_ids: Sequence[str],
+                      digests: Sequence[str]) -> str:
+    """Identifies a cache's content: same config, backbone, image ids and stored arrays (``digests``) give the same
+    fingerprint."""
+    return fingerprint(to_json(config), to_json(backbone), image_ids, digests)
+
+
+def image_digest(features: Sequence[np.ndarray], mask: np.ndarray) -> str:
+    """The content of one image as stored: its float16 h×w×C features of every view (in stored order), then its
+    uint8 S×S mask."""
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (*features, mask):
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+def content_changes(recorded: Mapping[str, str], current: Mapping[str, str], whose: str,
+                    noun: str = "image") -> str:
+    """How the digests ``current`` (image id → digest) differ from ``recorded`` for the images ``recorded``
+    names, e.g. "of its 20 images, 3 changed content (a.png, b.png, c.png) and 1 is missing (d.png)" (``whose``
+    "its", ``noun`` "image"); "" when none differs."""
+    changed = [image_id for image_id, digest in recorded.items() if current.get(image_id, digest) != digest]
+    missing = [image_id for image_id in recorded if image_id not in current]
+    parts = [f"{len(changed)} changed content ({named(changed)})"] if changed else []
+    if missing:
+        parts.append(f"{len(missing)} {'is' if len(missing) == 1 else 'are'} missing ({named(missing)})")
+    return f"of {whose} {plural(len(recorded), noun)}, {' and '.join(parts)}" if parts else ""
+
+
+def named(image_ids: Sequence[str]) -> str:
+    """The first ``MAX_NAMED`` ids, then how many more."""
+    more = f" and {len(image_ids) - MAX_NAMED} more" if len(image_ids) > MAX_NAMED else ""
+    return ", ".join(image_ids[:MAX_NAMED]) + more
 
 
 class CacheWriter:
-    """Context manager writing a new cache batch by batch; renamed into place only on success."""
+    """Context manager writing a new cache batch by batch; renamed into place only on success. Every path to a
+    cache (fresh, resumed, torchrun extraction; generated caches) writes through ``write``, which takes each
+    image's digest from the very arrays it stores, so the fingerprint set on completion covers the content."""
 
     def __init__(self, path: Path, config: ExtractConfig, backbone: BackboneInfo, samples: Sequence[Sample],
                  compression: str = DEFAULT_COMPRESSION, skipped: Sequence[tuple[str, str]] = (),
@@ -86,6 +126,8 @@ class CacheWriter:
         self.groups = np.arange(len(samples)) if groups is None else groups
         self.num_blocks = num_blocks
         self.layers = resolve_layers(config.layers, num_blocks)
+        self.views = (IDENTITY, *config.views)
+        self.digests = [""] * len(samples)  # set by ``write``, image by image
         self.file: h5py.File | None = None
 
     def __enter__(self) -> CacheWriter:
@@ -98,7 +140,7 @@ class CacheWriter:
         n, size, preview = len(self.samples), self.config.image_size, self.config.preview_size
         grid, dim = size // self.backbone.patch_size, self.backbone.feature_dim
         channels = dim * len(self.layers)
-        for view in (IDENTITY, *self.config.views):
+        for view in self.views:
             file.create_dataset(feature_name(view), (n, grid, grid, channels), np.float16,
                                 chunks=(1, grid, grid, channels), compression=self.compression)
         file.create_dataset("masks", (n, size, size), np.uint8, chunks=(1, size, size), compression="lzf")
@@ -118,7 +160,6 @@ class CacheWriter:
             "format_version": FORMAT_VERSION,
             "fishseg_version": __version__,
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "fingerprint": cache_fingerprint(self.config, self.backbone, image_ids),
             "extract_config": to_json(self.config),
             "backbone": to_json(self.backbone),
             "backbone_id": self.backbone.name,
@@ -130,25 +171,47 @@ class CacheWriter:
             "normalisation": json.dumps({"mean": self.config.mean, "std": self.config.std}),
             "layers": np.array(self.layers, dtype=np.int64),
             "num_blocks": self.num_blocks,
-            "views": ",".join((IDENTITY, *self.config.views)),
+            "views": ",".join(self.views),
         })
 
     def write(self, start: int, features: np.ndarray, masks: np.ndarray, previews: np.ndarray,
               views: dict[str, np.ndarray] | None = None) -> None:
         """Store images ``start … start+B-1``: features B×h×w×L·D, masks B×S×S, previews B×P×P×3, and the
-        features of each extra view (``views``, by name)."""
-        stop = start + len(features)
-        for view, array in {IDENTITY: features, **(views or {})}.items():
+        features of each extra view (``views``, by name; every view of the config)."""
+        given = {IDENTITY: features, **(views or {})}
+        if set(given) != set(self.views):
+            raise ValueError(f"write() needs the features of views {', '.join(self.views)}, got {', '.join(given)}")
+        grids = [np.asarray(given[view], np.float16) for view in self.views]  # as stored, so digests are of it
+        masks = np.asarray(masks, np.uint8)
+        stop = start + len(masks)
+        for view, array in zip(self.views, grids):
             self.file[feature_name(view)][start:stop] = array
         self.file["masks"][start:stop] = masks
         self.file["previews"][start:stop] = previews
+        for k in range(stop - start):
+            self.digests[start + k] = image_digest([grid[k] for grid in grids], masks[k])
+
+    def _seal(self) -> None:
+        """Record the content digests and the fingerprint that covers them."""
+        unwritten = self.digests.count("")
+        if unwritten:
+            raise ValueError(f"{self.partial}: {plural(unwritten, 'image')} never written")
+        self.file.create_dataset("digests", data=self.digests, dtype=DIGEST)
+        image_ids = [sample.image_id for sample in self.samples]
+        self.file.attrs["fingerprint"] = cache_fingerprint(self.config, self.backbone, image_ids, self.digests)
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.file.close()
-        if exc_type is None:
-            os.replace(self.partial, self.path)
-        else:
-            self.partial.unlink(missing_ok=True)
+        sealed = False
+        try:
+            if exc_type is None:
+                self._seal()
+                sealed = True
+        finally:
+            self.file.close()
+            if sealed:
+                os.replace(self.partial, self.path)
+            else:
+                self.partial.unlink(missing_ok=True)
 
 
 class FeatureCache:
@@ -172,6 +235,9 @@ class FeatureCache:
         self.layers: tuple[int, ...] = tuple(int(k) for k in attrs.get("layers", LAST_BLOCK))
         self.num_blocks: int = int(attrs.get("num_blocks", 0))
         self.views: tuple[str, ...] = tuple(str(attrs.get("views", IDENTITY)).split(","))
+        # Image id → content digest; caches before format 4 did not record content (None: unrecorded).
+        self.digests: dict[str, str] | None = (dict(zip(self.image_ids, self.file["digests"].asstr()[:]))
+                                               if "digests" in self.file else None)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -227,9 +293,8 @@ class FeatureCache:
         bad = np.flatnonzero(non_finite_images(torch.from_numpy(features)).numpy())
         if bad.size:
             ids = [self.image_ids[int(np.asarray(indices)[k])] for k in bad]
-            more = f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else ""
             raise FishsegError(f"{self.path}: features of {plural(len(ids), 'image')} hold NaN or inf "
-                               f"({', '.join(ids[:MAX_NAMED])}{more}); extract again with --overwrite")
+                               f"({named(ids)}); extract again with --overwrite")
         return features
 
     def masks(self, indices: Sequence[int], view: str = IDENTITY) -> np.ndarray:
@@ -254,12 +319,16 @@ class FeatureCache:
         return {"path": str(self.path), "fingerprint": self.fingerprint, "backbone": self.backbone.name,
                 "image_size": self.config.image_size, "images": len(self), "precision": self.precision}
 
-    def require(self, expected: dict[str, Any], source: Path) -> None:
-        """Refuse to pair this cache with an artifact (a run, a checkpoint) made from another cache."""
+    def require(self, expected: dict[str, Any], source: Path, digests: Mapping[str, str] | None = None) -> None:
+        """Refuse to pair this cache with an artifact (a run, a checkpoint) made from another cache. ``digests``:
+        the content of the artifact's images when it was made (image id → digest; None: unrecorded), which
+        says how many of them changed when this cache recorded its content too."""
         if expected["fingerprint"] != self.fingerprint:
+            changes = content_changes(digests, self.digests, "its") if digests and self.digests else ""
             raise FishsegError(
                 f"{source}: made from cache {_describe(expected)} but {self.path} is cache "
-                f"{_describe(self.summary())}; pass the cache it was trained on"
+                f"{_describe(self.summary())}{'; ' + changes if changes else ''}; pass the cache it was trained "
+                f"on, or train again on this one"
             )
         made_at = expected.get("precision", UNRECORDED)
         if UNRECORDED not in (made_at, self.precision) and made_at != self.precision:
@@ -333,7 +402,8 @@ class PartStore:
             if not discard_other:
                 require_same_precision(recorded.get("precision", UNRECORDED), manifest.get("precision", UNRECORDED),
                                        directory, "resume with its --precision, or pass --overwrite to start again")
-                raise FishsegError(f"{directory}: an interrupted extraction of other images or settings; "
+                changes = "; ".join(manifest_changes(recorded, manifest)) or "the images' order"
+                raise FishsegError(f"{directory}: an interrupted extraction of other images or settings ({changes}); "
                                    f"pass --overwrite to discard it and start again")
             discard_parts(path)
         if not (directory / cls.MANIFEST).exists():
@@ -362,6 +432,43 @@ class PartStore:
         """The named arrays of one batch (all when none are named); others are not read."""
         with np.load(self._file(start, stop), allow_pickle=False) as part:
             return {name: part[name] for name in names or part.files}
+
+
+def manifest_changes(recorded: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """What differs between an interrupted extraction's manifest and this one's, as people read it:
+    "image_size 448 → 224", "backbone feature_dim 384 → 768", "12 images added, 3 removed, 1 modified"."""
+    changes = []
+    for key in dict.fromkeys([*recorded, *manifest]):
+        old, new = recorded.get(key, UNRECORDED), manifest.get(key, UNRECORDED)
+        if key in ("image_ids", "sources") or old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            prefix = "" if key == "extract_config" else f"{key} "
+            changes += [f"{prefix}{name} {_text(old.get(name, UNRECORDED))} → {_text(new.get(name, UNRECORDED))}"
+                        for name in dict.fromkeys([*old, *new]) if old.get(name) != new.get(name)]
+        else:
+            changes.append(f"{key} {_text(old)} → {_text(new)}")
+    before, now = _sources(recorded), _sources(manifest)
+    counts = {"added": len(now.keys() - before.keys()), "removed": len(before.keys() - now.keys()),
+              "modified": sum(1 for image_id, stat in now.items() if before.get(image_id, stat) != stat)}
+    found = [(count, what) for what, count in counts.items() if count]
+    if found:
+        (count, what), *rest = found
+        changes.append(", ".join([f"{plural(count, 'image')} {what}", *(f"{n} {kind}" for n, kind in rest)]))
+    return changes
+
+
+def _sources(manifest: dict[str, Any]) -> dict[str, str]:
+    """Image id → its file sizes and times, as text (empty where a manifest lacks them)."""
+    image_ids = manifest.get("image_ids", [])
+    return dict(zip(image_ids, map(str, manifest.get("sources", [""] * len(image_ids)))))
+
+
+def _text(value: Any) -> str:
+    """A manifest value as typed on the command line: lists comma-separated, booleans lowercase."""
+    if isinstance(value, list):
+        return ",".join(map(_text, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def discard_parts(path: Path) -> None:
@@ -405,10 +512,12 @@ def _open_checked(path: Path) -> h5py.File:
         file.close()
         raise FishsegError(
             f"{path}: cache format v{int(version)}, this fishseg {__version__} reads "
-            f"{' and '.join(f'v{v}' for v in READABLE_VERSIONS)}; extract the cache again"
+            f"{', '.join(f'v{v}' for v in READABLE_VERSIONS[:-1])} and v{READABLE_VERSIONS[-1]}; extract the cache "
+            f"again"
         )
     views = str(file.attrs.get("views", IDENTITY)).split(",")
-    missing = [name for name in (*DATASETS, *map(feature_name, views)) if name not in file]
+    content = ("digests",) if int(version) >= 4 else ()  # earlier formats did not record content
+    missing = [name for name in (*DATASETS, *content, *map(feature_name, views)) if name not in file]
     if missing:
         file.close()
         raise FishsegError(f"{path}: fishseg cache without {', '.join(missing)}; extract the cache again")

@@ -16,13 +16,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fishseg.cache import FeatureCache
+from fishseg.cache import FeatureCache, content_changes
 from fishseg.config import TrainConfig, value_text
 from fishseg.errors import FishsegError
 from fishseg.evaluate import METRICS_FILE, PER_IMAGE_FILE, evaluate_run
 from fishseg.leaderboard import LeaderboardEntry, write_leaderboard
 from fishseg.runs import (REPORT_DIR, RunRecord, fold_dir, holds_cv, holds_run, holds_sweep, read_cv, read_history,
-                          read_record, read_sweep)
+                          read_record, read_sweep, split_digests)
 from fishseg.runtime import make_output_dir, plural, read_json, resolve_device
 from fishseg.stats import compare_to_reference
 
@@ -147,12 +147,14 @@ def _run_scores(run_dir: Path, opener: _CacheOpener, device: Any) -> RunScores:
 
 
 def _saved_scores(report_dir: Path, record: RunRecord) -> tuple[list[str], dict[str, np.ndarray], float] | None:
-    """Per-image scores of an evaluation of the run's current best checkpoint, or None."""
+    """Per-image scores of an evaluation of the run's current best checkpoint on its own cache, or None."""
     if not (report_dir / METRICS_FILE).is_file() or not (report_dir / PER_IMAGE_FILE).is_file():
         return None
     metrics = read_json(report_dir / METRICS_FILE)
     if metrics.get("checkpoint_sha256") != record.checkpoints["best"].sha256:
         return None  # evaluated before the run went on
+    if metrics.get("cache_fingerprint") != record.cache["fingerprint"]:
+        return None  # scored on another cache's images: scored again, on the run's own cache or refused
     with (report_dir / PER_IMAGE_FILE).open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     per_image = {name: np.array([float(row[name]) for row in rows]) for name in SCORES}
@@ -176,13 +178,26 @@ def _first_run(folder: Path) -> Path:
 
 
 def _check_one_cache(folders: list[Path]) -> None:
-    """Refuse entries of different caches from their records, before any of them is scored."""
-    caches = {folder: read_record(_first_run(folder)).cache for folder in folders if holds_run(_first_run(folder))}
+    """Refuse entries of different caches from their records, before any of them is scored, saying how many of
+    their shared validation images changed content between them where both recorded it."""
+    runs = {folder: _first_run(folder) for folder in folders if holds_run(_first_run(folder))}
+    caches = {folder: read_record(run).cache for folder, run in runs.items()}
     first, cache = next(iter(caches.items()), (None, None))
     for folder, other in caches.items():
         if other["fingerprint"] != cache["fingerprint"]:
-            raise FishsegError(f"{first} and {folder} were trained on different caches ({cache['path']} vs "
-                               f"{other['path']}); compare runs of one cache")
+            changes = _val_changes(runs[first], runs[folder])
+            raise FishsegError(f"{first} and {folder} were trained on different caches ({cache['fingerprint']} at "
+                               f"{cache['path']} vs {other['fingerprint']} at {other['path']})"
+                               f"{'; ' + changes if changes else ''}; train them on one cache to compare them")
+
+
+def _val_changes(run: Path, other: Path) -> str:
+    """How the content of the validation images both runs share differs between them ("" where unrecorded)."""
+    ours, theirs = split_digests(run, ("val",)), split_digests(other, ("val",))
+    if ours is None or theirs is None:
+        return ""
+    shared = {image_id: digest for image_id, digest in ours.items() if image_id in theirs}
+    return content_changes(shared, theirs, "their", "shared validation image")
 
 
 def check_comparable(entries: list[Entry]) -> None:

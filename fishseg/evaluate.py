@@ -23,7 +23,7 @@ from fishseg.metrics import (BOUNDARY_TOLERANCE, REFERENCE_BATCH, THRESHOLD, THR
 from fishseg.probe import run_probe
 from fishseg.report import Example, ReportData, gallery_positions, write_report
 from fishseg.runs import (REPORT_DIR, RUN_FILE, SPLIT_FILE, RunRecord, checkpoint_layers, load_run, read_history,
-                          read_record, read_split)
+                          read_record, read_split, split_digests)
 from fishseg.runtime import atomic_path, autocast, make_output_dir, resolve_device, write_json
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def evaluate_run(cache: FeatureCache, run_dir: Path, device: torch.device, *, ba
     (cross-validation folds, sweeps) scoring costs a fraction. ``source``: where the features and masks are
     read (default the cache; a sweep passes the tensors it already holds on the device)."""
     record, decoder, checkpoint = load_run(run_dir)
-    cache.require(record.cache, run_dir / RUN_FILE)
+    cache.require(record.cache, run_dir / RUN_FILE, split_digests(run_dir))
     best = record.checkpoints["best"]
     cache.require({"fingerprint": checkpoint["cache_fingerprint"]}, run_dir / best.file)
     split = read_split(run_dir)

@@ -4,7 +4,9 @@ A run folder (``train --out RUN``):
 
 - ``run.json``: the ``RunRecord``. Written last after every epoch, it is the commit point: every file it
   names is complete, and a crash at any moment leaves the record of the last finished epoch.
-- ``split.json``: train and val image ids.
+- ``split.json``: train and val image ids and, under ``digests``, the content digest of each (``{"train": [...],
+  "val": [...]}``, in the same order) as the cache held it when the run was made; runs made before fishseg
+  recorded content, or from a cache that did not record it, lack them.
 - ``history.jsonl``: per-iteration and per-epoch values while the run is unfinished, one line an epoch,
   appended (and synced) just before ``run.json`` is written: after a crash it may hold one epoch more or a
   torn last line, which ``read_history`` ignores and a resume cuts away.
@@ -31,7 +33,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import safetensors
 import safetensors.torch
@@ -195,12 +197,31 @@ def empty_history() -> dict[str, Any]:
     return {"iterations": {"train": [], "val": []}, "epochs": []}
 
 
+SPLITS = ("train", "val")
+
+
 def read_split(run_dir: Path) -> dict[str, list[str]]:
-    return read_json(run_dir / SPLIT_FILE)
+    """The train and val image ids."""
+    split = read_json(run_dir / SPLIT_FILE)
+    return {name: split[name] for name in SPLITS}
 
 
-def write_split(run_dir: Path, train_ids: list[str], val_ids: list[str]) -> None:
-    write_json(run_dir / SPLIT_FILE, {"train": train_ids, "val": val_ids})
+def split_digests(run_dir: Path, names: tuple[str, ...] = SPLITS) -> dict[str, str] | None:
+    """Image id → content digest of the run's images of splits ``names`` when it was made; None where
+    unrecorded."""
+    split = read_json(run_dir / SPLIT_FILE)
+    if "digests" not in split:
+        return None
+    return {image_id: digest for name in names for image_id, digest in zip(split[name], split["digests"][name])}
+
+
+def write_split(run_dir: Path, train_ids: list[str], val_ids: list[str],
+                digests: Mapping[str, str] | None = None) -> None:
+    """``digests``: the cache's (image id → content digest; None when it recorded none)."""
+    split: dict[str, Any] = {"train": train_ids, "val": val_ids}
+    if digests is not None:
+        split["digests"] = {name: [digests[image_id] for image_id in split[name]] for name in SPLITS}
+    write_json(run_dir / SPLIT_FILE, split)
 
 
 def _checkpoint_path(run_dir: Path, epoch: int, kind: str = "") -> Path:

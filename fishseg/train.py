@@ -35,7 +35,7 @@ from fishseg.metrics import binarize, iou_per_image
 from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUNNING, SPLIT_FILE, RunRecord, check_resume_flags,
                           clear_run, commit_epoch, cut_history, differing_fields, history_entry, holds_run,
                           is_locked, read_record, read_resume_state, read_split, training_lock, verified,
-                          write_checkpoint, write_record, write_resume_state, write_split)
+                          write_checkpoint, write_record, write_resume_state, write_split, split_digests)
 from fishseg.resident import HeldSource, ResidentViews, fits_on_device, resident_bytes, upload
 from fishseg.runtime import (active_precision, autocast, available_memory, backward_step, require_same_precision,
                              resolve_device)
@@ -417,7 +417,7 @@ def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume:
     if differing:
         raise FishsegError(f"{out_dir}: the run was trained with other settings ({'; '.join(differing)}); "
                            f"resume with its settings, or train into another --out")
-    cache.require(record.cache, out_dir / RUN_FILE)
+    cache.require(record.cache, out_dir / RUN_FILE, split_digests(out_dir))
     return record
 
 
@@ -545,7 +545,7 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
                            "resume with its --precision, or train into another --out")
     if ranks.main:
         if previous is None:
-            write_split(out_dir, split["train"], split["val"])
+            write_split(out_dir, split["train"], split["val"], cache.digests)
         else:
             cut_history(out_dir, record)
         write_record(out_dir, record)
