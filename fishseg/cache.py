@@ -465,9 +465,9 @@ def _sources(manifest: dict[str, Any]) -> dict[str, str]:
 
 
 def _text(value: Any) -> str:
-    """A manifest value as typed on the command line: lists comma-separated, booleans lowercase."""
+    """A manifest value as typed on the command line: lists comma-separated (or none), booleans lowercase."""
     if isinstance(value, list):
-        return ",".join(map(_text, value))
+        return ",".join(map(_text, value)) or "none"
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

@@ -39,14 +39,76 @@ def test_round_trip_keeps_every_array_and_the_config(tmp_path: Path) -> None:
     assert not (tmp_path / "c.h5.partial").exists()
 
 
-def test_fingerprint_depends_on_config_and_images(tmp_path: Path) -> None:
+def test_fingerprint_depends_on_config_images_and_content(tmp_path: Path) -> None:
     a = write_toy_cache(tmp_path / "a.h5", seed=0)
+    again = write_toy_cache(tmp_path / "again.h5", seed=0)  # the same content written again
     b = write_toy_cache(tmp_path / "b.h5", seed=1)  # same config and ids, other content
     c = write_toy_cache(tmp_path / "c.h5", n_images=10)
     d = write_toy_cache(tmp_path / "d.h5", image_size=64)
-    fingerprints = [FeatureCache(path).fingerprint for path in (a, b, c, d)]
+    fingerprints = [FeatureCache(path).fingerprint for path in (a, again, b, c, d)]
     assert fingerprints[0] == fingerprints[1]
-    assert len(set(fingerprints[1:])) == 3
+    assert len(set(fingerprints[1:])) == 4
+
+
+def _write(path: Path, features: np.ndarray, masks: np.ndarray, previews: np.ndarray) -> FeatureCache:
+    with CacheWriter(path, CONFIG, INFO, SAMPLES) as writer:
+        writer.write(0, features, masks, previews)
+    return FeatureCache(path)
+
+
+def test_digests_are_of_each_images_stored_features_and_mask_not_its_preview(tmp_path: Path) -> None:
+    features, masks, previews = _arrays(np.random.default_rng(0))
+    edited = masks.copy()
+    edited[1] = 1 - edited[1]  # one mask corrected
+    with _write(tmp_path / "a.h5", features, masks, previews) as a, \
+            _write(tmp_path / "b.h5", features, edited, previews) as b, \
+            _write(tmp_path / "c.h5", features.astype(np.float32), masks, 255 - previews) as c:
+        assert a.file.attrs["format_version"] == 4 and all(len(digest) == 32 for digest in a.digests.values())
+        assert [image_id for image_id in a.image_ids if a.digests[image_id] != b.digests[image_id]] == ["cod/1.png"]
+        assert a.fingerprint != b.fingerprint
+        assert (c.digests, c.fingerprint) == (a.digests, a.fingerprint)  # stored as float16 alike; previews not covered
+        with pytest.raises(FishsegError, match=r"run.json: made from cache \w+ \(backbone toy, image_size 16\) but "
+                                               r".*b.h5 is cache \w+ \(backbone toy, image_size 16\); of its 3 images, "
+                                               r"1 changed content \(cod/1.png\); pass the cache it was trained on, "
+                                               r"or train again on this one$"):
+            b.require(a.summary(), tmp_path / "run.json", a.digests)
+
+
+def test_a_run_names_changed_and_missing_images_up_to_a_few(tmp_path: Path) -> None:
+    with FeatureCache(write_toy_cache(tmp_path / "c.h5", n_images=12)) as cache:
+        recorded = {**{image_id: "0" * 32 for image_id in cache.image_ids[:7]}, "gone/1.png": "1" * 32}
+        with pytest.raises(FishsegError, match=r"; of its 8 images, 7 changed content \(class0/000.png, "
+                                               r"class1/001.png, class0/002.png, class1/003.png, class0/004.png and 2 "
+                                               r"more\) and 1 is missing \(gone/1.png\); pass the cache"):
+            cache.require({"fingerprint": "0123"}, tmp_path / "run.json", recorded)
+
+
+def test_a_format_3_cache_has_no_recorded_content_and_keeps_its_fingerprint(tmp_path: Path) -> None:
+    path = write_toy_cache(tmp_path / "c.h5")
+    with h5py.File(path, "a") as file:  # what fishseg wrote before format 4
+        file.attrs["format_version"], file.attrs["fingerprint"] = 3, "0123456789abcdef"
+        del file["digests"]
+    with FeatureCache(path) as cache:
+        assert cache.digests is None and cache.fingerprint == "0123456789abcdef"
+        cache.require({"fingerprint": "0123456789abcdef"}, tmp_path / "run.json", {"class0/000.png": "0" * 32})
+        with pytest.raises(FishsegError, match=r"is cache 0123456789abcdef \(backbone toy, image_size 32\); pass the"):
+            cache.require({"fingerprint": "fedcba9876543210"}, tmp_path / "run.json", {"class0/000.png": "0" * 32})
+
+
+def test_a_format_4_cache_without_digests_is_refused(tmp_path: Path) -> None:
+    path = write_toy_cache(tmp_path / "c.h5")
+    with h5py.File(path, "a") as file:
+        del file["digests"]
+    with pytest.raises(FishsegError, match="c.h5: fishseg cache without digests; extract the cache again"):
+        FeatureCache(path)
+
+
+def test_a_cache_with_an_image_never_written_is_not_completed(tmp_path: Path) -> None:
+    features, masks, previews = _arrays(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="1 image never written"):
+        with CacheWriter(tmp_path / "c.h5", CONFIG, INFO, SAMPLES) as writer:
+            writer.write(0, features[:2], masks[:2], previews[:2])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
@@ -64,17 +126,36 @@ def test_part_store_resumes_a_matching_manifest_and_refuses_another(tmp_path: Pa
     assert resumed.done() == [(2, 3)]
     np.testing.assert_array_equal(resumed.read(2, 3)["features"], np.ones((1, 4)))
     other = {"batch_size": 2, "image_ids": ["a", "b"]}
-    with pytest.raises(FishsegError, match="c.h5.parts: an interrupted extraction of other images or settings"):
+    with pytest.raises(FishsegError, match=r"c.h5.parts: an interrupted extraction of other images or settings \(1 "
+                                           r"image removed\); pass --overwrite"):
         PartStore.open(tmp_path / "c.h5", other)
     assert PartStore.open(tmp_path / "c.h5", other, discard_other=True).done() == []
     assert [p.name for p in (tmp_path / "c.h5.parts").iterdir()] == ["manifest.json"]
+
+
+def test_an_interrupted_extraction_of_other_settings_names_what_differs(tmp_path: Path) -> None:
+    manifest = {"fishseg_version": "0.4", "extract_config": {"image_size": 448, "layers": [12], "views": []},
+                "backbone": {"name": "vits16", "feature_dim": 384}, "batch_size": 8, "precision": "fp32",
+                "image_ids": ["a", "b", "c"], "sources": [[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]]}
+    PartStore.open(tmp_path / "c.h5", manifest)
+    other = {**manifest, "extract_config": {"image_size": 224, "layers": [6, 12], "views": ["hflip"]},
+             "backbone": {"name": "vitb16", "feature_dim": 768}, "batch_size": 16,
+             "image_ids": ["b", "c", "d", "e"], "sources": [[1, 2, 3, 4], [9, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]]}
+    with pytest.raises(FishsegError, match=r"c.h5.parts: an interrupted extraction of other images or settings "
+                                           r"\(image_size 448 → 224; layers 12 → 6,12; views none → hflip; backbone name "
+                                           r"vits16 → vitb16; backbone feature_dim 384 → 768; batch_size 8 → 16; 2 "
+                                           r"images added, 1 removed, 1 modified\); pass --overwrite to discard it"):
+        PartStore.open(tmp_path / "c.h5", other)
+    with pytest.raises(FishsegError, match=r"other images or settings \(the images' order\)"):
+        PartStore.open(tmp_path / "c.h5", {**manifest, "image_ids": ["c", "b", "a"]})
 
 
 def test_other_format_version_is_refused(tmp_path: Path) -> None:
     path = write_toy_cache(tmp_path / "c.h5")
     with h5py.File(path, "a") as file:
         file.attrs["format_version"] = 99
-    with pytest.raises(FishsegError, match="cache format v99, this fishseg .* reads v2 and v3; extract the cache again"):
+    with pytest.raises(FishsegError, match="cache format v99, this fishseg .* reads v2, v3 and v4; extract the cache "
+                                           "again"):
         FeatureCache(path)
 
 
@@ -104,7 +185,7 @@ def test_layers_and_views_are_stored_side_by_side_and_read_by_name(tmp_path: Pat
     with FeatureCache(tmp_path / "c.h5") as cache:
         attrs = cache.file.attrs  # what h5dump shows
         assert attrs["layers"].tolist() == [6, 12] and attrs["num_blocks"] == 12
-        assert attrs["views"] == "identity,hflip,rot90" and attrs["format_version"] == 3
+        assert attrs["views"] == "identity,hflip,rot90" and attrs["format_version"] == 4
         assert cache.select_layers(()) == (6, 12) and cache.select_layers((-1,)) == (12,)
         np.testing.assert_array_equal(cache.features([0, 2], layers=(12,)), features[[0, 2], ..., 3:])
         np.testing.assert_array_equal(cache.features([0, 2], layers=(12, 6)),
