@@ -93,11 +93,13 @@ def test_scores_are_computed_when_a_run_was_not_evaluated(runs: dict[str, Path],
     assert not (runs["linear"] / "report").exists()  # compare reads run folders, it does not write into them
 
 
-def test_an_evaluation_of_an_older_checkpoint_is_not_trusted(runs: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("key, value", [("checkpoint_sha256", "0" * 64), ("cache_fingerprint", "0" * 16)])
+def test_an_evaluation_of_an_older_checkpoint_or_another_cache_is_not_trusted(runs: dict[str, Path], tmp_path: Path,
+                                                                             key: str, value: str) -> None:
     stale = Path(shutil.copytree(runs["seed-cnn"], tmp_path / "stale"))
     metrics = json.loads((stale / "report" / "metrics.json").read_text())
     _plant_shift(stale, 0.3)
-    (stale / "report" / "metrics.json").write_text(json.dumps({**metrics, "checkpoint_sha256": "0" * 64}))
+    (stale / "report" / "metrics.json").write_text(json.dumps({**metrics, key: value}))
     run_compare([runs["seed-cnn"], stale], tmp_path / "out", device="cpu")
     rows = _rows(tmp_path / "out")
     assert rows["stale"]["mean_iou"] == rows["seed-cnn"]["mean_iou"]  # scored afresh, not read

@@ -1,0 +1,85 @@
+"""Every number belongs to the data it claims: a run, its evaluation and its saved scores are never paired with a
+cache whose content changed (issue 19, item 1), end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageFilter
+
+from fishseg.cache import FeatureCache
+from fishseg.cli import main
+from fishseg.config import TrainConfig
+from fishseg.runs import INTERRUPTED, read_record
+from fishseg.train import run_training
+from tests.helpers import TINY_IMAGE_SIZE, interrupt_at_pass
+
+
+def _invoke(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(map(str, args)))
+    return result.exit_code, result.output
+
+
+def _dilate_masks(data: Path) -> int:
+    """Grow every mask under ``data`` by a few pixels, as a user correcting them would; returns how many."""
+    masks = sorted(data.rglob("* GT/*.png"))
+    for path in masks:
+        Image.open(path).filter(ImageFilter.MaxFilter(9)).save(path)
+    return len(masks)
+
+
+def test_runs_evaluations_and_resumes_refuse_a_cache_whose_masks_changed(
+        tmp_path: Path, kaggle_root: Path, tiny_backbone: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, cache, m1, m2 = tmp_path / "data", tmp_path / "m.h5", tmp_path / "m1", tmp_path / "m2"
+    shutil.copytree(kaggle_root, data)
+    extract = ["extract", "--data-root", data, "--out", cache, "--backbone", tiny_backbone, "--image-size",
+               TINY_IMAGE_SIZE, "--preview-size", 32, "--num-workers", 0, "--device", "cpu"]
+    assert _invoke(*extract)[0] == 0
+    train = ["train", "--cache", cache, "--epochs", 2, "--batch-size", 4, "--device", "cpu", "--out"]
+    assert _invoke(*train, m1)[0] == 0
+    assert _invoke("evaluate", "--cache", cache, "--run", m1, "--device", "cpu")[0] == 0
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):  # a run stopped in its 2nd epoch
+        interrupt_at_pass(patched, 3)
+        run_training(cache, tmp_path / "stopped", TrainConfig(epochs=2, batch_size=4), device="cpu")
+    assert read_record(tmp_path / "stopped").status == INTERRUPTED
+    before = FeatureCache(cache).fingerprint
+
+    written = cache.stat().st_mtime_ns
+    assert _invoke(*extract)[0] == 0 and cache.stat().st_mtime_ns == written  # unchanged data: up to date, kept
+    assert _invoke(*extract, "--overwrite")[0] == 0  # extracted again from unchanged data: the same content
+    assert FeatureCache(cache).fingerprint == before
+    assert _invoke("evaluate", "--cache", cache, "--run", m1, "--device", "cpu")[0] == 0
+
+    assert _dilate_masks(data) == 12
+    assert _invoke(*extract, "--overwrite")[0] == 0
+    with FeatureCache(cache) as changed:
+        assert changed.fingerprint != before
+    assert _invoke(*train, m2)[0] == 0
+
+    status, output = _invoke("compare", m1, m2, "--out", tmp_path / "board", "--device", "cpu")
+    assert status == 2 and output.count("\n") == 1, output
+    assert (f"{m1} and {m2} were trained on different caches ({before} at {cache} vs "
+            f"{read_record(m2).cache['fingerprint']} at {cache}); of their 2 shared validation images, 2 changed "
+            f"content (") in output
+    assert not (tmp_path / "board").exists()
+
+    status, output = _invoke("evaluate", "--cache", cache, "--run", m1, "--device", "cpu")
+    assert status == 2 and output.count("\n") == 1, output
+    assert "run.json: made from cache" in output and "; of its 12 images, 12 changed content (" in output
+    assert output.rstrip().endswith("and 7 more); pass the cache it was trained on, or train again on this one")
+
+    status, output = _invoke(*train, tmp_path / "stopped", "--resume")
+    assert status == 2 and output.count("\n") == 1, output
+    assert "stopped/run.json: made from cache" in output and "; of its 12 images, 12 changed content (" in output
+    assert read_record(tmp_path / "stopped").epochs_done == 1  # nothing trained on the new masks
+
+
+def test_a_run_records_the_content_of_its_images(tiny_cache: Path, tiny_run: Path) -> None:
+    split = json.loads((tiny_run / "split.json").read_text())
+    with FeatureCache(tiny_cache) as cache:
+        for name in ("train", "val"):
+            assert split["digests"][name] == [cache.digests[image_id] for image_id in split[name]]
