@@ -95,14 +95,6 @@ def test_a_format_3_cache_has_no_recorded_content_and_keeps_its_fingerprint(tmp_
             cache.require({"fingerprint": "fedcba9876543210"}, tmp_path / "run.json", {"class0/000.png": "0" * 32})
 
 
-def test_a_format_4_cache_without_digests_is_refused(tmp_path: Path) -> None:
-    path = write_toy_cache(tmp_path / "c.h5")
-    with h5py.File(path, "a") as file:
-        del file["digests"]
-    with pytest.raises(FishsegError, match="c.h5: fishseg cache without digests; extract the cache again"):
-        FeatureCache(path)
-
-
 def test_a_cache_with_an_image_never_written_is_not_completed(tmp_path: Path) -> None:
     features, masks, previews = _arrays(np.random.default_rng(0))
     with pytest.raises(ValueError, match="1 image never written"):
@@ -200,11 +192,12 @@ def test_layers_and_views_are_stored_side_by_side_and_read_by_name(tmp_path: Pat
             cache.features([0], "vflip")
 
 
-def test_cache_missing_a_dataset_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dataset", ["groups", "digests"])  # digests: format 4 records each image's content
+def test_cache_missing_a_dataset_is_refused(tmp_path: Path, dataset: str) -> None:
     path = write_toy_cache(tmp_path / "c.h5")
     with h5py.File(path, "a") as file:
-        del file["groups"]
-    with pytest.raises(FishsegError, match="c.h5: fishseg cache without groups; extract the cache again"):
+        del file[dataset]
+    with pytest.raises(FishsegError, match=f"c.h5: fishseg cache without {dataset}; extract the cache again"):
         FeatureCache(path)
 
 
