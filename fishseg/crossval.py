@@ -24,7 +24,7 @@ from fishseg.evaluate import evaluate_run, write_scores
 from fishseg.runs import (FINISHED, REPORT_DIR, RUNNING, check_resume_flags, clear_run, differing_fields, fold_dir,
                           holds_cv, holds_run, read_cv, write_cv)
 from fishseg.runtime import resolve_device
-from fishseg.train import EpochCallback, TrainingData, train_run
+from fishseg.train import EpochCallback, TrainingData, plan_run, train_run
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,10 @@ def cross_validate(data: TrainingData, out_dir: Path, config: TrainConfig, *, ra
                    on_epoch: EpochCallback | None = None, compiled: bool = False) -> dict[str, Any]:
     """Cross-validate from already opened data (a sweep shares it between configs)."""
     plan_cross_validation(out_dir, config, resume=resume, overwrite=overwrite)
+    for fold in range(config.folds) if resume else ():  # every fold resumable here, before cv.json is rewritten
+        if holds_run(fold_dir(out_dir, fold)):
+            plan_run(fold_dir(out_dir, fold), dataclasses.replace(config, fold=fold), data.cache, resume=True,
+                     overwrite=False)
     ranks.barrier()  # every rank has read the folder before rank 0 writes into it
     if overwrite and ranks.main:
         for fold in range(config.folds):

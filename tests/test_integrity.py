@@ -14,9 +14,11 @@ from PIL import Image, ImageFilter
 from fishseg.cache import FeatureCache
 from fishseg.cli import main
 from fishseg.config import TrainConfig
+from fishseg.crossval import run_cross_validation
+from fishseg.errors import FishsegError
 from fishseg.runs import INTERRUPTED, read_record
 from fishseg.train import run_training
-from tests.helpers import TINY_IMAGE_SIZE, interrupt_at_pass
+from tests.helpers import TINY_IMAGE_SIZE, interrupt_at_pass, write_toy_cache
 
 
 def _invoke(*args: object) -> tuple[int, str]:
@@ -83,3 +85,14 @@ def test_a_run_records_the_content_of_its_images(tiny_cache: Path, tiny_run: Pat
     with FeatureCache(tiny_cache) as cache:
         for name in ("train", "val"):
             assert split["digests"][name] == [cache.digests[image_id] for image_id in split[name]]
+
+
+def test_a_cross_validation_is_not_resumed_on_changed_content_and_keeps_its_results(tmp_path: Path) -> None:
+    cache, config = write_toy_cache(tmp_path / "toy.h5", n_images=20), TrainConfig(epochs=1, batch_size=4, folds=2)
+    run_cross_validation(cache, tmp_path / "cv", config, device="cpu")
+    finished = (tmp_path / "cv" / "cv.json").read_text()
+    write_toy_cache(cache, n_images=20, seed=5)  # the same images and settings, other content
+    with pytest.raises(FishsegError, match=r"fold-1/run.json: made from cache .*; of its 20 images, 20 changed "
+                                           r"content \(.* and 15 more\); pass the cache it was trained on"):
+        run_cross_validation(cache, tmp_path / "cv", config, device="cpu", resume=True)
+    assert (tmp_path / "cv" / "cv.json").read_text() == finished
