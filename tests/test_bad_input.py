@@ -163,7 +163,7 @@ def not_an_image(ctx: Context) -> list[str]:
 
 def bad_image_size(ctx: Context) -> list[str]:
     args = ctx.extract(_generic(ctx.root))
-    args[args.index("--image-size") + 1] = "60"
+    args[args.index("--image-size") + 1] = "62"  # nearer 64 than 56
     return args
 
 
@@ -238,7 +238,7 @@ CASES: list[tuple[str, Callable[[Context], list[str]], str]] = [
     ("unreadable file", lambda ctx: ctx.extract(_unreadable(ctx.root, ctx.monkeypatch)),
      r"images/1.png: cannot read image \(\[Errno 13\] Permission denied"),
     ("image size not a multiple of the patch", bad_image_size,
-     r"--image-size 60: not divisible by the backbone's patch size 8; try 56"),
+     r"--image-size 62: not a multiple of the backbone's patch size 8; try 64$"),
     ("no space left while writing", disk_full, r"out.parts/00000000-00000003.npz: cannot write \(No space left"),
     ("truncated HDF5 as cache", truncated_hdf5, r"c.h5: not a readable HDF5 file"),
     ("foreign HDF5 as cache", foreign_hdf5, r"c.h5: HDF5 file is not a fishseg cache"),
@@ -275,7 +275,7 @@ CASES: list[tuple[str, Callable[[Context], list[str]], str]] = [
     ("extract --out below a file", lambda ctx: [*ctx.extract(_generic(ctx.root)), "--out", str(a_file(ctx) / "c.h5")],
      r"input/file: cannot create the output folder: .*input/file is a file, not a folder"),
     ("demo with an image size the patch does not divide", demo_with_bad_image_size,
-     r"--image-size 60: not divisible by the backbone's patch size 8"),
+     r"--image-size 60: not a multiple of the backbone's patch size 8; try 56 or 64"),
     ("backbone path that does not exist", lambda ctx: [*ctx.extract(_generic(ctx.root)), "--backbone", "./nowhere/vit"],
      r"backbone ./nowhere/vit: no such folder"),
     ("predict with one corrupt image", predict_one_corrupt, r"images/1.png: cannot read image .*--skip-bad"),
