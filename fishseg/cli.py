@@ -61,7 +61,7 @@ def list_items(text: str, separator: str, expected: str, param: click.Parameter 
     leading, trailing or doubled separator) is refused, never skipped; leave an option out for its default."""
     items = [item.strip() for item in text.split(separator)]
     if not all(items):
-        raise click.BadParameter(f"'{text}': an empty item in the list; expected {expected}", ctx, param)
+        raise click.BadParameter(f"'{text}': an empty value in the list; expected {expected}", ctx, param)
     return items
 
 

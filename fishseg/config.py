@@ -42,6 +42,11 @@ def shown(value: Any) -> str:
     return f"'{value}'" if isinstance(value, str) else str(value)
 
 
+def shown_setting(field: str, value: Any) -> str:
+    """A TrainConfig field's value as `train` takes it: ``shown``, but layers () is all."""
+    return "all" if field == "layers" and not value else shown(value)
+
+
 def _require(ok: bool, field: str, value: Any, expected: str) -> None:
     if not ok:
         raise FishsegError(f"{field} {shown(value)}: expected {expected}")

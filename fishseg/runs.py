@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from fishseg import __version__
-from fishseg.config import LAST_BLOCK, TrainConfig, shown
+from fishseg.config import LAST_BLOCK, TrainConfig, shown_setting
 from fishseg.decoders import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from fishseg.errors import FishsegError
 from fishseg.runtime import UNRECORDED, atomic_path, file_digest, make_output_dir, read_json, write_json
@@ -147,8 +147,8 @@ def _check_settings(run_dir: Path, record: RunRecord) -> None:
     said = json.loads(json.dumps(dataclasses.asdict(record.train_config)))  # as JSON holds it
     differing = [name for name in said if name in held and held[name] != said[name]]
     if differing:
-        says = ", ".join(f"{name} {shown(said[name])}" for name in differing)
-        holds = ", ".join(f"{name} {shown(held[name])}" for name in differing)
+        says = ", ".join(f"{name} {shown_setting(name, said[name])}" for name in differing)
+        holds = ", ".join(f"{name} {shown_setting(name, held[name])}" for name in differing)
         raise FishsegError(f"{run_dir / RUN_FILE}: says {says} but {best.file} was trained with {holds}; restore "
                            f"{RUN_FILE}, or train again with --overwrite")
 
@@ -422,7 +422,8 @@ def check_resume_flags(resume: bool, overwrite: bool) -> None:
 def differing_fields(recorded: TrainConfig, requested: TrainConfig) -> list[str]:
     """``name recorded → requested`` for every config field that differs."""
     old, new = dataclasses.asdict(recorded), dataclasses.asdict(requested)
-    return [f"{name} {shown(old[name])} → {shown(new[name])}" for name in old if old[name] != new[name]]
+    return [f"{name} {shown_setting(name, old[name])} → {shown_setting(name, new[name])}" for name in old
+            if old[name] != new[name]]
 
 
 def read_cv(out_dir: Path) -> dict[str, Any]:
