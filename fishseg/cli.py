@@ -23,7 +23,7 @@ import click
 
 from fishseg import __version__
 from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DECODER_NAMES, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, LOSSES,
-                            PRECISIONS, SCHEDULES, SPLITS, VIEWS, ExtractConfig, TrainConfig, format_layers)
+                            PRECISIONS, SCHEDULES, SPLITS, VIEWS, ExtractConfig, TrainConfig, format_layers, shown)
 from fishseg.distributed import is_main_process, under_torchrun
 from fishseg.errors import FishsegError
 
@@ -295,7 +295,7 @@ def _value_list(option: TrainOption) -> Callable[[click.Context, click.Parameter
 def sweep_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """Every TrainConfig field as a comma list of values to sweep (unset: the --grid file's, else the default)."""
     for option in reversed(TRAIN_OPTIONS):
-        default = option.shown_default or repr(getattr(TRAIN_DEFAULTS, option.field))
+        default = option.shown_default or shown(getattr(TRAIN_DEFAULTS, option.field))
         kind = ("a value (taken verbatim)" if not option.listable else
                 f"values separated by {'commas' if option.separator == ',' else repr(option.separator)}")
         function = click.option(option.flag, option.field, default=None, callback=_value_list(option),

@@ -205,7 +205,8 @@ class TrainConfig:
         try:
             re.compile(self.group_pattern)
         except re.error as error:
-            raise FishsegError(f"group_pattern {shown(self.group_pattern)}: not a regular expression ({error})") from None
+            raise FishsegError(f"group_pattern {shown(self.group_pattern)}: not a regular expression "
+                               f"({error})") from None
         _require(_whole(self.folds) and self.folds != 1 and self.folds >= 0, "folds", self.folds,
                  "0 (one split) or a whole number >= 2")
         _integer(self.fold, "fold", 0)

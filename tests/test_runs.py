@@ -20,12 +20,13 @@ from safetensors.torch import load_file
 
 from fishseg.cli import main
 from fishseg.config import TrainConfig
+from fishseg.distributed import torchrun_command
 from fishseg.errors import FishsegError
 from fishseg.evaluate import run_evaluation
 from fishseg.runs import (CHECKPOINT_DIR, HISTORY_JOURNAL, cut_history, differing_fields, load_run, read_history,
                          read_record, read_split)
 from fishseg.train import run_training
-from tests.helpers import REPO, interrupt_at_pass, write_toy_cache
+from tests.helpers import REPO, interrupt_at_pass, move_a_training_image_to_val, write_toy_cache
 
 RECIPE = TrainConfig(decoder="seed-cnn", epochs=6, batch_size=4, lr=3e-3, seed=2, schedule="cosine", augment="flips")
 
@@ -331,26 +332,29 @@ def test_a_run_folder_of_an_earlier_version_reads_and_resumes_from_history_json(
     _assert_same_run(tmp_path / "run", reference_run)
 
 
-def test_sigterm_stops_training_as_ctrl_c_does_and_the_run_resumes(tmp_path: Path) -> None:
-    """SIGTERM (kill, a scheduler's time limit) after an epoch: the advice, exit status 143, run.json itself says
-    interrupted (not running), and --resume finishes the run."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_stops_training_as_ctrl_c_does_and_the_run_resumes(tmp_path: Path, processes: int) -> None:
+    """SIGTERM (kill, a scheduler's time limit; torchrun passes it to every rank) after an epoch: the advice once,
+    run.json itself says interrupted (not running), and --resume finishes the run. Alone, fishseg exits 143;
+    under torchrun the status is torchrun's."""
     cache = write_toy_cache(tmp_path / "toy.h5", n_images=40, image_size=96, grid=8, dim=256)
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    launcher = torchrun_command(processes) if processes > 1 else [sys.executable]
     with log.open("w") as stderr:
-        process = subprocess.Popen(_train_command(cache, run_dir), stdout=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen([*launcher, *_train_command(cache, run_dir, "--epochs", "6")[1:]],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
         while process.poll() is None and not _epochs_logged(log):
             time.sleep(0.001)
         process.send_signal(signal.SIGTERM)
         status = process.wait(timeout=120)
     output = log.read_text()
-    assert status == 143, output
-    assert "Interrupted. Finished epochs are kept: run the same command with --resume to continue." in output
-    assert "Traceback" not in output
+    assert status == (143 if processes == 1 else 1), output
+    assert output.count("Interrupted. Finished epochs are kept: run the same command with --resume to continue.") == 1
+    assert "Traceback" not in output or processes > 1  # torchrun's agent prints its own on SIGTERM
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["status"] == "interrupted" and 1 <= record["epochs_done"] < KILL_EPOCHS
-    resumed = subprocess.run(_train_command(cache, run_dir, "--resume"), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert (read_record(run_dir).status, read_record(run_dir).epochs_done) == ("finished", KILL_EPOCHS)
+    assert record["status"] == "interrupted" and 1 <= record["epochs_done"] < 6
+    assert _invoke("train", "--cache", cache, "--out", run_dir, "--resume", "--device", "cpu")[0] == 0
+    assert (read_record(run_dir).status, read_record(run_dir).epochs_done) == ("finished", 6)
 
 
 def _run_copy(run_dir: Path, tmp_path: Path) -> Path:
@@ -374,8 +378,7 @@ def test_resume_of_a_finished_run_checks_its_files_before_saying_finished(refere
     run = _run_copy(run_dir, tmp_path)
     assert (run / damaged).is_file()
     if damaged == "split.json":
-        split = json.loads((run / damaged).read_text())
-        (run / damaged).write_text(json.dumps({"train": split["train"][1:], "val": [split["train"][0], *split["val"]]}))
+        move_a_training_image_to_val(run)
     else:
         _flip_last_byte(run / damaged)
     status, output = _invoke("train", "--cache", cache, "--out", run, "--resume", "--device", "cpu")
@@ -424,9 +427,9 @@ def test_an_edited_split_is_refused_and_an_old_record_without_its_digest_is_read
                                                                                  tmp_path: Path) -> None:
     cache, run_dir, metrics = evaluated
     run = _run_copy(run_dir, tmp_path)
-    split = json.loads((run / "split.json").read_text())
-    (run / "split.json").write_text(json.dumps({"train": split["train"][1:], "val": [split["train"][0], *split["val"]]}))
-    status, output = _invoke("evaluate", "--cache", cache, "--run", run, "--out", tmp_path / "report", "--device", "cpu")
+    split = move_a_training_image_to_val(run)
+    status, output = _invoke("evaluate", "--cache", cache, "--run", run, "--out", tmp_path / "report",
+                             "--device", "cpu")
     assert status == 2 and output == (f"Error: {run / 'split.json'}: not the split the run was trained on (its SHA-256 "
                                       f"differs from the one in run.json); restore it, or train again with "
                                       f"--overwrite\n"), output
