@@ -8,19 +8,22 @@ transformers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
 from fishseg import __version__
 from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DECODER_NAMES, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, LOSSES,
-                            PRECISIONS, SCHEDULES, SPLITS, VIEWS, ExtractConfig, TrainConfig, format_layers)
+                            PRECISIONS, SCHEDULES, SPLITS, VIEWS, ExtractConfig, TrainConfig, format_layers, shown)
 from fishseg.distributed import is_main_process, under_torchrun
 from fishseg.errors import FishsegError
 
@@ -29,7 +32,7 @@ TRAIN_DEFAULTS = TrainConfig()
 EXTRACT_DEFAULTS = ExtractConfig()
 
 
-INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C
+INTERRUPTED, TERMINATED = 130, 143  # the shell's statuses for a command stopped by Ctrl-C (SIGINT), by SIGTERM
 DISTRIBUTED_COMMANDS = {"extract", "train"}  # the others would run whole on every torchrun process
 RESUME_ADVICE = {  # what Ctrl-C tells, per command: only what is true of that command
     "extract": "Finished batches are kept: run the same command again to resume.",
@@ -48,14 +51,25 @@ class FiniteFloat(click.FloatRange):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
+            self.fail(f"'{value}' is not a finite number.", param, ctx)
         return number
+
+
+def list_items(text: str, separator: str, expected: str, param: click.Parameter | None,
+               ctx: click.Context | None) -> list[str]:
+    """The items of a list typed on the command line. Every list reads alike: an empty item (an empty value, or a
+    leading, trailing or doubled separator) is refused, never skipped; leave an option out for its default."""
+    items = [item.strip() for item in text.split(separator)]
+    if not all(items):
+        raise click.BadParameter(f"'{text}': an empty value in the list; expected {expected}", ctx, param)
+    return items
 
 
 class Blocks(click.ParamType):
     """Backbone block indices separated by commas: ``12``, ``6,9,12``, ``-1,-4`` (from the end); "all" = ()."""
 
     name = "BLOCKS"
+    EXPECTED = "block indices separated by commas, e.g. 12 or 6,9,12 or -1,-4, or all"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, tuple):
@@ -63,26 +77,52 @@ class Blocks(click.ParamType):
         if value.strip() == "all":
             return ()
         try:
-            return tuple(int(part) for part in value.split(","))
+            return tuple(int(part) for part in list_items(value, ",", self.EXPECTED, param, ctx))
         except ValueError:
-            self.fail(f"{value!r}: expected block indices separated by commas, e.g. 12 or 6,9,12 or -1,-4", param, ctx)
+            self.fail(f"'{value}': expected {self.EXPECTED}", param, ctx)
 
 
 class Views(click.ParamType):
-    """Names from config.VIEWS separated by commas; "" = none."""
+    """Names from config.VIEWS separated by commas (none: leave the option out)."""
 
     name = "VIEWS"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        views = tuple(part.strip() for part in value.split(",") if part.strip())
+        if isinstance(value, tuple):
+            return value
+        views = tuple(list_items(value, ",", "views separated by commas, e.g. hflip,rot90 (none: leave "
+                                            "--views out)", param, ctx))
         unknown = [view for view in views if view not in VIEWS]
         if unknown:
-            self.fail(f"unknown view {unknown[0]!r}; choose from {', '.join(VIEWS)}", param, ctx)
+            self.fail(f"unknown view '{unknown[0]}'; choose from {', '.join(VIEWS)}", param, ctx)
         return views
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's time limit, torchrun stopping its workers), raised where the process is,
+    so that it stops exactly as Ctrl-C does: every ``except KeyboardInterrupt`` records and cleans up alike."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs in the main thread, SIGTERM raises ``Terminated``; the previous handler after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def command(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Configure logging once and turn user errors into one-line messages."""
+    """Configure logging once, turn user errors into one-line messages, and stop on Ctrl-C or SIGTERM with
+    advice on what was kept (exit 130 or 143, as a shell reports a process ended by those signals)."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -91,13 +131,15 @@ def command(function: Callable[..., Any]) -> Callable[..., Any]:
             if under_torchrun() and function.__name__ not in DISTRIBUTED_COMMANDS:
                 raise FishsegError(f"`{function.__name__}` runs in one process; start it without torchrun "
                                    f"(only {' and '.join(sorted(DISTRIBUTED_COMMANDS))} use several)")
-            return function(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return function(*args, **kwargs)
         except FishsegError as error:
             raise UserError(str(error)) from None
-        except KeyboardInterrupt:
-            advice = RESUME_ADVICE.get(function.__name__, "Nothing it was writing is left half-written.")
-            click.echo(f"\nInterrupted. {advice}", err=True)
-            sys.exit(INTERRUPTED)
+        except KeyboardInterrupt as stop:
+            if is_main_process():
+                advice = RESUME_ADVICE.get(function.__name__, "Nothing it was writing is left half-written.")
+                click.echo(f"\nInterrupted. {advice}", err=True)
+            sys.exit(TERMINATED if isinstance(stop, Terminated) else INTERRUPTED)
 
     return wrapper
 
@@ -159,7 +201,7 @@ input_dir = click.Path(file_okay=False, path_type=Path)
               help="Side of the RGB preview stored per image for reports.")
 @click.option("--layers", default=format_layers(EXTRACT_DEFAULTS.layers), show_default=True, type=Blocks(),
               help="Blocks whose patch tokens (after the final norm) are stored: 12, 6,9,12 or -1,-4 from the end.")
-@click.option("--views", default="", type=Views(),
+@click.option("--views", default=(), type=Views(),
               help=f"Also store the features of these transformed photos (any of {','.join(VIEWS)}), for "
                    f"`train --augment views`.")
 @click.option("--batch-size", default=None, type=click.IntRange(1),
@@ -244,9 +286,8 @@ def _value_list(option: TrainOption) -> Callable[[click.Context, click.Parameter
     def parse(ctx: click.Context, param: click.Parameter, text: str | None) -> tuple | None:
         if text is None:
             return None
-        parts = [part.strip() for part in text.split(option.separator)] if option.listable else [text]
-        if not all(parts):
-            raise click.BadParameter(f"{text!r}: an empty value in the list", ctx, param)
+        parts = list_items(text, option.separator, f"values separated by '{option.separator}'", param,
+                           ctx) if option.listable else [text]
         return tuple(option.type.convert(part, param, ctx) for part in parts)
     return parse
 
@@ -254,7 +295,7 @@ def _value_list(option: TrainOption) -> Callable[[click.Context, click.Parameter
 def sweep_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """Every TrainConfig field as a comma list of values to sweep (unset: the --grid file's, else the default)."""
     for option in reversed(TRAIN_OPTIONS):
-        default = option.shown_default or repr(getattr(TRAIN_DEFAULTS, option.field))
+        default = option.shown_default or shown(getattr(TRAIN_DEFAULTS, option.field))
         kind = ("a value (taken verbatim)" if not option.listable else
                 f"values separated by {'commas' if option.separator == ',' else repr(option.separator)}")
         function = click.option(option.flag, option.field, default=None, callback=_value_list(option),

@@ -32,14 +32,33 @@ DECODER_NAMES = ("linear", "seed-cnn", "progressive", "guided")  # the keys of f
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what --precision asks for; fishseg.runtime.precision_policy decides
 
 
+def shown(value: Any) -> str:
+    """A value as a user types it on the command line or in a TOML grid, for messages: 12,12 not (12, 12), true
+    not True, '' for an empty list; text in quotes (unescaped), so that an empty or spaced value shows."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(shown, value)) or "''"
+    return f"'{value}'" if isinstance(value, str) else str(value)
+
+
+def shown_setting(field: str, value: Any) -> str:
+    """A TrainConfig field's value as `train` takes it: ``shown``, but layers () is all."""
+    return "all" if field == "layers" and not value else shown(value)
+
+
 def _require(ok: bool, field: str, value: Any, expected: str) -> None:
     if not ok:
-        raise FishsegError(f"{field} {value!r}: expected {expected}")
+        raise FishsegError(f"{field} {shown(value)}: expected {expected}")
+
+
+def _whole(value: Any) -> bool:
+    """An int, and not a bool (which Python counts as one: ``epochs = true`` in a grid is a mistake)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _integer(value: Any, field: str, minimum: int) -> None:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, field, value,
-             f"a whole number >= {minimum}")
+    _require(_whole(value) and value >= minimum, field, value, f"a whole number >= {minimum}")
 
 
 def _real(value: Any, field: str, low: float, high: float = math.inf, *, open_low: bool = False,
@@ -73,7 +92,7 @@ def _as_tuple(config: Any, field: str) -> tuple:
 def _block_indices(config: Any, field: str, allow_empty: bool) -> None:
     """Backbone blocks: 1 … n, or -1 … -n counting from the end (0 is the embedding, not a block)."""
     for block in _as_tuple(config, field):
-        _require(isinstance(block, int) and not isinstance(block, bool) and block != 0, field, block,
+        _require(_whole(block) and block != 0, field, block,
                  "block indices 1 … n, or -1 … -n counting from the end")
     _require(allow_empty or bool(getattr(config, field)), field, getattr(config, field), "at least one block")
 
@@ -99,6 +118,17 @@ def value_text(value: Any) -> str:
 
 def format_layers(layers: Sequence[int]) -> str:
     return ",".join(map(str, layers))
+
+
+def check_patch_multiple(image_size: int, patch: int) -> None:
+    """The input side must tile into patches; the refusal suggests the nearest multiples (both when tied)."""
+    if image_size % patch:
+        below = image_size // patch * patch
+        candidates = [size for size in (below, below + patch) if size > 0]
+        distance = min(abs(size - image_size) for size in candidates)
+        nearest = [size for size in candidates if abs(size - image_size) == distance]
+        raise FishsegError(f"--image-size {image_size}: not a multiple of the backbone's patch size {patch}; "
+                           f"try {' or '.join(map(str, nearest))}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +205,9 @@ class TrainConfig:
         try:
             re.compile(self.group_pattern)
         except re.error as error:
-            raise FishsegError(f"group_pattern {self.group_pattern!r}: not a regular expression ({error})") from None
-        _require(self.folds == 0 or (isinstance(self.folds, int) and self.folds >= 2), "folds", self.folds,
+            raise FishsegError(f"group_pattern {shown(self.group_pattern)}: not a regular expression "
+                               f"({error})") from None
+        _require(_whole(self.folds) and self.folds != 1 and self.folds >= 0, "folds", self.folds,
                  "0 (one split) or a whole number >= 2")
         _integer(self.fold, "fold", 0)
         _require(self.fold < max(self.folds, 1), "fold", self.fold, f"a fold index below folds ({self.folds})")

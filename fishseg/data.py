@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageOps
 from sklearn.model_selection import KFold, StratifiedGroupKFold
 
-from fishseg.config import IDENTITY
+from fishseg.config import IDENTITY, shown
 from fishseg.errors import FishsegError
 from fishseg.runtime import plural
 
@@ -305,12 +305,12 @@ def groups_from_names(image_ids: list[str], pattern: str) -> np.ndarray:
     try:
         compiled = re.compile(pattern)
     except re.error as error:
-        raise FishsegError(f"--group-pattern {pattern!r}: not a regular expression ({error})") from None
+        raise FishsegError(f"--group-pattern {shown(pattern)}: not a regular expression ({error})") from None
     keys = []
     for image_id in image_ids:
         found = compiled.search(image_id)
         if found is None:
-            raise FishsegError(f"--group-pattern {pattern!r}: no match in image id {image_id}")
+            raise FishsegError(f"--group-pattern {shown(pattern)}: no match in image id {image_id}")
         keys.append(found.group(0))
     return np.unique(keys, return_inverse=True)[1]
 

@@ -10,9 +10,10 @@ rebuilt, so loading it never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import safetensors
 import safetensors.torch
@@ -188,16 +189,28 @@ def save_checkpoint(path: Path, decoder: nn.Module, meta: dict[str, Any]) -> Non
     safetensors.torch.save_file(state, str(path), metadata={CHECKPOINT_KEY: description})
 
 
-def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the decoder from a checkpoint alone; a damaged or foreign file is a user error."""
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """A missing, damaged or foreign checkpoint file becomes a user error naming it."""
     try:
-        with safetensors.safe_open(str(path), framework="pt") as file:
-            meta = json.loads(file.metadata()[CHECKPOINT_KEY])
-        state = safetensors.torch.load_file(str(path))
-        decoder = build_decoder(meta["decoder"], int(meta["in_dim"]))
-        decoder.load_state_dict(state)
+        yield
     except FileNotFoundError:
         raise FishsegError(f"{path}: checkpoint not found") from None
     except (OSError, safetensors.SafetensorError, KeyError, TypeError, ValueError, RuntimeError) as error:
         raise FishsegError(f"{path}: not a valid fishseg checkpoint ({type(error).__name__}: {error})") from None
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The JSON a checkpoint carries (decoder, in_dim, layers, train_config, epoch …), without reading its weights."""
+    with _readable(path), safetensors.safe_open(str(path), framework="pt") as file:
+        return json.loads(file.metadata()[CHECKPOINT_KEY])
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the decoder from a checkpoint alone; a damaged or foreign file is a user error."""
+    meta = read_checkpoint_meta(path)
+    with _readable(path):
+        state = safetensors.torch.load_file(str(path))
+        decoder = build_decoder(meta["decoder"], int(meta["in_dim"]))
+        decoder.load_state_dict(state)
     return decoder, meta

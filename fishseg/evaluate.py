@@ -168,7 +168,7 @@ def evaluate_run(cache: FeatureCache, run_dir: Path, device: torch.device, *, ba
     cache.require(record.cache, run_dir / RUN_FILE, split_digests(run_dir))
     best = record.checkpoints["best"]
     cache.require({"fingerprint": checkpoint["cache_fingerprint"]}, run_dir / best.file)
-    split = read_split(run_dir)
+    split = read_split(run_dir, record)
     val_idx = cache.indices_of(split["val"], run_dir / SPLIT_FILE)
     thresholds = THRESHOLDS if full else (THRESHOLD,)
     raw = score_images(decoder, cache if source is None else source, val_idx, batch_size=batch_size, device=device,

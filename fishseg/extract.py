@@ -22,7 +22,7 @@ from fishseg import __version__, distributed
 from fishseg.backbone import Backbone, backbone_reference, load_backbone
 from fishseg.cache import (CacheWriter, FeatureCache, PartStore, discard_parts, disk_errors, feature_name, is_cache,
                            non_finite_images, parts_dir)
-from fishseg.config import DEFAULT_COMPRESSION, IDENTITY, ExtractConfig, resolve_layers
+from fishseg.config import DEFAULT_COMPRESSION, IDENTITY, ExtractConfig, check_patch_multiple, resolve_layers
 from fishseg.data import (ExtractionDataset, Sample, apply_view, discover_samples, near_duplicate_groups,
                           thumbnails)
 from fishseg.distributed import Ranks
@@ -236,9 +236,7 @@ def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ran
     """Each rank computes its contiguous shard of batches into the part store; rank 0 assembles the cache."""
     backbone = load_backbone(config.backbone, config.mean, config.std, torch_device)
     patch = backbone.info.patch_size
-    if config.image_size % patch:
-        raise FishsegError(f"--image-size {config.image_size}: not divisible by the backbone's patch size {patch}; "
-                           f"try {config.image_size // patch * patch}")
+    check_patch_multiple(config.image_size, patch)
     resolve_layers(config.layers, backbone.num_blocks)  # a block the backbone lacks stops before any work
     if backbone.info.random_init:
         logger.warning("backbone %s is RANDOM-INIT: its features carry no pretrained knowledge", config.backbone)

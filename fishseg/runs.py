@@ -6,14 +6,16 @@ A run folder (``train --out RUN``):
   names is complete, and a crash at any moment leaves the record of the last finished epoch.
 - ``split.json``: train and val image ids and, under ``digests``, the content digest of each (``{"train": [...],
   "val": [...]}``, in the same order) as the cache held it when the run was made; runs made before fishseg
-  recorded content, or from a cache that did not record it, lack them.
+  recorded content, or from a cache that did not record it, lack them. The record holds the file's SHA-256,
+  so an edited split is refused.
 - ``history.jsonl``: per-iteration and per-epoch values while the run is unfinished, one line an epoch,
   appended (and synced) just before ``run.json`` is written: after a crash it may hold one epoch more or a
   torn last line, which ``read_history`` ignores and a resume cuts away.
 - ``history.json``: the whole history in one JSON object, written once the run finishes (the journal then
   goes); run folders of earlier versions hold only this file.
 - ``checkpoints/epoch-NNNN.safetensors``: decoder weights + JSON (``fishseg.decoders``), written once and
-  never modified, so the record's SHA-256 of the best one stays true until the record names another.
+  never modified, so the record's SHA-256 of the best one stays true until the record names another. The JSON
+  holds the run's settings, which ``read_record`` checks the record's against.
 - ``checkpoints/epoch-NNNN.resume.safetensors``: AdamW moments, scheduler position and RNG states of the
   last epoch (tensors in safetensors, the rest JSON; no pickle), until the run finishes.
 - ``.lock``: held (``flock``) by the process training into the folder; the kernel drops it when that
@@ -41,8 +43,8 @@ import torch
 from torch import nn
 
 from fishseg import __version__
-from fishseg.config import LAST_BLOCK, TrainConfig
-from fishseg.decoders import load_checkpoint, save_checkpoint
+from fishseg.config import LAST_BLOCK, TrainConfig, shown_setting
+from fishseg.decoders import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from fishseg.errors import FishsegError
 from fishseg.runtime import UNRECORDED, atomic_path, file_digest, make_output_dir, read_json, write_json
 
@@ -78,6 +80,7 @@ class RunRecord:
     precision: str = UNRECORDED  # the decoder's (fp32, bf16, fp16) in the latest session; older runs: unrecorded
     deterministic: bool = False  # whether the latest session ran with deterministic algorithms only
     compiled: bool = False  # whether the latest session ran the decoder through torch.compile
+    split_sha256: str = UNRECORDED  # of split.json as written; runs before it: unrecorded (unchecked)
     status: str = RUNNING
     epochs_done: int = 0
     best_epoch: int = 0
@@ -124,13 +127,33 @@ def holds_run(folder: Path) -> bool:
 
 def read_record(run_dir: Path) -> RunRecord:
     """The record of ``run_dir``, with the status a reader should believe: a ``running`` run whose lock
-    nobody holds was killed, and reads as ``interrupted``."""
+    nobody holds was killed, and reads as ``interrupted``. Its settings are refused when they are not those
+    its best checkpoint was trained with (an edited record would put one decoder's name on another's
+    numbers in leaderboards and reports)."""
     if not holds_run(run_dir):
         raise FishsegError(f"{run_dir}: not a run folder (no {RUN_FILE}); pass the --out folder of `train`")
     record = RunRecord.from_json(read_json(run_dir / RUN_FILE), run_dir / RUN_FILE)
+    _check_settings(run_dir, record)
     if record.status == RUNNING and not is_locked(run_dir):
         record.status = INTERRUPTED
     return record
+
+
+def _check_settings(run_dir: Path, record: RunRecord) -> None:
+    """The record's train_config against the one its best checkpoint carries, field by field (a checkpoint of
+    an earlier version carries fewer fields). A missing best checkpoint is ``verified``'s to report where it
+    is read."""
+    best = record.checkpoints.get("best")
+    if best is None or not (run_dir / best.file).is_file():
+        return
+    held = read_checkpoint_meta(run_dir / best.file).get("train_config", {})
+    said = json.loads(json.dumps(dataclasses.asdict(record.train_config)))  # as JSON holds it
+    differing = [name for name in said if name in held and held[name] != said[name]]
+    if differing:
+        says = ", ".join(f"{name} {shown_setting(name, said[name])}" for name in differing)
+        holds = ", ".join(f"{name} {shown_setting(name, held[name])}" for name in differing)
+        raise FishsegError(f"{run_dir / RUN_FILE}: says {says} but {best.file} was trained with {holds}; restore "
+                           f"{RUN_FILE}, or train again with --overwrite")
 
 
 def write_record(run_dir: Path, record: RunRecord) -> None:
@@ -200,9 +223,16 @@ def empty_history() -> dict[str, Any]:
 SPLITS = ("train", "val")
 
 
-def read_split(run_dir: Path) -> dict[str, list[str]]:
-    """The train and val image ids."""
-    split = read_json(run_dir / SPLIT_FILE)
+def read_split(run_dir: Path, record: RunRecord | None = None) -> dict[str, list[str]]:
+    """The train and val image ids, refused when split.json is not the file the run was trained with (its
+    SHA-256 differs from the record's, ``record`` or the folder's): an edited split would score training
+    images as validation."""
+    record = record or read_record(run_dir)
+    path = run_dir / SPLIT_FILE
+    if record.split_sha256 != UNRECORDED and path.is_file() and file_digest(path) != record.split_sha256:
+        raise FishsegError(f"{path}: not the split the run was trained on (its SHA-256 differs from the one in "
+                           f"{RUN_FILE}); restore it, or train again with --overwrite")
+    split = read_json(path)
     return {name: split[name] for name in SPLITS}
 
 
@@ -216,12 +246,14 @@ def split_digests(run_dir: Path, names: tuple[str, ...] = SPLITS) -> dict[str, s
 
 
 def write_split(run_dir: Path, train_ids: list[str], val_ids: list[str],
-                digests: Mapping[str, str] | None = None) -> None:
-    """``digests``: the cache's (image id → content digest; None when it recorded none)."""
+                digests: Mapping[str, str] | None = None) -> str:
+    """Write split.json; returns its SHA-256, for the record. ``digests``: the cache's (image id → content
+    digest; None when it recorded none)."""
     split: dict[str, Any] = {"train": train_ids, "val": val_ids}
     if digests is not None:
         split["digests"] = {name: [digests[image_id] for image_id in split[name]] for name in SPLITS}
     write_json(run_dir / SPLIT_FILE, split)
+    return file_digest(run_dir / SPLIT_FILE)
 
 
 def _checkpoint_path(run_dir: Path, epoch: int, kind: str = "") -> Path:
@@ -249,6 +281,13 @@ def verified(run_dir: Path, ref: CheckpointRef) -> Path:
         raise FishsegError(f"{path}: does not match the SHA-256 recorded in {RUN_FILE} (modified or replaced); "
                            f"train again or restore the file")
     return path
+
+
+def verify_files(run_dir: Path, record: RunRecord) -> None:
+    """Every checkpoint the record names and the split are the files it was written with."""
+    for ref in record.checkpoints.values():
+        verified(run_dir, ref)
+    read_split(run_dir, record)
 
 
 def load_run(run_dir: Path) -> tuple[RunRecord, nn.Module, dict[str, Any]]:
@@ -405,7 +444,8 @@ def check_resume_flags(resume: bool, overwrite: bool) -> None:
 def differing_fields(recorded: TrainConfig, requested: TrainConfig) -> list[str]:
     """``name recorded → requested`` for every config field that differs."""
     old, new = dataclasses.asdict(recorded), dataclasses.asdict(requested)
-    return [f"{name} {old[name]!r} → {new[name]!r}" for name in old if old[name] != new[name]]
+    return [f"{name} {shown_setting(name, old[name])} → {shown_setting(name, new[name])}" for name in old
+            if old[name] != new[name]]
 
 
 def read_cv(out_dir: Path) -> dict[str, Any]:

@@ -35,7 +35,8 @@ from fishseg.metrics import binarize, iou_per_image
 from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUNNING, SPLIT_FILE, RunRecord, check_resume_flags,
                           clear_run, commit_epoch, cut_history, differing_fields, history_entry, holds_run,
                           is_locked, read_record, read_resume_state, read_split, training_lock, verified,
-                          write_checkpoint, write_record, write_resume_state, write_split, split_digests)
+                          split_digests, verify_files, write_checkpoint, write_record, write_resume_state,
+                          write_split)
 from fishseg.resident import HeldSource, ResidentViews, fits_on_device, resident_bytes, upload
 from fishseg.runtime import (active_precision, autocast, available_memory, backward_step, require_same_precision,
                              resolve_device)
@@ -460,6 +461,7 @@ def train_run(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: 
     previous = plan_run(out_dir, config, data.cache, resume=resume, overwrite=overwrite)
     ranks.barrier()  # every rank has read the folder before rank 0 writes into it
     if previous is not None and previous.status == FINISHED:
+        verify_files(out_dir, previous)  # "finished" is said of files that are still the run's
         logger.info("%s: finished already (%s); nothing to resume", out_dir, previous.describe())
         return previous
     if previous is not None and previous.epochs_done == 0:
@@ -533,7 +535,7 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
     session = _start_session(config, in_dim, math.ceil(len(train) / config.batch_size), ranks,
                              device, out_dir, previous, compiled)
     split = {"train": [cache.image_ids[i] for i in train_idx], "val": [cache.image_ids[i] for i in val_idx]}
-    if previous is not None and read_split(out_dir) != split:
+    if previous is not None and read_split(out_dir, previous) != split:
         raise FishsegError(f"{out_dir / SPLIT_FILE}: differs from the split its settings give on {cache.path}; "
                            f"the run cannot be resumed (train it again with --overwrite)")
     record = previous or _new_record(cache, config, train_idx, val_idx, groups)
@@ -545,7 +547,8 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
                            "resume with its --precision, or train into another --out")
     if ranks.main:
         if previous is None:
-            write_split(out_dir, split["train"], split["val"], cache.digests)
+            record = dataclasses.replace(record, split_sha256=write_split(out_dir, split["train"], split["val"],
+                                                                        cache.digests))
         else:
             cut_history(out_dir, record)
         write_record(out_dir, record)

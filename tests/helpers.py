@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,15 @@ def write_toy_cache(path: Path, n_images: int = 24, *, seed: int = 0, image_size
     with CacheWriter(path, config, info, samples) as writer:
         writer.write(0, features, masks, previews, seen)
     return path
+
+
+def move_a_training_image_to_val(run_dir: Path) -> dict[str, list[str]]:
+    """Edit the run's split.json as a user might (scored, the moved image would inflate the val IoU); returns the
+    split as it was."""
+    split = json.loads((run_dir / "split.json").read_text())
+    edited = {"train": split["train"][1:], "val": [split["train"][0], *split["val"]]}
+    (run_dir / "split.json").write_text(json.dumps(edited))
+    return split
 
 
 def interrupt_at_pass(monkeypatch: pytest.MonkeyPatch, number: int) -> None:

@@ -29,7 +29,7 @@ import fishseg.data
 from fishseg.cache import FeatureCache
 from fishseg.cli import main
 from fishseg.extract import run_extraction
-from tests.helpers import TINY_IMAGE_SIZE, tiny_extract_config, write_toy_cache
+from tests.helpers import TINY_IMAGE_SIZE, move_a_training_image_to_val, tiny_extract_config, write_toy_cache
 
 OUT = "out"
 
@@ -163,7 +163,7 @@ def not_an_image(ctx: Context) -> list[str]:
 
 def bad_image_size(ctx: Context) -> list[str]:
     args = ctx.extract(_generic(ctx.root))
-    args[args.index("--image-size") + 1] = "60"
+    args[args.index("--image-size") + 1] = "62"  # nearer 64 than 56
     return args
 
 
@@ -198,6 +198,20 @@ def cache_of_another_image_size(ctx: Context) -> list[str]:
 def run_from_another_cache(ctx: Context) -> list[str]:
     run = ctx.run_copy()
     return ctx.evaluate(write_toy_cache(ctx.root / "c.h5", 12), run)
+
+
+def record_naming_another_decoder(ctx: Context) -> Path:
+    run = ctx.run_copy()
+    record = json.loads((run / "run.json").read_text())
+    record["train_config"]["decoder"] = "linear"
+    (run / "run.json").write_text(json.dumps(record))
+    return run
+
+
+def edited_split(ctx: Context) -> list[str]:
+    run = ctx.run_copy()
+    move_a_training_image_to_val(run)
+    return ctx.evaluate(ctx.evaluated[0], run)
 
 
 def tampered_checkpoint(ctx: Context) -> list[str]:
@@ -238,7 +252,7 @@ CASES: list[tuple[str, Callable[[Context], list[str]], str]] = [
     ("unreadable file", lambda ctx: ctx.extract(_unreadable(ctx.root, ctx.monkeypatch)),
      r"images/1.png: cannot read image \(\[Errno 13\] Permission denied"),
     ("image size not a multiple of the patch", bad_image_size,
-     r"--image-size 60: not divisible by the backbone's patch size 8; try 56"),
+     r"--image-size 62: not a multiple of the backbone's patch size 8; try 64$"),
     ("no space left while writing", disk_full, r"out.parts/00000000-00000003.npz: cannot write \(No space left"),
     ("truncated HDF5 as cache", truncated_hdf5, r"c.h5: not a readable HDF5 file"),
     ("foreign HDF5 as cache", foreign_hdf5, r"c.h5: HDF5 file is not a fishseg cache"),
@@ -250,6 +264,15 @@ CASES: list[tuple[str, Callable[[Context], list[str]], str]] = [
     ("run from another cache", run_from_another_cache, r"run.json: made from cache .*pass the cache it was trained on"),
     ("not a run folder", lambda ctx: ctx.evaluate(ctx.evaluated[0], _mkdir(ctx.root)),
      r"input: not a run folder \(no run.json\); pass the --out folder of `train`"),
+    ("run.json naming another decoder", lambda ctx: ctx.evaluate(ctx.evaluated[0], record_naming_another_decoder(ctx)),
+     r"run/run.json: says decoder 'linear' but checkpoints/epoch-\d{4}.safetensors was trained with decoder "
+     r"'seed-cnn'; restore run.json, or train again with --overwrite$"),
+    ("compare a run whose run.json names another decoder",
+     lambda ctx: ["compare", str(record_naming_another_decoder(ctx)), "--out", str(ctx.root.parent / OUT)],
+     r"run/run.json: says decoder 'linear' but checkpoints/epoch-\d{4}.safetensors was trained with decoder"),
+    ("edited split.json", edited_split,
+     r"run/split.json: not the split the run was trained on \(its SHA-256 differs from the one in run.json\); "
+     r"restore it, or train again with --overwrite$"),
     ("tampered checkpoint", tampered_checkpoint, r"epoch-\d{4}.safetensors: does not match the SHA-256 recorded in run.json"),
     ("NaN in every feature", lambda ctx: ctx.train(ctx.poisoned_cache(float("nan"))),
      r"c.h5: features of 20 images hold NaN or inf \(class0/000.png, .* and 15 more\); extract again"),
@@ -275,7 +298,7 @@ CASES: list[tuple[str, Callable[[Context], list[str]], str]] = [
     ("extract --out below a file", lambda ctx: [*ctx.extract(_generic(ctx.root)), "--out", str(a_file(ctx) / "c.h5")],
      r"input/file: cannot create the output folder: .*input/file is a file, not a folder"),
     ("demo with an image size the patch does not divide", demo_with_bad_image_size,
-     r"--image-size 60: not divisible by the backbone's patch size 8"),
+     r"--image-size 60: not a multiple of the backbone's patch size 8; try 56 or 64"),
     ("backbone path that does not exist", lambda ctx: [*ctx.extract(_generic(ctx.root)), "--backbone", "./nowhere/vit"],
      r"backbone ./nowhere/vit: no such folder"),
     ("predict with one corrupt image", predict_one_corrupt, r"images/1.png: cannot read image .*--skip-bad"),

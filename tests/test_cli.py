@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fishseg.cli import main
+from fishseg.cli import Views, main
 from tests.helpers import REPO, TINY_IMAGE_SIZE
 
 
@@ -58,3 +58,27 @@ def test_ci_runs_the_readme_test_command() -> None:
     readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()
     test_command = next(line for line in readme.splitlines() if "pytest" in line and line.startswith("python"))
     assert test_command in ci.splitlines()
+
+
+@pytest.mark.parametrize("args", [
+    ["extract", "--data-root", "d", "--out", "c.h5", "--views", ""],
+    ["extract", "--data-root", "d", "--out", "c.h5", "--views", "hflip,"],
+    ["extract", "--data-root", "d", "--out", "c.h5", "--views", "hflip,,rot90"],
+    ["extract", "--data-root", "d", "--out", "c.h5", "--layers", ""],
+    ["extract", "--data-root", "d", "--out", "c.h5", "--layers", ",12"],
+    ["train", "--cache", "c.h5", "--out", "r", "--layers", "6,"],
+    ["sweep", "--cache", "c.h5", "--out", "s", "--decoder", "linear,"],
+    ["sweep", "--cache", "c.h5", "--out", "s", "--decoder", ""],
+    ["sweep", "--cache", "c.h5", "--out", "s", "--layers", "6,12/"],
+    ["sweep", "--cache", "c.h5", "--out", "s", "--layers", "6,/12"],
+])
+def test_every_list_refuses_an_empty_item_alike(tmp_path: Path, args: list[str]) -> None:
+    """--views, --layers and sweep's value lists: an empty value or a stray separator is refused, never skipped."""
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "an empty value in the list; expected" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("text, views", [("hflip", ("hflip",)), (" hflip , rot90 ", ("hflip", "rot90"))])
+def test_views_are_named_ones(text: str, views: tuple[str, ...]) -> None:
+    assert Views().convert(text, None, None) == views

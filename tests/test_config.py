@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from fishseg.config import DECODER_NAMES, ExtractConfig, TrainConfig, from_json, resolve_layers, to_json
+from fishseg.config import (DECODER_NAMES, ExtractConfig, TrainConfig, check_patch_multiple, from_json, resolve_layers,
+                            to_json)
 from fishseg.decoders import DECODERS
 from fishseg.errors import FishsegError
 
@@ -18,11 +19,16 @@ from fishseg.errors import FishsegError
     ("split", "stratified", "split 'stratified': expected one of random, grouped"),
     ("augment", "crops", "augment 'crops': expected one of none, flips, views"),
     ("layers", (0,), "layers 0: expected block indices 1 … n, or -1 … -n counting from the end"),
-    ("layers", (12, 12), "layers \\(12, 12\\): expected each value once"),
+    ("layers", (12, 12), "layers 12,12: expected each value once"),  # as typed, not Python's (12, 12)
     ("layers", ("12",), "layers '12': expected block indices"),
     ("epochs", 0, "epochs 0: expected a whole number >= 1"),
     ("epochs", 2.0, "epochs 2.0: expected a whole number >= 1"),
-    ("batch_size", True, "batch_size True: expected a whole number >= 1"),
+    ("batch_size", True, "batch_size true: expected a whole number >= 1"),  # as TOML writes it
+    ("epochs", True, "epochs true: expected a whole number >= 1"),
+    ("seed", False, "seed false: expected a whole number >= 0"),
+    ("folds", False, "folds false: expected 0 \\(one split\\) or a whole number >= 2"),
+    ("folds", -2, "folds -2: expected 0 \\(one split\\) or a whole number >= 2"),
+    ("group_pattern", "fish_\\d(", "group_pattern 'fish_\\\\d\\(': not a regular expression"),  # one backslash
     ("lr", float("nan"), "lr nan: expected a finite number in \\(0, inf\\)"),
     ("lr", 0.0, "lr 0.0: expected a finite number in \\(0, inf\\)"),
     ("weight_decay", float("inf"), "weight_decay inf: expected a finite number in \\[0, inf\\)"),
@@ -73,3 +79,13 @@ def test_layers_read_back_as_a_tuple_and_resolve_against_the_block_count() -> No
         resolve_layers((13,), 12)
     with pytest.raises(FishsegError, match="layers 12,-1: name the same block twice"):
         resolve_layers((12, -1), 12)
+
+
+@pytest.mark.parametrize("size, patch, suggestion", [(60, 16, "64"), (52, 16, "48"), (56, 16, "48 or 64"),
+                                                     (10, 16, "16"), (62, 8, "64")])
+def test_an_image_size_off_the_patch_grid_suggests_the_nearest_multiples(size: int, patch: int,
+                                                                          suggestion: str) -> None:
+    check_patch_multiple(size - size % patch or patch, patch)
+    with pytest.raises(FishsegError, match=f"^--image-size {size}: not a multiple of the backbone's patch size "
+                                           f"{patch}; try {suggestion}$"):
+        check_patch_multiple(size, patch)

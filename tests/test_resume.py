@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fishseg.cache import FeatureCache
 from fishseg.demo import write_demo_dataset
@@ -58,22 +59,26 @@ def test_killed_extraction_resumes_to_the_uninterrupted_cache(tmp_path: Path, ti
         np.testing.assert_array_equal(resumed.previews(everything), expected.previews(everything))
 
 
-def _interrupt_after(command: list[str], parts: Path, finished_batches: int) -> tuple[int, str]:
-    """Start an extraction, send SIGINT once ``finished_batches`` parts exist; (exit status, stderr)."""
+def _interrupt_after(command: list[str], parts: Path, finished_batches: int,
+                     stop: signal.Signals = signal.SIGINT) -> tuple[int, str]:
+    """Start an extraction, send ``stop`` once ``finished_batches`` parts exist; (exit status, stderr)."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while process.poll() is None and len(list(parts.glob("*.npz"))) < finished_batches:
         time.sleep(0.002)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     return process.wait(timeout=60), process.communicate()[1]
 
 
-def test_ctrl_c_stops_cleanly_with_a_resume_message(tmp_path: Path, tiny_backbone: Path) -> None:
+@pytest.mark.parametrize("stop, exit_status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_stops_cleanly_with_a_resume_message(tmp_path: Path, tiny_backbone: Path,
+                                                                stop: signal.Signals, exit_status: int) -> None:
     data = write_demo_dataset(tmp_path / "data", classes=2, images_per_class=10, size=SMALL_PHOTO, seed=5)
     for attempt in range(5):  # on a loaded machine a run can finish before the signal lands: try afresh
         out = tmp_path / f"c{attempt}.h5"
-        status, stderr = _interrupt_after(_command(data, out, tiny_backbone), out.with_name(out.name + ".parts"), 3)
+        status, stderr = _interrupt_after(_command(data, out, tiny_backbone), out.with_name(out.name + ".parts"), 3,
+                                          stop)
         if status != 0:
             break
-    assert status == 130, stderr
+    assert status == exit_status, stderr
     assert "Interrupted. Finished batches are kept: run the same command again to resume." in stderr
     assert "Traceback" not in stderr and not out.exists() and list(out.with_name(out.name + ".parts").glob("*.npz"))

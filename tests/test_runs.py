@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +20,13 @@ from safetensors.torch import load_file
 
 from fishseg.cli import main
 from fishseg.config import TrainConfig
+from fishseg.distributed import torchrun_command
 from fishseg.errors import FishsegError
 from fishseg.evaluate import run_evaluation
-from fishseg.runs import CHECKPOINT_DIR, HISTORY_JOURNAL, cut_history, read_history, read_record
+from fishseg.runs import (CHECKPOINT_DIR, HISTORY_JOURNAL, cut_history, differing_fields, load_run, read_history,
+                         read_record, read_split)
 from fishseg.train import run_training
-from tests.helpers import REPO, interrupt_at_pass, write_toy_cache
+from tests.helpers import REPO, interrupt_at_pass, move_a_training_image_to_val, write_toy_cache
 
 RECIPE = TrainConfig(decoder="seed-cnn", epochs=6, batch_size=4, lr=3e-3, seed=2, schedule="cosine", augment="flips")
 
@@ -327,3 +330,119 @@ def test_a_run_folder_of_an_earlier_version_reads_and_resumes_from_history_json(
     run_training(cache, tmp_path / "run", RECIPE, device="cpu", resume=True)
     assert not (tmp_path / "run" / HISTORY_JOURNAL).exists()
     _assert_same_run(tmp_path / "run", reference_run)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_stops_training_as_ctrl_c_does_and_the_run_resumes(tmp_path: Path, processes: int) -> None:
+    """SIGTERM (kill, a scheduler's time limit; torchrun passes it to every rank) after an epoch: the advice once,
+    run.json itself says interrupted (not running), and --resume finishes the run. Alone, fishseg exits 143;
+    under torchrun the status is torchrun's."""
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=40, image_size=96, grid=8, dim=256)
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    launcher = torchrun_command(processes) if processes > 1 else [sys.executable]
+    with log.open("w") as stderr:
+        process = subprocess.Popen([*launcher, *_train_command(cache, run_dir, "--epochs", "6")[1:]],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+        while process.poll() is None and not _epochs_logged(log):
+            time.sleep(0.001)
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=120)
+    output = log.read_text()
+    assert status == (143 if processes == 1 else 1), output
+    assert output.count("Interrupted. Finished epochs are kept: run the same command with --resume to continue.") == 1
+    assert "Traceback" not in output or processes > 1  # torchrun's agent prints its own on SIGTERM
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted" and 1 <= record["epochs_done"] < 6
+    assert _invoke("train", "--cache", cache, "--out", run_dir, "--resume", "--device", "cpu")[0] == 0
+    assert (read_record(run_dir).status, read_record(run_dir).epochs_done) == ("finished", 6)
+
+
+def _run_copy(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged, message", [
+    ("checkpoints/epoch-0006.safetensors", "epoch-0006.safetensors: does not match the SHA-256 recorded in run.json"),
+    ("split.json", "split.json: not the split the run was trained on"),
+])
+def test_resume_of_a_finished_run_checks_its_files_before_saying_finished(reference: tuple[Path, Path],
+                                                                           tmp_path: Path, damaged: str,
+                                                                           message: str) -> None:
+    cache, run_dir = reference
+    run = _run_copy(run_dir, tmp_path)
+    assert (run / damaged).is_file()
+    if damaged == "split.json":
+        move_a_training_image_to_val(run)
+    else:
+        _flip_last_byte(run / damaged)
+    status, output = _invoke("train", "--cache", cache, "--out", run, "--resume", "--device", "cpu")
+    assert status == 2 and output.startswith("Error: ") and message in output and output.count("\n") == 1, output
+
+
+def _edit_record(run: Path, **changes: object) -> None:
+    record = json.loads((run / "run.json").read_text())
+    record["train_config"].update(changes)
+    (run / "run.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("evaluated_first", [False, True])
+def test_a_record_that_disagrees_with_its_checkpoint_labels_nothing(reference: tuple[Path, Path], tmp_path: Path,
+                                                                    evaluated_first: bool) -> None:
+    """run.json edited to name another decoder: evaluate (and its report), compare (also from saved scores, the
+    leaderboard's labels) and predict's loader refuse it, naming both."""
+    cache, run_dir = reference
+    run = _run_copy(run_dir, tmp_path)
+    if evaluated_first:
+        run_evaluation(cache, run, device="cpu", report=False)
+    _edit_record(run, decoder="linear")
+    message = (f"Error: {run / 'run.json'}: says decoder 'linear' but checkpoints/epoch-\\d{{4}}.safetensors was "
+               f"trained with decoder 'seed-cnn'; restore run.json, or train again with --overwrite\n")
+    for command in (["evaluate", "--cache", cache, "--run", run, "--out", tmp_path / "report", "--device", "cpu"],
+                    ["compare", run, "--out", tmp_path / "board", "--device", "cpu"]):
+        status, output = _invoke(*command)
+        assert status == 2 and re.fullmatch(message, output), output
+    assert not (tmp_path / "report").exists() and not (tmp_path / "board").exists()
+    with pytest.raises(FishsegError, match="says decoder 'linear'"):
+        load_run(run)
+
+
+def test_a_record_states_every_differing_setting_and_older_checkpoints_check_what_they_hold(
+        reference: tuple[Path, Path], tmp_path: Path) -> None:
+    _, run_dir = reference
+    run = _run_copy(run_dir, tmp_path)
+    _edit_record(run, lr=0.01, layers=[6, 12])
+    with pytest.raises(FishsegError, match=r"says lr 0.01, layers 6,12 but .* was trained with lr 0.003, layers all;"):
+        read_record(run)
+    _edit_record(run, lr=RECIPE.lr, layers=[])
+    assert read_record(run).train_config == RECIPE
+
+
+def test_an_edited_split_is_refused_and_an_old_record_without_its_digest_is_read(evaluated: tuple[Path, Path, dict],
+                                                                                 tmp_path: Path) -> None:
+    cache, run_dir, metrics = evaluated
+    run = _run_copy(run_dir, tmp_path)
+    split = move_a_training_image_to_val(run)
+    status, output = _invoke("evaluate", "--cache", cache, "--run", run, "--out", tmp_path / "report",
+                             "--device", "cpu")
+    assert status == 2 and output == (f"Error: {run / 'split.json'}: not the split the run was trained on (its SHA-256 "
+                                      f"differs from the one in run.json); restore it, or train again with "
+                                      f"--overwrite\n"), output
+    (run / "split.json").write_text(json.dumps(split, indent=4))  # same content, other bytes: still not the file
+    with pytest.raises(FishsegError, match="not the split the run was trained on"):
+        read_split(run)
+    record = json.loads((run / "run.json").read_text())
+    assert len(record.pop("split_sha256")) == 64
+    (run / "run.json").write_text(json.dumps(record))  # as a fishseg before the digest wrote it: read unchecked
+    assert read_split(run) == split
+    assert run_evaluation(cache, run, tmp_path / "old", device="cpu", report=False)["mean_iou"] == metrics["mean_iou"]
+
+
+def test_other_settings_are_named_as_typed() -> None:
+    assert differing_fields(TrainConfig(layers=(6, 12), augment="flips"), TrainConfig()) == [
+        "augment 'flips' → 'none'", "layers 6,12 → all"]
