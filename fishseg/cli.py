@@ -469,16 +469,22 @@ def probe(cache_path: Path, split: str, group_pattern: str, val_fraction: float,
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @workers_option
 @click.option("--skip-bad", is_flag=True, help="Leave unreadable images out (listed, and as rows of predictions.csv).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the predictions already in --out (the files its predictions.csv lists; refused without).")
 @device_option
 @command
 def predict(inputs: tuple[Path, ...], run_dir: Path, out: Path, backbone: str | None, batch_size: int,
-            num_workers: int | None, skip_bad: bool, device: str) -> None:
-    """Predict masks for images or folders of images (no masks needed), at each image's own resolution."""
+            num_workers: int | None, skip_bad: bool, overwrite: bool, device: str) -> None:
+    """Predict masks for images or folders of images (no masks needed), at each image's own resolution.
+
+    The backbone must be the one the run's cache was extracted with: its architecture and a digest of its
+    weights are checked.
+    """
     from fishseg.predict import run_prediction
     from fishseg.runtime import plural
 
     csv_path, skipped = run_prediction(run_dir, list(inputs), out, backbone=backbone, batch_size=batch_size,
-                                       num_workers=num_workers, device=device, skip_bad=skip_bad)
+                                       num_workers=num_workers, device=device, skip_bad=skip_bad, overwrite=overwrite)
     for error in skipped:
         click.echo(f"skipped: {error}")
     click.echo(f"predictions written: {csv_path}" + (f" ({plural(len(skipped), 'image')} skipped)" if skipped else ""))
