@@ -498,17 +498,22 @@ def predict(inputs: tuple[Path, ...], run_dir: Path, out: Path, backbone: str | 
 @click.option("--images-per-class", default=12, show_default=True, type=click.IntRange(2))
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--image-size", default=EXTRACT_DEFAULTS.image_size, show_default=True, type=click.IntRange(16))
+@click.option("--overwrite", is_flag=True,
+              help="Replace the demo already in --out (its data, cache, run and report; nothing else there).")
 @device_option
 @command
 def demo(out: Path, backbone: str | None, classes: int, images_per_class: int, epochs: int, image_size: int,
-         device: str) -> None:
-    """Generate a small fish dataset and run extract → train → evaluate → report on it."""
+         overwrite: bool, device: str) -> None:
+    """Generate a small fish dataset and run extract → train → evaluate → report on it.
+
+    OUT must be a new or empty folder, or an earlier demo with --overwrite.
+    """
     from fishseg.demo import run_demo
     from fishseg.evaluate import METRICS_FILE
     from fishseg.runtime import read_json
 
     report = run_demo(out, backbone=backbone, classes=classes, images_per_class=images_per_class, epochs=epochs,
-                      image_size=image_size, device=device)
+                      image_size=image_size, device=device, overwrite=overwrite)
     click.echo(_summary(read_json(report.parent / METRICS_FILE), report))
 
 
