@@ -21,7 +21,7 @@ from fishseg.cli import main
 from fishseg.config import TrainConfig
 from fishseg.errors import FishsegError
 from fishseg.evaluate import run_evaluation
-from fishseg.runs import CHECKPOINT_DIR, HISTORY_JOURNAL, cut_history, read_history, read_record
+from fishseg.runs import CHECKPOINT_DIR, HISTORY_JOURNAL, REPORT_DIR, cut_history, read_history, read_record
 from fishseg.train import run_training
 from tests.helpers import REPO, interrupt_at_pass, write_toy_cache
 
@@ -327,3 +327,20 @@ def test_a_run_folder_of_an_earlier_version_reads_and_resumes_from_history_json(
     run_training(cache, tmp_path / "run", RECIPE, device="cpu", resume=True)
     assert not (tmp_path / "run" / HISTORY_JOURNAL).exists()
     _assert_same_run(tmp_path / "run", reference_run)
+
+
+def test_a_resume_that_trains_on_or_an_overwrite_drops_the_old_report(stopped: tuple[Path, Path]) -> None:
+    """The report of epoch 2 no longer describes the run once it trains on; a finished run keeps its report."""
+    cache, run_dir = stopped
+    report = run_dir / REPORT_DIR
+    run_evaluation(cache, run_dir, device="cpu")
+    assert {path.name for path in report.iterdir()} >= {"report.html", "report.md", "metrics.json"}
+    (report / "notes.txt").write_text("mine")
+    run_training(cache, run_dir, RECIPE, device="cpu", resume=True)
+    assert sorted(path.name for path in report.iterdir()) == ["notes.txt"]
+    run_evaluation(cache, run_dir, device="cpu")
+    written = {path.name: path.read_bytes() for path in report.iterdir()}
+    run_training(cache, run_dir, RECIPE, device="cpu", resume=True)  # finished: nothing to train
+    assert {path.name: path.read_bytes() for path in report.iterdir()} == written
+    run_training(cache, run_dir, RECIPE, device="cpu", overwrite=True)
+    assert sorted(path.name for path in report.iterdir()) == ["notes.txt"]
