@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from fishseg.config import DECODER_NAMES, ExtractConfig, TrainConfig, from_json, resolve_layers, to_json
+from fishseg.config import DECODER_NAMES, BackboneInfo, ExtractConfig, TrainConfig, from_json, resolve_layers, to_json
 from fishseg.decoders import DECODERS
 from fishseg.errors import FishsegError
 
@@ -73,3 +73,13 @@ def test_layers_read_back_as_a_tuple_and_resolve_against_the_block_count() -> No
         resolve_layers((13,), 12)
     with pytest.raises(FishsegError, match="layers 12,-1: name the same block twice"):
         resolve_layers((12, -1), 12)
+
+
+def test_the_backbone_record_of_an_older_cache_reads_with_architecture_and_weights_unrecorded() -> None:
+    older = ('{"feature_dim": 384, "model_type": "dinov3_vit", "name": "facebook/dinov3-vits16-pretrain-lvd1689m", '
+             '"num_register_tokens": 4, "patch_size": 16, "random_init": false}')
+    info = from_json(BackboneInfo, older)
+    assert (info.num_blocks, info.num_heads, info.mlp_dim, info.mlp, info.weights_sha256) == (None,) * 5
+    assert info.architecture == {"model_type": "dinov3_vit", "patch_size": 16, "feature_dim": 384,
+                                 "num_register_tokens": 4, "num_blocks": None, "num_heads": None, "mlp_dim": None,
+                                 "mlp": None}
