@@ -127,7 +127,7 @@ def _remove_outputs(out_dir: Path, names: list[str]) -> None:
             (out_dir / folder).rmdir()
 
 
-def earlier_predictions(out_dir: Path, overwrite: bool) -> list[str]:
+def _earlier_predictions(out_dir: Path, overwrite: bool) -> list[str]:
     """The names of the photos an earlier prediction into ``out_dir`` wrote, as its predictions.csv lists them
     (to remove before writing: ``overwrite``). Refused: earlier predictions without ``overwrite``, and masks/ or
     overlays/ holding files that no predictions.csv lists (not fishseg's, or left by a killed run), which new
@@ -180,7 +180,7 @@ def run_prediction(run_dir: Path, inputs: list[Path], out_dir: Path, *, backbone
     removes what it wrote."""
     record, decoder, meta = load_run(run_dir)
     paths = collect_images(inputs)
-    earlier = earlier_predictions(out_dir, overwrite)
+    earlier = _earlier_predictions(out_dir, overwrite)
     config = from_json(ExtractConfig, json.dumps(record.extract_config))
     torch_device = resolve_device(device)
     model = load_backbone(backbone or record.backbone["name"], config.mean, config.std, torch_device)
