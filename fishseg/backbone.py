@@ -7,6 +7,7 @@ sequence (DINOv3 ConvNeXt, …) are refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -116,6 +117,7 @@ def describe(model: PreTrainedModel, name: str) -> BackboneInfo:
         raise FishsegError(f"backbone {name}: a {config.model_type} model has no patch-token sequence; fishseg "
                            f"supports {SUPPORTED_NAMES}")
     patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    gated = getattr(config, "use_gated_mlp", False) or getattr(config, "use_swiglu_ffn", False)
     return BackboneInfo(
         name=name,
         model_type=config.model_type,
@@ -123,7 +125,23 @@ def describe(model: PreTrainedModel, name: str) -> BackboneInfo:
         feature_dim=int(config.hidden_size),
         num_register_tokens=int(getattr(config, "num_register_tokens", 0)),
         random_init=bool(getattr(config, RANDOM_INIT_FLAG, False)),
+        num_blocks=int(config.num_hidden_layers),
+        num_heads=int(config.num_attention_heads),
+        mlp_dim=int(getattr(config, "intermediate_size", 0) or config.hidden_size * config.mlp_ratio),
+        mlp="gated" if gated else "plain",
+        weights_sha256=weights_digest(model),
     )
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over the state dict's tensors in name order (name, dtype, shape, then the bytes): equal weights
+    give equal digests whichever folder or Hub id they were loaded from, and on any device."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 RANDOM_FAMILIES = {  # model_type → config and model classes, and the layout ``layout`` overrides

@@ -510,16 +510,22 @@ def probe(cache_path: Path, split: str, group_pattern: str, val_fraction: float,
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @workers_option
 @click.option("--skip-bad", is_flag=True, help="Leave unreadable images out (listed, and as rows of predictions.csv).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the predictions already in --out (the files its predictions.csv lists; refused without).")
 @device_option
 @command
 def predict(inputs: tuple[Path, ...], run_dir: Path, out: Path, backbone: str | None, batch_size: int,
-            num_workers: int | None, skip_bad: bool, device: str) -> None:
-    """Predict masks for images or folders of images (no masks needed), at each image's own resolution."""
+            num_workers: int | None, skip_bad: bool, overwrite: bool, device: str) -> None:
+    """Predict masks for images or folders of images (no masks needed), at each image's own resolution.
+
+    The backbone must be the one the run's cache was extracted with: its architecture and a digest of its
+    weights are checked.
+    """
     from fishseg.predict import run_prediction
     from fishseg.runtime import plural
 
     csv_path, skipped = run_prediction(run_dir, list(inputs), out, backbone=backbone, batch_size=batch_size,
-                                       num_workers=num_workers, device=device, skip_bad=skip_bad)
+                                       num_workers=num_workers, device=device, skip_bad=skip_bad, overwrite=overwrite)
     for error in skipped:
         click.echo(f"skipped: {error}")
     click.echo(f"predictions written: {csv_path}" + (f" ({plural(len(skipped), 'image')} skipped)" if skipped else ""))
@@ -533,17 +539,22 @@ def predict(inputs: tuple[Path, ...], run_dir: Path, out: Path, backbone: str | 
 @click.option("--images-per-class", default=12, show_default=True, type=click.IntRange(2))
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--image-size", default=EXTRACT_DEFAULTS.image_size, show_default=True, type=click.IntRange(16))
+@click.option("--overwrite", is_flag=True,
+              help="Replace the demo already in --out (its data, cache, run and report; nothing else there).")
 @device_option
 @command
 def demo(out: Path, backbone: str | None, classes: int, images_per_class: int, epochs: int, image_size: int,
-         device: str) -> None:
-    """Generate a small fish dataset and run extract → train → evaluate → report on it."""
+         overwrite: bool, device: str) -> None:
+    """Generate a small fish dataset and run extract → train → evaluate → report on it.
+
+    OUT must be a new or empty folder, or an earlier demo with --overwrite.
+    """
     from fishseg.demo import run_demo
     from fishseg.evaluate import METRICS_FILE
     from fishseg.runtime import read_json
 
     report = run_demo(out, backbone=backbone, classes=classes, images_per_class=images_per_class, epochs=epochs,
-                      image_size=image_size, device=device)
+                      image_size=image_size, device=device, overwrite=overwrite)
     click.echo(_summary(read_json(report.parent / METRICS_FILE), report))
 
 

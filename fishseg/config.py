@@ -168,6 +168,18 @@ class BackboneInfo:
     feature_dim: int
     num_register_tokens: int
     random_init: bool  # True when the weights were never trained (tests, demo)
+    # The rest of the architecture and a digest of the weights; None: unrecorded (older caches).
+    num_blocks: int | None = None  # transformer blocks
+    num_heads: int | None = None  # attention heads per block
+    mlp_dim: int | None = None  # hidden size of each block's MLP, as the model config states it
+    mlp: str | None = None  # "plain" or "gated" (DINOv3's gated MLP, DINOv2's SwiGLU)
+    weights_sha256: str | None = None  # backbone.weights_digest: equal for equal weights whatever their folder
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """The fields that say what network this is (not which weights, nor where it came from)."""
+        return {name: value for name, value in dataclasses.asdict(self).items()
+                if name not in ("name", "random_init", "weights_sha256")}
 
 
 @dataclasses.dataclass(frozen=True)

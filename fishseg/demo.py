@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from PIL import Image
 
 from fishseg.backbone import save_random_backbone
 from fishseg.config import ExtractConfig, TrainConfig
+from fishseg.errors import FishsegError
 from fishseg.evaluate import run_evaluation
 from fishseg.extract import run_extraction
 from fishseg.report import REPORT_HTML
@@ -25,6 +27,7 @@ from fishseg.train import run_training
 logger = logging.getLogger(__name__)
 
 KAGGLE_SIZE = (590, 445)  # width, height of the Kaggle fish photos
+DATA_NOTE = "Synthetic fish written by fishseg's demo generator.\n"  # README.txt of the data: marks a demo folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,25 +106,52 @@ def write_demo_dataset(root: Path, *, classes: int = 3, images_per_class: int = 
             photo, fish = draw_fish_image(rng, species, size)
             Image.fromarray(photo).save(image_dir / f"{number:05d}.png")
             Image.fromarray(fish.astype(np.uint8) * 255).save(mask_dir / f"{number:05d}.png")
-    (dataset / "README.txt").write_text("Synthetic fish written by fishseg's demo generator.\n")
+    (dataset / "README.txt").write_text(DATA_NOTE)
     return root
 
 
+def _generated_dataset(root: Path) -> Path:
+    """The folder ``write_demo_dataset(root)`` writes whole (the Kaggle layout's ``Fish_Dataset``)."""
+    return root / "Fish_Dataset"
+
+
 def run_demo(out: Path, *, backbone: str | None = None, classes: int = 3, images_per_class: int = 12,
-             epochs: int = 20, image_size: int = 448, device: str = "auto") -> Path:
-    """Run the whole pipeline on generated data under ``out``; returns the report path."""
+             epochs: int = 20, image_size: int = 448, device: str = "auto", overwrite: bool = False) -> Path:
+    """Run the whole pipeline on generated data under ``out``; returns the report path.
+
+    ``out`` must be new, empty, or (with ``overwrite``) an earlier demo, whose data, cache, run and report are
+    then replaced; anything else in it (a sweep of the demo cache, say) is left alone."""
+    earlier = _check_out(out, overwrite)
     with removed_on_error(out):
-        return _run_demo(out, backbone, classes, images_per_class, epochs, image_size, device)
+        if earlier:
+            shutil.rmtree(_generated_dataset(out / "data"), ignore_errors=True)  # another --classes leaves no strays
+        return _run_demo(out, backbone, classes, images_per_class, epochs, image_size, device, overwrite)
+
+
+def _check_out(out: Path, overwrite: bool) -> bool:
+    """Whether ``out`` holds an earlier demo to replace; refused, before anything is written: an earlier demo
+    without ``overwrite``, and a folder holding anything else."""
+    contents = sorted(f"{path.name}/" if path.is_dir() else path.name for path in out.iterdir()) if out.is_dir() else []
+    if not contents:
+        return False
+    listing = ", ".join(contents[:4]) + (", …" if len(contents) > 4 else "")
+    marker = _generated_dataset(out / "data") / "Fish_Dataset" / "README.txt"
+    if marker.is_file() and marker.read_text(errors="replace") == DATA_NOTE:
+        if not overwrite:
+            raise FishsegError(f"{out}: holds an earlier demo ({listing}); pass --overwrite to replace it, or "
+                               f"choose another --out")
+        return True
+    raise FishsegError(f"{out}: holds {listing}, not a demo; choose another --out (a new or empty folder)")
 
 
 def _run_demo(out: Path, backbone: str | None, classes: int, images_per_class: int, epochs: int, image_size: int,
-              device: str) -> Path:
+              device: str, overwrite: bool) -> Path:
     data_root = write_demo_dataset(out / "data", classes=classes, images_per_class=images_per_class)
     if backbone is None:
         backbone = str(save_random_backbone(out / "backbone-random-init"))
         logger.warning("no --backbone given: using a RANDOM-INIT DINOv3 ViT-S/16 saved at %s", backbone)
     cache = run_extraction(data_root, out / "cache.h5", ExtractConfig(backbone=backbone, image_size=image_size),
-                           device=device, overwrite=True)
-    run_training(cache, out / "run", TrainConfig(epochs=epochs), device=device)
+                           device=device, overwrite=overwrite)
+    run_training(cache, out / "run", TrainConfig(epochs=epochs), device=device, overwrite=overwrite)
     run_evaluation(cache, out / "run", out / "report", device=device)
     return out / "report" / REPORT_HTML

@@ -22,13 +22,12 @@ from fishseg.metrics import (BOUNDARY_TOLERANCE, REFERENCE_BATCH, THRESHOLD, THR
                              sweep_thresholds)
 from fishseg.probe import run_probe
 from fishseg.report import Example, ReportData, gallery_positions, write_report
-from fishseg.runs import (REPORT_DIR, RUN_FILE, SPLIT_FILE, RunRecord, checkpoint_layers, load_run, read_history,
-                          read_record, read_split, split_digests)
+from fishseg.runs import (METRICS_FILE, PER_IMAGE_FILE, REPORT_DIR, RUN_FILE, SPLIT_FILE, RunRecord, checkpoint_layers,
+                          load_run, read_history, read_record, read_split, split_digests)
 from fishseg.runtime import atomic_path, autocast, make_output_dir, resolve_device, write_json
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE, PER_IMAGE_FILE = "metrics.json", "per_image.csv"
 PCA_IMAGES = 64  # validation images whose patches fit the PCA of the feature picture
 READ_CHUNK = 512  # images read from the source at once (~0.6 GB of 28×28×384 float16 features with 448² masks)
 

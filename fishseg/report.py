@@ -23,9 +23,9 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.decomposition import PCA
 
+from fishseg.runs import ANALYSIS_FILES, CURVE_FILES, EPOCHS_CSV, GALLERY_FILES, REPORT_HTML, REPORT_MD
 from fishseg.runtime import atomic_path
 
-REPORT_MD, REPORT_HTML, EPOCHS_CSV = "report.md", "report.html", "epochs.csv"
 DPI = 100
 GALLERY_RANDOM, GALLERY_EXTREMES, PCA_EXAMPLES = 20, 5, 4
 GALLERY_TITLES = {"random": "random validation images", "best": "best validation images by IoU",
@@ -41,16 +41,14 @@ REFERENCE_NOTE = ("Reference batch IoU is the number the reference notebook repo
                   "validation batches in loader order, of the IoU of all the batch's pixels pooled, so large fish "
                   "weigh more and the batching matters; mean IoU weighs every image alike.")
 
-CURVES = (  # (file, title, history split, value, y label)
-    ("01_train_iteration_loss.png", "Train loss per iteration", "train", "loss", "BCE loss"),
-    ("02_train_iteration_iou.png", "Train IoU per iteration", "train", "iou", "IoU (threshold 0.5)"),
-    ("03_epoch_loss.png", "Loss per epoch, train vs val (mean ± std over images)", None, "loss", "BCE loss"),
-    ("04_val_iteration_loss.png", "Validation loss per iteration", "val", "loss", "BCE loss"),
-    ("05_epoch_iou.png", "IoU per epoch, train vs val (mean ± std over images)", None, "iou", "IoU (threshold 0.5)"),
-    ("06_val_iteration_iou.png", "Validation IoU per iteration", "val", "iou", "IoU (threshold 0.5)"),
-)
-ANALYSIS = {"per_class": "07_per_class.png", "histogram": "08_iou_histogram.png",
-            "threshold": "09_threshold_sweep.png", "pca": "10_feature_pca.png", "probe": "11_species_probe.png"}
+CURVES = dict(zip(CURVE_FILES, (  # file → (title, history split, value, y label)
+    ("Train loss per iteration", "train", "loss", "BCE loss"),
+    ("Train IoU per iteration", "train", "iou", "IoU (threshold 0.5)"),
+    ("Loss per epoch, train vs val (mean ± std over images)", None, "loss", "BCE loss"),
+    ("Validation loss per iteration", "val", "loss", "BCE loss"),
+    ("IoU per epoch, train vs val (mean ± std over images)", None, "iou", "IoU (threshold 0.5)"),
+    ("Validation IoU per iteration", "val", "iou", "IoU (threshold 0.5)"),
+), strict=True))
 
 
 @dataclasses.dataclass
@@ -293,7 +291,7 @@ def _gallery_figure(examples: list[Example], title: str) -> Figure:
 def write_figures(out_dir: Path, data: ReportData) -> dict[str, str]:
     """Write every PNG, each drawn once; returns ``{section key: file name}`` in display order."""
     files: dict[str, str] = {}
-    for name, title, split, value, ylabel in CURVES:
+    for name, (title, split, value, ylabel) in CURVES.items():
         figure = (_iteration_figure(data.history["iterations"][split], value, title, ylabel) if split
                   else _epoch_figure(data.history["epochs"], value, title, ylabel))
         _save(figure, out_dir / name)
@@ -307,12 +305,11 @@ def write_figures(out_dir: Path, data: ReportData) -> dict[str, str]:
     if "accuracy" in data.metrics["species_probe"]:
         analysis["probe"] = _probe_figure(data.metrics["species_probe"])
     for key, figure in analysis.items():
-        _save(figure, out_dir / ANALYSIS[key])
-        files[key] = ANALYSIS[key]
-    for index, (key, examples) in enumerate(data.galleries.items(), start=1):
-        name = f"gallery_{index}_{key}.png"
-        _save(_gallery_figure(examples, f"{len(examples)} {GALLERY_TITLES[key]}"), out_dir / name)
-        files[f"gallery_{key}"] = name
+        _save(figure, out_dir / ANALYSIS_FILES[key])
+        files[key] = ANALYSIS_FILES[key]
+    for key, examples in data.galleries.items():
+        _save(_gallery_figure(examples, f"{len(examples)} {GALLERY_TITLES[key]}"), out_dir / GALLERY_FILES[key])
+        files[f"gallery_{key}"] = GALLERY_FILES[key]
     return files
 
 
@@ -408,7 +405,7 @@ def page(data: ReportData, files: dict[str, str]) -> str:
     """``report.html``: one page, images referenced beside it, no scripts, no network."""
     summary = "".join(_summary_row(*row) for row in summary_rows(data))
     warning = f'<p class="warning">{html.escape(RANDOM_INIT_NOTE)}</p>' if data.metrics["random_init"] else ""
-    curves = "".join(_img(files[name]) for name, *_ in CURVES)
+    curves = "".join(_img(files[name]) for name in CURVES)
     analysis = "".join(_img(files[key]) for key in ("histogram", "threshold"))
     galleries = "".join(_img(files[f"gallery_{key}"]) for key in data.galleries)
     return f"""<!doctype html>

@@ -20,6 +20,8 @@ A run folder (``train --out RUN``):
   last epoch (tensors in safetensors, the rest JSON; no pickle), until the run finishes.
 - ``.lock``: held (``flock``) by the process training into the folder; the kernel drops it when that
   process dies, which is how a reader tells a killed run (``running`` in the record) from a live one.
+- ``report/``: what ``evaluate`` writes (``REPORT_FILES``: the scores, pages and figures, drawn by
+  ``fishseg.report``); removed when the run is replaced or trains on, since it would describe another run.
 
 A cross-validation folder holds ``cv.json`` and one run folder per fold (``fold-k``); a sweep folder holds
 ``sweep.json`` and one run or cross-validation folder per config.
@@ -51,6 +53,15 @@ from fishseg.runtime import UNRECORDED, atomic_path, file_digest, make_output_di
 RUN_FILE, SPLIT_FILE, HISTORY_FILE, LOCK_FILE = "run.json", "split.json", "history.json", ".lock"
 HISTORY_JOURNAL = "history.jsonl"
 CHECKPOINT_DIR, REPORT_DIR = "checkpoints", "report"
+METRICS_FILE, PER_IMAGE_FILE = "metrics.json", "per_image.csv"  # a report's scores: what `compare` reads back
+REPORT_MD, REPORT_HTML, EPOCHS_CSV = "report.md", "report.html", "epochs.csv"
+CURVE_FILES = ("01_train_iteration_loss.png", "02_train_iteration_iou.png", "03_epoch_loss.png",
+               "04_val_iteration_loss.png", "05_epoch_iou.png", "06_val_iteration_iou.png")
+ANALYSIS_FILES = {"per_class": "07_per_class.png", "histogram": "08_iou_histogram.png",
+                  "threshold": "09_threshold_sweep.png", "pca": "10_feature_pca.png", "probe": "11_species_probe.png"}
+GALLERY_FILES = {"random": "gallery_1_random.png", "best": "gallery_2_best.png", "worst": "gallery_3_worst.png"}
+REPORT_FILES = (METRICS_FILE, PER_IMAGE_FILE, REPORT_MD, REPORT_HTML, EPOCHS_CSV, *CURVE_FILES,
+                *ANALYSIS_FILES.values(), *GALLERY_FILES.values())  # every file evaluate may write into a report
 CV_FILE, SWEEP_FILE = "cv.json", "sweep.json"
 RUNNING, FINISHED, INTERRUPTED = "running", "finished", "interrupted"
 STATE_KEY = "fishseg_resume"  # safetensors metadata entry of a resume file
@@ -384,19 +395,24 @@ def _own_files(run_dir: Path) -> list[Path]:
     return found
 
 
-SCORE_FILES = ("metrics.json", "per_image.csv")  # of REPORT_DIR: what `compare` reads as the run's scores
-
-
 def clear_run(run_dir: Path) -> None:
     """Remove the files fishseg wrote for a run (``--overwrite``): the record, split, history, checkpoints and
-    the report's scores, so nothing stale is read as the new run's. Nothing else is touched: other files in
-    ``report/`` stay until ``evaluate`` writes a new report."""
+    the report, so nothing stale is read as the new run's. Nothing else is touched."""
     for path in (*(run_dir / name for name in (RUN_FILE, SPLIT_FILE, HISTORY_FILE, HISTORY_JOURNAL, CV_FILE)),
-                 *(run_dir / REPORT_DIR / name for name in SCORE_FILES), *_own_files(run_dir)):
+                 *_own_files(run_dir)):
         path.unlink(missing_ok=True)
-    for folder in (CHECKPOINT_DIR, REPORT_DIR):
-        with contextlib.suppress(OSError):  # kept when something else is in it
-            (run_dir / folder).rmdir()
+    with contextlib.suppress(OSError):  # kept when something else is in it
+        (run_dir / CHECKPOINT_DIR).rmdir()
+    clear_report(run_dir)
+
+
+def clear_report(run_dir: Path) -> None:
+    """Remove the report ``evaluate`` wrote into the run's ``report/`` (``REPORT_FILES``): once the run changes
+    (replaced, or trained on by a resume) it describes another run. Other files there stay."""
+    for name in REPORT_FILES:
+        (run_dir / REPORT_DIR / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # kept when something else is in it, or absent
+        (run_dir / REPORT_DIR).rmdir()
 
 
 def is_locked(run_dir: Path) -> bool:

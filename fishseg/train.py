@@ -33,9 +33,9 @@ from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.metrics import binarize, iou_per_image
 from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUNNING, SPLIT_FILE, RunRecord, check_resume_flags,
-                          clear_run, commit_epoch, cut_history, differing_fields, history_entry, holds_run,
-                          is_locked, read_record, read_resume_state, read_split, training_lock, verified,
-                          split_digests, verify_files, write_checkpoint, write_record, write_resume_state,
+                          clear_report, clear_run, commit_epoch, cut_history, differing_fields, history_entry,
+                          holds_run, is_locked, read_record, read_resume_state, read_split, split_digests,
+                          training_lock, verified, verify_files, write_checkpoint, write_record, write_resume_state,
                           write_split)
 from fishseg.resident import HeldSource, ResidentViews, fits_on_device, resident_bytes, upload
 from fishseg.runtime import (active_precision, autocast, available_memory, backward_step, require_same_precision,
@@ -468,8 +468,10 @@ def train_run(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: 
         previous = None  # stopped before its first epoch: nothing to continue, start again in place
     created = not out_dir.exists()
     with training_lock(out_dir) if ranks.main else contextlib.nullcontext():
-        if overwrite and ranks.main:
+        if ranks.main and overwrite:
             clear_run(out_dir)
+        elif ranks.main:
+            clear_report(out_dir)  # a resumed run trains on: its report would describe the run as it was
         try:
             return _train(data, out_dir, config, ranks, device, previous, on_epoch or _log_epoch, compiled)
         except (KeyboardInterrupt, FishsegError) as stop:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from transformers import DINOv3ConvNextConfig, DINOv3ConvNextModel
 
 from fishseg.backbone import backbone_reference, load_backbone, looks_like_path, save_random_backbone
 from fishseg.cache import FeatureCache
-from fishseg.config import IMAGENET_MEAN, IMAGENET_STD, ExtractConfig, TrainConfig
+from fishseg.config import IMAGENET_MEAN, IMAGENET_STD, BackboneInfo, ExtractConfig, TrainConfig
 from fishseg.errors import FishsegError
 from fishseg.evaluate import run_evaluation
 from fishseg.extract import run_extraction
@@ -109,11 +110,28 @@ def test_dinov2_families_read_patch_size_and_registers_from_their_config(tmp_pat
     backbone = load_backbone(str(folder), IMAGENET_MEAN, IMAGENET_STD, CPU)
     assert (backbone.info.model_type, backbone.info.patch_size, backbone.info.num_register_tokens) == (family, 14,
                                                                                                         registers)
+    assert (backbone.info.num_blocks, backbone.info.num_heads, backbone.info.mlp_dim, backbone.info.mlp) == (
+        2, 2, 64, "plain")
     images = torch.randint(0, 256, (1, 3, 56, 56), dtype=torch.uint8)
     with torch.no_grad():
         tokens = backbone.model(pixel_values=(images / 255.0 - backbone.mean) / backbone.std).last_hidden_state
     assert tokens.shape[1] == 1 + registers + 16
     torch.testing.assert_close(backbone(images).float(), tokens[:, 1 + registers:].reshape(1, 4, 4, 32).half().float())
+
+
+def test_a_backbone_digest_is_the_same_for_every_load_of_the_same_weights(tiny_backbone: Path,
+                                                                            tmp_path: Path) -> None:
+    def info(folder: Path) -> BackboneInfo:
+        return load_backbone(str(folder), IMAGENET_MEAN, IMAGENET_STD, CPU).info
+
+    first, copied = info(tiny_backbone), info(shutil.copytree(tiny_backbone, tmp_path / "copy"))
+    saved_again = info(save_random_backbone(tmp_path / "again", **TINY_LAYOUT))
+    assert first.weights_sha256 == copied.weights_sha256 == saved_again.weights_sha256
+    assert len(first.weights_sha256) == 64 and first.architecture == copied.architecture != info(
+        save_random_backbone(tmp_path / "deeper", **{**TINY_LAYOUT, "num_hidden_layers": 2})).architecture
+    reseeded = info(save_random_backbone(tmp_path / "reseeded", seed=1, **TINY_LAYOUT))
+    assert reseeded.architecture == first.architecture and reseeded.weights_sha256 != first.weights_sha256
+    assert (first.num_blocks, first.num_heads, first.mlp_dim, first.mlp) == (1, 2, 64, "plain")
 
 
 def test_a_model_without_a_patch_token_sequence_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -1,14 +1,17 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
+from fishseg.cache import FeatureCache
 from fishseg.cli import Views, main
+from fishseg.runs import read_record
 from tests.helpers import REPO, TINY_IMAGE_SIZE
 
 
@@ -35,15 +38,60 @@ def test_the_three_scripts_end_to_end(tmp_path: Path, kaggle_root: Path, tiny_ba
     assert "RANDOM-INIT" in evaluate.stdout and metrics["n_images"] == 2  # 20% of 12
 
 
+def _demo(out: Path, backbone: Path, *options: str, images_per_class: int = 3) -> Result:
+    return CliRunner().invoke(main, ["demo", "--out", str(out), "--backbone", str(backbone), "--classes", "2",
+                                     "--images-per-class", str(images_per_class), "--epochs", "2",
+                                     "--image-size", str(TINY_IMAGE_SIZE), "--device", "cpu", *options])
+
+
+def _advises_only_demo_options(message: str) -> bool:
+    """Every --option a message of `demo` names is one of demo's own."""
+    own = {option for parameter in main.commands["demo"].params for option in parameter.opts}
+    return set(re.findall(r"--[a-z-]+", message)) <= own
+
+
 def test_demo_runs_the_whole_job_and_says_the_backbone_is_random(tmp_path: Path, tiny_backbone: Path) -> None:
-    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--backbone", str(tiny_backbone),
-                                       "--classes", "2", "--images-per-class", "3", "--epochs", "2",
-                                       "--image-size", str(TINY_IMAGE_SIZE), "--device", "cpu"])
+    result = _demo(tmp_path, tiny_backbone)
     assert result.exit_code == 0, result.output
     assert f"report: {tmp_path / 'report' / 'report.html'}" in result.output
     assert "RANDOM-INIT" in result.output
     assert (tmp_path / "cache.h5").is_file() and (tmp_path / "run" / "run.json").is_file()
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["n_images"] == 1
+
+
+def _snapshot(folder: Path) -> dict[str, int]:
+    return {str(path): path.stat().st_mtime_ns for path in folder.rglob("*")}
+
+
+def test_demo_over_an_earlier_demo_is_refused_up_front_and_overwrite_replaces_only_the_demo(
+        tmp_path: Path, tiny_backbone: Path) -> None:
+    out = tmp_path / "demo"
+    assert _demo(out, tiny_backbone).exit_code == 0
+    (out / "sweep").mkdir()
+    (out / "sweep" / "notes.txt").write_text("mine")
+    before = _snapshot(out)
+    refused = _demo(out, tiny_backbone, images_per_class=5)
+    assert refused.exit_code == 2 and f"{out}: holds an earlier demo (cache.h5, data/" in refused.output
+    assert "--overwrite" in refused.output and _advises_only_demo_options(refused.output), refused.output
+    assert _snapshot(out) == before
+    replaced = _demo(out, tiny_backbone, "--overwrite", images_per_class=5)
+    assert replaced.exit_code == 0, replaced.output
+    assert len(list((out / "data").rglob("*GT/*.png"))) == 10  # the 6 masks of the first demo are gone
+    with FeatureCache(out / "cache.h5") as cache:
+        assert len(cache) == 10
+    assert read_record(out / "run").cache["images"] == 10
+    assert json.loads((out / "report" / "metrics.json").read_text())["n_images"] == 2  # 20% of 10
+    assert (out / "sweep" / "notes.txt").read_text() == "mine"
+
+
+def test_demo_refuses_a_folder_that_holds_something_else_even_with_overwrite(tmp_path: Path,
+                                                                            tiny_backbone: Path) -> None:
+    (tmp_path / "thesis.tex").write_text("mine")
+    for options in ((), ("--overwrite",)):
+        result = _demo(tmp_path, tiny_backbone, *options)
+        assert result.exit_code == 2 and f"{tmp_path}: holds thesis.tex, not a demo" in result.output
+        assert _advises_only_demo_options(result.output) and "--overwrite" not in result.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["thesis.tex"]
 
 
 @pytest.mark.parametrize("command, option", [

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from fishseg.config import (DECODER_NAMES, ExtractConfig, TrainConfig, check_patch_multiple, from_json, resolve_layers,
-                            to_json)
+from fishseg.config import (DECODER_NAMES, BackboneInfo, ExtractConfig, TrainConfig, check_patch_multiple, from_json,
+                            resolve_layers, to_json)
 from fishseg.decoders import DECODERS
 from fishseg.errors import FishsegError
 
@@ -89,3 +89,13 @@ def test_an_image_size_off_the_patch_grid_suggests_the_nearest_multiples(size: i
     with pytest.raises(FishsegError, match=f"^--image-size {size}: not a multiple of the backbone's patch size "
                                            f"{patch}; try {suggestion}$"):
         check_patch_multiple(size, patch)
+
+
+def test_the_backbone_record_of_an_older_cache_reads_with_architecture_and_weights_unrecorded() -> None:
+    older = ('{"feature_dim": 384, "model_type": "dinov3_vit", "name": "facebook/dinov3-vits16-pretrain-lvd1689m", '
+             '"num_register_tokens": 4, "patch_size": 16, "random_init": false}')
+    info = from_json(BackboneInfo, older)
+    assert (info.num_blocks, info.num_heads, info.mlp_dim, info.mlp, info.weights_sha256) == (None,) * 5
+    assert info.architecture == {"model_type": "dinov3_vit", "patch_size": 16, "feature_dim": 384,
+                                 "num_register_tokens": 4, "num_blocks": None, "num_heads": None, "mlp_dim": None,
+                                 "mlp": None}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from PIL import Image
 
 import fishseg.evaluate as evaluate_module
@@ -23,8 +23,9 @@ from fishseg.errors import FishsegError
 from fishseg.evaluate import run_evaluation
 from fishseg.predict import OVERLAY_ALPHA, OVERLAY_COLOUR, full_size, run_prediction, tint
 from fishseg.runs import read_split
+from fishseg.runtime import read_json, write_json
 from fishseg.train import run_training
-from tests.helpers import SMALL_PHOTO
+from tests.helpers import SMALL_PHOTO, TINY_LAYOUT
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +128,101 @@ def test_tint_blends_the_colour_over_the_fish_only() -> None:
     expected = (1 - OVERLAY_ALPHA) * pixels[mask] + OVERLAY_ALPHA * np.array(OVERLAY_COLOUR)
     assert np.abs(tinted[mask] - expected).max() <= 1
     np.testing.assert_array_equal(tinted[~mask], pixels[~mask])
+
+
+def _predict(run: Path, inputs: list[Path], out: Path, *options: str) -> Result:
+    return CliRunner().invoke(main, ["predict", *map(str, inputs), "--run", str(run), "--out", str(out),
+                                     "--num-workers", "0", "--device", "cpu", *options])
+
+
+@pytest.mark.parametrize("blocks", [3, 12])
+def test_predict_refuses_a_backbone_of_another_depth_naming_it(tiny_run: Path, kaggle_root: Path, tmp_path: Path,
+                                                               blocks: int) -> None:
+    """Same width, heads and patch size as the run's 1-block backbone: only the number of blocks differs."""
+    deeper = save_random_backbone(tmp_path / "deeper", **{**TINY_LAYOUT, "num_hidden_layers": blocks})
+    result = _predict(tiny_run, [kaggle_root], tmp_path / "out", "--backbone", str(deeper))
+    assert result.exit_code == 2, result.output
+    assert f"num_blocks 1 → {blocks}" in result.output and "has the architecture" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_refuses_the_same_architecture_with_other_weights(tiny_run: Path, kaggle_root: Path,
+                                                                 tmp_path: Path) -> None:
+    reseeded = save_random_backbone(tmp_path / "reseeded", seed=1, **TINY_LAYOUT)
+    result = _predict(tiny_run, [kaggle_root], tmp_path / "out", "--backbone", str(reseeded))
+    assert result.exit_code == 2, result.output
+    assert "same architecture, other weights (sha256 " in result.output and len(result.output.splitlines()) == 1
+
+
+def test_predict_accepts_the_runs_backbone_copied_elsewhere(tiny_run: Path, tiny_backbone: Path, kaggle_root: Path,
+                                                            tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    copy = shutil.copytree(tiny_backbone, tmp_path / "copy")
+    source = next(kaggle_root.rglob("00001.png"))
+    run_prediction(tiny_run, [source], tmp_path / "out", backbone=str(copy), num_workers=0, device="cpu")
+    assert (tmp_path / "out" / "masks" / "00001.png").is_file() and not caplog.records
+
+
+def test_a_run_whose_cache_did_not_record_the_weights_predicts_with_a_warning(tiny_run: Path, kaggle_root: Path,
+                                                                              tmp_path: Path,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Runs on caches of earlier versions record neither the digest nor the whole architecture."""
+    run = shutil.copytree(tiny_run, tmp_path / "old-run")
+    record = read_json(run / "run.json")
+    for field in ("num_blocks", "num_heads", "mlp_dim", "mlp", "weights_sha256"):
+        del record["backbone"][field]
+    write_json(run / "run.json", record)
+    source = next(kaggle_root.rglob("00001.png"))
+    run_prediction(run, [source], tmp_path / "out", num_workers=0, device="cpu")
+    assert "only the architecture could be checked" in caplog.text and "has the architecture" not in caplog.text
+
+
+def _masks_and_overlays(out: Path) -> tuple[list[str], list[str]]:
+    return sorted(p.name for p in (out / "masks").iterdir()), sorted(p.name for p in (out / "overlays").iterdir())
+
+
+def _listed(out: Path) -> list[str]:
+    return sorted(Path(row["mask"]).name for row in csv.DictReader((out / "predictions.csv").open()) if row["mask"])
+
+
+def test_predict_into_earlier_predictions_is_refused_and_overwrite_replaces_only_them(tiny_run: Path,
+                                                                                      kaggle_root: Path,
+                                                                                      tmp_path: Path) -> None:
+    photos = sorted(kaggle_root.rglob("*.png"))
+    first, second = [p for p in photos if "GT" not in str(p)][:3], [p for p in photos if "GT" not in str(p)][3:5]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert _predict(tiny_run, first, out).exit_code == 0
+    before = _masks_and_overlays(out)
+    refused = _predict(tiny_run, second, out)
+    assert refused.exit_code == 2 and f"{out}: holds earlier predictions" in refused.output
+    assert "--overwrite" in refused.output and _masks_and_overlays(out) == before
+    assert _predict(tiny_run, second, out, "--overwrite").exit_code == 0
+    masks, overlays = _masks_and_overlays(out)
+    assert masks == overlays == _listed(out) and len(masks) == 2  # none of the first run's files is left
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_predict_never_writes_among_masks_it_did_not_write(tiny_run: Path, kaggle_root: Path, tmp_path: Path) -> None:
+    """A data folder in the images/ + masks/ layout: its ground truth must not be replaced, --overwrite or not."""
+    data = tmp_path / "data"
+    (data / "masks").mkdir(parents=True)
+    photo = next(p for p in kaggle_root.rglob("00001.png") if "GT" not in str(p))
+    truth = next(p for p in kaggle_root.rglob("00001.png") if "GT" in str(p))
+    shutil.copy(truth, data / "masks" / "00001.png")
+    for options in ((), ("--overwrite",)):
+        result = _predict(tiny_run, [photo], data, *options)
+        assert result.exit_code == 2 and "no predictions.csv lists (e.g. masks/00001.png)" in result.output
+    assert (data / "masks" / "00001.png").read_bytes() == truth.read_bytes()
+
+
+def test_a_failed_prediction_into_an_existing_folder_leaves_no_unlisted_files(tiny_run: Path, kaggle_root: Path,
+                                                                              tmp_path: Path) -> None:
+    photos = [p for p in sorted(kaggle_root.rglob("*.png")) if "GT" not in str(p)][:3]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    out.mkdir()
+    result = _predict(tiny_run, [*photos, broken], out, "--batch-size", "2")  # the first batch is written
+    assert result.exit_code == 2 and "--skip-bad" in result.output
+    assert sorted(p.name for p in out.iterdir()) == []

@@ -15,6 +15,7 @@ from PIL import Image
 import fishseg.report
 from fishseg.report import (DPI, REFERENCE_NOTE, Example, _epoch_figure, _gallery_figure, _legible, _probe_figure, fmt,
                            gallery_positions)
+from fishseg.runs import REPORT_FILES
 
 CURVE_FILES = ["01_train_iteration_loss.png", "02_train_iteration_iou.png", "03_epoch_loss.png",
                "04_val_iteration_loss.png", "05_epoch_iou.png", "06_val_iteration_iou.png"]
@@ -140,3 +141,8 @@ def test_epoch_plots_tick_whole_epochs_and_the_probe_title_stays_inside_the_imag
     probe.draw_without_rendering()
     title, image = probe._suptitle.get_window_extent(), probe.bbox
     assert image.x0 + 5 < title.x0 and title.x1 < image.x1 - 5 and title.y1 < image.y1
+
+
+def test_the_run_folder_format_names_every_file_a_report_holds(report: Path) -> None:
+    """runs.REPORT_FILES is what a replaced or resumed run removes from its report folder: it must be all of it."""
+    assert {path.name for path in report.iterdir()} == set(REPORT_FILES)

@@ -23,8 +23,8 @@ from fishseg.config import TrainConfig
 from fishseg.distributed import torchrun_command
 from fishseg.errors import FishsegError
 from fishseg.evaluate import run_evaluation
-from fishseg.runs import (CHECKPOINT_DIR, HISTORY_JOURNAL, cut_history, differing_fields, load_run, read_history,
-                         read_record, read_split)
+from fishseg.runs import (CHECKPOINT_DIR, HISTORY_JOURNAL, REPORT_DIR, cut_history, differing_fields, load_run,
+                         read_history, read_record, read_split)
 from fishseg.train import run_training
 from tests.helpers import REPO, interrupt_at_pass, move_a_training_image_to_val, write_toy_cache
 
@@ -446,3 +446,20 @@ def test_an_edited_split_is_refused_and_an_old_record_without_its_digest_is_read
 def test_other_settings_are_named_as_typed() -> None:
     assert differing_fields(TrainConfig(layers=(6, 12), augment="flips"), TrainConfig()) == [
         "augment 'flips' → 'none'", "layers 6,12 → all"]
+
+
+def test_a_resume_that_trains_on_or_an_overwrite_drops_the_old_report(stopped: tuple[Path, Path]) -> None:
+    """The report of epoch 2 no longer describes the run once it trains on; a finished run keeps its report."""
+    cache, run_dir = stopped
+    report = run_dir / REPORT_DIR
+    run_evaluation(cache, run_dir, device="cpu")
+    assert {path.name for path in report.iterdir()} >= {"report.html", "report.md", "metrics.json"}
+    (report / "notes.txt").write_text("mine")
+    run_training(cache, run_dir, RECIPE, device="cpu", resume=True)
+    assert sorted(path.name for path in report.iterdir()) == ["notes.txt"]
+    run_evaluation(cache, run_dir, device="cpu")
+    written = {path.name: path.read_bytes() for path in report.iterdir()}
+    run_training(cache, run_dir, RECIPE, device="cpu", resume=True)  # finished: nothing to train
+    assert {path.name: path.read_bytes() for path in report.iterdir()} == written
+    run_training(cache, run_dir, RECIPE, device="cpu", overwrite=True)
+    assert sorted(path.name for path in report.iterdir()) == ["notes.txt"]
