@@ -92,7 +92,8 @@ class Leaderboard:
         best = self.entries[0]
         verdicts = [entry.comparison.verdict for entry in self.entries if entry.comparison is not None]
         real = sum(verdict in ("better", "worse") for verdict in verdicts)
-        tested = (f"{real} of {len(verdicts)} differences from {self.reference} are real at 95%" if verdicts
+        tested = (f"{real} of {plural(len(verdicts), 'difference')} from {self.reference} "
+                  f"{'is' if len(verdicts) == 1 else 'are'} real at 95%" if verdicts
                   else "nothing to compare it with")
         failed = sum(other.failed for other in self.unscored)
         counts = {"failed": failed, "unfinished": len(self.unscored) - failed}

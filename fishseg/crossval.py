@@ -23,7 +23,7 @@ from fishseg.errors import FishsegError
 from fishseg.evaluate import evaluate_run, write_scores
 from fishseg.runs import (CV_KIND, FINISHED, REPORT_DIR, RUNNING, check_resume_flags, clear_run, differing_fields,
                           fold_dir, holds_cv, holds_run, read_cv, require_kind, write_cv)
-from fishseg.runtime import resolve_device
+from fishseg.runtime import plural, resolve_device
 from fishseg.train import EpochCallback, TrainingData, train_run
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def plan_cross_validation(out_dir: Path, config: TrainConfig, *, resume: bool, o
     done = sum(1 for result in cv["folds"] if result)
     if not resume:
         raise FishsegError(f"{out_dir}: already holds a {config.folds}-fold cross-validation ({cv['status']}, "
-                           f"{done} folds scored); add --resume to continue it or --overwrite to replace it")
+                           f"{plural(done, 'fold')} scored); add --resume to continue it or --overwrite to replace it")
     differing = differing_fields(TrainConfig(**cv["train_config"]), config)
     if differing:
         raise FishsegError(f"{out_dir}: the cross-validation was run with other settings ({'; '.join(differing)}); "

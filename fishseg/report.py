@@ -23,13 +23,13 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.decomposition import PCA
 
-from fishseg.runtime import atomic_path
+from fishseg.runtime import atomic_path, plural
 
 REPORT_MD, REPORT_HTML, EPOCHS_CSV = "report.md", "report.html", "epochs.csv"
 DPI = 100
 GALLERY_RANDOM, GALLERY_EXTREMES, PCA_EXAMPLES = 20, 5, 4
-GALLERY_TITLES = {"random": "random validation images", "best": "best validation images by IoU",
-                  "worst": "worst validation images by IoU"}
+GALLERY_TITLES = {"random": ("random validation image", ""), "best": ("best validation image", " by IoU"),
+                  "worst": ("worst validation image", " by IoU")}  # (noun, what follows the count and noun)
 OVERLAY_COLOURS = {  # region → (colour name for the legend, RGB)
     "true positive": ("green", (46, 204, 64)),
     "false positive": ("red", (255, 65, 54)),
@@ -153,7 +153,7 @@ def _histogram_figure(ious: np.ndarray) -> Figure:
     axes.hist(ious, bins=np.linspace(0, 1, 41), color=TRAIN_COLOUR, edgecolor="white")
     axes.axvline(ious.mean(), color="black", label=f"mean {fmt(ious.mean())}")
     axes.axvline(np.median(ious), color="black", ls="--", label=f"median {fmt(np.median(ious))}")
-    axes.set(title=f"IoU over {len(ious)} validation images", xlabel="IoU (threshold 0.5)", ylabel="images")
+    axes.set(title=f"IoU over {plural(len(ious), 'validation image')}", xlabel="IoU (threshold 0.5)", ylabel="images")
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend(loc="upper left")
     return figure
@@ -311,7 +311,7 @@ def write_figures(out_dir: Path, data: ReportData) -> dict[str, str]:
         files[key] = ANALYSIS[key]
     for index, (key, examples) in enumerate(data.galleries.items(), start=1):
         name = f"gallery_{index}_{key}.png"
-        _save(_gallery_figure(examples, f"{len(examples)} {GALLERY_TITLES[key]}"), out_dir / name)
+        _save(_gallery_figure(examples, plural(len(examples), GALLERY_TITLES[key][0]) + GALLERY_TITLES[key][1]), out_dir / name)
         files[f"gallery_{key}"] = name
     return files
 

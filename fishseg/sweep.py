@@ -278,7 +278,7 @@ def _check_same_grid(out_dir: Path, configs: list[SweepConfig]) -> None:
     recorded = [config["name"] for config in read_sweep(out_dir)["configs"]]
     names = [entry.name for entry in configs]
     if recorded != names:
-        raise FishsegError(f"{out_dir}: holds a sweep of another grid ({len(recorded)} configs: "
+        raise FishsegError(f"{out_dir}: holds a sweep of another grid ({plural(len(recorded), 'config')}: "
                            f"{', '.join(recorded[:3])}{', …' if len(recorded) > 3 else ''}); run that sweep again to "
                            f"continue it, or use another --out (`fishseg compare` puts both sweeps side by side)")
 

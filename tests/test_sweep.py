@@ -60,8 +60,13 @@ def test_a_grid_file_takes_lists_and_scalars_and_names_unknown_fields(tmp_path: 
         read_grid_file(values, ("decoder",))
     twice = tmp_path / "twice.toml"
     twice.write_text("batch_size = [4]\nbatch-size = [8]\n")
-    with pytest.raises(FishsegError, match="twice.toml: a field is given twice"):
+    with pytest.raises(FishsegError, match=r"twice.toml: the field batch_size is given twice \(as batch-size and "
+                                           r"batch_size\); keep one"):
         read_grid_file(twice, ("batch_size",))
+    literal = tmp_path / "literal.toml"
+    literal.write_text("lr = [1e-3]\nepochs = 2\nlr = [3e-4]\n")
+    with pytest.raises(FishsegError, match="literal.toml: the field lr is given twice; keep one"):
+        read_grid_file(literal, ("lr", "epochs"))
     bad = tmp_path / "bad.toml"
     bad.write_text('decoders = ["linear"]\nlearning_rate = 1\n')
     with pytest.raises(FishsegError, match="bad.toml: unknown fields decoders, learning_rate; known: decoder"):
