@@ -174,7 +174,8 @@ def entry_folders(folders: Sequence[Path]) -> tuple[list[Path], list[Unscored]]:
                                f"(no run.json, cv.json or sweep.json)")
     if not found:
         listed = "; ".join(f"{other.name}: {other.verdict}" for other in unscored)
-        raise FishsegError(f"{', '.join(map(str, folders))}: no runs to compare yet" + (f" ({listed})" if listed else ""))
+        raise FishsegError(f"{', '.join(map(str, folders))}: no runs to compare yet"
+                           + (f" ({listed})" if listed else ""))
     return list(dict.fromkeys(found)), unscored
 
 

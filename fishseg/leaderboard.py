@@ -32,9 +32,9 @@ SOURCES_FILE = "leaderboard.json"
 METRIC_COLUMNS = ["mean_iou", "mean_iou_std", "mean_dice", "boundary_f", "pooled_iou", "folds", "epochs",
                   "epochs_planned", "train_seconds", "diff_vs_reference", "ci_low", "ci_high", "p_value",
                   "p_adjusted", "verdict"]
-EXPLANATION = ("Δ IoU: mean over the same validation images of (entry − reference) per-image IoU, with its 95% "
-               "paired bootstrap interval (cross-validation: the mean over folds of each fold's mean, as the mean IoU "
-               "shown; images resampled within their fold); p: two-sided Wilcoxon signed-rank test on those differences; "
+EXPLANATION = ("Δ IoU: mean over the same validation images of (entry − reference) per-image IoU (cross-validation: "
+               "the mean over folds of each fold's mean, as the mean IoU shown), with its 95% paired bootstrap interval "
+               "(images resampled within their fold); p: two-sided Wilcoxon signed-rank test on those differences; "
                "p Holm: p adjusted (Holm–Bonferroni) over all comparisons with the reference, "
                "which decides the verdict.")
 LINE_STYLES = ("-", "--", ":")  # × 10 tab10 colours: 30 distinguishable curves besides the reference
@@ -164,8 +164,8 @@ def _csv_text(entries: list[LeaderboardEntry], unscored: Sequence[UnscoredEntry]
                                      "ci_high": c.ci_high, "p_value": c.p_value, "p_adjusted": c.p_adjusted}),
             "verdict": _verdict(entry, reference)})  # missing keys are written as empty cells
     for other in unscored:
-        writer.writerow({"name": other.name, **{column: other.differing.get(field, "") for field, column in fields.items()},
-                         "verdict": other.verdict})
+        writer.writerow({"name": other.name, "verdict": other.verdict,
+                         **{column: other.differing.get(field, "") for field, column in fields.items()}})
     return buffer.getvalue()
 
 

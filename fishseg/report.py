@@ -311,7 +311,8 @@ def write_figures(out_dir: Path, data: ReportData) -> dict[str, str]:
         files[key] = ANALYSIS[key]
     for index, (key, examples) in enumerate(data.galleries.items(), start=1):
         name = f"gallery_{index}_{key}.png"
-        _save(_gallery_figure(examples, plural(len(examples), GALLERY_TITLES[key][0]) + GALLERY_TITLES[key][1]), out_dir / name)
+        noun, rest = GALLERY_TITLES[key]
+        _save(_gallery_figure(examples, plural(len(examples), noun) + rest), out_dir / name)
         files[f"gallery_{key}"] = name
     return files
 
