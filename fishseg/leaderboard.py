@@ -33,9 +33,9 @@ METRIC_COLUMNS = ["mean_iou", "mean_iou_std", "mean_dice", "boundary_f", "pooled
                   "epochs_planned", "train_seconds", "diff_vs_reference", "ci_low", "ci_high", "p_value",
                   "p_adjusted", "verdict"]
 EXPLANATION = ("Δ IoU: mean over the same validation images of (entry − reference) per-image IoU (cross-validation: "
-               "the mean over folds of each fold's mean, as the mean IoU shown), with its 95% paired bootstrap interval "
-               "(images resampled within their fold); p: two-sided Wilcoxon signed-rank test on those differences; "
-               "p Holm: p adjusted (Holm–Bonferroni) over all comparisons with the reference, "
+               "the mean over folds of each fold's mean, as the mean IoU shown), with its 95% paired bootstrap "
+               "interval (images resampled within their fold); p: two-sided Wilcoxon signed-rank test on those "
+               "differences; p Holm: p adjusted (Holm–Bonferroni) over all comparisons with the reference, "
                "which decides the verdict.")
 LINE_STYLES = ("-", "--", ":")  # × 10 tab10 colours: 30 distinguishable curves besides the reference
 REFERENCE_LINE = dict(color="black", lw=2.6, zorder=1.9)  # under the others, which stay visible on it
