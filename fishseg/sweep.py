@@ -36,6 +36,7 @@ from fishseg.crossval import cross_validate, plan_cross_validation
 from fishseg.decoders import build_decoder, uses_image
 from fishseg.errors import FishsegError
 from fishseg.evaluate import evaluate_run, write_scores
+from fishseg.leaderboard import holds_leaderboard
 from fishseg.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, SWEEP_KIND, RunRecord, differing_fields, failed_configs,
                           holds_cv, holds_run, holds_sweep, read_cv, read_record, read_sweep, record_failed_config,
                           require_kind, write_sweep)
@@ -257,6 +258,8 @@ def _check_sweep_folder(out_dir: Path, cache: FeatureCache) -> None:
     require_kind(out_dir, SWEEP_KIND)
     if holds_sweep(out_dir):
         cache.require(read_sweep(out_dir)["cache"], out_dir / SWEEP_FILE)
+    elif holds_leaderboard(out_dir):  # of a `compare`: the sweep's own would replace it
+        raise FishsegError(f"{out_dir}: holds the leaderboard of a compare; use another --out, or remove it first")
 
 
 def _check_layer_sets(layer_sets: Sequence[Sequence[int]], cache: FeatureCache) -> None:

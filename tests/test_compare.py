@@ -203,6 +203,8 @@ def test_a_leaderboard_never_replaces_one_of_other_folders(runs: dict[str, Path]
     assert _invoke(*pair, "--device", "cpu")[0] == 0
     status, output = _invoke(runs["linear"], sweep, "--device", "cpu")
     assert status == 2 and "--out compare: holds the leaderboard of other folders" in output, output
+    result = CliRunner().invoke(main, ["sweep", "--cache", str(runs["cache"]), "--out", "compare", "--epochs", "1"])
+    assert result.exit_code == 2 and "compare: holds the leaderboard of a compare" in result.output, result.output
 
 
 def test_a_cross_validated_sweep_with_an_unfinished_config_shows_the_finished_ones(
