@@ -67,13 +67,14 @@ class SweepConfig:
 @dataclasses.dataclass(frozen=True)
 class SweepResult:
     configs: int
-    trained: int  # configs that trained in this session (the others were finished already)
+    trained: int  # configs that trained in this session, failed ones included (the others were finished or failed)
     wall_seconds: float
     startup_seconds: float  # of the wall time, torch's one-time lazy imports (any training process pays them)
     epoch_seconds: float  # spent inside epochs, summed over the jobs
     leaderboard: Leaderboard
     jobs: int = 1  # configs trained at a time
     failed: Mapping[str, str] = dataclasses.field(default_factory=dict)  # config → why, this session's or before
+    failed_now: int = 0  # of the configs trained in this session, those that failed
 
     @property
     def inside_epochs(self) -> float:
@@ -90,7 +91,8 @@ class SweepResult:
         failed = (f"\n{plural(len(self.failed), 'config')} failed, listed without scores (run again with "
                   f"--retry-failed to try again): " + "; ".join(f"{name} ({why})" for name, why in self.failed.items())
                   if self.failed else "")
-        return (f"{plural(self.configs, 'config')} ({self.trained} trained now) in {self.wall_seconds:.1f} s{share}"
+        now = f"{self.trained} trained now" + (f", {self.failed_now} of them failed" if self.failed_now else "")
+        return (f"{plural(self.configs, 'config')} ({now}) in {self.wall_seconds:.1f} s{share}"
                 f"{failed}\n{self.leaderboard.summary()}")
 
 
@@ -338,8 +340,9 @@ def run_sweep(cache_path: Path, out_dir: Path, grid: Grid, *, folds: int = 0, de
             with _quiet(QUIET_DURING_SWEEP):
                 epoch_seconds = _train_all(data, out_dir, todo, torch_device, started, jobs)
     leaderboard = run_compare([out_dir], out_dir, cache_path=cache_path, device=device)
+    all_failed = failed_configs(read_sweep(out_dir))
     return SweepResult(len(configs), len(todo), time.perf_counter() - started, startup_seconds, epoch_seconds,
-                       leaderboard, jobs, failed_configs(read_sweep(out_dir)))
+                       leaderboard, jobs, all_failed, len(all_failed) - len(failed))
 
 
 def _log_plan(plan: SweepPlan) -> None:

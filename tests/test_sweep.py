@@ -221,6 +221,7 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> N
     assert "1 config failed, listed without scores (run again with --retry-failed to try again): lr=1000000.0 (loss " \
            "is NaN or infinite" in output
     assert "leaderboard of 1 entry (and 1 failed, without scores): best lr=0.001" in output
+    assert "2 configs (2 trained now, 1 of them failed) in " in output
     failed = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["failed"]
     assert list(failed) == ["lr=1000000.0"] and "diverged" in failed["lr=1000000.0"]
     board = _board(tmp_path / "sweep")
