@@ -381,33 +381,60 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Sweep folder: one run folder per config, sweep.json and the leaderboard.")
 @click.option("--grid", "grid_file", default=None, type=input_file,
-              help="TOML file of field = value or [values] (fields as the options below, - or _); options given "
-                   "on the command line replace the file's.")
+              help="TOML file of field = value or [values] (fields as the options below, - or _, and cv = K for "
+                   "--cv); options given on the command line replace the file's.")
 @sweep_options
 @cv_option("Each config is a K-fold cross-validation instead of one split.")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(1),
               help="Configs trained at a time on the one device, sharing one copy of the cache (on a GPU, more "
                    "than 1 keeps it busy; results are those of one at a time).")
+@click.option("--retry-failed", is_flag=True,
+              help="Train again the configs that failed in an earlier run of this sweep (skipped without it).")
+@click.option("--yes", is_flag=True, help="Start a sweep of more than 50 configs to train without asking.")
 @stream_option
 @device_option
 @deterministic_option
 @command
-def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, jobs: int, stream: bool | None,
-          device: str, **lists: tuple | None) -> None:
+def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, jobs: int, retry_failed: bool, yes: bool,
+          stream: bool | None, device: str, **lists: tuple | None) -> None:
     """Train every combination of the given values (the Cartesian product) over one cache, then compare them.
 
     Example: `fishseg sweep --cache C --out S --decoder seed-cnn,linear --lr 1e-3,3e-4 --epochs 20`
     trains 4 configs into S/decoder=linear,lr=0.0003/ and so on, named by the fields that vary.
     The cache is loaded once for all configs. Run the same command again to continue: finished
-    configs are skipped, interrupted ones resume. The leaderboard (see `fishseg compare`) is
-    written into OUT at the end.
+    configs are skipped, interrupted ones resume. A config whose training fails (e.g. a
+    diverging --lr) is recorded as failed and the others go on; it is not retried without
+    --retry-failed. Before training, the sweep says how many configs it trains and about how
+    long that takes; above 50 it asks first (or needs --yes). The leaderboard (see `fishseg
+    compare`) is written into OUT at the end.
     """
     from fishseg.sweep import read_grid_file, run_sweep
 
     grid = read_grid_file(grid_file, SWEEP_FIELDS) if grid_file else {}
+    file_folds = grid.pop("folds", (0,))[0]
     grid.update({field: values for field, values in lists.items() if values is not None})
-    result = run_sweep(cache_path, out, grid, folds=folds, device=device, stream=stream, jobs=jobs)
+    folds = folds if _given({"folds": folds}) else file_folds
+    result = run_sweep(cache_path, out, grid, folds=folds, device=device, stream=stream, jobs=jobs,
+                       retry_failed=retry_failed, confirm=functools.partial(_confirm_plan, yes=yes))
     click.echo(result.closing_line())
+
+
+def _interactive() -> bool:
+    """Whether someone at a terminal can answer a question."""
+    return sys.stdin.isatty()
+
+
+def _confirm_plan(plan: Any, *, yes: bool) -> None:
+    """Say what the sweep is about to train; above the threshold, ask (or, with no terminal, require --yes)."""
+    from fishseg.sweep import CONFIRM_ABOVE
+
+    click.echo(plan.describe())
+    if not plan.needs_confirmation or yes:
+        return
+    if not _interactive():
+        raise FishsegError(f"{plan.to_train} configs to train, more than {CONFIRM_ABOVE}: add --yes to start them "
+                           f"(there is no terminal to ask)")
+    click.confirm(f"Train {plan.to_train} configs?", abort=True)
 
 
 @click.command("compare")
@@ -415,7 +442,8 @@ def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, jobs:
 @click.option("--baseline", default=None, type=input_dir,
               help="Run (or cross-validation) folder every entry is compared with [default: the best].")
 @click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Leaderboard folder [default: the sweep folder when it is the only folder given, else ./compare].")
+              help="Leaderboard folder [default: the sweep folder when it is the only folder given, else ./compare]; "
+                   "refused where it would replace the leaderboard of other folders.")
 @click.option("--cache", "cache_path", default=None, type=input_file,
               help="The runs' cache, to score runs not evaluated yet [default: the path the runs recorded].")
 @device_option
@@ -432,7 +460,7 @@ def compare(folders: tuple[Path, ...], baseline: Path | None, out: Path | None, 
     """
     from fishseg.compare import default_out, run_compare
 
-    out = out or default_out(list(folders))
+    out = out or default_out(list(folders), baseline)
     board = run_compare(list(folders), out, baseline=baseline, cache_path=cache_path, device=device)
     click.echo(board.summary())
 

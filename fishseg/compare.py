@@ -1,10 +1,12 @@
 """``fishseg compare``: a leaderboard of runs that says which differences are real.
 
 An entry is a run folder, or a cross-validation folder (one entry, its folds' validation images
-pooled); a sweep folder counts as its entries. Entries must share one cache and the same validation
+pooled); a sweep folder counts as its entries, those it cannot score (failed, or not trained far enough)
+listed without scores. Entries must share one cache and the same validation
 images (cross-validations: the same folds), so that each image pairs the entries' scores. Per-image
 scores come from a run's evaluation when it matches the run's best checkpoint, and are computed from
-the cache otherwise. Statistics: ``fishseg.stats``; rendering: ``fishseg.leaderboard``.
+the cache otherwise. Statistics: ``fishseg.stats``; rendering: ``fishseg.leaderboard``. A leaderboard is
+written only where it replaces no leaderboard of other folders (``check_out``).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from fishseg.cache import FeatureCache, content_changes
 from fishseg.config import TrainConfig, value_text
 from fishseg.errors import FishsegError
 from fishseg.evaluate import METRICS_FILE, PER_IMAGE_FILE, evaluate_run
-from fishseg.leaderboard import LeaderboardEntry, write_leaderboard
-from fishseg.runs import (REPORT_DIR, RunRecord, fold_dir, holds_cv, holds_run, holds_sweep, read_cv, read_history,
-                          read_record, read_sweep, split_digests)
+from fishseg.leaderboard import (LeaderboardEntry, UnscoredEntry, compared_folders, holds_leaderboard,
+                                 write_leaderboard)
+from fishseg.runs import (REPORT_DIR, SWEEP_KIND, RunRecord, failed_configs, fold_dir, folder_kind, holds_cv, holds_run,
+                          holds_sweep, read_cv, read_history, read_record, read_sweep, split_digests)
 from fishseg.runtime import make_output_dir, plural, read_json, resolve_device
 from fishseg.stats import compare_to_reference
 
@@ -65,34 +68,104 @@ class Entry:
 
 
 @dataclasses.dataclass(frozen=True)
+class Unscored:
+    """A config of a sweep that the leaderboard lists without scores, and why."""
+
+    name: str
+    config: TrainConfig
+    failed: bool  # its training failed (else: not trained far enough to score)
+    reason: str
+
+    @property
+    def verdict(self) -> str:
+        return f"{'failed' if self.failed else 'unfinished'}: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Leaderboard:
     out_dir: Path
     entries: list[LeaderboardEntry]  # best first
     reference: str
+    unscored: tuple[Unscored, ...] = ()
 
     def summary(self) -> str:
         best = self.entries[0]
         verdicts = [entry.comparison.verdict for entry in self.entries if entry.comparison is not None]
         real = sum(verdict in ("better", "worse") for verdict in verdicts)
-        tested = (f"{real} of {len(verdicts)} differences from {self.reference} are real at 95%" if verdicts
+        tested = (f"{real} of {plural(len(verdicts), 'difference')} from {self.reference} "
+                  f"{'is' if len(verdicts) == 1 else 'are'} real at 95%" if verdicts
                   else "nothing to compare it with")
-        return (f"leaderboard of {plural(len(self.entries), 'entry', 'entries')}: best {best.name} "
+        failed = sum(other.failed for other in self.unscored)
+        counts = {"failed": failed, "unfinished": len(self.unscored) - failed}
+        listed = " and ".join(f"{count} {state}" for state, count in counts.items() if count)
+        unscored = f" (and {listed}, without scores)" if listed else ""
+        return (f"leaderboard of {plural(len(self.entries), 'entry', 'entries')}{unscored}: best {best.name} "
                 f"(mean IoU {best.mean_iou:.4f}); {tested}: {self.out_dir}")
 
 
-def default_out(folders: Sequence[Path]) -> Path:
+def default_out(folders: Sequence[Path], baseline: Path | None = None) -> Path:
     """The sweep folder when it is all that is compared (its own leaderboard), else ./compare."""
-    return folders[0] if len(folders) == 1 and holds_sweep(folders[0]) else DEFAULT_OUT
+    return folders[0] if len(folders) == 1 and baseline is None and holds_sweep(folders[0]) else DEFAULT_OUT
 
 
-def entry_folders(folders: Sequence[Path]) -> list[Path]:
-    """Run and cross-validation folders, a sweep folder expanded into its configs' folders."""
-    found = []
+def check_out(out_dir: Path, compared: Sequence[Path]) -> None:
+    """Refuse an ``--out`` where the leaderboard would replace results of other folders: a run, a
+    cross-validation or a sweep folder (but the one sweep compared alone, whose own leaderboard it is), or the
+    leaderboard of another set of folders."""
+    if folder_kind(out_dir) == SWEEP_KIND and [folder.resolve() for folder in compared] == [out_dir.resolve()]:
+        return
+    kind = folder_kind(out_dir)
+    if kind is not None:
+        raise FishsegError(f"--out {out_dir}: holds a {kind}, whose files a leaderboard of other folders would mix "
+                           f"with or replace; pass another --out")
+    recorded = compared_folders(out_dir)
+    if holds_leaderboard(out_dir) and recorded != {str(folder.resolve()) for folder in compared}:
+        whose = f" ({', '.join(sorted(recorded))})" if recorded else ""
+        raise FishsegError(f"--out {out_dir}: holds the leaderboard of other folders{whose}; pass another --out, "
+                           f"or remove {out_dir} first")
+
+
+def _unscorable(folder: Path) -> str | None:
+    """Why a run or cross-validation ``folder`` cannot be scored yet, or None when it can."""
+    if holds_run(folder):
+        return None if "best" in read_record(folder).checkpoints else "no epoch finished yet"
+    if not holds_cv(folder):
+        return "not trained yet"
+    folds = TrainConfig(**read_cv(folder)["train_config"]).folds
+    ready = sum(_unscorable(fold_dir(folder, fold)) is None for fold in range(folds))
+    return None if ready == folds else f"{ready} of {folds} folds trained"
+
+
+def _sweep_configs(sweep_dir: Path) -> tuple[list[Path], list[Unscored]]:
+    """The folders of a sweep's configs that can be scored, and the configs that cannot (failed or unfinished)."""
+    sweep = read_sweep(sweep_dir)
+    failed = failed_configs(sweep)
+    found, unscored = [], []
+    for config in sweep["configs"]:
+        name, folder = config["name"], sweep_dir / config["name"]
+        reason = failed.get(name) or _unscorable(folder)
+        if reason is None:
+            found.append(folder)
+        else:
+            unscored.append(Unscored(name, TrainConfig(**config["train_config"]), name in failed, reason))
+    return found, unscored
+
+
+def entry_folders(folders: Sequence[Path]) -> tuple[list[Path], list[Unscored]]:
+    """Run and cross-validation folders, a sweep folder expanded into its configs' folders; and the sweeps'
+    configs that cannot be scored. A run or cross-validation named on its own must be scorable."""
+    found: list[Path] = []
+    unscored: list[Unscored] = []
     for folder in folders:
         if holds_sweep(folder):
-            names = [config["name"] for config in read_sweep(folder)["configs"]]
-            found += [folder / name for name in names if holds_run(folder / name) or holds_cv(folder / name)]
+            scorable, others = _sweep_configs(folder)
+            found += scorable
+            unscored += others
         elif holds_run(folder) or holds_cv(folder):
+            reason = _unscorable(folder)
+            if reason is not None:
+                raise FishsegError(f"{folder}: {reason}; nothing to compare until it is further (resume it with "
+                                   f"`train --resume`), or leave it out")
             found.append(folder)
         elif not folder.exists():
             raise FishsegError(f"{folder}: not found")
@@ -100,8 +173,10 @@ def entry_folders(folders: Sequence[Path]) -> list[Path]:
             raise FishsegError(f"{folder}: neither a run, a cross-validation nor a sweep folder "
                                f"(no run.json, cv.json or sweep.json)")
     if not found:
-        raise FishsegError(f"{', '.join(map(str, folders))}: no runs to compare yet")
-    return list(dict.fromkeys(found))
+        listed = "; ".join(f"{other.name}: {other.verdict}" for other in unscored)
+        raise FishsegError(f"{', '.join(map(str, folders))}: no runs to compare yet"
+                           + (f" ({listed})" if listed else ""))
+    return list(dict.fromkeys(found)), unscored
 
 
 def _entry_names(folders: list[Path]) -> list[str]:
@@ -164,13 +239,8 @@ def _saved_scores(report_dir: Path, record: RunRecord) -> tuple[list[str], dict[
 def _load_entry(name: str, folder: Path, opener: _CacheOpener, device: Any) -> Entry:
     if holds_run(folder):
         return Entry(name, folder, [_run_scores(folder, opener, device)])
-    folds = TrainConfig(**read_cv(folder)["train_config"]).folds
-    runs = [fold_dir(folder, fold) for fold in range(folds)]
-    missing = [str(run) for run in runs if not holds_run(run)]
-    if missing:
-        raise FishsegError(f"{folder}: cross-validation folds not trained yet ({', '.join(missing)}); "
-                           f"resume it first")
-    return Entry(name, folder, [_run_scores(run, opener, device) for run in runs])
+    folds = TrainConfig(**read_cv(folder)["train_config"]).folds  # each fold scorable: see entry_folders
+    return Entry(name, folder, [_run_scores(fold_dir(folder, fold), opener, device) for fold in range(folds)])
 
 
 def _first_run(folder: Path) -> Path:
@@ -217,19 +287,23 @@ def check_comparable(entries: list[Entry]) -> None:
                                    f"of one split")
 
 
-def _differing(entries: list[Entry]) -> list[str]:
-    configs = [dataclasses.asdict(entry.config) for entry in entries]
-    return [field for field in configs[0] if len({repr(config[field]) for config in configs}) > 1]
+def _differing(configs: Sequence[TrainConfig]) -> list[str]:
+    values = [dataclasses.asdict(config) for config in configs]
+    return [field for field in values[0] if len({repr(value[field]) for value in values}) > 1]
+
+
+def _field_values(config: TrainConfig, fields: list[str]) -> dict[str, str]:
+    values = dataclasses.asdict(config)
+    return {field: value_text(values[field]) for field in fields}
 
 
 def _leaderboard_entry(entry: Entry, fields: list[str], comparison: Any) -> LeaderboardEntry:
-    config = dataclasses.asdict(entry.config)
     fold_ious = entry.fold_means("iou")
     curves = [run.val_iou_curve for run in entry.runs]
     length = min(len(curve) for curve in curves)
     records = [run.record for run in entry.runs]
     return LeaderboardEntry(
-        name=entry.name, differing={field: value_text(config[field]) for field in fields},
+        name=entry.name, differing=_field_values(entry.config, fields),
         mean_iou=float(np.mean(fold_ious)), mean_iou_std=float(np.std(fold_ious)) if entry.is_cv else None,
         mean_dice=float(np.mean(entry.fold_means("dice"))),
         boundary_f=float(np.mean(entry.fold_means("boundary_f"))),
@@ -244,7 +318,9 @@ def run_compare(folders: Sequence[Path], out_dir: Path, *, baseline: Path | None
     """Gather, check and score the entries, compare each with the best (or ``baseline``), write the files."""
     if baseline is not None and not (holds_run(baseline) or holds_cv(baseline)):
         raise FishsegError(f"--baseline {baseline}: not a run or cross-validation folder")
-    found = entry_folders([*folders, *([baseline] if baseline else [])])
+    compared = [*folders, *([baseline] if baseline else [])]
+    check_out(out_dir, compared)
+    found, unscored = entry_folders(compared)
     _check_one_cache(found)
     names = _entry_names(found)
     opener = _CacheOpener(cache_path)
@@ -259,22 +335,38 @@ def run_compare(folders: Sequence[Path], out_dir: Path, *, baseline: Path | None
         reference = names[found.index(baseline)]
     else:
         reference = max(entries, key=lambda entry: float(np.mean(entry.fold_means("iou")))).name
-    comparisons = compare_to_reference(ious, reference) if len(entries) > 1 else {}
-    fields = _differing(entries)
+    comparisons = compare_to_reference(ious, reference, groups=_folds_of(entries[0], image_ids)) \
+        if len(entries) > 1 else {}
+    fields = _differing([*(entry.config for entry in entries), *(other.config for other in unscored)])
     board = [_leaderboard_entry(entry, fields, comparisons.get(entry.name)) for entry in entries]
     board.sort(key=lambda entry: -entry.mean_iou)
-    write_leaderboard(make_output_dir(out_dir), board, reference=reference, notes=_notes(entries, image_ids))
-    return Leaderboard(out_dir, board, reference)
+    listed = [UnscoredEntry(other.name, _field_values(other.config, fields), other.verdict) for other in unscored]
+    write_leaderboard(make_output_dir(out_dir), board, reference=reference, notes=_notes(entries, image_ids, unscored),
+                      unscored=listed, compared=compared)
+    return Leaderboard(out_dir, board, reference, tuple(unscored))
 
 
-def _notes(entries: list[Entry], image_ids: list[str]) -> list[str]:
+def _folds_of(entry: Entry, image_ids: list[str]) -> np.ndarray | None:
+    """The fold each image is validated in, for a cross-validation (whose means are means of fold means)."""
+    if not entry.is_cv:
+        return None
+    fold = {image_id: k for k, run in enumerate(entry.runs) for image_id in run.image_ids}
+    return np.array([fold[image_id] for image_id in image_ids])
+
+
+def _notes(entries: list[Entry], image_ids: list[str], unscored: list[Unscored]) -> list[str]:
     record = entries[0].runs[0].record
-    notes = [f"{len(entries)} entries on cache {record.cache['path']} (fingerprint {record.cache['fingerprint']}), "
-             f"{len(image_ids)} validation images paired"
-             + (f" over {len(entries[0].runs)} folds" if entries[0].is_cv else "")]
+    notes = [f"{plural(len(entries), 'entry', 'entries')} on cache {record.cache['path']} (fingerprint "
+             f"{record.cache['fingerprint']}), {plural(len(image_ids), 'validation image')} paired"
+             + (f" over {plural(len(entries[0].runs), 'fold')}" if entries[0].is_cv else "")]
     if record.backbone.get("random_init"):
         notes.append("The backbone is RANDOM-INIT: these numbers measure the pipeline, not DINOv3 features.")
     unfinished = [entry.name for entry in entries if any(run.record.status != "finished" for run in entry.runs)]
     if unfinished:
         notes.append(f"Unfinished (scored at their best epoch so far): {', '.join(unfinished)}.")
+    for failed in (True, False):
+        listed = [f"{other.name} ({other.reason})" for other in unscored if other.failed == failed]
+        if listed:
+            what = "Failed (not retried unless the sweep runs with --retry-failed)" if failed else "Not scored yet"
+            notes.append(f"{what}: {'; '.join(listed)}.")
     return notes

@@ -21,9 +21,9 @@ from fishseg.decoders import uses_image
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.evaluate import evaluate_run, write_scores
-from fishseg.runs import (FINISHED, REPORT_DIR, RUNNING, check_resume_flags, clear_run, differing_fields, fold_dir,
-                          holds_cv, holds_run, read_cv, write_cv)
-from fishseg.runtime import resolve_device
+from fishseg.runs import (CV_KIND, FINISHED, REPORT_DIR, RUNNING, check_resume_flags, clear_run, differing_fields,
+                          fold_dir, holds_cv, holds_run, read_cv, require_kind, write_cv)
+from fishseg.runtime import plural, resolve_device
 from fishseg.train import EpochCallback, TrainingData, plan_run, train_run
 
 logger = logging.getLogger(__name__)
@@ -34,11 +34,10 @@ CV_METRICS = ("mean_iou", "mean_dice", "mean_boundary_f", "pooled_iou")
 def plan_cross_validation(out_dir: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> None:
     """Refuse, changing nothing, what would lose or mix cross-validations (as ``train.plan_run`` for a run)."""
     check_resume_flags(resume, overwrite)
+    require_kind(out_dir, CV_KIND)
     if not holds_cv(out_dir):
         if resume:
             raise FishsegError(f"{out_dir}: holds no cross-validation to resume; drop --resume to start one")
-        if holds_run(out_dir) and not overwrite:
-            raise FishsegError(f"{out_dir}: already holds a single run; use another --out, or --overwrite")
         return
     if overwrite:
         logger.info("%s: replacing the cross-validation there (--overwrite)", out_dir)
@@ -47,7 +46,7 @@ def plan_cross_validation(out_dir: Path, config: TrainConfig, *, resume: bool, o
     done = sum(1 for result in cv["folds"] if result)
     if not resume:
         raise FishsegError(f"{out_dir}: already holds a {config.folds}-fold cross-validation ({cv['status']}, "
-                           f"{done} folds scored); add --resume to continue it or --overwrite to replace it")
+                           f"{plural(done, 'fold')} scored); add --resume to continue it or --overwrite to replace it")
     differing = differing_fields(TrainConfig(**cv["train_config"]), config)
     if differing:
         raise FishsegError(f"{out_dir}: the cross-validation was run with other settings ({'; '.join(differing)}); "

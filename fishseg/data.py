@@ -335,7 +335,7 @@ def grouped_folds(groups: np.ndarray, classes: np.ndarray, n_folds: int, seed: i
 
 def random_folds(n_images: int, n_folds: int, seed: int) -> Folds:
     if n_images < n_folds:
-        raise FishsegError(f"{n_images} images are too few for {n_folds} folds")
+        raise FishsegError(f"{plural(n_images, 'image')}: too few for {n_folds} folds")
     folds = KFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return [(np.sort(train), np.sort(val)) for train, val in folds.split(np.zeros(n_images))]
 
@@ -354,6 +354,6 @@ def random_split(n_images: int, val_fraction: float, seed: int) -> tuple[np.ndar
         raise FishsegError(f"--val-fraction {val_fraction}: must be between 0 and 1")
     n_val = max(1, round(n_images * val_fraction))
     if n_val >= n_images:
-        raise FishsegError(f"{n_images} images are too few for a train/val split; add images")
+        raise FishsegError(f"{plural(n_images, 'image')}: too few for a train/val split; add images")
     order = np.random.default_rng(seed).permutation(n_images)
     return np.sort(order[n_val:]), np.sort(order[:n_val])

@@ -1,4 +1,6 @@
-"""Render runs side by side: ``leaderboard.csv``, ``leaderboard.md``, ``val_iou_curves.png``, ``leaderboard.html``.
+"""Render runs side by side: ``leaderboard.csv``, ``leaderboard.md``, ``val_iou_curves.png``, ``leaderboard.html``,
+and ``leaderboard.json``, which records the folders compared (so that a later compare knows whose leaderboard
+it would replace).
 
 Rendering only: the caller gathers the runs and the paired statistics (``fishseg.stats``). One table
 (``_table``) feeds both Markdown and HTML, so the two show the same text; every numeric HTML cell also
@@ -14,6 +16,7 @@ import dataclasses
 import html
 import io
 import itertools
+import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -21,23 +24,25 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fishseg.report import DPI, STYLE, fmt
-from fishseg.runtime import atomic_path
+from fishseg.runtime import atomic_path, read_json
 from fishseg.stats import PairedComparison
 
 CSV_FILE, MD_FILE, PNG_FILE, HTML_FILE = "leaderboard.csv", "leaderboard.md", "val_iou_curves.png", "leaderboard.html"
+SOURCES_FILE = "leaderboard.json"
 METRIC_COLUMNS = ["mean_iou", "mean_iou_std", "mean_dice", "boundary_f", "pooled_iou", "folds", "epochs",
                   "epochs_planned", "train_seconds", "diff_vs_reference", "ci_low", "ci_high", "p_value",
                   "p_adjusted", "verdict"]
-EXPLANATION = ("Δ IoU: mean over the same validation images of (entry − reference) per-image IoU, with its 95% "
-               "paired bootstrap interval; p: two-sided Wilcoxon signed-rank test on those differences; "
-               "p Holm: p adjusted (Holm–Bonferroni) over all comparisons with the reference, "
+EXPLANATION = ("Δ IoU: mean over the same validation images of (entry − reference) per-image IoU (cross-validation: "
+               "the mean over folds of each fold's mean, as the mean IoU shown), with its 95% paired bootstrap "
+               "interval (images resampled within their fold); p: two-sided Wilcoxon signed-rank test on those "
+               "differences; p Holm: p adjusted (Holm–Bonferroni) over all comparisons with the reference, "
                "which decides the verdict.")
 LINE_STYLES = ("-", "--", ":")  # × 10 tab10 colours: 30 distinguishable curves besides the reference
 REFERENCE_LINE = dict(color="black", lw=2.6, zorder=1.9)  # under the others, which stay visible on it
 LEADERBOARD_STYLE = STYLE + """
 body{max-width:none}.scroll{overflow-x:auto}.scroll table{font-size:.85em}.scroll td,.scroll th{padding:.25em .5em}
 td.num{text-align:right;font-variant-numeric:tabular-nums}td.num,td.verdict{white-space:nowrap}
-tr.reference td{font-weight:600}td.better{background:#dff0d8}td.worse{background:#f8d7da}"""
+tr.reference td{font-weight:600}td.better{background:#dff0d8}td.worse{background:#f8d7da}tr.unscored td{color:#777}"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,15 @@ class LeaderboardEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class UnscoredEntry:
+    """A config listed without scores (never the reference): its training failed, or is not far enough yet."""
+
+    name: str
+    differing: Mapping[str, str]
+    verdict: str  # "failed: <reason>" or "unfinished: <what is missing>"
+
+
+@dataclasses.dataclass(frozen=True)
 class Cell:
     """A table cell: its text, for numbers the CSV column and value it shows, and its HTML class."""
 
@@ -70,38 +84,56 @@ class Cell:
 
 
 def write_leaderboard(out_dir: Path, entries: Sequence[LeaderboardEntry], *, reference: str,
-                      notes: Sequence[str] = ()) -> dict[str, Path]:
-    """Write the four files into ``out_dir``, entries sorted by mean IoU (best first) in all of them.
+                      notes: Sequence[str] = (), unscored: Sequence[UnscoredEntry] = (),
+                      compared: Sequence[Path] = ()) -> dict[str, Path]:
+    """Write the five files into ``out_dir``, entries sorted by mean IoU (best first) in all of them, the
+    ``unscored`` ones after them; ``compared``: the folders the leaderboard was made of.
 
-    Returns ``{"csv", "md", "png", "html"}`` → path.
+    Returns ``{"csv", "md", "png", "html", "json"}`` → path.
     """
-    entries = _checked(entries, reference)
-    fields = _field_columns(entries)
+    entries = _checked(entries, reference, unscored)
+    fields = _field_columns([*entries, *unscored])
     png = _png_bytes(_curves_figure(entries, reference))
-    header, rows = _table(entries, fields, reference)
-    contents = {"csv": _csv_text(entries, fields, reference).encode(), "png": png,
+    header, rows = _table(entries, unscored, fields, reference)
+    contents = {"csv": _csv_text(entries, unscored, fields, reference).encode(), "png": png,
                 "md": _markdown(header, rows, reference, notes).encode(),
-                "html": _html(header, rows, reference, notes, png).encode()}
-    paths = {"csv": out_dir / CSV_FILE, "md": out_dir / MD_FILE, "png": out_dir / PNG_FILE, "html": out_dir / HTML_FILE}
+                "html": _html(header, rows, reference, notes, png).encode(),
+                "json": json.dumps({"compared": [str(folder.resolve()) for folder in compared]}, indent=2).encode()}
+    paths = {"csv": out_dir / CSV_FILE, "md": out_dir / MD_FILE, "png": out_dir / PNG_FILE, "html": out_dir / HTML_FILE,
+             "json": out_dir / SOURCES_FILE}
     for kind, path in paths.items():
         with atomic_path(path) as tmp:
             tmp.write_bytes(contents[kind])
     return paths
 
 
-def _checked(entries: Sequence[LeaderboardEntry], reference: str) -> list[LeaderboardEntry]:
+def holds_leaderboard(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in (CSV_FILE, MD_FILE, HTML_FILE, SOURCES_FILE))
+
+
+def compared_folders(folder: Path) -> set[str] | None:
+    """The folders (absolute) whose leaderboard ``folder`` holds; None when it does not say (none there, or
+    written before this was recorded)."""
+    if not (folder / SOURCES_FILE).is_file():
+        return None
+    data = read_json(folder / SOURCES_FILE)
+    return set(data["compared"]) if isinstance(data, dict) and isinstance(data.get("compared"), list) else None
+
+
+def _checked(entries: Sequence[LeaderboardEntry], reference: str,
+             unscored: Sequence[UnscoredEntry]) -> list[LeaderboardEntry]:
     """The entries sorted by mean IoU, best first (stable), after checking names and reference."""
-    names = [entry.name for entry in entries]
+    names = [entry.name for entry in (*entries, *unscored)]
     if not entries:
         raise ValueError("no entries to put on the leaderboard")
     if len(set(names)) != len(names):
         raise ValueError(f"entry names must be unique: {names}")
-    if reference not in names:
+    if reference not in [entry.name for entry in entries]:
         raise ValueError(f"reference {reference!r} is not an entry name: {names}")
     return sorted(entries, key=lambda entry: -entry.mean_iou)
 
 
-def _field_columns(entries: list[LeaderboardEntry]) -> dict[str, str]:
+def _field_columns(entries: Sequence[LeaderboardEntry | UnscoredEntry]) -> dict[str, str]:
     """Differing config field → its column name, ``config_`` prefixed where it would clash with a score column
     (the config's ``epochs`` is the plan; the leaderboard's is what was done)."""
     fields = dict.fromkeys(field for entry in entries for field in entry.differing)
@@ -114,7 +146,8 @@ def _verdict(entry: LeaderboardEntry, reference: str) -> str:
     return "reference" if entry.name == reference else "not compared"
 
 
-def _csv_text(entries: list[LeaderboardEntry], fields: dict[str, str], reference: str) -> str:
+def _csv_text(entries: list[LeaderboardEntry], unscored: Sequence[UnscoredEntry], fields: dict[str, str],
+              reference: str) -> str:
     """One row per entry; floats in full precision (``repr``), empty cells where not applicable."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["name", *fields.values(), *METRIC_COLUMNS])
@@ -130,16 +163,21 @@ def _csv_text(entries: list[LeaderboardEntry], fields: dict[str, str], reference
             **({} if c is None else {"diff_vs_reference": c.mean_difference, "ci_low": c.ci_low,
                                      "ci_high": c.ci_high, "p_value": c.p_value, "p_adjusted": c.p_adjusted}),
             "verdict": _verdict(entry, reference)})  # missing keys are written as empty cells
+    for other in unscored:
+        writer.writerow({"name": other.name, "verdict": other.verdict,
+                         **{column: other.differing.get(field, "") for field, column in fields.items()}})
     return buffer.getvalue()
 
 
-def _table(entries: list[LeaderboardEntry], fields: dict[str, str],
+def _table(entries: list[LeaderboardEntry], unscored: Sequence[UnscoredEntry], fields: dict[str, str],
            reference: str) -> tuple[list[str], list[list[Cell]]]:
-    """Header and rows shared by the Markdown and the HTML table."""
+    """Header and rows shared by the Markdown and the HTML table (an unscored entry: a dash for each number)."""
     header = ["name", *fields.values(), "mean IoU", "Dice", "boundary F", "pooled IoU", "epochs", "training (s)",
               f"Δ IoU vs {reference} [95% CI]", "p", "p Holm", "verdict"]
     rows = [[Cell(entry.name), *(Cell(entry.differing.get(field, "")) for field in fields), *_score_cells(entry),
              *_comparison_cells(entry.comparison), _verdict_cell(_verdict(entry, reference))] for entry in entries]
+    rows += [[Cell(other.name), *(Cell(other.differing.get(field, "")) for field in fields),
+              *[Cell("—", css="num")] * 9, Cell(other.verdict, css="verdict unscored")] for other in unscored]
     return header, rows
 
 
@@ -191,7 +229,8 @@ def _html_cell(cell: Cell) -> str:
 def _html(header: list[str], rows: list[list[Cell]], reference: str, notes: Sequence[str], png: bytes) -> str:
     """``leaderboard.html``: one self-contained page (inline CSS, embedded PNG, no script, no network)."""
     head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
-    body = "".join(('<tr class="reference">' if row[0].text == reference else "<tr>")
+    body = "".join(('<tr class="reference">' if row[0].text == reference else
+                    '<tr class="unscored">' if "unscored" in row[-1].css else "<tr>")
                    + "".join(_html_cell(cell) for cell in row) + "</tr>" for row in rows)
     items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
     image = base64.b64encode(png).decode("ascii")

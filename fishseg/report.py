@@ -24,12 +24,12 @@ from PIL import Image
 from sklearn.decomposition import PCA
 
 from fishseg.runs import ANALYSIS_FILES, CURVE_FILES, EPOCHS_CSV, GALLERY_FILES, REPORT_HTML, REPORT_MD
-from fishseg.runtime import atomic_path
+from fishseg.runtime import atomic_path, plural
 
 DPI = 100
 GALLERY_RANDOM, GALLERY_EXTREMES, PCA_EXAMPLES = 20, 5, 4
-GALLERY_TITLES = {"random": "random validation images", "best": "best validation images by IoU",
-                  "worst": "worst validation images by IoU"}
+GALLERY_TITLES = {"random": ("random validation image", ""), "best": ("best validation image", " by IoU"),
+                  "worst": ("worst validation image", " by IoU")}  # (noun, what follows the count and noun)
 OVERLAY_COLOURS = {  # region → (colour name for the legend, RGB)
     "true positive": ("green", (46, 204, 64)),
     "false positive": ("red", (255, 65, 54)),
@@ -151,7 +151,7 @@ def _histogram_figure(ious: np.ndarray) -> Figure:
     axes.hist(ious, bins=np.linspace(0, 1, 41), color=TRAIN_COLOUR, edgecolor="white")
     axes.axvline(ious.mean(), color="black", label=f"mean {fmt(ious.mean())}")
     axes.axvline(np.median(ious), color="black", ls="--", label=f"median {fmt(np.median(ious))}")
-    axes.set(title=f"IoU over {len(ious)} validation images", xlabel="IoU (threshold 0.5)", ylabel="images")
+    axes.set(title=f"IoU over {plural(len(ious), 'validation image')}", xlabel="IoU (threshold 0.5)", ylabel="images")
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend(loc="upper left")
     return figure
@@ -308,7 +308,8 @@ def write_figures(out_dir: Path, data: ReportData) -> dict[str, str]:
         _save(figure, out_dir / ANALYSIS_FILES[key])
         files[key] = ANALYSIS_FILES[key]
     for key, examples in data.galleries.items():
-        _save(_gallery_figure(examples, f"{len(examples)} {GALLERY_TITLES[key]}"), out_dir / GALLERY_FILES[key])
+        noun, rest = GALLERY_TITLES[key]
+        _save(_gallery_figure(examples, plural(len(examples), noun) + rest), out_dir / GALLERY_FILES[key])
         files[f"gallery_{key}"] = GALLERY_FILES[key]
     return files
 

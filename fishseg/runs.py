@@ -24,7 +24,10 @@ A run folder (``train --out RUN``):
   ``fishseg.report``); removed when the run is replaced or trains on, since it would describe another run.
 
 A cross-validation folder holds ``cv.json`` and one run folder per fold (``fold-k``); a sweep folder holds
-``sweep.json`` and one run or cross-validation folder per config.
+``sweep.json`` and one run or cross-validation folder per config. ``sweep.json`` records the cache (its path
+absolute), the grid, the configs and, under ``failed``, the configs whose training failed with the reason
+(a rerun skips them unless asked to retry). A folder holds one kind (``folder_kind``): no command writes a
+run into a cross-validation or sweep folder, or the other way round.
 """
 
 from __future__ import annotations
@@ -494,9 +497,39 @@ def holds_sweep(folder: Path) -> bool:
     return (folder / SWEEP_FILE).is_file()
 
 
+RUN_KIND, CV_KIND, SWEEP_KIND = "run", "cross-validation", "sweep"
+_KIND_FILES = ((SWEEP_KIND, SWEEP_FILE), (CV_KIND, CV_FILE), (RUN_KIND, RUN_FILE))
+
+
+def folder_kind(folder: Path) -> str | None:
+    """What ``folder`` holds: a run, a cross-validation, a sweep, or None (nothing of fishseg's)."""
+    return next((kind for kind, name in _KIND_FILES if (folder / name).is_file()), None)
+
+
+def require_kind(folder: Path, wanted: str) -> None:
+    """Refuse to write a ``wanted`` into a folder that holds another kind: --overwrite replaces a run by a run,
+    never a sweep or a cross-validation by a run (their results would be orphaned and misread)."""
+    kind = folder_kind(folder)
+    if kind not in (None, wanted):
+        name = dict(_KIND_FILES)[kind]
+        raise FishsegError(f"{folder}: holds a {kind} ({name}), not a {wanted}; use another --out, or remove the "
+                           f"folder first")
+
+
 def read_sweep(sweep_dir: Path) -> dict[str, Any]:
     return _read_folder_file(sweep_dir / SWEEP_FILE, ("cache", "grid", "configs"), "sweep record")
 
 
 def write_sweep(sweep_dir: Path, sweep: dict[str, Any]) -> None:
     write_json(sweep_dir / SWEEP_FILE, sweep)
+
+
+def failed_configs(sweep: dict[str, Any]) -> dict[str, str]:
+    """Config name → why its training failed, as ``sweep.json`` records it (older sweeps record none)."""
+    return dict(sweep.get("failed", {}))
+
+
+def record_failed_config(sweep_dir: Path, name: str, reason: str) -> None:
+    """Add the failure of config ``name`` to ``sweep.json``, at once, so that it outlives a later Ctrl-C."""
+    sweep = read_sweep(sweep_dir)
+    write_sweep(sweep_dir, {**sweep, "failed": {**failed_configs(sweep), name: reason}})

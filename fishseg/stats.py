@@ -5,6 +5,11 @@ Every run is scored on the same validation images, so each image gives one paire
 the differences between decoders, so the bootstrap interval and the Wilcoxon test use the differences
 alone. Several entries checked against one reference form a family: Holm–Bonferroni keeps the chance of
 any false "better" at ``alpha`` (with more power than plain Bonferroni).
+
+Cross-validation entries are means of fold means (as ``cv.json`` says); with ``groups`` (each image's fold)
+the mean difference is taken on the same basis, the mean over folds of each fold's mean difference, and the
+bootstrap resamples images within their fold, so Δ is exactly the difference of the shown means even when the
+folds differ in size.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ class PairedComparison:
     """One entry against the reference, over the images both were scored on."""
 
     n: int  # images paired
-    mean_difference: float  # mean over images of (entry − reference)
+    mean_difference: float  # mean over images of (entry − reference); with groups, the mean of group means
     ci_low: float  # 95% paired bootstrap percentile interval of the mean difference
     ci_high: float
     p_value: float  # two-sided Wilcoxon signed-rank; 1.0 when every difference is 0
@@ -33,17 +38,20 @@ class PairedComparison:
     verdict: str  # "better" | "worse" | "no detectable difference (n=…)"
 
 
-def paired_bootstrap_ci(differences: np.ndarray, *, confidence: float = 0.95, resamples: int = 10_000,
-                        seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``differences`` (n per-image differences).
+def paired_bootstrap_ci(differences: np.ndarray, *, groups: np.ndarray | None = None, confidence: float = 0.95,
+                        resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``differences`` (n per-image differences), or with
+    ``groups`` (n labels) of the mean of group means.
 
-    Images are resampled with replacement, ``resamples`` times; the draws depend only on ``seed``,
-    ``resamples`` and n, so the same inputs give the same interval.
+    Images are resampled with replacement (within their group), ``resamples`` times; the draws depend only
+    on ``seed``, ``resamples`` and the group sizes, so the same inputs give the same interval.
     """
     differences = _as_differences(differences)
-    rng, n = np.random.default_rng(seed), len(differences)
+    rng, members = np.random.default_rng(seed), _members(groups, len(differences))
     blocks = [min(BOOTSTRAP_BLOCK, resamples - start) for start in range(0, resamples, BOOTSTRAP_BLOCK)]
-    means = np.concatenate([differences[rng.integers(0, n, size=(rows, n))].mean(axis=1) for rows in blocks])
+    means = np.concatenate([
+        np.mean([differences[group][rng.integers(0, len(group), size=(rows, len(group)))].mean(axis=1)
+                 for group in members], axis=0) for rows in blocks])
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
@@ -76,10 +84,11 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted.tolist()
 
 
-def compare_to_reference(scores: Mapping[str, np.ndarray], reference: str, *, alpha: float = 0.05,
-                         resamples: int = 10_000, seed: int = 0) -> dict[str, PairedComparison]:
+def compare_to_reference(scores: Mapping[str, np.ndarray], reference: str, *, groups: np.ndarray | None = None,
+                         alpha: float = 0.05, resamples: int = 10_000, seed: int = 0) -> dict[str, PairedComparison]:
     """Compare every entry of ``scores`` (name → per-image scores, all aligned on the same n images)
-    with ``scores[reference]``; Holm is applied over the entries other than the reference.
+    with ``scores[reference]``; Holm is applied over the entries other than the reference. ``groups``: each
+    image's cross-validation fold, when the entries' means are means of fold means.
 
     Returns name → comparison for every entry but the reference, in the order of ``scores``.
     """
@@ -91,15 +100,29 @@ def compare_to_reference(scores: Mapping[str, np.ndarray], reference: str, *, al
     base = np.asarray(scores[reference], dtype=np.float64)
     differences = {name: np.asarray(values, dtype=np.float64) - base
                    for name, values in scores.items() if name != reference}
-    intervals = {name: paired_bootstrap_ci(d, resamples=resamples, seed=seed) for name, d in differences.items()}
+    intervals = {name: paired_bootstrap_ci(d, groups=groups, resamples=resamples, seed=seed)
+                 for name, d in differences.items()}
     p_values = {name: wilcoxon_p(d) for name, d in differences.items()}
     adjusted = dict(zip(differences, holm(list(p_values.values()))))
-    return {name: _comparison(d, intervals[name], p_values[name], adjusted[name], alpha)
+    members = _members(groups, len(base))
+    return {name: _comparison(d, members, intervals[name], p_values[name], adjusted[name], alpha)
             for name, d in differences.items()}
 
 
-def _comparison(differences: np.ndarray, interval: tuple[float, float], p_value: float, p_adjusted: float,
-                alpha: float) -> PairedComparison:
+def _members(groups: np.ndarray | None, n: int) -> list[np.ndarray]:
+    """The image positions of each group, in the order of first appearance (one group of all n without
+    ``groups``)."""
+    if groups is None:
+        return [np.arange(n)]
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"expected one group label per difference ({n}), got shape {groups.shape}")
+    _, first = np.unique(groups, return_index=True)
+    return [np.flatnonzero(groups == groups[index]) for index in sorted(first)]
+
+
+def _comparison(differences: np.ndarray, members: list[np.ndarray], interval: tuple[float, float], p_value: float,
+                p_adjusted: float, alpha: float) -> PairedComparison:
     low, high = interval
     if low > 0 and p_adjusted < alpha:
         verdict = "better"
@@ -107,7 +130,8 @@ def _comparison(differences: np.ndarray, interval: tuple[float, float], p_value:
         verdict = "worse"
     else:
         verdict = f"no detectable difference (n={len(differences)})"
-    return PairedComparison(len(differences), float(differences.mean()), low, high, p_value, p_adjusted, verdict)
+    mean = float(np.mean([differences[group].mean() for group in members]))
+    return PairedComparison(len(differences), mean, low, high, p_value, p_adjusted, verdict)
 
 
 def _as_differences(differences: np.ndarray) -> np.ndarray:

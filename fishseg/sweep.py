@@ -2,7 +2,10 @@
 
 The cache is opened and loaded once; each config trains into ``OUT/<name>`` (a run folder, or a
 cross-validation folder with ``--cv``) named by the fields that vary, e.g. ``decoder=linear,lr=0.0003``.
-Running the same sweep again skips finished configs and resumes interrupted ones.
+Running the same sweep again skips finished configs and resumes interrupted ones. A config whose training
+fails (a non-finite loss, say) is recorded as failed in ``sweep.json`` and the sweep goes on; a rerun skips it
+unless asked to retry. Before training, the sweep says how many configs it will train and about how long that
+takes, and asks before starting more than ``CONFIRM_ABOVE``.
 """
 
 from __future__ import annotations
@@ -19,23 +22,27 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from fishseg import __version__
 from fishseg.cache import FeatureCache
 from fishseg.compare import Leaderboard, run_compare
-from fishseg.config import TrainConfig, value_text
+from fishseg.config import TrainConfig, format_layers, value_text
 from fishseg.crossval import cross_validate, plan_cross_validation
-from fishseg.decoders import uses_image
+from fishseg.decoders import build_decoder, uses_image
 from fishseg.errors import FishsegError
 from fishseg.evaluate import evaluate_run, write_scores
-from fishseg.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, RunRecord, differing_fields, holds_cv, holds_run,
-                          holds_sweep, read_cv, read_record, read_sweep, write_sweep)
+from fishseg.leaderboard import holds_leaderboard
+from fishseg.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, SWEEP_KIND, RunRecord, differing_fields, failed_configs,
+                          holds_cv, holds_run, holds_sweep, read_cv, read_record, read_sweep, record_failed_config,
+                          require_kind, write_sweep)
 from fishseg.runtime import make_output_dir, plural, resolve_device
-from fishseg.train import EpochCallback, TrainingData, plan_run, train_run
+from fishseg.train import (EpochCallback, TrainingData, check_cache, fused_option, plan_run, run_epoch,
+                           train_run)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 Grid = dict[str, tuple[Any, ...]]
 QUIET_DURING_SWEEP = ("fishseg.train", "fishseg.crossval")  # per-epoch tables would bury the progress lines
+FOLDS_KEYS = ("cv", "folds")  # a grid file's name for --cv (one value: every config validates on the same folds)
+CONFIRM_ABOVE = 50  # configs to train beyond which a sweep asks before it starts (or needs --yes)
+TIMED_STEPS = 3  # training steps timed per decoder for the estimate, after an untimed one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +67,14 @@ class SweepConfig:
 @dataclasses.dataclass(frozen=True)
 class SweepResult:
     configs: int
-    trained: int  # configs that trained in this session (the others were finished already)
+    trained: int  # configs that trained in this session, failed ones included (the others were finished or failed)
     wall_seconds: float
     startup_seconds: float  # of the wall time, torch's one-time lazy imports (any training process pays them)
     epoch_seconds: float  # spent inside epochs, summed over the jobs
     leaderboard: Leaderboard
     jobs: int = 1  # configs trained at a time
+    failed: Mapping[str, str] = dataclasses.field(default_factory=dict)  # config → why, this session's or before
+    failed_now: int = 0  # of the configs trained in this session, those that failed
 
     @property
     def inside_epochs(self) -> float:
@@ -76,29 +88,103 @@ class SweepResult:
         slots = "" if self.jobs == 1 else f" (of {self.jobs} jobs' time)"
         share = (f" ({self.startup_seconds:.1f} s of it torch start-up), {self.inside_epochs:.0%} of the rest{slots} "
                  f"inside epochs" if self.trained else "")
-        return (f"{plural(self.configs, 'config')} ({self.trained} trained now) in {self.wall_seconds:.1f} s{share}"
-                f"\n{self.leaderboard.summary()}")
+        failed = (f"\n{plural(len(self.failed), 'config')} failed, listed without scores (run again with "
+                  f"--retry-failed to try again): " + "; ".join(f"{name} ({why})" for name, why in self.failed.items())
+                  if self.failed else "")
+        now = f"{self.trained} trained now" + (f", {self.failed_now} of them failed" if self.failed_now else "")
+        return (f"{plural(self.configs, 'config')} ({now}) in {self.wall_seconds:.1f} s{share}"
+                f"{failed}\n{self.leaderboard.summary()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """What a sweep is about to train, said before it starts."""
+
+    configs: int
+    to_train: int
+    finished: int
+    failed: int  # configs that failed in an earlier session and are skipped
+    seconds: float | None  # estimated training time of the configs to train; None when there are none
+
+    @property
+    def needs_confirmation(self) -> bool:
+        return self.to_train > CONFIRM_ABOVE
+
+    def describe(self) -> str:
+        skipped = f", {self.failed} failed before (--retry-failed retries them)" if self.failed else ""
+        estimate = ("" if self.seconds is None else
+                    f"; about {_duration(self.seconds)} of training, one config at a time (from {TIMED_STEPS} timed "
+                    f"training steps per decoder; validation, scoring and checkpoints not counted)")
+        return (f"{plural(self.configs, 'config')}: {self.to_train} to train, {self.finished} finished already"
+                f"{skipped}{estimate}")
+
+
+def _duration(seconds: float) -> str:
+    """E.g. 40 s, 12 min, 3.5 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+def _train_images(config: TrainConfig, images: int) -> float:
+    """Images in one epoch's training pass: (K−1)/K of the cache for a K-fold config, else 1 − val_fraction."""
+    return images * ((config.folds - 1) / config.folds if config.folds else 1 - config.val_fraction)
+
+
+def estimate_seconds(todo: Sequence[SweepConfig], images: int, seconds_per_image: Mapping[str, float]) -> float:
+    """Training time of ``todo`` from the measured seconds per training image of each decoder: every epoch of
+    every fold, one config at a time (an upper bound for configs that resume)."""
+    return sum(entry.config.epochs * max(entry.config.folds, 1) * _train_images(entry.config, images)
+               * seconds_per_image[entry.config.decoder] for entry in todo)
+
+
+def seconds_per_image(data: TrainingData, config: TrainConfig, device: torch.device) -> float:
+    """Seconds per training image of ``config``'s decoder, batch size and layers, from TIMED_STEPS training
+    steps on the opened data (after one untimed step, which pays the first call's set-up). Learning rate 0, so
+    no config can diverge here; the global random state is left as it was."""
+    layers = check_cache(data.cache, config)
+    guides = uses_image(config.decoder)
+    count = min(len(data.cache), TIMED_STEPS * config.batch_size)
+    first, timed = (data.split(np.arange(size), layers, guides=guides) for size in (min(count, config.batch_size),
+                                                                                   count))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        decoder = build_decoder(config.decoder, len(layers) * data.cache.backbone.feature_dim).to(device)
+        optimizer = torch.optim.AdamW(decoder.parameters(), lr=0.0, **fused_option(device))
+        generator = torch.Generator().manual_seed(0)
+        run_epoch(decoder, first, config.batch_size, device, optimizer, generator, loss=config.loss)
+        started = time.perf_counter()
+        run_epoch(decoder, timed, config.batch_size, device, optimizer, generator, loss=config.loss)
+        return (time.perf_counter() - started) / count
 
 
 def read_grid_file(path: Path, fields: Sequence[str]) -> Grid:
-    """``field = value`` or ``field = [values]`` from a TOML file; names may use - or _."""
+    """``field = value`` or ``field = [values]`` from a TOML file; names may use - or _. ``cv = K`` (or
+    ``folds``) is read as ``folds``: one value, since configs of other folds would not compare."""
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FishsegError(f"{path}: file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError as error:
         raise FishsegError(f"{path}: not valid TOML ({error})") from None
-    grid = {key.replace("-", "_"): tuple(value) if isinstance(value, list) else (value,)
-            for key, value in table.items()}
-    if len(grid) < len(table):
-        raise FishsegError(f"{path}: a field is given twice (once with - and once with _); keep one")
-    unknown = sorted(set(grid) - set(fields))
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        twice = _repeated([match.group(1) for match in re.finditer(r"^\s*([\w-]+)\s*=", text, re.M)])
+        raise FishsegError(f"{path}: {_given_twice(twice)}" if twice else f"{path}: not valid TOML ({error})") from None
+    twice = _repeated(list(table))
+    if twice:
+        raise FishsegError(f"{path}: {_given_twice(twice)}")
+    grid = {_field(key): tuple(value) if isinstance(value, list) else (value,) for key, value in table.items()}
+    unknown = sorted(set(grid) - {*fields, "folds"})
     if unknown:
         raise FishsegError(f"{path}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                           f"known: {', '.join(fields)}")
+                           f"known: {', '.join(fields)}, cv")
     empty = [field for field, values in grid.items() if not values]
     if empty:
         raise FishsegError(f"{path}: {', '.join(empty)} has no values")
+    if len(grid.get("folds", ())) > 1:
+        raise FishsegError(f"{path}: cv takes one value (every config validates on the same folds, so that they "
+                           f"compare); run one sweep per K")
     for field, values in grid.items():
         for value in values:
             try:
@@ -106,6 +192,25 @@ def read_grid_file(path: Path, fields: Sequence[str]) -> Grid:
             except FishsegError as error:
                 raise FishsegError(f"{path}: {error}") from None
     return grid
+
+
+def _field(key: str) -> str:
+    """The TrainConfig field a grid file's key names."""
+    field = key.replace("-", "_")
+    return "folds" if field in FOLDS_KEYS else field
+
+
+def _repeated(keys: list[str]) -> list[str]:
+    """The keys of the first field written more than once (batch-size and batch_size are one field)."""
+    fields = [_field(key) for key in keys]
+    twice = next((field for field in fields if fields.count(field) > 1), None)
+    return [key for key, field in zip(keys, fields) if field == twice]
+
+
+def _given_twice(keys: list[str]) -> str:
+    spellings = sorted(set(keys))
+    return (f"the field {_field(keys[0])} is given twice"
+            + (f" (as {' and '.join(spellings)})" if len(spellings) > 1 else "") + "; keep one")
 
 
 def expand_grid(grid: Grid, folds: int = 0) -> list[SweepConfig]:
@@ -152,10 +257,23 @@ def _check_folder(out_dir: Path, entry: SweepConfig, cache: FeatureCache) -> boo
 def _check_sweep_folder(out_dir: Path, cache: FeatureCache) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FishsegError(f"{out_dir}: exists and is not a folder")
-    if holds_run(out_dir) or holds_cv(out_dir):
-        raise FishsegError(f"{out_dir}: holds a run, not a sweep; use another --out")
+    require_kind(out_dir, SWEEP_KIND)
     if holds_sweep(out_dir):
         cache.require(read_sweep(out_dir)["cache"], out_dir / SWEEP_FILE)
+    elif holds_leaderboard(out_dir):  # of a `compare`: the sweep's own would replace it
+        raise FishsegError(f"{out_dir}: holds the leaderboard of a compare; use another --out, or remove it first")
+
+
+def _check_layer_sets(layer_sets: Sequence[Sequence[int]], cache: FeatureCache) -> None:
+    """Layer sets that name the same cached blocks (-1 and 2 of a 2-block backbone; all and the one block
+    cached) would train one config twice: refused like any value listed twice."""
+    seen: dict[tuple[int, ...], str] = {}
+    for layers in layer_sets:
+        blocks = cache.select_layers(layers)
+        if blocks in seen:
+            raise FishsegError(f"sweep value layers lists {seen[blocks]} and {value_text(layers)}, the same blocks "
+                               f"({format_layers(blocks)}) of {cache.path}; list each once")
+        seen[blocks] = value_text(layers)
 
 
 def _check_same_grid(out_dir: Path, configs: list[SweepConfig]) -> None:
@@ -165,7 +283,7 @@ def _check_same_grid(out_dir: Path, configs: list[SweepConfig]) -> None:
     recorded = [config["name"] for config in read_sweep(out_dir)["configs"]]
     names = [entry.name for entry in configs]
     if recorded != names:
-        raise FishsegError(f"{out_dir}: holds a sweep of another grid ({len(recorded)} configs: "
+        raise FishsegError(f"{out_dir}: holds a sweep of another grid ({plural(len(recorded), 'config')}: "
                            f"{', '.join(recorded[:3])}{', …' if len(recorded) > 3 else ''}); run that sweep again to "
                            f"continue it, or use another --out (`fishseg compare` puts both sweeps side by side)")
 
@@ -184,10 +302,13 @@ def _quiet(names: Sequence[str]) -> Iterator[None]:
 
 
 def run_sweep(cache_path: Path, out_dir: Path, grid: Grid, *, folds: int = 0, device: str = "auto",
-              stream: bool | None = None, jobs: int = 1) -> SweepResult:
+              stream: bool | None = None, jobs: int = 1, retry_failed: bool = False,
+              confirm: Callable[[SweepPlan], None] | None = None) -> SweepResult:
     """Train (or resume, or skip) every config of the grid, score each, and write the leaderboard into
-    ``out_dir``. Everything that would be refused is checked before anything is trained. ``jobs`` configs
-    train at a time on the one device, sharing the one copy of the cache."""
+    ``out_dir``. Everything that would be refused is checked before anything is trained, and ``confirm`` (by
+    default a log line) sees the plan before anything is written: it may raise to stop. ``jobs`` configs train
+    at a time on the one device, sharing the one copy of the cache. Configs that failed before are skipped
+    unless ``retry_failed``."""
     if jobs < 1:
         raise FishsegError(f"--jobs {jobs}: give 1 or more configs to train at a time")
     started = time.perf_counter()
@@ -196,23 +317,36 @@ def run_sweep(cache_path: Path, out_dir: Path, grid: Grid, *, folds: int = 0, de
     with FeatureCache(cache_path) as cache:
         _check_sweep_folder(out_dir, cache)
         _check_same_grid(out_dir, configs)
+        _check_layer_sets(grid.get("layers", ()), cache)
+        failed = {} if retry_failed or not holds_sweep(out_dir) else failed_configs(read_sweep(out_dir))
         finished = {entry.name for entry in configs if _check_folder(out_dir, entry, cache)}
-        make_output_dir(out_dir)
-        write_sweep(out_dir, {"fishseg_version": __version__, "cache": cache.summary(), "folds": folds,
-                              "grid": {field: list(values) for field, values in grid.items()},
-                              "configs": [{"name": entry.name, "train_config": dataclasses.asdict(entry.config)}
-                                          for entry in configs]})
-        todo = [entry for entry in configs if entry.name not in finished]
-        epoch_seconds, startup_seconds = 0.0, 0.0
+        todo = [entry for entry in configs if entry.name not in finished and entry.name not in failed]
+        epoch_seconds, startup_seconds, estimate, data = 0.0, 0.0, None, None
         if todo:
             startup_seconds = _torch_startup()
             data = TrainingData.open(cache, stream, guides=any(uses_image(entry.config.decoder) for entry in todo),
                                      device=torch_device)
+            first = {entry.config.decoder: entry.config for entry in reversed(todo)}  # each decoder's first config
+            estimate = estimate_seconds(todo, len(cache), {decoder: seconds_per_image(data, config, torch_device)
+                                                           for decoder, config in first.items()})
+        (confirm or _log_plan)(SweepPlan(len(configs), len(todo), len(finished - set(failed)), len(failed), estimate))
+        make_output_dir(out_dir)
+        recorded_cache = {**cache.summary(), "path": str(cache.path.resolve())}  # as run.json: found from anywhere
+        write_sweep(out_dir, {"fishseg_version": __version__, "cache": recorded_cache, "folds": folds,
+                              "grid": {field: list(values) for field, values in grid.items()},
+                              "configs": [{"name": entry.name, "train_config": dataclasses.asdict(entry.config)}
+                                          for entry in configs], "failed": failed})
+        if data is not None:
             with _quiet(QUIET_DURING_SWEEP):
                 epoch_seconds = _train_all(data, out_dir, todo, torch_device, started, jobs)
     leaderboard = run_compare([out_dir], out_dir, cache_path=cache_path, device=device)
+    all_failed = failed_configs(read_sweep(out_dir))
     return SweepResult(len(configs), len(todo), time.perf_counter() - started, startup_seconds, epoch_seconds,
-                       leaderboard, jobs)
+                       leaderboard, jobs, all_failed, len(all_failed) - len(failed))
+
+
+def _log_plan(plan: SweepPlan) -> None:
+    logger.info(plan.describe())
 
 
 def _torch_startup() -> float:
@@ -244,6 +378,9 @@ def _train_all(data: TrainingData, out_dir: Path, todo: list[SweepConfig], devic
             raise
 
 
+_SWEEP_RECORD = threading.Lock()  # concurrent jobs add their failures to sweep.json one at a time
+
+
 def _job_stream(device: torch.device) -> contextlib.AbstractContextManager:
     """A CUDA stream of the job's own, so that concurrent jobs' kernels can overlap; nothing on the CPU."""
     return torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
@@ -265,8 +402,13 @@ def _train_entry(data: TrainingData, out_dir: Path, entry: SweepConfig, position
             if stop is not None and stop.is_set() and record.status != FINISHED:
                 raise KeyboardInterrupt
 
-        with _job_stream(device):
-            score = _train_and_score(data, folder, config, device, on_epoch)
+        try:
+            with _job_stream(device):
+                score = _train_and_score(data, folder, config, device, on_epoch)
+        except FishsegError as error:  # this config's own failure (Ctrl-C is no FishsegError: it stops the sweep)
+            with _SWEEP_RECORD:
+                record_failed_config(out_dir, entry.name, str(error))
+            score = f"FAILED, {error}"
     elapsed = time.perf_counter() - started
     left = elapsed / position * (total - position)
     tqdm.write(f"[{position}/{total}] {entry.name}: {score} ({elapsed:.0f} s so far, about {left:.0f} s left)")

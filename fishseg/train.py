@@ -32,11 +32,11 @@ from fishseg.decoders import build_decoder, load_checkpoint, segment, uses_image
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.metrics import binarize, iou_per_image
-from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUNNING, SPLIT_FILE, RunRecord, check_resume_flags,
-                          clear_report, clear_run, commit_epoch, cut_history, differing_fields, history_entry,
-                          holds_run, is_locked, read_record, read_resume_state, read_split, split_digests,
-                          training_lock, verified, verify_files, write_checkpoint, write_record, write_resume_state,
-                          write_split)
+from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUN_KIND, RUNNING, SPLIT_FILE, RunRecord,
+                          check_resume_flags, clear_report, clear_run, commit_epoch, cut_history, differing_fields,
+                          history_entry, holds_run, is_locked, read_record, read_resume_state, read_split,
+                          require_kind, split_digests, training_lock, verified, verify_files, write_checkpoint,
+                          write_record, write_resume_state, write_split)
 from fishseg.resident import HeldSource, ResidentViews, fits_on_device, resident_bytes, upload
 from fishseg.runtime import (active_precision, autocast, available_memory, backward_step, require_same_precision,
                              resolve_device)
@@ -400,6 +400,7 @@ def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume:
     would lose or corrupt a run: an existing run without --resume or --overwrite, a resume with other
     settings or another cache, a folder another process is training into."""
     check_resume_flags(resume, overwrite)
+    require_kind(out_dir, RUN_KIND)
     check_cache(cache, config)
     if not holds_run(out_dir):
         if resume:

@@ -17,7 +17,7 @@ from fishseg.config import TrainConfig
 from fishseg.crossval import run_cross_validation
 from fishseg.evaluate import run_evaluation
 from fishseg.train import run_training
-from tests.helpers import write_toy_cache
+from tests.helpers import interrupt_at_pass, write_toy_cache
 
 QUICK = TrainConfig(epochs=2, batch_size=8, lr=3e-3, val_fraction=0.4)
 
@@ -164,5 +164,64 @@ def test_cross_validations_on_the_same_folds_are_one_entry_each(runs: dict[str, 
     assert entry.mean_iou_std == pytest.approx(np.std(fold_ious))
     comparison = next(entry.comparison for entry in board.entries if entry.comparison is not None)
     assert comparison.n == 100  # every image, validated once over the folds
+    other = next(entry for entry in board.entries if entry.comparison is not None)
+    best = next(entry for entry in board.entries if entry.comparison is None)
+    # folds of 34, 33 and 33 images: Δ on the basis of the shown means (means of fold means), to all digits
+    assert comparison.mean_difference == pytest.approx(other.mean_iou - best.mean_iou, rel=0, abs=1e-12)
     status, output = _invoke(tmp_path / "seed-cnn", runs["seed-cnn"], "--out", tmp_path / "mixed")
     assert status == 2 and "a single split vs cross-validation" in output, output
+
+
+def test_one_entry_is_one_entry(runs: dict[str, Path], tmp_path: Path) -> None:
+    status, output = _invoke(runs["seed-cnn"], "--out", tmp_path / "out", "--device", "cpu")
+    assert status == 0 and output.startswith("leaderboard of 1 entry: "), output
+    assert "- 1 entry on cache " in (tmp_path / "out" / "leaderboard.md").read_text()
+
+
+def test_a_leaderboard_never_replaces_one_of_other_folders(runs: dict[str, Path], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    pair = [runs["seed-cnn"], runs["linear"]]
+    assert _invoke(*pair, "--out", tmp_path / "board", "--device", "cpu")[0] == 0
+    before = (tmp_path / "board" / "leaderboard.csv").read_text()
+    status, output = _invoke(runs["seed-cnn"], "--out", tmp_path / "board", "--device", "cpu")
+    assert status == 2 and f"--out {tmp_path / 'board'}: holds the leaderboard of other folders (" in output, output
+    assert (tmp_path / "board" / "leaderboard.csv").read_text() == before
+    status, output = _invoke(*reversed(pair), "--out", tmp_path / "board", "--device", "cpu")
+    assert status == 0, output  # the same folders again: their own leaderboard, brought up to date
+
+    sweep = tmp_path / "sweep"
+    result = CliRunner().invoke(main, ["sweep", "--cache", str(runs["cache"]), "--out", str(sweep), "--lr", "3e-3",
+                                       "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    own = (sweep / "leaderboard.csv").read_text()
+    for folders, out in (([runs["linear"]], sweep), ([sweep, runs["linear"]], sweep),
+                         ([runs["linear"]], runs["seed-cnn"])):
+        status, output = _invoke(*folders, "--out", out, "--device", "cpu")
+        assert status == 2 and f"--out {out}: holds a " in output and "pass another --out" in output, output
+    assert (sweep / "leaderboard.csv").read_text() == own and not (runs["seed-cnn"] / "leaderboard.csv").exists()
+    assert _invoke(sweep, "--device", "cpu")[0] == 0  # the sweep alone: its own leaderboard
+
+    monkeypatch.chdir(tmp_path)  # the default ./compare follows the same rule
+    assert _invoke(*pair, "--device", "cpu")[0] == 0
+    status, output = _invoke(runs["linear"], sweep, "--device", "cpu")
+    assert status == 2 and "--out compare: holds the leaderboard of other folders" in output, output
+    result = CliRunner().invoke(main, ["sweep", "--cache", str(runs["cache"]), "--out", "compare", "--epochs", "1"])
+    assert result.exit_code == 2 and "compare: holds the leaderboard of a compare" in result.output, result.output
+
+
+def test_a_cross_validated_sweep_with_an_unfinished_config_shows_the_finished_ones(
+        runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sweep = tmp_path / "sweep"
+    interrupt_at_pass(monkeypatch, 5)  # config 1: folds 1-2 (4 passes), then config 2 stops in its first fold
+    args = ["sweep", "--cache", str(runs["cache"]), "--out", str(sweep), "--decoder", "seed-cnn,linear", "--epochs",
+            "1", "--batch-size", "8", "--cv", "2", "--device", "cpu"]
+    assert CliRunner().invoke(main, args).exit_code == 130
+    monkeypatch.undo()
+    status, output = _invoke(sweep, "--device", "cpu")
+    assert status == 0 and "leaderboard of 1 entry (and 1 unfinished, without scores)" in output, output
+    rows = _rows(sweep)
+    assert rows["decoder=seed-cnn"]["verdict"] == "reference" and rows["decoder=seed-cnn"]["folds"] == "2"
+    assert rows["decoder=linear"]["verdict"] == "unfinished: 0 of 2 folds trained"
+    assert "Not scored yet: decoder=linear (0 of 2 folds trained)." in (sweep / "leaderboard.md").read_text()
+    status, output = _invoke(sweep / "decoder=linear", "--out", tmp_path / "alone", "--device", "cpu")
+    assert status == 2 and "decoder=linear: 0 of 2 folds trained; nothing to compare" in output, output

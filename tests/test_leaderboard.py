@@ -54,7 +54,8 @@ def csv_rows(board: dict[str, Path]) -> list[dict[str, str]]:
 
 def test_every_file_is_written(board: dict[str, Path]) -> None:
     assert {kind: path.name for kind, path in board.items()} == {
-        "csv": "leaderboard.csv", "md": "leaderboard.md", "png": "val_iou_curves.png", "html": "leaderboard.html"}
+        "csv": "leaderboard.csv", "md": "leaderboard.md", "png": "val_iou_curves.png", "html": "leaderboard.html",
+        "json": "leaderboard.json"}
     assert not list(board["csv"].parent.glob(".*.tmp"))
     assert Image.open(board["png"]).size == (11 * DPI, int(4.5 * DPI))
 

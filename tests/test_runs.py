@@ -463,3 +463,36 @@ def test_a_resume_that_trains_on_or_an_overwrite_drops_the_old_report(stopped: t
     assert {path.name: path.read_bytes() for path in report.iterdir()} == written
     run_training(cache, run_dir, RECIPE, device="cpu", overwrite=True)
     assert sorted(path.name for path in report.iterdir()) == ["notes.txt"]
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A toy cache and one folder of each kind, each trained for real (1 epoch)."""
+    root = tmp_path_factory.mktemp("kinds")
+    cache = write_toy_cache(root / "toy.h5", n_images=12)
+    common = ["--cache", cache, "--epochs", 1, "--batch-size", 4, "--device", "cpu"]
+    for args in (["train", "--out", root / "run"], ["train", "--out", root / "cv", "--cv", 2],
+                 ["sweep", "--out", root / "sweep", "--decoder", "linear"]):
+        status, output = _invoke(*args, *common)
+        assert status == 0, output
+    return {"cache": cache, "run": root / "run", "cv": root / "cv", "sweep": root / "sweep"}
+
+
+@pytest.mark.parametrize("command, target, holds", [
+    (["train"], "cv", "holds a cross-validation (cv.json), not a run"),
+    (["train"], "sweep", "holds a sweep (sweep.json), not a run"),
+    (["train", "--overwrite"], "cv", "holds a cross-validation (cv.json), not a run"),
+    (["train", "--overwrite"], "sweep", "holds a sweep (sweep.json), not a run"),
+    (["train", "--cv", "2"], "run", "holds a run (run.json), not a cross-validation"),
+    (["train", "--cv", "2", "--overwrite"], "run", "holds a run (run.json), not a cross-validation"),
+    (["train", "--cv", "2"], "sweep", "holds a sweep (sweep.json), not a cross-validation"),
+    (["sweep"], "run", "holds a run (run.json), not a sweep"),
+    (["sweep"], "cv", "holds a cross-validation (cv.json), not a sweep"),
+])
+def test_a_folder_of_one_kind_refuses_the_commands_of_the_others(kinds: dict[str, Path], command: list[str],
+                                                                 target: str, holds: str) -> None:
+    before = _snapshot(kinds[target])
+    status, output = _invoke(*command, "--cache", kinds["cache"], "--out", kinds[target], "--epochs", 1,
+                             "--batch-size", 4, "--device", "cpu")
+    assert status == 2 and f"{kinds[target]}: {holds}; use another --out, or remove the folder first" in output, output
+    assert _snapshot(kinds[target]) == before

@@ -111,3 +111,18 @@ def test_mismatched_lengths_unknown_reference_and_bad_values_raise() -> None:
         compare_to_reference({"ref": np.zeros(40)}, "other")
     with pytest.raises(ValueError, match="finite"):
         compare_to_reference({"ref": np.zeros(3), "entry": np.array([0.1, np.nan, 0.2])}, "ref")
+
+
+def test_with_folds_the_difference_is_the_mean_of_fold_means() -> None:
+    rng = np.random.default_rng(3)
+    reference = rng.uniform(0.4, 0.9, 10)
+    entry = reference + np.r_[np.full(2, 0.10), np.full(8, 0.01)] + rng.normal(0, 0.005, 10)  # folds of 2 and 8
+    groups = np.r_[np.zeros(2, int), np.ones(8, int)]
+    differences = entry - reference
+    pooled = compare_to_reference({"ref": reference, "entry": entry}, "ref")["entry"]
+    folded = compare_to_reference({"ref": reference, "entry": entry}, "ref", groups=groups)["entry"]
+    assert pooled.mean_difference == pytest.approx(differences.mean(), abs=1e-15)  # over images (about 0.028)
+    by_folds = (differences[:2].mean() + differences[2:].mean()) / 2  # as the entries' means of fold means (0.055)
+    assert folded.mean_difference == pytest.approx(by_folds, abs=1e-15) and abs(by_folds - differences.mean()) > 0.02
+    assert folded.ci_low < by_folds < folded.ci_high and folded.n == 10
+    assert paired_bootstrap_ci(differences, groups=np.zeros(10)) == paired_bootstrap_ci(differences)

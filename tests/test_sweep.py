@@ -60,8 +60,13 @@ def test_a_grid_file_takes_lists_and_scalars_and_names_unknown_fields(tmp_path: 
         read_grid_file(values, ("decoder",))
     twice = tmp_path / "twice.toml"
     twice.write_text("batch_size = [4]\nbatch-size = [8]\n")
-    with pytest.raises(FishsegError, match="twice.toml: a field is given twice"):
+    with pytest.raises(FishsegError, match=r"twice.toml: the field batch_size is given twice \(as batch-size and "
+                                           r"batch_size\); keep one"):
         read_grid_file(twice, ("batch_size",))
+    literal = tmp_path / "literal.toml"
+    literal.write_text("lr = [1e-3]\nepochs = 2\nlr = [3e-4]\n")
+    with pytest.raises(FishsegError, match="literal.toml: the field lr is given twice; keep one"):
+        read_grid_file(literal, ("lr", "epochs"))
     bad = tmp_path / "bad.toml"
     bad.write_text('decoders = ["linear"]\nlearning_rate = 1\n')
     with pytest.raises(FishsegError, match="bad.toml: unknown fields decoders, learning_rate; known: decoder"):
@@ -201,3 +206,94 @@ def test_concurrent_jobs_give_the_results_of_one_config_at_a_time(tmp_path: Path
         assert share and 0 < int(share.group(1)) <= 100 and (jobs == "2") == ("2 jobs' time" in output), output
     assert _scores(tmp_path / "jobs-1") == _scores(tmp_path / "jobs-2")
     assert _sweep(cache, tmp_path / "bad", *GRID_ARGS, "--jobs", "0")[0] == 2
+
+
+def _board(sweep_dir: Path) -> dict[str, dict[str, str]]:
+    with (sweep_dir / "leaderboard.csv").open(newline="") as handle:
+        return {row["name"]: row for row in csv.DictReader(handle)}
+
+
+def test_a_failing_config_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=20)
+    args = ["--lr", "1e-3,1e6", "--epochs", "3", "--batch-size", "4"]
+    status, output = _sweep(cache, tmp_path / "sweep", *args)
+    assert status == 0, output
+    assert "1 config failed, listed without scores (run again with --retry-failed to try again): lr=1000000.0 (loss " \
+           "is NaN or infinite" in output
+    assert "leaderboard of 1 entry (and 1 failed, without scores): best lr=0.001" in output
+    assert "2 configs (2 trained now, 1 of them failed) in " in output
+    failed = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["failed"]
+    assert list(failed) == ["lr=1000000.0"] and "diverged" in failed["lr=1000000.0"]
+    board = _board(tmp_path / "sweep")
+    assert board["lr=0.001"]["verdict"] == "reference" and read_record(tmp_path / "sweep" / "lr=0.001").status == \
+        "finished"
+    assert board["lr=1000000.0"]["verdict"].startswith("failed: loss is NaN or infinite")
+    assert board["lr=1000000.0"]["mean_iou"] == "" and "Failed (not retried" in \
+        (tmp_path / "sweep" / "leaderboard.md").read_text()
+
+    status, output = _sweep(cache, tmp_path / "sweep", *args)
+    assert status == 0 and "2 configs: 0 to train, 1 finished already, 1 failed before" in output, output
+    assert "2 configs (0 trained now)" in output
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "sweep"), "--device", "cpu"])
+    assert result.exit_code == 0 and _board(tmp_path / "sweep")["lr=1000000.0"]["verdict"].startswith("failed")
+
+    status, output = _sweep(cache, tmp_path / "sweep", *args, "--retry-failed")
+    assert status == 0 and "2 configs: 1 to train, 1 finished already" in output and "1 config failed" in output
+
+
+def test_every_config_failing_ends_with_their_reasons(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
+    status, output = _sweep(cache, tmp_path / "sweep", "--lr", "1e6,1e7", "--epochs", "2", "--batch-size", "4")
+    assert status == 2 and "no runs to compare yet (lr=1000000.0: failed: loss is NaN" in output, output
+    assert "Traceback" not in output
+
+
+def test_the_plan_is_said_and_a_large_sweep_needs_a_yes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
+    seeds = ",".join(map(str, range(51)))
+    status, output = _sweep(cache, tmp_path / "sweep", "--seed", seeds, "--epochs", "1")
+    assert status == 2, output
+    assert output.startswith("51 configs: 51 to train, 0 finished already; about ") and "timed training steps" in output
+    assert output.endswith("Error: 51 configs to train, more than 50: add --yes to start them (there is no terminal "
+                           "to ask)\n")
+    assert not (tmp_path / "sweep").exists()
+    monkeypatch.setattr("fishseg.cli._interactive", lambda: True)
+    result = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(tmp_path / "sweep"), "--device",
+                                       "cpu", "--seed", seeds, "--epochs", "1"], input="n\n")
+    assert result.exit_code == 1 and "Train 51 configs? [y/N]: n\nAborted!" in result.output, result.output
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_the_estimate_counts_every_epoch_fold_and_training_image() -> None:
+    configs = expand_grid({"decoder": ("linear", "seed-cnn"), "epochs": (2,), "val_fraction": (0.25,)})
+    assert sweep_module.estimate_seconds(configs, 40, {"linear": 0.01, "seed-cnn": 0.1}) == pytest.approx(
+        2 * 30 * 0.01 + 2 * 30 * 0.1)
+    folded = expand_grid({"epochs": (3,)}, folds=4)
+    assert sweep_module.estimate_seconds(folded, 40, {"seed-cnn": 0.5}) == pytest.approx(3 * 4 * 30 * 0.5)
+    plan = sweep_module.SweepPlan(configs=60, to_train=51, finished=9, failed=0, seconds=5400)
+    assert plan.needs_confirmation and plan.describe().startswith("60 configs: 51 to train, 9 finished already; "
+                                                                  "about 1.5 h of training")
+    assert not sweep_module.SweepPlan(60, 50, 10, 0, 30).needs_confirmation
+
+
+def test_layer_sets_naming_the_same_blocks_are_refused(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=8)  # one block cached: block 1, the last
+    for layers, shown in (("-1/1", "-1 and 1"), ("all/-1", "all and -1")):
+        status, output = _sweep(cache, tmp_path / "sweep", "--layers", layers, "--epochs", "1")
+        assert status == 2 and f"sweep value layers lists {shown}, the same blocks (1) of " in output, output
+        assert not (tmp_path / "sweep").exists()
+
+
+def test_a_grid_file_gives_the_folds_and_the_cache_path_is_recorded_absolute(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_toy_cache(tmp_path / "toy.h5", n_images=12)
+    Path("grid.toml").write_text('cv = 2\ndecoder = "linear"\nepochs = 1\nbatch-size = 4\n')
+    status, output = _sweep(Path("toy.h5"), Path("sweep"), "--grid", "grid.toml")
+    assert status == 0, output
+    sweep = json.loads(Path("sweep/sweep.json").read_text())
+    assert sweep["folds"] == 2 and (tmp_path / "sweep" / "run" / "cv.json").is_file()
+    assert sweep["cache"]["path"] == str(tmp_path / "toy.h5") == read_record(Path("sweep/run/fold-1")).cache["path"]
+    Path("several.toml").write_text("folds = [2, 3]\n")
+    with pytest.raises(FishsegError, match="several.toml: cv takes one value"):
+        read_grid_file(Path("several.toml"), ("decoder",))
