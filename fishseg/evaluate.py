@@ -206,7 +206,8 @@ def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None,
     (unless ``report`` is False) the figures and pages. Returns the metrics."""
     out_dir = out_dir or run_dir / REPORT_DIR
     torch_device = resolve_device(device)
-    read_record(run_dir)  # a wrong --run is named before the cache is opened
+    record = read_record(run_dir)  # a wrong --run is named before the cache is opened
+    history = read_history(run_dir, record) if report else None  # a lost history before an hour of scoring
     with FeatureCache(cache_path) as cache:
         evaluation = evaluate_run(cache, run_dir, torch_device, batch_size=batch_size, full=report)
         if report:
@@ -216,7 +217,6 @@ def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None,
     make_output_dir(out_dir)
     write_scores(out_dir, evaluation)
     if report:
-        history = read_history(run_dir, evaluation.record)
         write_report(out_dir, ReportData(evaluation.metrics, evaluation.record.to_json(), history,
                                          evaluation.scores["iou"], galleries, pca_sample))
     logger.info("wrote %s", out_dir)

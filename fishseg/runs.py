@@ -174,17 +174,53 @@ def write_record(run_dir: Path, record: RunRecord) -> None:
     write_json(run_dir / RUN_FILE, record.to_json())
 
 
+EPOCH_KEYS = ("epoch", "train_loss", "train_loss_std", "train_iou", "train_iou_std", "val_loss", "val_loss_std",
+              "val_iou", "val_iou_std", "seconds")  # a row of history["epochs"] (train.epoch_summary)
+ITERATION_KEYS = ("epoch", "step", "loss", "iou")  # a row of history["iterations"][split]
+
+
 def read_history(run_dir: Path, record: RunRecord) -> dict[str, Any]:
     """The history of the record's finished epochs, from the journal of an unfinished run or from
-    history.json (either may be an epoch ahead of the record after a crash)."""
-    if (run_dir / HISTORY_JOURNAL).is_file():
-        history = _joined(_journal_entries(run_dir / HISTORY_JOURNAL))
-    else:
-        history = read_json(run_dir / HISTORY_FILE) if (run_dir / HISTORY_FILE).is_file() else empty_history()
-    done = record.epochs_done
+    history.json (either may be an epoch ahead of the record after a crash). A missing or malformed file is
+    refused naming it: the report's curves and epoch log are drawn from it, and must never be made up."""
+    done, path = record.epochs_done, _history_path(run_dir)
+    if path is None:
+        if not done:
+            return empty_history()
+        raise FishsegError(f"{run_dir}: {HISTORY_FILE} is missing (and no {HISTORY_JOURNAL}), though {RUN_FILE} "
+                           f"records {done} finished epochs; restore it (the run's curves and epoch log are drawn "
+                           f"from it), or train again with --overwrite")
+    history = _joined(_journal_entries(path), path) if path.name == HISTORY_JOURNAL else read_json(path)
+    problem = _history_problem(history, done)
+    if problem:
+        raise FishsegError(f"{path}: not a fishseg history ({problem}); restore it, or train again with --overwrite")
     return {"epochs": history["epochs"][:done],
-            "iterations": {split: [row for row in rows if row["epoch"] <= done]
-                           for split, rows in history["iterations"].items()}}
+            "iterations": {split: [row for row in history["iterations"][split] if row["epoch"] <= done]
+                           for split in SPLITS}}
+
+
+def _history_path(run_dir: Path) -> Path | None:
+    """The journal while it exists, else history.json, else None."""
+    return next((path for path in (run_dir / HISTORY_JOURNAL, run_dir / HISTORY_FILE) if path.is_file()), None)
+
+
+def _history_problem(history: Any, done: int) -> str | None:
+    """What is wrong with ``history`` as the history of ``done`` finished epochs, or None."""
+    if not isinstance(history, dict) or not isinstance(history.get("epochs"), list) \
+            or not isinstance(history.get("iterations"), dict):
+        return "it needs an object with epochs and iterations"
+    if len(history["epochs"]) < done:
+        return f"it holds {len(history['epochs'])} epochs, {RUN_FILE} records {done} finished"
+    tables = {"epochs": (history["epochs"][:done], EPOCH_KEYS),
+              **{f"iterations {split}": (history["iterations"].get(split), ITERATION_KEYS) for split in SPLITS}}
+    for name, (rows, keys) in tables.items():
+        if not isinstance(rows, list) or not all(_holds_numbers(row, keys) for row in rows):
+            return f"each row of {name} needs the numbers {', '.join(keys)}"
+    return None
+
+
+def _holds_numbers(row: Any, keys: tuple[str, ...]) -> bool:
+    return isinstance(row, dict) and all(type(row.get(key)) in (int, float) for key in keys)  # bool is no number
 
 
 def history_entry(row: dict[str, float], iterations: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
@@ -203,12 +239,16 @@ def _journal_entries(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def _joined(entries: list[dict[str, Any]]) -> dict[str, Any]:
+def _joined(entries: list[Any], path: Path) -> dict[str, Any]:
     history = empty_history()
     for entry in entries:
+        if not (isinstance(entry, dict) and "epoch" in entry and isinstance(entry.get("iterations"), dict)
+                and all(isinstance(rows, list) for rows in entry["iterations"].values())):
+            raise FishsegError(f"{path}: not a fishseg history journal (a line is not an epoch's entry); restore "
+                               f"it, or train again with --overwrite")
         history["epochs"].append(entry["epoch"])
         for split, rows in entry["iterations"].items():
-            history["iterations"][split] += rows
+            history["iterations"].setdefault(split, []).extend(rows)
     return history
 
 

@@ -496,3 +496,56 @@ def test_a_folder_of_one_kind_refuses_the_commands_of_the_others(kinds: dict[str
                              "--batch-size", 4, "--device", "cpu")
     assert status == 2 and f"{kinds[target]}: {holds}; use another --out, or remove the folder first" in output, output
     assert _snapshot(kinds[target]) == before
+
+
+BROKEN_HISTORIES = {  # history.json as a user may leave it → what the one-line refusal says
+    "missing": (None, "history.json is missing"),
+    "empty object": ("{}", "needs an object with epochs and iterations"),
+    "a list": ("[]", "needs an object with epochs and iterations"),
+    "epochs not a list": ('{"epochs": 3, "iterations": {"train": [], "val": []}}', "needs an object"),
+    "too few epochs": ('{"epochs": [], "iterations": {"train": [], "val": []}}', "holds 0 epochs"),
+    "a value as text": ("text", "each row of epochs needs the numbers"),
+    "no val iterations": ("no-val", "each row of iterations val needs"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_HISTORIES)
+def test_a_finished_runs_missing_or_malformed_history_is_refused_by_evaluate_and_compare(
+        reference: tuple[Path, Path], tmp_path: Path, case: str) -> None:
+    """The report's curves and epoch log come from history.json: never drawn from nothing or from a file of
+    another shape (a traceback before), and refused before anything is scored or written."""
+    cache, reference_run = reference
+    run_dir = Path(shutil.copytree(reference_run, tmp_path / "run", ignore=shutil.ignore_patterns(REPORT_DIR)))
+    text, message = BROKEN_HISTORIES[case]
+    history = json.loads((run_dir / "history.json").read_text())
+    if text == "text":
+        history["epochs"][1]["val_iou"] = "0.5"
+    elif text == "no-val":
+        del history["iterations"]["val"]
+    (run_dir / "history.json").unlink()
+    if text is not None:
+        (run_dir / "history.json").write_text(text if text.startswith(("{", "[")) else json.dumps(history))
+    for command in (["evaluate", "--cache", cache, "--run", run_dir, "--device", "cpu"],
+                    ["compare", run_dir, "--cache", cache, "--out", tmp_path / "board", "--device", "cpu"]):
+        status, output = _invoke(*command)
+        assert status == 2 and message in output and "history.json" in output, (command, output)
+        assert len(output.strip().splitlines()) == 1 and "Traceback" not in output, output
+    assert not (run_dir / REPORT_DIR).exists() and not (tmp_path / "board").exists()
+
+
+def test_a_resume_refuses_a_journal_whose_lines_are_not_epochs(stopped: tuple[Path, Path]) -> None:
+    cache, run_dir = stopped
+    with open(run_dir / HISTORY_JOURNAL, "a") as journal:
+        journal.write("[1, 2]\n")
+    with pytest.raises(FishsegError, match=r"history\.jsonl: not a fishseg history journal"):
+        cut_history(run_dir, read_record(run_dir))
+    (run_dir / HISTORY_JOURNAL).unlink()
+    status, output = _invoke("train", "--cache", cache, "--out", run_dir, "--resume")
+    assert status == 2 and "history.json is missing (and no history.jsonl), though run.json records 2" in output
+
+
+def test_a_run_with_no_finished_epoch_has_an_empty_history(stopped: tuple[Path, Path]) -> None:
+    _, run_dir = stopped
+    (run_dir / HISTORY_JOURNAL).unlink()
+    record = dataclasses.replace(read_record(run_dir), epochs_done=0)
+    assert read_history(run_dir, record) == {"epochs": [], "iterations": {"train": [], "val": []}}
