@@ -17,13 +17,14 @@ import torch
 
 from fishseg.cache import FeatureCache
 from fishseg.decoders import segment, uses_image
+from fishseg.errors import FishsegError
 from fishseg.metrics import (BOUNDARY_TOLERANCE, REFERENCE_BATCH, THRESHOLD, THRESHOLDS, batch_pooled_iou,
                              boundary_f_per_image, pixel_counts, precision_per_image, recall_per_image, summarize,
                              sweep_thresholds)
 from fishseg.probe import run_probe
 from fishseg.report import Example, ReportData, gallery_positions, write_report
 from fishseg.runs import (METRICS_FILE, PER_IMAGE_FILE, REPORT_DIR, RUN_FILE, SPLIT_FILE, RunRecord, checkpoint_layers,
-                          load_run, read_history, read_record, read_split, split_digests)
+                          holds_run, load_run, read_history, read_record, read_split, require_no_kind, split_digests)
 from fishseg.runtime import atomic_path, autocast, make_output_dir, resolve_device, write_json
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,7 @@ def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None,
     out_dir = out_dir or run_dir / REPORT_DIR
     torch_device = resolve_device(device)
     record = read_record(run_dir)  # a wrong --run is named before the cache is opened
+    _check_report_folder(out_dir, run_dir)
     history = read_history(run_dir, record) if report else None  # a lost history before an hour of scoring
     with FeatureCache(cache_path) as cache:
         evaluation = evaluate_run(cache, run_dir, torch_device, batch_size=batch_size, full=report)
@@ -221,6 +223,16 @@ def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None,
                                          evaluation.scores["iou"], galleries, pca_sample))
     logger.info("wrote %s", out_dir)
     return evaluation.metrics
+
+
+def _check_report_folder(out_dir: Path, run_dir: Path) -> None:
+    """A report goes into its own folder: never into a run, cross-validation or sweep folder, nor into the report
+    folder of another run (whose report it would replace)."""
+    require_no_kind(out_dir, "report")
+    owner = out_dir.parent
+    if out_dir.name == REPORT_DIR and holds_run(owner) and owner.resolve() != run_dir.resolve():
+        raise FishsegError(f"{out_dir}: the report folder of another run ({owner}); leave --out out to write "
+                           f"{run_dir / REPORT_DIR}, or use another --out")
 
 
 def _write_per_image(path: Path, image_ids: list[str], classes: list[str], scores: dict[str, np.ndarray]) -> None:

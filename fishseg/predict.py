@@ -25,7 +25,7 @@ from fishseg.data import ImageDataset, collect_images, read_rgb
 from fishseg.decoders import segment, uses_image
 from fishseg.errors import FishsegError
 from fishseg.metrics import THRESHOLD
-from fishseg.runs import checkpoint_layers, load_run
+from fishseg.runs import checkpoint_layers, load_run, require_no_kind
 from fishseg.runtime import (atomic_path, autocast, default_num_workers, make_output_dir, plural, removed_on_error,
                              resolve_device)
 
@@ -179,6 +179,7 @@ def run_prediction(run_dir: Path, inputs: list[Path], out_dir: Path, *, backbone
     predictions in ``out_dir`` are refused, or replaced with ``overwrite``; a failed or interrupted prediction
     removes what it wrote."""
     record, decoder, meta = load_run(run_dir)
+    require_no_kind(out_dir, "predictions")
     paths = collect_images(inputs)
     earlier = _earlier_predictions(out_dir, overwrite)
     config = from_json(ExtractConfig, json.dumps(record.extract_config))

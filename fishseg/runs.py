@@ -556,6 +556,15 @@ def require_kind(folder: Path, wanted: str) -> None:
                            f"folder first")
 
 
+def require_no_kind(folder: Path, writes: str) -> None:
+    """Refuse to write ``writes`` (predictions, a report) into a folder that holds a run, a cross-validation or a
+    sweep: their files would mix with the folder's own, and the folder's commands would misread them."""
+    kind = folder_kind(folder)
+    if kind is not None:
+        raise FishsegError(f"{folder}: holds a {kind} ({dict(_KIND_FILES)[kind]}); write the {writes} into another "
+                           f"--out")
+
+
 def read_sweep(sweep_dir: Path) -> dict[str, Any]:
     return _read_folder_file(sweep_dir / SWEEP_FILE, ("cache", "grid", "configs"), "sweep record")
 

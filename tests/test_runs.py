@@ -549,3 +549,30 @@ def test_a_run_with_no_finished_epoch_has_an_empty_history(stopped: tuple[Path, 
     (run_dir / HISTORY_JOURNAL).unlink()
     record = dataclasses.replace(read_record(run_dir), epochs_done=0)
     assert read_history(run_dir, record) == {"epochs": [], "iterations": {"train": [], "val": []}}
+
+
+@pytest.mark.parametrize("target, holds", [("run", "a run (run.json)"), ("cv", "a cross-validation (cv.json)"),
+                                           ("sweep", "a sweep (sweep.json)")])
+def test_predict_and_evaluate_write_into_no_run_cv_or_sweep_folder(kinds: dict[str, Path], tmp_path: Path,
+                                                                   target: str, holds: str) -> None:
+    """Predictions or a report among a folder's own files would mix kinds: refused before anything is written."""
+    before = _snapshot(kinds[target])
+    for command, writes in ((["predict", tmp_path / "photos"], "predictions"), (["evaluate", "--cache", kinds["cache"]],
+                                                                                 "report")):
+        status, output = _invoke(*command, "--run", kinds["run"], "--out", kinds[target], "--device", "cpu")
+        assert status == 2 and output.strip() == (f"Error: {kinds[target]}: holds {holds}; write the {writes} into "
+                                                  f"another --out"), output
+        assert _snapshot(kinds[target]) == before
+
+
+def test_evaluate_refuses_the_report_folder_of_another_run(kinds: dict[str, Path], tmp_path: Path) -> None:
+    other = Path(shutil.copytree(kinds["run"], tmp_path / "other"))
+    (other / REPORT_DIR).mkdir(exist_ok=True)
+    (other / REPORT_DIR / "metrics.json").write_text("{}")
+    status, output = _invoke("evaluate", "--cache", kinds["cache"], "--run", kinds["run"], "--out", other / REPORT_DIR,
+                             "--device", "cpu")
+    assert status == 2 and f"{other / REPORT_DIR}: the report folder of another run ({other})" in output, output
+    assert (other / REPORT_DIR / "metrics.json").read_text() == "{}"
+    status, output = _invoke("evaluate", "--cache", kinds["cache"], "--run", other, "--out", other / REPORT_DIR,
+                             "--device", "cpu")
+    assert status == 0, output
