@@ -424,6 +424,9 @@ def _interactive() -> bool:
     return sys.stdin.isatty()
 
 
+NOT_STARTED = 1  # exit status of a sweep the user declined at the prompt (click's, for an aborted command)
+
+
 def _confirm_plan(plan: Any, *, yes: bool) -> None:
     """Say what the sweep is about to train; above the threshold, ask (or, with no terminal, require --yes)."""
     from fishseg.sweep import CONFIRM_ABOVE
@@ -434,7 +437,18 @@ def _confirm_plan(plan: Any, *, yes: bool) -> None:
     if not _interactive():
         raise FishsegError(f"{plan.to_train} configs to train, more than {CONFIRM_ABOVE}: add --yes to start them "
                            f"(there is no terminal to ask)")
-    click.confirm(f"Train {plan.to_train} configs?", abort=True)
+    if not _confirmed(f"Train {plan.to_train} configs?"):
+        click.echo("Sweep not started: nothing was written.")
+        raise click.exceptions.Exit(NOT_STARTED)
+
+
+def _confirmed(question: str) -> bool:
+    """The answer at the terminal; end of input or Ctrl-C at the prompt is a no."""
+    try:
+        return click.confirm(question)
+    except click.Abort:
+        click.echo()
+        return False
 
 
 @click.command("compare")

@@ -260,8 +260,19 @@ def test_the_plan_is_said_and_a_large_sweep_needs_a_yes(tmp_path: Path, monkeypa
     monkeypatch.setattr("fishseg.cli._interactive", lambda: True)
     result = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(tmp_path / "sweep"), "--device",
                                        "cpu", "--seed", seeds, "--epochs", "1"], input="n\n")
-    assert result.exit_code == 1 and "Train 51 configs? [y/N]: n\nAborted!" in result.output, result.output
-    assert not (tmp_path / "sweep").exists()
+    assert result.exit_code == 1, result.output
+    assert result.output.endswith("Train 51 configs? [y/N]: n\nSweep not started: nothing was written.\n"), result.output
+    assert "Aborted" not in result.output and not (tmp_path / "sweep").exists()
+
+
+def test_no_answer_at_the_prompt_starts_no_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """End of input (or Ctrl-C) at the prompt is a no, said as one: not a bare "Aborted!"."""
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
+    monkeypatch.setattr("fishseg.cli._interactive", lambda: True)
+    result = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(tmp_path / "sweep"), "--device",
+                                       "cpu", "--seed", ",".join(map(str, range(51))), "--epochs", "1"], input="")
+    assert result.exit_code == 1 and result.output.endswith("\nSweep not started: nothing was written.\n"), result.output
+    assert "Aborted" not in result.output and not (tmp_path / "sweep").exists()
 
 
 def test_the_estimate_counts_every_epoch_fold_and_training_image() -> None:
