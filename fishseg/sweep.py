@@ -55,7 +55,8 @@ Grid = dict[str, tuple[Any, ...]]
 QUIET_DURING_SWEEP = ("fishseg.train", "fishseg.crossval")  # per-epoch tables would bury the progress lines
 FOLDS_KEYS = ("cv", "folds")  # a grid file's name for --cv (one value: every config validates on the same folds)
 CONFIRM_ABOVE = 50  # configs to train beyond which a sweep asks before it starts (or needs --yes)
-TIMED_STEPS = 3  # training steps timed per decoder for the estimate, after an untimed one
+TIMED_STEPS = 3  # training steps of one timed pass, per decoder, for the estimate (after an untimed pass)
+MIN_TIMED_SECONDS, MAX_TIMED_PASSES = 0.5, 50  # passes are timed until they add up to this, or this many
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +115,8 @@ class SweepPlan:
         skipped = f", {self.failed} failed before (--retry-failed retries them)" if self.failed else ""
         estimate = ("" if self.seconds is None else
                     f"; about {_duration(self.seconds)} of training, one config at a time (from {TIMED_STEPS} timed "
-                    f"training steps per decoder; validation, scoring and checkpoints not counted)")
+                    f"training steps per decoder, the median of repeated passes; validation, scoring and "
+                    f"checkpoints not counted)")
         return (f"{plural(self.configs, 'config')}: {self.to_train} to train, {self.finished} finished already"
                 f"{skipped}{estimate}")
 
@@ -139,22 +141,34 @@ def estimate_seconds(todo: Sequence[SweepConfig], images: int, seconds_per_image
 
 
 def seconds_per_image(data: TrainingData, config: TrainConfig, device: torch.device) -> float:
-    """Seconds per training image of ``config``'s decoder, batch size and layers, from TIMED_STEPS training
-    steps on the opened data (after one untimed step, which pays the first call's set-up). Learning rate 0, so
-    no config can diverge here; the global random state is left as it was."""
+    """Seconds per training image of ``config``'s decoder, batch size and layers: the median of repeated passes
+    of TIMED_STEPS training steps on the opened data (``timed_passes``), after one untimed pass that pays the
+    first call's set-up for every batch shape (a partial last batch is a shape of its own). A few milliseconds
+    timed once swung the estimate tenfold with the load of the machine. Learning rate 0, so no config can
+    diverge here; the global random state is left as it was."""
     layers = check_cache(data.cache, config)
-    guides = uses_image(config.decoder)
     count = min(len(data.cache), TIMED_STEPS * config.batch_size)
-    first, timed = (data.split(np.arange(size), layers, guides=guides) for size in (min(count, config.batch_size),
-                                                                                   count))
+    split = data.split(np.arange(count), layers, guides=uses_image(config.decoder))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         decoder = build_decoder(config.decoder, len(layers) * data.cache.backbone.feature_dim).to(device)
         optimizer = torch.optim.AdamW(decoder.parameters(), lr=0.0, **fused_option(device))
         generator = torch.Generator().manual_seed(0)
-        run_epoch(decoder, first, config.batch_size, device, optimizer, generator, loss=config.loss)
+        train_pass = functools.partial(run_epoch, decoder, split, config.batch_size, device, optimizer, generator,
+                                       loss=config.loss)
+        train_pass()
+        return float(np.median(timed_passes(train_pass))) / count
+
+
+def timed_passes(step: Callable[[], Any], min_seconds: float = MIN_TIMED_SECONDS,
+                 max_passes: int = MAX_TIMED_PASSES) -> list[float]:
+    """Seconds of each call of ``step``, called until they add up to ``min_seconds`` (at least once, at most
+    ``max_passes`` times): enough passes that their median shrugs off a pause of the machine."""
+    durations: list[float] = []
+    while sum(durations) < min_seconds and len(durations) < max_passes:
         started = time.perf_counter()
-        run_epoch(decoder, timed, config.batch_size, device, optimizer, generator, loss=config.loss)
-        return (time.perf_counter() - started) / count
+        step()
+        durations.append(time.perf_counter() - started)
+    return durations
 
 
 def read_grid_file(path: Path, fields: Sequence[str]) -> Grid:

@@ -8,10 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import fishseg.sweep as sweep_module
 import fishseg.train as train_module
+from fishseg.cache import FeatureCache
 from fishseg.cli import main
 from fishseg.config import TrainConfig
 from fishseg.errors import FishsegError
@@ -308,3 +310,35 @@ def test_a_grid_file_gives_the_folds_and_the_cache_path_is_recorded_absolute(tmp
     Path("several.toml").write_text("folds = [2, 3]\n")
     with pytest.raises(FishsegError, match="several.toml: cv takes one value"):
         read_grid_file(Path("several.toml"), ("decoder",))
+
+
+def _fake_clock(monkeypatch: pytest.MonkeyPatch, seconds: list[float]) -> object:
+    """time.perf_counter as sweep.py sees it, advanced by the next of ``seconds`` at each call of the step."""
+    clock = {"now": 0.0, "left": list(seconds)}
+    monkeypatch.setattr(sweep_module.time, "perf_counter", lambda: clock["now"])
+    return lambda: clock.update(now=clock["now"] + clock["left"].pop(0))
+
+
+def test_passes_are_timed_until_they_add_up_to_half_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pause of the machine in one pass (0.25 s against 1/64 s) does not move the median."""
+    step = _fake_clock(monkeypatch, [0.25, *[1 / 64] * 100])
+    durations = sweep_module.timed_passes(step)
+    assert len(durations) == 17 and sum(durations) == 0.5 and sorted(durations)[len(durations) // 2] == 1 / 64
+    assert len(sweep_module.timed_passes(_fake_clock(monkeypatch, [1e-4] * 100))) == sweep_module.MAX_TIMED_PASSES
+    assert sweep_module.timed_passes(_fake_clock(monkeypatch, [2.0])) == [2.0]  # one slow pass is enough
+
+
+def test_seconds_per_image_is_the_median_pass_over_its_images_after_a_pass_over_every_batch_shape(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """10 images in batches of 4: the untimed pass covers the batch of 2 too, then each pass's seconds are over
+    10 images."""
+    cache = FeatureCache(write_toy_cache(tmp_path / "toy.h5", n_images=10))
+    passes: list[int] = []
+    real_epoch = sweep_module.run_epoch
+    monkeypatch.setattr(sweep_module, "run_epoch", lambda decoder, split, *args, **kwargs: (
+        passes.append(len(split)), real_epoch(decoder, split, *args, **kwargs))[1])
+    monkeypatch.setattr(sweep_module, "timed_passes", lambda step: (step(), [0.3, 0.01, 0.02])[1])
+    data = train_module.TrainingData.open(cache, False, device=torch.device("cpu"))
+    seconds = sweep_module.seconds_per_image(data, TrainConfig(batch_size=4), torch.device("cpu"))
+    cache.file.close()
+    assert passes == [10, 10] and seconds == pytest.approx(0.02 / 10)
