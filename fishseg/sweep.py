@@ -56,7 +56,6 @@ QUIET_DURING_SWEEP = ("fishseg.train", "fishseg.crossval")  # per-epoch tables w
 FOLDS_KEYS = ("cv", "folds")  # a grid file's name for --cv (one value: every config validates on the same folds)
 CONFIRM_ABOVE = 50  # configs to train beyond which a sweep asks before it starts (or needs --yes)
 TIMED_STEPS = 3  # training steps of one timed pass, per decoder, for the estimate (after an untimed pass)
-MIN_TIMED_SECONDS, MAX_TIMED_PASSES = 0.5, 50  # passes are timed until they add up to this, or this many
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +94,26 @@ class SweepResult:
         now = f"{self.trained} trained now" + (f", {self.failed_now} of them failed" if self.failed_now else "")
         return (f"{plural(self.configs, 'config')} ({now}) in {self.wall_seconds:.1f} s{share}"
                 f"{failed}\n{self.leaderboard.summary()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PassLimits:
+    """When the estimate has timed enough passes: at least ``min_passes`` adding up to ``min_seconds``, but no
+    more than ``max_passes`` or ``max_seconds`` in all."""
+
+    min_passes: int = 5
+    min_seconds: float = 0.5
+    max_passes: int = 50
+    max_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_passes <= self.max_passes or not 0 <= self.min_seconds <= self.max_seconds:
+            raise ValueError(f"pass limits out of order: {self}")
+
+    def enough(self, durations: Sequence[float]) -> bool:
+        spent = sum(durations)
+        return (len(durations) >= self.max_passes or spent >= self.max_seconds
+                or (len(durations) >= self.min_passes and spent >= self.min_seconds))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,12 +178,11 @@ def seconds_per_image(data: TrainingData, config: TrainConfig, device: torch.dev
         return float(np.median(timed_passes(train_pass))) / count
 
 
-def timed_passes(step: Callable[[], Any], min_seconds: float = MIN_TIMED_SECONDS,
-                 max_passes: int = MAX_TIMED_PASSES) -> list[float]:
-    """Seconds of each call of ``step``, called until they add up to ``min_seconds`` (at least once, at most
-    ``max_passes`` times): enough passes that their median shrugs off a pause of the machine."""
+def timed_passes(step: Callable[[], Any], limits: PassLimits = PassLimits()) -> list[float]:
+    """Seconds of each call of ``step``: called until ``limits`` say there are enough passes that their median
+    shrugs off a pause of a busy machine (a slow step stops sooner, at ``max_seconds``)."""
     durations: list[float] = []
-    while sum(durations) < min_seconds and len(durations) < max_passes:
+    while not limits.enough(durations):
         started = time.perf_counter()
         step()
         durations.append(time.perf_counter() - started)

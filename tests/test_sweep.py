@@ -319,13 +319,16 @@ def _fake_clock(monkeypatch: pytest.MonkeyPatch, seconds: list[float]) -> object
     return lambda: clock.update(now=clock["now"] + clock["left"].pop(0))
 
 
-def test_passes_are_timed_until_they_add_up_to_half_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pause of the machine in one pass (0.25 s against 1/64 s) does not move the median."""
-    step = _fake_clock(monkeypatch, [0.25, *[1 / 64] * 100])
-    durations = sweep_module.timed_passes(step)
+def test_passes_are_timed_until_there_are_enough_for_a_median(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pause of the machine in one pass (0.25 s against 1/64 s) does not move the median; fast passes go on
+    to half a second, slow ones stop at 5 passes or 5 s."""
+    durations = sweep_module.timed_passes(_fake_clock(monkeypatch, [0.25, *[1 / 64] * 100]))
     assert len(durations) == 17 and sum(durations) == 0.5 and sorted(durations)[len(durations) // 2] == 1 / 64
-    assert len(sweep_module.timed_passes(_fake_clock(monkeypatch, [1e-4] * 100))) == sweep_module.MAX_TIMED_PASSES
-    assert sweep_module.timed_passes(_fake_clock(monkeypatch, [2.0])) == [2.0]  # one slow pass is enough
+    assert len(sweep_module.timed_passes(_fake_clock(monkeypatch, [1e-4] * 100))) == 50
+    assert len(sweep_module.timed_passes(_fake_clock(monkeypatch, [0.5] * 100))) == 5
+    assert sweep_module.timed_passes(_fake_clock(monkeypatch, [2.0] * 100)) == [2.0] * 3  # 6 s ≥ 5 s
+    with pytest.raises(ValueError, match="out of order"):
+        sweep_module.PassLimits(min_passes=0)
 
 
 def test_seconds_per_image_is_the_median_pass_over_its_images_after_a_pass_over_every_batch_shape(
