@@ -483,7 +483,8 @@ def compare(folders: tuple[Path, ...], baseline: Path | None, out: Path | None, 
 @click.option("--cache", "cache_path", required=True, type=input_file, help="The cache the run was trained on.")
 @click.option("--run", "run_dir", required=True, type=input_dir, help="Run folder from `train`.")
 @click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Report folder [default: RUN/report].")
+              help="Report folder [default: RUN/report]; never a run, cross-validation or sweep folder, nor another "
+                   "run's report folder.")
 @device_option
 @command
 def evaluate(cache_path: Path, run_dir: Path, out: Path | None, device: str) -> None:
@@ -547,7 +548,7 @@ def probe(cache_path: Path, split: str, group_pattern: str, val_fraction: float,
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--run", "run_dir", required=True, type=input_dir, help="Run folder from `train`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for masks/, overlays/ and predictions.csv.")
+              help="Folder for masks/, overlays/ and predictions.csv; never a run, cross-validation or sweep folder.")
 @click.option("--backbone", default=None, help="Hub id or local folder [default: the one the run was trained on].")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @workers_option

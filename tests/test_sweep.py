@@ -263,7 +263,8 @@ def test_the_plan_is_said_and_a_large_sweep_needs_a_yes(tmp_path: Path, monkeypa
     result = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(tmp_path / "sweep"), "--device",
                                        "cpu", "--seed", seeds, "--epochs", "1"], input="n\n")
     assert result.exit_code == 1, result.output
-    assert result.output.endswith("Train 51 configs? [y/N]: n\nSweep not started: nothing was written.\n"), result.output
+    assert result.output.endswith("Train 51 configs? [y/N]: n\nSweep not started: nothing was written.\n"), \
+        result.output
     assert "Aborted" not in result.output and not (tmp_path / "sweep").exists()
 
 
@@ -273,7 +274,8 @@ def test_no_answer_at_the_prompt_starts_no_sweep(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr("fishseg.cli._interactive", lambda: True)
     result = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(tmp_path / "sweep"), "--device",
                                        "cpu", "--seed", ",".join(map(str, range(51))), "--epochs", "1"], input="")
-    assert result.exit_code == 1 and result.output.endswith("\nSweep not started: nothing was written.\n"), result.output
+    assert result.exit_code == 1 and result.output.endswith("\nSweep not started: nothing was written.\n"), \
+        result.output
     assert "Aborted" not in result.output and not (tmp_path / "sweep").exists()
 
 
