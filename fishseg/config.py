@@ -110,10 +110,23 @@ def resolve_layers(layers: Sequence[int], num_blocks: int) -> tuple[int, ...]:
 
 
 def value_text(value: Any) -> str:
-    """A config value as sweep folder names and leaderboards show it: layers as 9+12 (or all), floats exact."""
+    """A config value as sweep folder names and leaderboards show it: layers as 9+12 (or all), floats exact and
+    short (``float(text) == value``)."""
     if isinstance(value, (list, tuple)):
         return "+".join(map(str, value)) or "all"
-    return repr(value) if isinstance(value, float) else str(value)
+    return _float_text(value) if isinstance(value, float) else str(value)
+
+
+def _float_text(value: float) -> str:
+    """Python's shortest repr (0.001, 1e-05: the names of existing sweep folders), except for whole numbers from
+    1e5 up, which read as 1e6 or 2.5e7 rather than 1000000.0 or 1e+16 when that is shorter."""
+    text = repr(value)
+    if not (math.isfinite(value) and value.is_integer() and abs(value) >= 1e5):
+        return text
+    digits = next(digits for digits in range(17) if float(f"{value:.{digits}e}") == value)
+    mantissa, exponent = f"{value:.{digits}e}".split("e")
+    compact = f"{mantissa}e{int(exponent)}"
+    return compact if len(compact) < len(text) else text
 
 
 def format_layers(layers: Sequence[int]) -> str:
