@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -496,3 +497,14 @@ def test_a_folder_of_one_kind_refuses_the_commands_of_the_others(kinds: dict[str
                              "--batch-size", 4, "--device", "cpu")
     assert status == 2 and f"{kinds[target]}: {holds}; use another --out, or remove the folder first" in output, output
     assert _snapshot(kinds[target]) == before
+
+
+@pytest.mark.parametrize("damage, message", [(lambda path: path.unlink(), "file not found"),
+                                             (lambda path: path.write_text('{"train": '), r"not valid JSON \(.*\)")])
+def test_a_damaged_split_says_what_to_do(tmp_path: Path, damage: Callable[[Path], object], message: str) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=8)
+    run_training(cache, tmp_path / "run", TrainConfig(epochs=1, batch_size=4), device="cpu")
+    damage(tmp_path / "run" / "split.json")
+    status, output = _invoke("evaluate", "--cache", cache, "--run", tmp_path / "run", "--device", "cpu")
+    assert status == 2 and re.search(rf"run/split.json: {message}; restore it, or train again with --overwrite\n$",
+                                     output), output
