@@ -34,11 +34,14 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what --precision asks for; fish
 
 def shown(value: Any) -> str:
     """A value as a user types it on the command line or in a TOML grid, for messages: 12,12 not (12, 12), true
-    not True, '' for an empty list; text in quotes (unescaped), so that an empty or spaced value shows."""
+    not True, '' for an empty list, 1e6 not 1000000.0; text in quotes (unescaped), so that an empty or spaced value
+    shows."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
         return ",".join(map(shown, value)) or "''"
+    if isinstance(value, float):
+        return _float_text(value)
     return f"'{value}'" if isinstance(value, str) else str(value)
 
 

@@ -106,3 +106,8 @@ def test_the_backbone_record_of_an_older_cache_reads_with_architecture_and_weigh
                                          (1.0, "1.0"), (0.2, "0.2"), (-1e6, "-1e6")])
 def test_floats_read_short_and_exact_and_existing_sweep_names_stay(value: float, text: str) -> None:
     assert value_text(value) == text and float(text) == value
+
+
+def test_a_refused_large_float_is_shown_as_typed() -> None:
+    with pytest.raises(FishsegError, match=r"^val_fraction 1e6: expected a finite number in \(0, 1\)$"):
+        TrainConfig(val_fraction=1e6)
