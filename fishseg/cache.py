@@ -37,7 +37,6 @@ manifest's batch size, each written to a temp file and renamed, so a process kil
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -319,7 +318,7 @@ class FeatureCache:
         """What a run records of its cache, and what ``require`` names when they differ."""
         return {"path": str(self.path), "fingerprint": self.fingerprint, "backbone": self.backbone.name,
                 "image_size": self.config.image_size, "images": len(self), "precision": self.precision,
-                "settings": {**dataclasses.asdict(self.config), "weights": self.backbone.weights_sha256}}
+                "settings": {**json.loads(to_json(self.config)), "weights": self.backbone.weights_sha256}}
 
     def require(self, expected: dict[str, Any], source: Path, digests: Mapping[str, str] | None = None) -> None:
         """Refuse to pair this cache with an artifact (a run, a checkpoint) made from another cache, naming what
@@ -327,8 +326,7 @@ class FeatureCache:
         unrecorded), which says which of them changed, or which images were added, when this cache recorded its
         content too."""
         if expected["fingerprint"] != self.fingerprint:
-            differences = self.differences(expected, digests) or ["what differs was not recorded (an older run "
-                                                                  "or cache)"]
+            differences = self.differences(expected, digests) or ["what differs was not recorded"]
             raise FishsegError(
                 f"{source}: made from cache {_describe(expected)} but {self.path} is cache "
                 f"{_describe(self.summary())}; {'; '.join(differences)}; pass the cache it was trained on, or train "

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -92,7 +93,8 @@ def test_a_cache_of_the_same_images_and_one_more_is_refused_naming_the_added_ima
                                                r"unchanged, but .*c.h5 holds 1 image it was not made from "
                                                r"\(class0/012.png\): a different split; pass the cache it was trained "
                                                r"on, or train again on this one$"):
-            cache.require({**cache.summary(), "fingerprint": "0123", "images": 12}, tmp_path / "run.json", made_from)
+            recorded = json.loads(json.dumps({**cache.summary(), "fingerprint": "0123", "images": 12}))  # as run.json
+            cache.require(recorded, tmp_path / "run.json", made_from)
 
 
 @pytest.mark.parametrize("change, named", [(dict(views=("hflip",)), "views none → hflip"),
@@ -115,7 +117,7 @@ def test_a_format_3_cache_has_no_recorded_content_and_keeps_its_fingerprint(tmp_
         assert cache.digests is None and cache.fingerprint == "0123456789abcdef"
         cache.require({"fingerprint": "0123456789abcdef"}, tmp_path / "run.json", {"class0/000.png": "0" * 32})
         with pytest.raises(FishsegError, match=r"is cache 0123456789abcdef \(backbone toy, image_size 32\); what "
-                                               r"differs was not recorded \(an older run or cache\); pass the"):
+                                               r"differs was not recorded; pass the"):
             cache.require({"fingerprint": "fedcba9876543210"}, tmp_path / "run.json", {"class0/000.png": "0" * 32})
 
 
