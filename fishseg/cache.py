@@ -341,7 +341,8 @@ class FeatureCache:
         """How this cache differs from the one ``expected`` (a ``summary``) describes: settings as typed
         ("image_size 64 → 60"), then content, from ``digests`` (see ``require``) where both recorded it."""
         ours = self.summary()
-        keys = ("settings",) if "settings" in expected else [key for key in ("backbone", "image_size") if key in expected]
+        keys = [key for key in (("settings",) if "settings" in expected else ("backbone", "image_size"))
+                if key in expected]  # runs before the settings were recorded name the backbone and image size
         differences = setting_changes({key: expected[key] for key in keys}, {key: ours[key] for key in keys})
         if digests and self.digests:
             changes = content_changes(digests, self.digests, "its")
@@ -457,8 +458,8 @@ class PartStore:
 def manifest_changes(recorded: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
     """What differs between an interrupted extraction's manifest and this one's, as people read it:
     "image_size 448 → 224", "backbone feature_dim 384 → 768", "12 images added, 3 removed, 1 modified"."""
-    changes = setting_changes({key: value for key, value in recorded.items() if key not in ("image_ids", "sources")},
-                              {key: value for key, value in manifest.items() if key not in ("image_ids", "sources")})
+    changes = setting_changes(*({key: value for key, value in record.items() if key not in ("image_ids", "sources")}
+                                for record in (recorded, manifest)))
     before, now = _sources(recorded), _sources(manifest)
     counts = {"added": len(now.keys() - before.keys()), "removed": len(before.keys() - now.keys()),
               "modified": sum(1 for image_id, stat in now.items() if before.get(image_id, stat) != stat)}
