@@ -83,9 +83,9 @@ def load_backbone(name: str, mean: tuple, std: tuple, device: torch.device) -> B
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise FishsegError(
-            f"cannot load backbone '{name}': {reason} -- DINOv3 weights are gated: accept the licence "
-            f"on the Hugging Face Hub and run `hf auth login`, or pass --backbone DIR (a folder saved "
-            f"with save_pretrained)"
+            f"cannot load backbone '{name}': {reason} -- a Hub id loads from the Hugging Face Hub (a gated model, "
+            f"such as DINOv3, once its licence is accepted there and `hf auth login` run) or, offline, from the "
+            f"local Hugging Face cache; or pass --backbone DIR (a folder saved with save_pretrained)"
         ) from None
     return Backbone(model, describe(model, name), mean, std, device)
 

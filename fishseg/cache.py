@@ -52,7 +52,7 @@ import torch
 
 from fishseg import __version__
 from fishseg.config import (COMPRESSIONS, DEFAULT_COMPRESSION, IDENTITY, LAST_BLOCK, BackboneInfo, ExtractConfig,
-                            fingerprint, format_layers, from_json, resolve_layers, to_json)
+                            fingerprint, format_layers, from_json, resolve_layers, to_json, value_text)
 from fishseg.data import Sample, apply_view
 from fishseg.errors import FishsegError
 from fishseg.runtime import UNRECORDED, atomic_path, plural, read_json, require_same_precision, write_json
@@ -317,23 +317,44 @@ class FeatureCache:
     def summary(self) -> dict[str, Any]:
         """What a run records of its cache, and what ``require`` names when they differ."""
         return {"path": str(self.path), "fingerprint": self.fingerprint, "backbone": self.backbone.name,
-                "image_size": self.config.image_size, "images": len(self), "precision": self.precision}
+                "image_size": self.config.image_size, "images": len(self), "precision": self.precision,
+                "settings": {**json.loads(to_json(self.config)), "weights": self.backbone.weights_sha256}}
 
     def require(self, expected: dict[str, Any], source: Path, digests: Mapping[str, str] | None = None) -> None:
-        """Refuse to pair this cache with an artifact (a run, a checkpoint) made from another cache. ``digests``:
-        the content of the artifact's images when it was made (image id → digest; None: unrecorded), which
-        says how many of them changed when this cache recorded its content too."""
+        """Refuse to pair this cache with an artifact (a run, a checkpoint) made from another cache, naming what
+        differs. ``digests``: the content of the artifact's images when it was made (image id → digest; None:
+        unrecorded), which says which of them changed, or which images were added, when this cache recorded its
+        content too."""
         if expected["fingerprint"] != self.fingerprint:
-            changes = content_changes(digests, self.digests, "its") if digests and self.digests else ""
+            differences = self.differences(expected, digests) or ["what differs was not recorded"]
             raise FishsegError(
                 f"{source}: made from cache {_describe(expected)} but {self.path} is cache "
-                f"{_describe(self.summary())}{'; ' + changes if changes else ''}; pass the cache it was trained "
-                f"on, or train again on this one"
+                f"{_describe(self.summary())}; {'; '.join(differences)}; pass the cache it was trained on, or train "
+                f"again on this one"
             )
         made_at = expected.get("precision", UNRECORDED)
         if UNRECORDED not in (made_at, self.precision) and made_at != self.precision:
             raise FishsegError(f"{source}: made from cache {expected['fingerprint']} extracted at precision {made_at}, "
                                f"but {self.path} was extracted at {self.precision}; pass the cache it was trained on")
+
+    def differences(self, expected: dict[str, Any], digests: Mapping[str, str] | None) -> list[str]:
+        """How this cache differs from the one ``expected`` (a ``summary``) describes: settings as typed
+        ("image_size 64 → 60"), then content, from ``digests`` (see ``require``) where both recorded it."""
+        ours = self.summary()
+        keys = [key for key in (("settings",) if "settings" in expected else ("backbone", "image_size"))
+                if key in expected]  # runs before the settings were recorded name the backbone and image size
+        differences = setting_changes({key: expected[key] for key in keys}, {key: ours[key] for key in keys})
+        if digests and self.digests:
+            changes = content_changes(digests, self.digests, "its")
+            added = [image_id for image_id in self.image_ids if image_id not in digests]
+            if added:
+                unchanged = "" if changes else f"its {plural(len(digests), 'image')} are unchanged, but "
+                changes += (f"{', and ' if changes else unchanged}{self.path} holds {plural(len(added), 'image')} it "
+                            f"was not made from ({named(added)}): a different split")
+            differences += [changes] if changes else []
+        elif expected.get("images", len(self)) != len(self):
+            differences.append(f"images {expected['images']} → {len(self)}")
+        return differences
 
     def staleness(self, samples: Sequence[Sample]) -> dict[str, int]:
         """Images added, removed and modified under the data root since this cache was made."""
@@ -437,17 +458,8 @@ class PartStore:
 def manifest_changes(recorded: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
     """What differs between an interrupted extraction's manifest and this one's, as people read it:
     "image_size 448 → 224", "backbone feature_dim 384 → 768", "12 images added, 3 removed, 1 modified"."""
-    changes = []
-    for key in dict.fromkeys([*recorded, *manifest]):
-        old, new = recorded.get(key, UNRECORDED), manifest.get(key, UNRECORDED)
-        if key in ("image_ids", "sources") or old == new:
-            continue
-        if isinstance(old, dict) and isinstance(new, dict):
-            prefix = "" if key == "extract_config" else f"{key} "
-            changes += [f"{prefix}{name} {_text(old.get(name, UNRECORDED))} → {_text(new.get(name, UNRECORDED))}"
-                        for name in dict.fromkeys([*old, *new]) if old.get(name) != new.get(name)]
-        else:
-            changes.append(f"{key} {_text(old)} → {_text(new)}")
+    changes = setting_changes(*({key: value for key, value in record.items() if key not in ("image_ids", "sources")}
+                                for record in (recorded, manifest)))
     before, now = _sources(recorded), _sources(manifest)
     counts = {"added": len(now.keys() - before.keys()), "removed": len(before.keys() - now.keys()),
               "modified": sum(1 for image_id, stat in now.items() if before.get(image_id, stat) != stat)}
@@ -464,11 +476,31 @@ def _sources(manifest: dict[str, Any]) -> dict[str, str]:
     return dict(zip(image_ids, map(str, manifest.get("sources", [""] * len(image_ids)))))
 
 
+def setting_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What differs between two records of settings, as people type them: "image_size 448 → 224", "views hflip →
+    none". A nested record is compared field by field, named with its key ("backbone feature_dim 384 → 768"),
+    except ``extract_config`` and ``settings``, whose fields are the options' own names."""
+    changes = []
+    for key in dict.fromkeys([*old, *new]):
+        before, after = old.get(key, UNRECORDED), new.get(key, UNRECORDED)
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            prefix = "" if key in ("extract_config", "settings") else f"{key} "
+            changes += [f"{prefix}{change}" for change in setting_changes(before, after)]
+        else:
+            changes.append(f"{key} {_text(before)} → {_text(after)}")
+    return changes
+
+
 def _text(value: Any) -> str:
-    """A manifest value as typed on the command line: lists comma-separated (or none), booleans lowercase."""
-    if isinstance(value, list):
+    """A setting as typed on the command line: lists comma-separated (or none), booleans lowercase, floats as
+    ``value_text`` writes them, None as unrecorded."""
+    if isinstance(value, (list, tuple)):
         return ",".join(map(_text, value)) or "none"
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    if value is None:
+        return UNRECORDED
+    return str(value).lower() if isinstance(value, bool) else value_text(value)
 
 
 def discard_parts(path: Path) -> None:

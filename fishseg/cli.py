@@ -46,13 +46,17 @@ class UserError(click.ClickException):
 
 
 class FiniteFloat(click.FloatRange):
-    """A float range that also refuses nan and inf (click's FloatRange lets both through)."""
+    """A float range that also refuses nan and inf (click's FloatRange lets both through), and names a refused
+    value as typed (click's says "-1.0" for -1)."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
+        number = click.FLOAT.convert(value, param, ctx)
         if not math.isfinite(number):
             self.fail(f"'{value}' is not a finite number.", param, ctx)
-        return number
+        try:
+            return super().convert(number, param, ctx)
+        except click.BadParameter:
+            self.fail(f"'{value}' is not in the range {self._describe_range()}.", param, ctx)
 
 
 def list_items(text: str, separator: str, expected: str, param: click.Parameter | None,

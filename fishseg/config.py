@@ -34,11 +34,14 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what --precision asks for; fish
 
 def shown(value: Any) -> str:
     """A value as a user types it on the command line or in a TOML grid, for messages: 12,12 not (12, 12), true
-    not True, '' for an empty list; text in quotes (unescaped), so that an empty or spaced value shows."""
+    not True, '' for an empty list, 1e6 not 1000000.0; text in quotes (unescaped), so that an empty or spaced value
+    shows."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
         return ",".join(map(shown, value)) or "''"
+    if isinstance(value, float):
+        return _float_text(value)
     return f"'{value}'" if isinstance(value, str) else str(value)
 
 
@@ -110,10 +113,23 @@ def resolve_layers(layers: Sequence[int], num_blocks: int) -> tuple[int, ...]:
 
 
 def value_text(value: Any) -> str:
-    """A config value as sweep folder names and leaderboards show it: layers as 9+12 (or all), floats exact."""
+    """A config value as sweep folder names and leaderboards show it: layers as 9+12 (or all), floats exact and
+    short (``float(text) == value``)."""
     if isinstance(value, (list, tuple)):
         return "+".join(map(str, value)) or "all"
-    return repr(value) if isinstance(value, float) else str(value)
+    return _float_text(value) if isinstance(value, float) else str(value)
+
+
+def _float_text(value: float) -> str:
+    """Python's shortest repr (0.001, 1e-05: the names of existing sweep folders), except for whole numbers from
+    1e5 up, which read as 1e6 or 2.5e7 rather than 1000000.0 or 1e+16 when that is shorter."""
+    text = repr(value)
+    if not (math.isfinite(value) and value.is_integer() and abs(value) >= 1e5):
+        return text
+    digits = next(digits for digits in range(17) if float(f"{value:.{digits}e}") == value)
+    mantissa, exponent = f"{value:.{digits}e}".split("e")
+    compact = f"{mantissa}e{int(exponent)}"
+    return compact if len(compact) < len(text) else text
 
 
 def format_layers(layers: Sequence[int]) -> str:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from fishseg import __version__, distributed
 from fishseg.backbone import Backbone, backbone_reference, load_backbone
 from fishseg.cache import (CacheWriter, FeatureCache, PartStore, discard_parts, disk_errors, feature_name, is_cache,
-                           non_finite_images, parts_dir)
+                           non_finite_images, parts_dir, setting_changes)
 from fishseg.config import DEFAULT_COMPRESSION, IDENTITY, ExtractConfig, check_patch_multiple, resolve_layers
 from fishseg.data import (ExtractionDataset, Sample, apply_view, discover_samples, near_duplicate_groups,
                           thumbnails)
@@ -34,12 +34,13 @@ logger = logging.getLogger(__name__)
 
 
 def check_existing(out: Path, config: ExtractConfig, samples: list[Sample]) -> None:
-    """Accept a finished cache made with ``config`` from exactly these files; otherwise say why not."""
+    """Accept a finished cache made with ``config`` from exactly these files; otherwise say why not. Settings
+    the cache's backbone cannot take are refused first, so that --overwrite is advised only where it helps."""
     with FeatureCache(out) as cache:
+        if config.backbone == cache.config.backbone:
+            check_settings(config, cache.backbone.patch_size, cache.num_blocks)
         if cache.config != config:
-            changed = [f"{name} {getattr(cache.config, name)} → {getattr(config, name)}"
-                       for name in ExtractConfig.__dataclass_fields__
-                       if getattr(cache.config, name) != getattr(config, name)]
+            changed = setting_changes(dataclasses.asdict(cache.config), dataclasses.asdict(config))
             raise FishsegError(f"{out}: extracted with other settings ({'; '.join(changed)}); "
                                f"pass --overwrite to replace it")
         changes = cache.staleness(samples)
@@ -47,6 +48,14 @@ def check_existing(out: Path, config: ExtractConfig, samples: list[Sample]) -> N
         raise FishsegError(f"{out}: stale: {changes['added']} added, {changes['removed']} removed, "
                            f"{changes['modified']} modified images under the data root; pass --overwrite "
                            f"to extract again")
+
+
+def check_settings(config: ExtractConfig, patch_size: int, num_blocks: int) -> None:
+    """Refuse, before any work, an image size the backbone's patches do not tile and blocks it lacks
+    (``num_blocks`` 0: unknown, as a format 2 cache did not record it)."""
+    check_patch_multiple(config.image_size, patch_size)
+    if num_blocks:
+        resolve_layers(config.layers, num_blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,9 +244,7 @@ def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ran
              overwrite: bool, skip_bad: bool) -> Path:
     """Each rank computes its contiguous shard of batches into the part store; rank 0 assembles the cache."""
     backbone = load_backbone(config.backbone, config.mean, config.std, torch_device)
-    patch = backbone.info.patch_size
-    check_patch_multiple(config.image_size, patch)
-    resolve_layers(config.layers, backbone.num_blocks)  # a block the backbone lacks stops before any work
+    check_settings(config, backbone.info.patch_size, backbone.num_blocks)
     if backbone.info.random_init:
         logger.warning("backbone %s is RANDOM-INIT: its features carry no pretrained knowledge", config.backbone)
     batch_size = default_batch_size(torch_device) if batch_size is None else batch_size

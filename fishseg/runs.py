@@ -54,6 +54,7 @@ from fishseg.errors import FishsegError
 from fishseg.runtime import UNRECORDED, atomic_path, file_digest, make_output_dir, read_json, write_json
 
 RUN_FILE, SPLIT_FILE, HISTORY_FILE, LOCK_FILE = "run.json", "split.json", "history.json", ".lock"
+RESTORE_ADVICE = "restore it, or train again with --overwrite"  # for a run's file that is damaged or missing
 HISTORY_JOURNAL = "history.jsonl"
 CHECKPOINT_DIR, REPORT_DIR = "checkpoints", "report"
 METRICS_FILE, PER_IMAGE_FILE = "metrics.json", "per_image.csv"  # a report's scores: what `compare` reads back
@@ -285,15 +286,15 @@ def read_split(run_dir: Path, record: RunRecord | None = None) -> dict[str, list
     path = run_dir / SPLIT_FILE
     if record.split_sha256 != UNRECORDED and path.is_file() and file_digest(path) != record.split_sha256:
         raise FishsegError(f"{path}: not the split the run was trained on (its SHA-256 differs from the one in "
-                           f"{RUN_FILE}); restore it, or train again with --overwrite")
-    split = read_json(path)
+                           f"{RUN_FILE}); {RESTORE_ADVICE}")
+    split = read_json(path, RESTORE_ADVICE)
     return {name: split[name] for name in SPLITS}
 
 
 def split_digests(run_dir: Path, names: tuple[str, ...] = SPLITS) -> dict[str, str] | None:
     """Image id → content digest of the run's images of splits ``names`` when it was made; None where
     unrecorded."""
-    split = read_json(run_dir / SPLIT_FILE)
+    split = read_json(run_dir / SPLIT_FILE, RESTORE_ADVICE)
     if "digests" not in split:
         return None
     return {image_id: digest for name in names for image_id, digest in zip(split[name], split["digests"][name])}
@@ -567,6 +568,17 @@ def require_no_kind(folder: Path, writes: str) -> None:
 
 def read_sweep(sweep_dir: Path) -> dict[str, Any]:
     return _read_folder_file(sweep_dir / SWEEP_FILE, ("cache", "grid", "configs"), "sweep record")
+
+
+def sweep_digests(sweep_dir: Path) -> dict[str, str] | None:
+    """The content its runs were made from (image id → digest), as the first of its configs trained so far
+    recorded it (a cross-validation's first fold: every fold's split holds every image); None if none did."""
+    for config in read_sweep(sweep_dir)["configs"]:
+        folder = sweep_dir / config["name"]
+        run = fold_dir(folder, 0) if holds_cv(folder) else folder
+        if (run / SPLIT_FILE).is_file():
+            return split_digests(run)
+    return None
 
 
 def write_sweep(sweep_dir: Path, sweep: dict[str, Any]) -> None:

@@ -305,11 +305,13 @@ def write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def read_json(path: Path) -> Any:
-    """Read a JSON file, turning absence or corruption into a user-facing error."""
+def read_json(path: Path, advice: str = "") -> Any:
+    """Read a JSON file, turning absence or corruption into a user-facing error that ends with ``advice`` (what
+    to do, e.g. "restore it, or train again with --overwrite") where the caller knows it."""
+    tail = f"; {advice}" if advice else ""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FishsegError(f"{path}: file not found") from None
+        raise FishsegError(f"{path}: file not found{tail}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FishsegError(f"{path}: not valid JSON ({error})") from None
+        raise FishsegError(f"{path}: not valid JSON ({error}){tail}") from None

@@ -39,7 +39,7 @@ from fishseg.evaluate import evaluate_run, write_scores
 from fishseg.leaderboard import holds_leaderboard
 from fishseg.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, SWEEP_KIND, RunRecord, differing_fields, failed_configs,
                           holds_cv, holds_run, holds_sweep, read_cv, read_record, read_sweep, record_failed_config,
-                          require_kind, write_sweep)
+                          require_kind, sweep_digests, write_sweep)
 from fishseg.runtime import make_output_dir, plural, resolve_device
 from fishseg.train import (EpochCallback, TrainingData, check_cache, fused_option, plan_run, run_epoch,
                            train_run)
@@ -291,7 +291,7 @@ def _check_sweep_folder(out_dir: Path, cache: FeatureCache) -> None:
         raise FishsegError(f"{out_dir}: exists and is not a folder")
     require_kind(out_dir, SWEEP_KIND)
     if holds_sweep(out_dir):
-        cache.require(read_sweep(out_dir)["cache"], out_dir / SWEEP_FILE)
+        cache.require(read_sweep(out_dir)["cache"], out_dir / SWEEP_FILE, sweep_digests(out_dir))
     elif holds_leaderboard(out_dir):  # of a `compare`: the sweep's own would replace it
         raise FishsegError(f"{out_dir}: holds the leaderboard of a compare; use another --out, or remove it first")
 

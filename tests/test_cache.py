@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -79,8 +80,32 @@ def test_a_run_names_changed_and_missing_images_up_to_a_few(tmp_path: Path) -> N
         recorded = {**{image_id: "0" * 32 for image_id in cache.image_ids[:7]}, "gone/1.png": "1" * 32}
         with pytest.raises(FishsegError, match=r"; of its 8 images, 7 changed content \(class0/000.png, "
                                                r"class1/001.png, class0/002.png, class1/003.png, class0/004.png and 2 "
-                                               r"more\) and 1 is missing \(gone/1.png\); pass the cache"):
+                                               r"more\) and 1 is missing \(gone/1.png\), and .*c.h5 holds 5 images it "
+                                               r"was not made from \(class1/007.png, .*class1/011.png\): a different "
+                                               r"split; pass the cache"):
             cache.require({"fingerprint": "0123"}, tmp_path / "run.json", recorded)
+
+
+def test_a_cache_of_the_same_images_and_one_more_is_refused_naming_the_added_image(tmp_path: Path) -> None:
+    with FeatureCache(write_toy_cache(tmp_path / "c.h5", n_images=13)) as cache:
+        made_from = {image_id: cache.digests[image_id] for image_id in cache.image_ids[:12]}
+        with pytest.raises(FishsegError, match=r"c.h5 is cache \w+ \(backbone toy, image_size 32\); its 12 images are "
+                                               r"unchanged, but .*c.h5 holds 1 image it was not made from "
+                                               r"\(class0/012.png\): a different split; pass the cache it was trained "
+                                               r"on, or train again on this one$"):
+            recorded = json.loads(json.dumps({**cache.summary(), "fingerprint": "0123", "images": 12}))  # as run.json
+            cache.require(recorded, tmp_path / "run.json", made_from)
+
+
+@pytest.mark.parametrize("change, named", [(dict(views=("hflip",)), "views none → hflip"),
+                                           (dict(image_size=64, grid=16), "image_size 32 → 64")])
+def test_a_cache_of_other_settings_is_refused_naming_the_settings_as_typed(tmp_path: Path, change: dict,
+                                                                            named: str) -> None:
+    with FeatureCache(write_toy_cache(tmp_path / "a.h5")) as a, \
+            FeatureCache(write_toy_cache(tmp_path / "b.h5", **change)) as b:
+        with pytest.raises(FishsegError, match=rf"b.h5 is cache \w+ \(backbone toy, image_size \d+\); {named}; of its "
+                                               rf"24 images, 24 changed content"):
+            b.require(a.summary(), tmp_path / "run.json", a.digests)
 
 
 def test_a_format_3_cache_has_no_recorded_content_and_keeps_its_fingerprint(tmp_path: Path) -> None:
@@ -91,7 +116,8 @@ def test_a_format_3_cache_has_no_recorded_content_and_keeps_its_fingerprint(tmp_
     with FeatureCache(path) as cache:
         assert cache.digests is None and cache.fingerprint == "0123456789abcdef"
         cache.require({"fingerprint": "0123456789abcdef"}, tmp_path / "run.json", {"class0/000.png": "0" * 32})
-        with pytest.raises(FishsegError, match=r"is cache 0123456789abcdef \(backbone toy, image_size 32\); pass the"):
+        with pytest.raises(FishsegError, match=r"is cache 0123456789abcdef \(backbone toy, image_size 32\); what "
+                                               r"differs was not recorded; pass the"):
             cache.require({"fingerprint": "fedcba9876543210"}, tmp_path / "run.json", {"class0/000.png": "0" * 32})
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from fishseg.config import (DECODER_NAMES, BackboneInfo, ExtractConfig, TrainConfig, check_patch_multiple, from_json,
-                            resolve_layers, to_json)
+                            resolve_layers, to_json, value_text)
 from fishseg.decoders import DECODERS
 from fishseg.errors import FishsegError
 
@@ -99,3 +99,15 @@ def test_the_backbone_record_of_an_older_cache_reads_with_architecture_and_weigh
     assert info.architecture == {"model_type": "dinov3_vit", "patch_size": 16, "feature_dim": 384,
                                  "num_register_tokens": 4, "num_blocks": None, "num_heads": None, "mlp_dim": None,
                                  "mlp": None}
+
+
+@pytest.mark.parametrize("value, text", [(1e6, "1e6"), (2.5e7, "2.5e7"), (1e16, "1e16"), (100000.0, "1e5"),
+                                         (123456.0, "123456.0"), (0.001, "0.001"), (3e-4, "0.0003"), (1e-05, "1e-05"),
+                                         (1.0, "1.0"), (0.2, "0.2"), (-1e6, "-1e6")])
+def test_floats_read_short_and_exact_and_existing_sweep_names_stay(value: float, text: str) -> None:
+    assert value_text(value) == text and float(text) == value
+
+
+def test_a_refused_large_float_is_shown_as_typed() -> None:
+    with pytest.raises(FishsegError, match=r"^val_fraction 1e6: expected a finite number in \(0, 1\)$"):
+        TrainConfig(val_fraction=1e6)

@@ -121,9 +121,23 @@ def test_layers_and_views_hold_what_the_backbone_computes_for_each_transformed_p
             np.testing.assert_array_equal(cache.masks([7], view), apply_view(mask[None], view, (1, 2)).numpy())
         np.testing.assert_array_equal(cache.masks([7], "transpose")[0], mask.numpy().T)
         assert not np.allclose(cache.features([7], "hflip"), cache.features([7])[:, :, ::-1], atol=1e-2)
-    with pytest.raises(FishsegError, match=r"c.h5: extracted with other settings \(views \('hflip', 'rot90', "
-                                           r"'transpose'\) → \(\)\)"):
+    with pytest.raises(FishsegError, match=r"c.h5: extracted with other settings \(views hflip,rot90,transpose → "
+                                           r"none\); pass --overwrite"):
         run_extraction(kaggle_root, out, dataclasses.replace(config, views=()), num_workers=0, device="cpu")
+    with pytest.raises(FishsegError, match=r"c.h5: extracted with other settings \(layers -1,1 → 1,-1\)"):
+        run_extraction(kaggle_root, out, dataclasses.replace(config, layers=(1, -1)), num_workers=0, device="cpu")
+
+
+@pytest.mark.parametrize("change, refusal", [
+    (dict(image_size=62), r"--image-size 62: not a multiple of the backbone's patch size 8; try 64$"),
+    (dict(layers=(2,)), r"layers 2: the backbone has 1 block \(1 … 1, or -1 … -1 counting from the end\)$"),
+    (dict(layers=(-2,)), r"layers -2: the backbone has 1 block"),
+])
+def test_settings_the_backbone_cannot_take_are_refused_before_advising_overwrite(
+        tiny_cache: Path, kaggle_root: Path, tiny_backbone: Path, change: dict, refusal: str) -> None:
+    config = dataclasses.replace(tiny_extract_config(tiny_backbone), **change)
+    with pytest.raises(FishsegError, match=refusal):
+        run_extraction(kaggle_root, tiny_cache, config, num_workers=0, device="cpu")
 
 
 def _contents(path: Path) -> dict[str, object]:

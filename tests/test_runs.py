@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -576,3 +577,14 @@ def test_evaluate_refuses_the_report_folder_of_another_run(kinds: dict[str, Path
     status, output = _invoke("evaluate", "--cache", kinds["cache"], "--run", other, "--out", other / REPORT_DIR,
                              "--device", "cpu")
     assert status == 0, output
+
+
+@pytest.mark.parametrize("damage, message", [(lambda path: path.unlink(), "file not found"),
+                                             (lambda path: path.write_text('{"train": '), r"not valid JSON \(.*\)")])
+def test_a_damaged_split_says_what_to_do(tmp_path: Path, damage: Callable[[Path], object], message: str) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=8)
+    run_training(cache, tmp_path / "run", TrainConfig(epochs=1, batch_size=4), device="cpu")
+    damage(tmp_path / "run" / "split.json")
+    status, output = _invoke("evaluate", "--cache", cache, "--run", tmp_path / "run", "--device", "cpu")
+    assert status == 2 and re.search(rf"run/split.json: {message}; restore it, or train again with --overwrite\n$",
+                                     output), output

@@ -220,24 +220,24 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> N
     args = ["--lr", "1e-3,1e6", "--epochs", "3", "--batch-size", "4"]
     status, output = _sweep(cache, tmp_path / "sweep", *args)
     assert status == 0, output
-    assert "1 config failed, listed without scores (run again with --retry-failed to try again): lr=1000000.0 (loss " \
+    assert "1 config failed, listed without scores (run again with --retry-failed to try again): lr=1e6 (loss " \
            "is NaN or infinite" in output
     assert "leaderboard of 1 entry (and 1 failed, without scores): best lr=0.001" in output
     assert "2 configs (2 trained now, 1 of them failed) in " in output
     failed = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["failed"]
-    assert list(failed) == ["lr=1000000.0"] and "diverged" in failed["lr=1000000.0"]
+    assert list(failed) == ["lr=1e6"] and "diverged" in failed["lr=1e6"]
     board = _board(tmp_path / "sweep")
     assert board["lr=0.001"]["verdict"] == "reference" and read_record(tmp_path / "sweep" / "lr=0.001").status == \
         "finished"
-    assert board["lr=1000000.0"]["verdict"].startswith("failed: loss is NaN or infinite")
-    assert board["lr=1000000.0"]["mean_iou"] == "" and "Failed (not retried" in \
+    assert board["lr=1e6"]["verdict"].startswith("failed: loss is NaN or infinite")
+    assert board["lr=1e6"]["mean_iou"] == "" and "Failed (not retried" in \
         (tmp_path / "sweep" / "leaderboard.md").read_text()
 
     status, output = _sweep(cache, tmp_path / "sweep", *args)
     assert status == 0 and "2 configs: 0 to train, 1 finished already, 1 failed before" in output, output
     assert "2 configs (0 trained now)" in output
     result = CliRunner().invoke(main, ["compare", str(tmp_path / "sweep"), "--device", "cpu"])
-    assert result.exit_code == 0 and _board(tmp_path / "sweep")["lr=1000000.0"]["verdict"].startswith("failed")
+    assert result.exit_code == 0 and _board(tmp_path / "sweep")["lr=1e6"]["verdict"].startswith("failed")
 
     status, output = _sweep(cache, tmp_path / "sweep", *args, "--retry-failed")
     assert status == 0 and "2 configs: 1 to train, 1 finished already" in output and "1 config failed" in output
@@ -246,7 +246,7 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> N
 def test_every_config_failing_ends_with_their_reasons(tmp_path: Path) -> None:
     cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
     status, output = _sweep(cache, tmp_path / "sweep", "--lr", "1e6,1e7", "--epochs", "2", "--batch-size", "4")
-    assert status == 2 and "no runs to compare yet (lr=1000000.0: failed: loss is NaN" in output, output
+    assert status == 2 and "no runs to compare yet (lr=1e6: failed: loss is NaN" in output, output
     assert "Traceback" not in output
 
 
@@ -347,3 +347,13 @@ def test_seconds_per_image_is_the_median_pass_over_its_images_after_a_pass_over_
     seconds = sweep_module.seconds_per_image(data, TrainConfig(batch_size=4), torch.device("cpu"))
     cache.file.close()
     assert passes == [10, 10] and seconds == pytest.approx(0.02 / 10)
+
+
+def test_a_sweep_resumed_on_changed_content_counts_the_changed_images(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
+    args = ["--decoder", "linear,seed-cnn", "--epochs", "1"]
+    assert _sweep(cache, tmp_path / "sweep", *args)[0] == 0
+    write_toy_cache(cache, n_images=12, seed=5)  # the same images and settings, other content
+    status, output = _sweep(cache, tmp_path / "sweep", *args)
+    assert status == 2 and output.count("\n") == 1, output
+    assert "sweep.json: made from cache" in output and "; of its 12 images, 12 changed content (" in output, output
