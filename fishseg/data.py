@@ -343,14 +343,14 @@ def require_grouped_folds(groups: np.ndarray, classes: np.ndarray, n_folds: int,
     asked = (f"a grouped split of --val-fraction {shown(val_fraction)} ({n_folds} folds)" if val_fraction
              else f"{n_folds} grouped folds")
     n_groups = len(np.unique(groups))
-    if n_groups < n_folds:
-        raise FishsegError(f"{plural(n_groups, 'group')} of near-duplicates are too few for {asked}; "
-                           f"{_fewer_folds(n_groups, val_fraction)}")
     labels, counts = np.unique(classes, return_counts=True)
     largest = int(counts.max())
+    remedy = _fewer_folds(min(n_groups, largest), val_fraction)
+    if n_groups < n_folds:
+        raise FishsegError(f"{plural(n_groups, 'group')} of near-duplicates are too few for {asked}; {remedy}")
     if largest < n_folds:
         raise FishsegError(f"too few images per class for {asked}: no class has {n_folds} (the largest, "
-                           f"{labels[counts.argmax()]}, has {largest}); {_fewer_folds(largest, val_fraction)}")
+                           f"{labels[counts.argmax()]}, has {largest}); {remedy}")
 
 
 def _fewer_folds(most: int, val_fraction: float | None) -> str:
