@@ -418,7 +418,8 @@ def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume:
              overwrite: bool) -> RunRecord | None:
     """The record to continue (``resume``), or None to start afresh. Refuses, changing nothing, whatever
     would lose or corrupt a run: an existing run without --resume or --overwrite, a resume with other
-    settings or another cache, a folder another process is training into."""
+    settings or another cache, a folder another process is training into; and whatever training would refuse
+    once the folder is written (blocks or views the cache lacks, a split its images cannot give)."""
     check_resume_flags(resume, overwrite)
     require_kind(out_dir, RUN_KIND)
     check_cache(cache, config)
