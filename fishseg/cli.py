@@ -39,6 +39,10 @@ RESUME_ADVICE = {  # what Ctrl-C tells, per command: only what is true of that c
     "train": "Finished epochs are kept: run the same command with --resume to continue.",
     "sweep": "Finished configs and epochs are kept: run the same command again to continue.",
 }
+NOTHING_KEPT_ADVICE = {  # what it tells instead when its --out folder keeps no run: no epoch had finished
+    "train": "No epoch had finished: nothing was kept; run the same command (without --resume) to start again.",
+    "sweep": "No epoch had finished: nothing was kept; run the same command again to start the sweep.",
+}
 
 
 class UserError(click.ClickException):
@@ -141,11 +145,20 @@ def command(function: Callable[..., Any]) -> Callable[..., Any]:
             raise UserError(str(error)) from None
         except KeyboardInterrupt as stop:
             if is_main_process():
-                advice = RESUME_ADVICE.get(function.__name__, "Nothing it was writing is left half-written.")
-                click.echo(f"\nInterrupted. {advice}", err=True)
+                click.echo(f"\nInterrupted. {_stop_advice(function.__name__, kwargs.get('out'))}", err=True)
             sys.exit(TERMINATED if isinstance(stop, Terminated) else INTERRUPTED)
 
     return wrapper
+
+
+def _stop_advice(command_name: str, out: Path | None) -> str:
+    """What a stopped command kept and how to go on; train and sweep look at what their --out folder keeps."""
+    if command_name in NOTHING_KEPT_ADVICE:
+        from fishseg.runs import keeps_a_run
+
+        if not keeps_a_run(out):
+            return NOTHING_KEPT_ADVICE[command_name]
+    return RESUME_ADVICE.get(command_name, "Nothing it was writing is left half-written.")
 
 
 def device_option(function: Callable[..., Any]) -> Callable[..., Any]:

@@ -6,8 +6,10 @@ cross-validation is never replaced without ``overwrite`` and resumes fold by fol
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,8 @@ from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.evaluate import evaluate_run, write_scores
 from fishseg.runs import (CV_KIND, FINISHED, REPORT_DIR, RUNNING, check_resume_flags, clear_run, differing_fields,
-                          fold_dir, holds_cv, holds_run, read_cv, require_kind, write_cv)
-from fishseg.runtime import plural, resolve_device
+                          fold_dir, holds_cv, holds_run, is_locked, read_cv, require_kind, training_lock, write_cv)
+from fishseg.runtime import resolve_device
 from fishseg.train import EpochCallback, TrainingData, plan_run, train_run
 
 logger = logging.getLogger(__name__)
@@ -31,23 +33,36 @@ logger = logging.getLogger(__name__)
 CV_METRICS = ("mean_iou", "mean_dice", "mean_boundary_f", "pooled_iou")
 
 
-def plan_cross_validation(out_dir: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> None:
-    """Refuse, changing nothing, what would lose or mix cross-validations (as ``train.plan_run`` for a run)."""
+def plan_cross_validation(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume: bool,
+                          overwrite: bool) -> None:
+    """Refuse, changing nothing, what would lose or mix cross-validations, and whatever a fold's run would refuse
+    (its split, the cache, the run there), so that nothing is written for a cross-validation that cannot run."""
     check_resume_flags(resume, overwrite)
     require_kind(out_dir, CV_KIND)
-    if not holds_cv(out_dir):
-        if resume:
-            raise FishsegError(f"{out_dir}: holds no cross-validation to resume; drop --resume to start one")
-        return
-    if overwrite:
-        logger.info("%s: replacing the cross-validation there (--overwrite)", out_dir)
-        return
+    if holds_cv(out_dir) and is_locked(out_dir):
+        raise FishsegError(f"{out_dir}: another process is cross-validating into this folder; wait for it or "
+                           f"stop it")
+    if not holds_cv(out_dir) and resume:
+        raise FishsegError(f"{out_dir}: holds no cross-validation to resume; drop --resume to start one")
+    if holds_cv(out_dir) and not overwrite:
+        _check_recorded(out_dir, config, resume)
+    for fold in range(config.folds):
+        run_dir = fold_dir(out_dir, fold)
+        plan_run(run_dir, dataclasses.replace(config, fold=fold), cache, resume=resume and holds_run(run_dir),
+                 overwrite=overwrite)
+
+
+def _check_recorded(out_dir: Path, config: TrainConfig, resume: bool) -> None:
+    """Refuse to start over the cross-validation recorded in ``out_dir`` (described as it is recorded), or to
+    resume it with other settings."""
     cv = read_cv(out_dir)
-    done = sum(1 for result in cv["folds"] if result)
+    recorded = TrainConfig(**cv["train_config"])
     if not resume:
-        raise FishsegError(f"{out_dir}: already holds a {config.folds}-fold cross-validation ({cv['status']}, "
-                           f"{plural(done, 'fold')} scored); add --resume to continue it or --overwrite to replace it")
-    differing = differing_fields(TrainConfig(**cv["train_config"]), config)
+        done = sum(1 for result in cv["folds"] if result)
+        raise FishsegError(f"{out_dir}: already holds a {recorded.folds}-fold cross-validation ({cv['status']}, "
+                           f"{done} of {recorded.folds} folds scored); add --resume to continue it or --overwrite to "
+                           f"replace it")
+    differing = differing_fields(recorded, config)
     if differing:
         raise FishsegError(f"{out_dir}: the cross-validation was run with other settings ({'; '.join(differing)}); "
                            f"resume with its settings, or use another --out")
@@ -60,7 +75,7 @@ def run_cross_validation(cache_path: Path, out_dir: Path, config: TrainConfig, *
     mean ± std over folds. Under torchrun every fold trains on all ranks; rank 0 alone scores the folds and
     writes cv.json (the other ranks return ``{}``)."""
     with distributed.session(resolve_device(device)) as (ranks, torch_device), FeatureCache(cache_path) as cache:
-        plan_cross_validation(out_dir, config, resume=resume, overwrite=overwrite)
+        plan_cross_validation(out_dir, config, cache, resume=resume, overwrite=overwrite)
         data = TrainingData.open(cache, stream, ranks.local, guides=uses_image(config.decoder), device=torch_device)
         return cross_validate(data, out_dir, config, ranks=ranks, device=torch_device, resume=resume,
                               overwrite=overwrite, compiled=compiled)
@@ -69,17 +84,31 @@ def run_cross_validation(cache_path: Path, out_dir: Path, config: TrainConfig, *
 def cross_validate(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: Ranks = Ranks(),
                    device: torch.device = torch.device("cpu"), resume: bool = False, overwrite: bool = False,
                    on_epoch: EpochCallback | None = None, compiled: bool = False) -> dict[str, Any]:
-    """Cross-validate from already opened data (a sweep shares it between configs)."""
-    plan_cross_validation(out_dir, config, resume=resume, overwrite=overwrite)
-    for fold in range(config.folds) if resume else ():  # every fold resumable here, before cv.json is rewritten
-        if holds_run(fold_dir(out_dir, fold)):
-            plan_run(fold_dir(out_dir, fold), dataclasses.replace(config, fold=fold), data.cache, resume=True,
-                     overwrite=False)
+    """Cross-validate from already opened data (a sweep shares it between configs). The folder is locked while
+    it runs; stopped before any fold kept an epoch, it is left as it was before (cv.json removed, and the folder
+    when this call created it)."""
+    plan_cross_validation(out_dir, config, data.cache, resume=resume, overwrite=overwrite)
+    created = not out_dir.exists()
     ranks.barrier()  # every rank has read the folder before rank 0 writes into it
-    if overwrite and ranks.main:
-        for fold in range(config.folds):
-            clear_run(fold_dir(out_dir, fold))
-        clear_run(out_dir)
+    with training_lock(out_dir) if ranks.main else contextlib.nullcontext():
+        if overwrite and ranks.main:
+            if holds_cv(out_dir):
+                logger.info("%s: replacing the cross-validation there (--overwrite)", out_dir)
+            for fold in range(config.folds):
+                clear_run(fold_dir(out_dir, fold))
+            clear_run(out_dir)
+        try:
+            return _cross_validate(data, out_dir, config, ranks, device, resume, on_epoch, compiled)
+        except (KeyboardInterrupt, FishsegError):
+            if ranks.main and not any(holds_run(fold_dir(out_dir, fold)) for fold in range(config.folds)):
+                clear_run(out_dir)
+                if created:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+
+
+def _cross_validate(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks, device: torch.device,
+                    resume: bool, on_epoch: EpochCallback | None, compiled: bool) -> dict[str, Any]:
     cv: dict[str, Any] = {"train_config": dataclasses.asdict(config), "status": RUNNING,
                           "folds": [None] * config.folds, "summary": {}}
     for fold in range(config.folds):

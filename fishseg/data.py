@@ -16,7 +16,9 @@ foreground when its value is non-zero after conversion to 8-bit grayscale (PIL m
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -324,28 +326,62 @@ Folds = list[tuple[np.ndarray, np.ndarray]]  # (train indices, val indices) per 
 
 
 def grouped_folds(groups: np.ndarray, classes: np.ndarray, n_folds: int, seed: int) -> Folds:
-    """K folds that never split a group, stratified by class where the groups allow (StratifiedGroupKFold)."""
-    n_groups = len(np.unique(groups))
-    if n_groups < n_folds:
-        raise FishsegError(f"{plural(n_groups, 'group')} of near-duplicates are too few for {n_folds} folds; use "
-                           f"fewer folds or --split random")
+    """K folds that never split a group, stratified by class where the groups allow (StratifiedGroupKFold).
+    ``classes``: each image's class name (or index)."""
+    require_grouped_folds(groups, classes, n_folds)
     folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    return [(np.sort(train), np.sort(val)) for train, val in folds.split(np.zeros(len(groups)), classes, groups)]
+    with warnings.catch_warnings():  # a class smaller than K is left out of some folds: "where the groups allow"
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        return [(np.sort(train), np.sort(val)) for train, val in folds.split(np.zeros(len(groups)), classes, groups)]
+
+
+def require_grouped_folds(groups: np.ndarray, classes: np.ndarray, n_folds: int,
+                          val_fraction: float | None = None) -> None:
+    """Refuse, in one line, grouped folds that cannot be made: fewer groups than folds, or no class with as many
+    images as folds (StratifiedGroupKFold's limit). ``val_fraction``: the folds are those of a train/val split.
+    Cheap, so that a split is checked before anything is written."""
+    asked = (f"a grouped split of --val-fraction {shown(val_fraction)} ({n_folds} folds)" if val_fraction
+             else f"{n_folds} grouped folds")
+    n_groups = len(np.unique(groups))
+    labels, counts = np.unique(classes, return_counts=True)
+    largest = int(counts.max())
+    remedy = _fewer_folds(min(n_groups, largest), val_fraction)
+    if n_groups < n_folds:
+        raise FishsegError(f"{plural(n_groups, 'group')} of near-duplicates are too few for {asked}; {remedy}")
+    if largest < n_folds:
+        raise FishsegError(f"too few images per class for {asked}: no class has {n_folds} (the largest, "
+                           f"{labels[counts.argmax()]}, has {largest}); {remedy}")
+
+
+def _fewer_folds(most: int, val_fraction: float | None) -> str:
+    """What to do when at most ``most`` folds can be made: the --cv or --val-fraction that makes that many."""
+    if most < 2:
+        return "use --split random, or add images"
+    fewer = f"--val-fraction {math.ceil(100 / most) / 100:g} or more" if val_fraction else f"--cv {most} or fewer"
+    return f"use {fewer}, --split random, or add images"
 
 
 def random_folds(n_images: int, n_folds: int, seed: int) -> Folds:
     if n_images < n_folds:
-        raise FishsegError(f"{plural(n_images, 'image')}: too few for {n_folds} folds")
+        raise FishsegError(f"{plural(n_images, 'image')}: too few for {n_folds} folds; use --cv {n_images} or fewer, "
+                           f"or add images")
     folds = KFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return [(np.sort(train), np.sort(val)) for train, val in folds.split(np.zeros(n_images))]
 
 
-def grouped_split(groups: np.ndarray, classes: np.ndarray, val_fraction: float,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A train/val split by groups, about ``val_fraction`` validation: the first of round(1/fraction) folds."""
+def split_folds(val_fraction: float) -> int:
+    """The number of folds whose first is a train/val split of about ``val_fraction`` validation."""
     if not 0.0 < val_fraction < 1.0:
         raise FishsegError(f"--val-fraction {val_fraction}: must be between 0 and 1")
-    return grouped_folds(groups, classes, max(2, round(1 / val_fraction)), seed)[0]
+    return max(2, round(1 / val_fraction))
+
+
+def grouped_split(groups: np.ndarray, classes: np.ndarray, val_fraction: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A train/val split by groups, about ``val_fraction`` validation: the first of ``split_folds`` folds."""
+    n_folds = split_folds(val_fraction)
+    require_grouped_folds(groups, classes, n_folds, val_fraction)
+    return grouped_folds(groups, classes, n_folds, seed)[0]
 
 
 def random_split(n_images: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -140,6 +140,12 @@ def holds_run(folder: Path) -> bool:
     return (folder / RUN_FILE).is_file()
 
 
+def keeps_a_run(folder: Path) -> bool:
+    """Whether ``folder`` keeps a run to go on from: its own, a cross-validation's fold, or a sweep config's (or
+    its fold). A stopped run keeps its record only once an epoch has finished (``train._after_stop``)."""
+    return any(any(folder.glob(pattern)) for pattern in (RUN_FILE, f"*/{RUN_FILE}", f"*/*/{RUN_FILE}"))
+
+
 def read_record(run_dir: Path) -> RunRecord:
     """The record of ``run_dir``, with the status a reader should believe: a ``running`` run whose lock
     nobody holds was killed, and reads as ``interrupted``. Its settings are refused when they are not those
@@ -509,7 +515,12 @@ def differing_fields(recorded: TrainConfig, requested: TrainConfig) -> list[str]
 
 
 def read_cv(out_dir: Path) -> dict[str, Any]:
-    return _read_folder_file(out_dir / CV_FILE, ("train_config", "status", "folds"), "cross-validation record")
+    """The cross-validation record of ``out_dir``, with the status a reader should believe (as ``read_record``):
+    a ``running`` one whose lock nobody holds was stopped, and reads as ``interrupted``."""
+    cv = _read_folder_file(out_dir / CV_FILE, ("train_config", "status", "folds"), "cross-validation record")
+    if cv["status"] == RUNNING and not is_locked(out_dir):
+        cv["status"] = INTERRUPTED
+    return cv
 
 
 def _read_folder_file(path: Path, keys: tuple[str, ...], kind: str) -> dict[str, Any]:

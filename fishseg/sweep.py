@@ -274,7 +274,7 @@ def _check_folder(out_dir: Path, entry: SweepConfig, cache: FeatureCache) -> boo
     """Whether ``entry`` is finished already; refuses a folder that holds something else under its name."""
     folder = out_dir / entry.name
     if entry.config.folds:
-        plan_cross_validation(folder, entry.config, resume=holds_cv(folder), overwrite=False)
+        plan_cross_validation(folder, entry.config, cache, resume=holds_cv(folder), overwrite=False)
         return holds_cv(folder) and read_cv(folder)["status"] == FINISHED
     if holds_run(folder):
         record = read_record(folder)

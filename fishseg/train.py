@@ -27,7 +27,7 @@ from fishseg import distributed
 from fishseg.cache import FeatureCache
 from fishseg.config import IDENTITY, TrainConfig, to_json
 from fishseg.data import (apply_view, duplicates_across, grouped_folds, grouped_split, groups_from_names, random_folds,
-                          random_split)
+                          random_split, require_grouped_folds, split_folds)
 from fishseg.decoders import build_decoder, load_checkpoint, segment, uses_image
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
@@ -364,14 +364,34 @@ def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig
 
 def split_indices(cache: FeatureCache, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train and val indices for ``config`` (split method, fold), and the groups they respect or leak."""
-    groups = groups_from_names(cache.image_ids, config.group_pattern) if config.group_pattern else cache.groups
+    groups, classes = _split_groups(cache, config), _image_classes(cache)
     if config.folds:
-        folds = (grouped_folds(groups, cache.class_index, config.folds, config.seed) if config.split == "grouped"
+        folds = (grouped_folds(groups, classes, config.folds, config.seed) if config.split == "grouped"
                  else random_folds(len(cache), config.folds, config.seed))
         return (*folds[config.fold], groups)
     if config.split == "grouped":
-        return (*grouped_split(groups, cache.class_index, config.val_fraction, config.seed), groups)
+        return (*grouped_split(groups, classes, config.val_fraction, config.seed), groups)
     return (*random_split(len(cache), config.val_fraction, config.seed), groups)
+
+
+def check_split(cache: FeatureCache, config: TrainConfig) -> None:
+    """Refuse what ``split_indices`` would refuse, before anything is written, without making a grouped split
+    (seconds on a large cache)."""
+    if config.split != "grouped":
+        split_indices(cache, config)
+        return
+    val_fraction = None if config.folds else config.val_fraction  # folds of a --cv, or of one train/val split
+    require_grouped_folds(_split_groups(cache, config), _image_classes(cache),
+                          config.folds or split_folds(config.val_fraction), val_fraction)
+
+
+def _split_groups(cache: FeatureCache, config: TrainConfig) -> np.ndarray:
+    return groups_from_names(cache.image_ids, config.group_pattern) if config.group_pattern else cache.groups
+
+
+def _image_classes(cache: FeatureCache) -> np.ndarray:
+    """Each image's class name: what a grouped split stratifies by and its messages name."""
+    return np.asarray(cache.class_names)[cache.class_index]
 
 
 def _new_record(cache: FeatureCache, config: TrainConfig, train_idx: np.ndarray, val_idx: np.ndarray,
@@ -398,10 +418,12 @@ def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume:
              overwrite: bool) -> RunRecord | None:
     """The record to continue (``resume``), or None to start afresh. Refuses, changing nothing, whatever
     would lose or corrupt a run: an existing run without --resume or --overwrite, a resume with other
-    settings or another cache, a folder another process is training into."""
+    settings or another cache, a folder another process is training into; and whatever training would refuse
+    once the folder is written (blocks or views the cache lacks, a split its images cannot give)."""
     check_resume_flags(resume, overwrite)
     require_kind(out_dir, RUN_KIND)
     check_cache(cache, config)
+    check_split(cache, config)
     if not holds_run(out_dir):
         if resume:
             raise FishsegError(f"{out_dir}: holds no run to resume; drop --resume to start one")
@@ -409,7 +431,6 @@ def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume:
     if is_locked(out_dir):
         raise FishsegError(f"{out_dir}: another process is training into this folder; wait for it or stop it")
     if overwrite:
-        logger.info("%s: replacing the run there (--overwrite)", out_dir)
         return None
     record = read_record(out_dir)
     if not resume:
@@ -470,22 +491,24 @@ def train_run(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: 
     created = not out_dir.exists()
     with training_lock(out_dir) if ranks.main else contextlib.nullcontext():
         if ranks.main and overwrite:
+            if holds_run(out_dir):
+                logger.info("%s: replacing the run there (--overwrite)", out_dir)
             clear_run(out_dir)
         elif ranks.main:
             clear_report(out_dir)  # a resumed run trains on: its report would describe the run as it was
         try:
             return _train(data, out_dir, config, ranks, device, previous, on_epoch or _log_epoch, compiled)
-        except (KeyboardInterrupt, FishsegError) as stop:
+        except (KeyboardInterrupt, FishsegError):
             if ranks.main:
-                _after_stop(out_dir, created, failed=isinstance(stop, FishsegError))
+                _after_stop(out_dir, created)
             raise
 
 
-def _after_stop(out_dir: Path, created: bool, *, failed: bool) -> None:
-    """Record a stopped run as interrupted (resumable), or, when it failed before finishing an epoch, leave
-    nothing new behind."""
+def _after_stop(out_dir: Path, created: bool) -> None:
+    """Record a stopped run as interrupted (resumable), or, when it stopped (Ctrl-C, or failed) before finishing
+    an epoch, leave nothing behind: there is nothing to resume, and the same command starts again."""
     record = read_record(out_dir) if holds_run(out_dir) else None  # the committed state, not this process's
-    if record is not None and (record.epochs_done or not failed):
+    if record is not None and record.epochs_done:
         write_record(out_dir, dataclasses.replace(record, status=INTERRUPTED))
         return
     clear_run(out_dir)

@@ -212,7 +212,7 @@ def test_a_leaderboard_never_replaces_one_of_other_folders(runs: dict[str, Path]
 def test_a_cross_validated_sweep_with_an_unfinished_config_shows_the_finished_ones(
         runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sweep = tmp_path / "sweep"
-    interrupt_at_pass(monkeypatch, 5)  # config 1: folds 1-2 (4 passes), then config 2 stops in its first fold
+    interrupt_at_pass(monkeypatch, 7)  # config 1: folds 1-2 (4 passes); config 2: fold 1 (2), then stops in fold 2
     args = ["sweep", "--cache", str(runs["cache"]), "--out", str(sweep), "--decoder", "seed-cnn,linear", "--epochs",
             "1", "--batch-size", "8", "--cv", "2", "--device", "cpu"]
     assert CliRunner().invoke(main, args).exit_code == 130
@@ -221,7 +221,7 @@ def test_a_cross_validated_sweep_with_an_unfinished_config_shows_the_finished_on
     assert status == 0 and "leaderboard of 1 entry (and 1 unfinished, without scores)" in output, output
     rows = _rows(sweep)
     assert rows["decoder=seed-cnn"]["verdict"] == "reference" and rows["decoder=seed-cnn"]["folds"] == "2"
-    assert rows["decoder=linear"]["verdict"] == "unfinished: 0 of 2 folds trained"
-    assert "Not scored yet: decoder=linear (0 of 2 folds trained)." in (sweep / "leaderboard.md").read_text()
+    assert rows["decoder=linear"]["verdict"] == "unfinished: 1 of 2 folds trained"
+    assert "Not scored yet: decoder=linear (1 of 2 folds trained)." in (sweep / "leaderboard.md").read_text()
     status, output = _invoke(sweep / "decoder=linear", "--out", tmp_path / "alone", "--device", "cpu")
-    assert status == 2 and "decoder=linear: 0 of 2 folds trained; nothing to compare" in output, output
+    assert status == 2 and "decoder=linear: 1 of 2 folds trained; nothing to compare" in output, output

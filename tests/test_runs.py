@@ -358,6 +358,24 @@ def test_sigterm_stops_training_as_ctrl_c_does_and_the_run_resumes(tmp_path: Pat
     assert (read_record(run_dir).status, read_record(run_dir).epochs_done) == ("finished", 6)
 
 
+@pytest.mark.parametrize("command, left", [
+    (["train"], None), (["train", "--cv", "2"], None), (["sweep", "--lr", "1e-3,3e-3"], ["sweep.json"]),
+])
+def test_a_stop_before_the_first_epoch_keeps_nothing_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 command: list[str], left: list[str] | None) -> None:
+    """Ctrl-C (SIGTERM stops alike) before any epoch finished: no run is left to --resume, the advice says so, and
+    the same command starts again. A sweep keeps its sweep.json, which the same command takes up."""
+    cache, out = write_toy_cache(tmp_path / "toy.h5", n_images=12), tmp_path / "out"
+    args = [*command, "--cache", cache, "--out", out, "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
+    interrupt_at_pass(monkeypatch, 1)
+    status, output = _invoke(*args)
+    assert status == 130 and "\nInterrupted. No epoch had finished: nothing was kept; run the same command" in output
+    assert "kept: run the same command" not in output, output
+    assert (sorted(path.name for path in out.iterdir()) if out.exists() else None) == left
+    monkeypatch.undo()
+    assert _invoke(*args)[0] == 0
+
+
 def _run_copy(run_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run_dir, tmp_path / "run"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -18,7 +19,7 @@ from fishseg.data import (duplicates_across, grouped_folds, grouped_split, group
                           random_folds, thumbnails)
 from fishseg.errors import FishsegError
 from fishseg.train import split_indices
-from tests.helpers import F4K_SAMPLE, write_toy_cache
+from tests.helpers import F4K_SAMPLE, interrupt_at_pass, write_toy_cache
 
 
 def _photos(n: int, seed: int = 0) -> np.ndarray:
@@ -57,7 +58,7 @@ def test_folds_cover_every_image_once() -> None:
     groups, classes = np.repeat(np.arange(12), 3), np.repeat(np.arange(12) % 2, 3)
     for folds in (grouped_folds(groups, classes, 3, seed=0), random_folds(36, 3, seed=0)):
         assert sorted(np.concatenate([val for _, val in folds]).tolist()) == list(range(36))
-    with pytest.raises(FishsegError, match="12 groups of near-duplicates are too few for 20 folds"):
+    with pytest.raises(FishsegError, match="12 groups of near-duplicates are too few for 20 grouped folds; use --cv 12 or fewer"):
         grouped_folds(groups, classes, 20, seed=0)
 
 
@@ -90,6 +91,62 @@ def test_cross_validation_writes_each_fold_and_the_mean(tmp_path: Path) -> None:
     assert f"mean_iou {cv['summary']['mean_iou']['mean']:.4f} ±" in result.output
     for fold in (1, 2, 3):
         assert (tmp_path / "cv" / f"fold-{fold}" / "report" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("command, remedy", [
+    (["train"], "use --val-fraction 0.25 or more, --split random, or add images"),
+    (["train", "--cv", "5"], "use --cv 4 or fewer, --split random, or add images"),
+    (["sweep", "--lr", "1e-3,1e-2"], "use --val-fraction 0.25 or more"),
+])
+def test_a_grouped_split_too_fine_for_the_classes_is_refused_before_anything_is_written(
+        tmp_path: Path, command: list[str], remedy: str) -> None:
+    """4 images a class make no 5 stratified folds: one line, exit 2, no folder created, an existing one as it was
+    (sklearn's ValueError came after the folder, its lock or a running cv.json, was written)."""
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=8)  # 4 images in each of 2 classes
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    for out in (tmp_path / "new", existing):
+        result = CliRunner().invoke(main, [*command, "--cache", str(cache), "--out", str(out), "--split", "grouped",
+                                           "--epochs", "1", "--device", "cpu"])
+        assert result.exit_code == 2, result.output
+        assert "too few images per class for " in result.output and "(the largest, class0, has 4); " in result.output
+        assert remedy in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "new").exists() and [path.name for path in existing.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("per_class", [1, 2, 3, 4, 7])
+def test_a_refused_grouped_split_suggests_a_val_fraction_that_works(per_class: int) -> None:
+    groups, classes = np.arange(2 * per_class), np.repeat(["a", "b"], per_class)
+    with pytest.raises(FishsegError) as refused:
+        grouped_split(groups, classes, 0.1, seed=0)
+    suggested = re.search(r"use --val-fraction ([\d.]+) or more", str(refused.value))
+    if per_class == 1:  # no two folds: only another split method
+        assert suggested is None and "use --split random, or add images" in str(refused.value)
+        return
+    train, val = grouped_split(groups, classes, float(suggested.group(1)), seed=0)
+    assert len(train) and len(val) and len(train) + len(val) == 2 * per_class
+
+
+def test_a_cross_validation_that_cannot_run_leaves_nothing_and_one_on_disk_is_described_as_recorded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """13 folds of 12 images are refused before cv.json is written; a 3-fold cross-validation stopped after its
+    first fold is described as 3-fold and interrupted (not as the K asked now, nor as running)."""
+    cache, out = write_toy_cache(tmp_path / "toy.h5", n_images=12), tmp_path / "cv"
+    train = ["train", "--cache", str(cache), "--out", str(out), "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
+    result = CliRunner().invoke(main, [*train, "--cv", "13"])
+    assert result.exit_code == 2 and "12 images: too few for 13 folds; use --cv 12 or fewer" in result.output
+    assert not out.exists()
+    interrupt_at_pass(monkeypatch, 3)  # fold 1 trained and scored; fold 2 stopped before its first epoch
+    assert CliRunner().invoke(main, [*train, "--cv", "3"]).exit_code == 130
+    monkeypatch.undo()
+    result = CliRunner().invoke(main, [*train, "--cv", "2"])
+    assert result.exit_code == 2, result.output
+    assert (f"{out}: already holds a 3-fold cross-validation (interrupted, 1 of 3 folds scored); add --resume to "
+            f"continue it") in result.output
+    assert CliRunner().invoke(main, [*train, "--resume"]).exit_code == 0
+    cv = json.loads((out / "cv.json").read_text())
+    assert cv["status"] == "finished" and len(cv["folds"]) == 3
 
 
 @pytest.mark.skipif(not F4K_SAMPLE.is_dir(), reason=f"{F4K_SAMPLE} not present")
