@@ -458,9 +458,8 @@ def compare(folders: tuple[Path, ...], baseline: Path | None, out: Path | None, 
     verdict. Runs must share one cache and the same validation images (cross-validations: the same
     folds). Writes leaderboard.csv, .md, .html and val_iou_curves.png.
     """
-    from fishseg.compare import default_out, run_compare
+    from fishseg.compare import run_compare
 
-    out = out or default_out(list(folders), baseline)
     board = run_compare(list(folders), out, baseline=baseline, cache_path=cache_path, device=device)
     click.echo(board.summary())
 

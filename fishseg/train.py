@@ -30,9 +30,9 @@ from fishseg.data import (apply_view, duplicates_across, grouped_folds, grouped_
                           random_split)
 from fishseg.decoders import build_decoder, load_checkpoint, segment, uses_image
 from fishseg.distributed import Ranks
-from fishseg.errors import FishsegError
+from fishseg.errors import FishsegError, TrainingFailed
 from fishseg.metrics import binarize, iou_per_image
-from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUN_KIND, RUNNING, SPLIT_FILE, RunRecord,
+from fishseg.runs import (FAILED, FINISHED, INTERRUPTED, RUN_FILE, RUN_KIND, RUNNING, SPLIT_FILE, RunRecord,
                           check_resume_flags, clear_report, clear_run, commit_epoch, cut_history, differing_fields,
                           history_entry, holds_run, is_locked, read_record, read_resume_state, read_split,
                           require_kind, split_digests, training_lock, verified, verify_files, write_checkpoint,
@@ -249,8 +249,8 @@ def run_epoch(decoder: nn.Module, split: Split, batch_size: int, device: torch.d
     sizes = [len(shard) for shard in shards]
     result = EpochResult.from_ranks(ranks.gather((_per_batch(losses, sizes), _per_batch(ious, sizes))))
     if not all(map(math.isfinite, result.image_losses)):
-        raise FishsegError(f"loss is NaN or infinite: {_non_finite_cause(split, shards, views, result, ranks)} "
-                           f"(the last good checkpoint is kept)")
+        raise TrainingFailed(f"loss is NaN or infinite: {_non_finite_cause(split, shards, views, result, ranks)} "
+                             f"(the last good checkpoint is kept)")
     return result
 
 
@@ -412,6 +412,7 @@ def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume:
         logger.info("%s: replacing the run there (--overwrite)", out_dir)
         return None
     record = read_record(out_dir)
+    record.refuse_if_failed(out_dir)
     if not resume:
         raise FishsegError(f"{out_dir}: already holds a run ({record.describe()}); add --resume to continue it "
                            f"or --overwrite to replace it")
@@ -477,16 +478,19 @@ def train_run(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: 
             return _train(data, out_dir, config, ranks, device, previous, on_epoch or _log_epoch, compiled)
         except (KeyboardInterrupt, FishsegError) as stop:
             if ranks.main:
-                _after_stop(out_dir, created, failed=isinstance(stop, FishsegError))
+                _after_stop(out_dir, created, stop)
             raise
 
 
-def _after_stop(out_dir: Path, created: bool, *, failed: bool) -> None:
-    """Record a stopped run as interrupted (resumable), or, when it failed before finishing an epoch, leave
-    nothing new behind."""
+def _after_stop(out_dir: Path, created: bool, stop: BaseException) -> None:
+    """Record a stopped run: failed, with why, when its training failed (a resume would repeat that); else
+    interrupted (resumable: Ctrl-C, SIGTERM, or a refusal before training went on). A run that stopped on an
+    error before finishing an epoch leaves nothing new behind."""
     record = read_record(out_dir) if holds_run(out_dir) else None  # the committed state, not this process's
-    if record is not None and (record.epochs_done or not failed):
-        write_record(out_dir, dataclasses.replace(record, status=INTERRUPTED))
+    if record is not None and (record.epochs_done or not isinstance(stop, FishsegError)):
+        failed = isinstance(stop, TrainingFailed)
+        write_record(out_dir, dataclasses.replace(record, status=FAILED if failed else INTERRUPTED,
+                                                  failure=str(stop) if failed else ""))
         return
     clear_run(out_dir)
     if created:
