@@ -116,11 +116,11 @@ def default_out(folders: Sequence[Path], baseline: Path | None = None) -> Path:
     return folders[0] if len(folders) == 1 and baseline is None and holds_sweep(folders[0]) else DEFAULT_OUT
 
 
-def check_out(out_dir: Path, compared: Sequence[Path], *, default: bool = False) -> None:
+def check_out(out_dir: Path, compared: Sequence[Path], entries: Sequence[Path], *, default: bool = False) -> None:
     """Refuse an ``--out`` where the leaderboard would replace results of other folders: a run, a
     cross-validation or a sweep folder (but the one sweep compared alone, whose own leaderboard it is), or the
-    leaderboard of folders not all compared now (one of every folder compared now, and more, is brought up to
-    date: its entries are all in the new one). ``default``: ``out_dir`` is the default, not typed."""
+    leaderboard of entries not all among the ``entries`` now (one whose entries all are is brought up to date:
+    nothing of it is lost). ``compared``: the folders as given; ``default``: ``out_dir`` was not typed."""
     if folder_kind(out_dir) == SWEEP_KIND and [folder.resolve() for folder in compared] == [out_dir.resolve()]:
         return
     where, other = (f"{out_dir}, the default --out,", "pass --out DIR") if default else \
@@ -130,9 +130,10 @@ def check_out(out_dir: Path, compared: Sequence[Path], *, default: bool = False)
         raise FishsegError(f"{where} holds a {kind}, whose files a leaderboard of other folders would mix "
                            f"with or replace; {other}")
     recorded = compared_folders(out_dir)
-    kept = recorded is not None and recorded <= {str(folder.resolve()) for folder in compared}
+    kept = recorded is not None and recorded <= {str(folder.resolve()) for folder in entries}
     if holds_leaderboard(out_dir) and not kept:
-        whose = f" ({', '.join(sorted(recorded))})" if recorded else ""
+        listed = sorted(recorded or ())
+        whose = f" ({', '.join(listed[:3])}{', …' if len(listed) > 3 else ''})" if listed else ""
         raise FishsegError(f"{where} holds the leaderboard of other folders{whose}; {other}, or remove {out_dir} "
                            f"first")
 
@@ -374,9 +375,10 @@ def run_compare(folders: Sequence[Path], out_dir: Path | None = None, *, baselin
     if baseline is not None:
         _check_baseline(baseline)
     compared = [*folders, *([baseline] if baseline else [])]
-    default, out_dir = out_dir is None, out_dir or default_out(folders, baseline)
-    check_out(out_dir, compared, default=default)
     found, unscored = entry_folders(compared)
+    every = [*found, *(other.folder for other in unscored)]
+    default, out_dir = out_dir is None, out_dir or default_out(folders, baseline)
+    check_out(out_dir, compared, every, default=default)
     _check_one_cache(found)
     names, unscored = _named(found, unscored)
     opener = _CacheOpener(cache_path)
@@ -398,7 +400,7 @@ def run_compare(folders: Sequence[Path], out_dir: Path | None = None, *, baselin
     board.sort(key=lambda entry: -entry.mean_iou)
     listed = [UnscoredEntry(other.name, _field_values(other.config, fields), other.verdict) for other in unscored]
     write_leaderboard(make_output_dir(out_dir), board, reference=reference, notes=_notes(entries, image_ids, unscored),
-                      unscored=listed, compared=compared)
+                      unscored=listed, compared=every)
     return Leaderboard(out_dir, board, reference, tuple(unscored))
 
 
