@@ -228,7 +228,7 @@ def _check_one_validation_set(grid: Grid, folds: int) -> None:
         values = grid.get(field, ())
         if len(values) < 2:
             continue
-        listed = " and ".join(map(value_text, values))
+        listed = ", ".join(map(value_text, values[:3])) + (", …" if len(values) > 3 else "")
         unused = _unused_because(field, grid, folds)
         if unused:
             raise FishsegError(f"sweep value {field} lists {listed}: {unused}, so its configs would train alike; "

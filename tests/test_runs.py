@@ -496,3 +496,22 @@ def test_a_folder_of_one_kind_refuses_the_commands_of_the_others(kinds: dict[str
                              "--batch-size", 4, "--device", "cpu")
     assert status == 2 and f"{kinds[target]}: {holds}; use another --out, or remove the folder first" in output, output
     assert _snapshot(kinds[target]) == before
+
+
+def test_a_run_whose_training_failed_is_recorded_failed_and_not_resumed(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=20)
+    run = tmp_path / "run"
+    status, output = _invoke("train", "--cache", cache, "--out", run, "--lr", "1e6", "--epochs", "3", "--batch-size",
+                             "4", "--device", "cpu")
+    assert status == 2 and "loss is NaN or infinite" in output, output
+    record = read_record(run)
+    assert record.status == "failed" and record.epochs_done >= 1 and record.failure.startswith("loss is NaN")
+    for flags in (["--resume"], []):
+        status, output = _invoke("train", "--cache", cache, "--out", run, *flags, "--device", "cpu")
+        assert status == 2 and output == (f"Error: {run}: its training failed in epoch {record.epochs_done + 1} of 3: "
+                                          f"{record.failure}; a resume would repeat that (it continues the run "
+                                          f"exactly as it went): train it again with other settings and "
+                                          f"--overwrite, or into another --out\n"), output
+    status, output = _invoke("train", "--cache", cache, "--out", run, "--overwrite", "--lr", "1e-3", "--epochs", "3",
+                             "--batch-size", "4", "--device", "cpu")
+    assert status == 0 and read_record(run).status == "finished" and read_record(run).failure == "", output
