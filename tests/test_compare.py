@@ -234,7 +234,7 @@ def test_a_cross_validated_sweep_with_an_unfinished_config_shows_the_finished_on
 
 
 def test_a_failed_run_has_no_scores_is_never_the_reference_and_no_baseline(tmp_path: Path) -> None:
-    cache = write_toy_cache(tmp_path / "toy.h5", n_images=20)
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)  # lr 1e6 diverges in epoch 2: a failed run folder
     sweep, failed, good = tmp_path / "sw", tmp_path / "sw" / "lr=1000000.0", tmp_path / "sw" / "lr=0.001"
     result = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(sweep), "--lr", "1e-3,1e6",
                                        "--epochs", "3", "--batch-size", "4", "--device", "cpu"])

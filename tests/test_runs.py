@@ -499,7 +499,7 @@ def test_a_folder_of_one_kind_refuses_the_commands_of_the_others(kinds: dict[str
 
 
 def test_a_run_whose_training_failed_is_recorded_failed_and_not_resumed(tmp_path: Path) -> None:
-    cache = write_toy_cache(tmp_path / "toy.h5", n_images=20)
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)  # lr 1e6 diverges in epoch 2: a failed run folder
     run = tmp_path / "run"
     status, output = _invoke("train", "--cache", cache, "--out", run, "--lr", "1e6", "--epochs", "3", "--batch-size",
                              "4", "--device", "cpu")
