@@ -2,7 +2,7 @@
 
 An entry is a run folder, or a cross-validation folder (one entry, its folds' validation images
 pooled); a sweep folder counts as its entries, those it cannot score (failed, or not trained far enough)
-listed without scores. Entries must share one cache and the same validation
+listed without scores, as is a failed run named on its own (never the reference, and refused as --baseline). Entries must share one cache and the same validation
 images (cross-validations: the same folds), so that each image pairs the entries' scores. Per-image
 scores come from a run's evaluation when it matches the run's best checkpoint, and are computed from
 the cache otherwise. Statistics: ``fishseg.stats``; rendering: ``fishseg.leaderboard``. A leaderboard is

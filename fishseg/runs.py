@@ -26,7 +26,9 @@ A run folder (``train --out RUN``):
 A cross-validation folder holds ``cv.json`` and one run folder per fold (``fold-k``); a sweep folder holds
 ``sweep.json`` and one run or cross-validation folder per config. ``sweep.json`` records the cache (its path
 absolute), the grid, the configs and, under ``failed``, the configs whose training failed with the reason
-(a rerun skips them unless asked to retry). A folder holds one kind (``folder_kind``): no command writes a
+(a rerun skips them unless asked to retry). A run whose training failed (a non-finite loss) says so itself:
+``run.json``'s status is ``failed`` and ``failure`` holds why; such a run is not resumed (a resume continues it
+exactly as it went, so it would fail the same way), only replaced. A folder holds one kind (``folder_kind``): no command writes a
 run into a cross-validation or sweep folder, or the other way round.
 """
 

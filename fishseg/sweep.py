@@ -3,8 +3,9 @@
 The cache is opened and loaded once; each config trains into ``OUT/<name>`` (a run folder, or a
 cross-validation folder with ``--cv``) named by the fields that vary, e.g. ``decoder=linear,lr=0.0003``.
 Running the same sweep again skips finished configs and resumes interrupted ones. A config whose training
-fails (a non-finite loss, say) is recorded as failed in ``sweep.json`` and the sweep goes on; a rerun skips it
-unless asked to retry. Before training, the sweep says how many configs it will train and about how long that
+fails (a non-finite loss, say) is recorded as failed in ``sweep.json`` (and its run in ``run.json``) and the sweep
+goes on; a rerun skips it unless asked to retry, which trains it again from the start. Configs must validate on
+the same images to be compared, so a grid that varies a field choosing them is refused before anything is written. Before training, the sweep says how many configs it will train and about how long that
 takes, and asks before starting more than ``CONFIRM_ABOVE``.
 """
 
