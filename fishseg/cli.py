@@ -406,7 +406,8 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
               help="Configs trained at a time on the one device, sharing one copy of the cache (on a GPU, more "
                    "than 1 keeps it busy; results are those of one at a time).")
 @click.option("--retry-failed", is_flag=True,
-              help="Train again the configs that failed in an earlier run of this sweep (skipped without it).")
+              help="Train again, from the start, the configs that failed in an earlier run of this sweep "
+                   "(skipped without it).")
 @click.option("--yes", is_flag=True, help="Start a sweep of more than 50 configs to train without asking.")
 @stream_option
 @device_option
@@ -421,7 +422,9 @@ def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, jobs:
     The cache is loaded once for all configs. Run the same command again to continue: finished
     configs are skipped, interrupted ones resume. A config whose training fails (e.g. a
     diverging --lr) is recorded as failed and the others go on; it is not retried without
-    --retry-failed. Before training, the sweep says how many configs it trains and about how
+    --retry-failed (which trains it again from the start). Configs are compared on the same
+    validation images, so --seed, --split, --val-fraction and --group-pattern take one value
+    (for the spread over validation sets, use --cv). Before training, the sweep says how many configs it trains and about how
     long that takes; above 50 it asks first (or needs --yes). The leaderboard (see `fishseg
     compare`) is written into OUT at the end.
     """
@@ -474,7 +477,7 @@ def _confirmed(question: str) -> bool:
               help="Run (or cross-validation) folder every entry is compared with [default: the best].")
 @click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Leaderboard folder [default: the sweep folder when it is the only folder given, else ./compare]; "
-                   "refused where it would replace the leaderboard of other folders.")
+                   "refused where it would replace a leaderboard whose entries are not all compared now.")
 @click.option("--cache", "cache_path", default=None, type=input_file,
               help="The runs' cache, to score runs not evaluated yet [default: the path the runs recorded].")
 @device_option
@@ -489,9 +492,8 @@ def compare(folders: tuple[Path, ...], baseline: Path | None, out: Path | None, 
     verdict. Runs must share one cache and the same validation images (cross-validations: the same
     folds). Writes leaderboard.csv, .md, .html and val_iou_curves.png.
     """
-    from fishseg.compare import default_out, run_compare
+    from fishseg.compare import run_compare
 
-    out = out or default_out(list(folders), baseline)
     board = run_compare(list(folders), out, baseline=baseline, cache_path=cache_path, device=device)
     click.echo(board.summary())
 

@@ -2,7 +2,7 @@
 
 An entry is a run folder, or a cross-validation folder (one entry, its folds' validation images
 pooled); a sweep folder counts as its entries, those it cannot score (failed, or not trained far enough)
-listed without scores. Entries must share one cache and the same validation
+listed without scores, as is a failed run named on its own (never the reference, and refused as --baseline). Entries must share one cache and the same validation
 images (cross-validations: the same folds), so that each image pairs the entries' scores. Per-image
 scores come from a run's evaluation when it matches the run's best checkpoint, and are computed from
 the cache otherwise. Statistics: ``fishseg.stats``; rendering: ``fishseg.leaderboard``. A leaderboard is
@@ -25,7 +25,8 @@ from fishseg.evaluate import METRICS_FILE, PER_IMAGE_FILE, evaluate_run
 from fishseg.leaderboard import (LeaderboardEntry, UnscoredEntry, compared_folders, holds_leaderboard,
                                  write_leaderboard)
 from fishseg.runs import (REPORT_DIR, SWEEP_KIND, RunRecord, failed_configs, fold_dir, folder_kind, holds_cv, holds_run,
-                          holds_sweep, read_cv, read_history, read_record, read_sweep, split_digests)
+                          holds_sweep, read_cv, read_history, read_record, read_sweep, split_digests,
+                          training_failure)
 from fishseg.runtime import make_output_dir, plural, read_json, resolve_device
 from fishseg.stats import compare_to_reference
 
@@ -69,16 +70,23 @@ class Entry:
 
 @dataclasses.dataclass(frozen=True)
 class Unscored:
-    """A config of a sweep that the leaderboard lists without scores, and why."""
+    """An entry the leaderboard lists without scores (a failed run, or a sweep's config not trained far
+    enough), and why."""
 
-    name: str
+    folder: Path
     config: TrainConfig
     failed: bool  # its training failed (else: not trained far enough to score)
     reason: str
+    name: str = ""  # as the leaderboard shows it, given once every entry is known
 
     @property
     def verdict(self) -> str:
         return f"{'failed' if self.failed else 'unfinished'}: {self.reason}"
+
+    @property
+    def described(self) -> str:
+        """E.g. "lr=1e6 failed — loss is NaN …" (the reason may hold parentheses of its own)."""
+        return f"{self.name} {'failed' if self.failed else 'is unfinished'} — {self.reason}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +108,7 @@ class Leaderboard:
         listed = " and ".join(f"{count} {state}" for state, count in counts.items() if count)
         unscored = f" (and {listed}, without scores)" if listed else ""
         return (f"leaderboard of {plural(len(self.entries), 'entry', 'entries')}{unscored}: best {best.name} "
-                f"(mean IoU {best.mean_iou:.4f}); {tested}: {self.out_dir}")
+                f"(mean IoU {best.mean_iou:.4f}); {tested}; written to {self.out_dir}")
 
 
 def default_out(folders: Sequence[Path], baseline: Path | None = None) -> Path:
@@ -108,21 +116,26 @@ def default_out(folders: Sequence[Path], baseline: Path | None = None) -> Path:
     return folders[0] if len(folders) == 1 and baseline is None and holds_sweep(folders[0]) else DEFAULT_OUT
 
 
-def check_out(out_dir: Path, compared: Sequence[Path]) -> None:
+def check_out(out_dir: Path, compared: Sequence[Path], entries: Sequence[Path], *, default: bool = False) -> None:
     """Refuse an ``--out`` where the leaderboard would replace results of other folders: a run, a
     cross-validation or a sweep folder (but the one sweep compared alone, whose own leaderboard it is), or the
-    leaderboard of another set of folders."""
+    leaderboard of entries not all among the ``entries`` now (one whose entries all are is brought up to date:
+    nothing of it is lost). ``compared``: the folders as given; ``default``: ``out_dir`` was not typed."""
     if folder_kind(out_dir) == SWEEP_KIND and [folder.resolve() for folder in compared] == [out_dir.resolve()]:
         return
+    where, other = (f"{out_dir}, the default --out,", "pass --out DIR") if default else \
+        (f"--out {out_dir}:", "pass another --out")
     kind = folder_kind(out_dir)
     if kind is not None:
-        raise FishsegError(f"--out {out_dir}: holds a {kind}, whose files a leaderboard of other folders would mix "
-                           f"with or replace; pass another --out")
+        raise FishsegError(f"{where} holds a {kind}, whose files a leaderboard of other folders would mix "
+                           f"with or replace; {other}")
     recorded = compared_folders(out_dir)
-    if holds_leaderboard(out_dir) and recorded != {str(folder.resolve()) for folder in compared}:
-        whose = f" ({', '.join(sorted(recorded))})" if recorded else ""
-        raise FishsegError(f"--out {out_dir}: holds the leaderboard of other folders{whose}; pass another --out, "
-                           f"or remove {out_dir} first")
+    kept = recorded is not None and recorded <= {str(folder.resolve()) for folder in entries}
+    if holds_leaderboard(out_dir) and not kept:
+        listed = sorted(recorded or ())
+        whose = f" ({', '.join(listed[:3])}{', …' if len(listed) > 3 else ''})" if listed else ""
+        raise FishsegError(f"{where} holds the leaderboard of other folders{whose}; {other}, or remove {out_dir} "
+                           f"first")
 
 
 def _unscorable(folder: Path) -> str | None:
@@ -136,54 +149,86 @@ def _unscorable(folder: Path) -> str | None:
     return None if ready == folds else f"{ready} of {folds} folds trained"
 
 
+def failure(folder: Path) -> str | None:
+    """Why the training of the run or cross-validation in ``folder`` failed, as its own records say or, for a
+    config of a sweep, the sweep's; None when it did not fail."""
+    sweep_dir = folder.parent
+    listed = failed_configs(read_sweep(sweep_dir)).get(folder.name) if holds_sweep(sweep_dir) else None
+    return training_failure(folder) or listed
+
+
+def _config(folder: Path) -> TrainConfig:
+    return read_record(folder).train_config if holds_run(folder) else TrainConfig(**read_cv(folder)["train_config"])
+
+
 def _sweep_configs(sweep_dir: Path) -> tuple[list[Path], list[Unscored]]:
     """The folders of a sweep's configs that can be scored, and the configs that cannot (failed or unfinished)."""
-    sweep = read_sweep(sweep_dir)
-    failed = failed_configs(sweep)
     found, unscored = [], []
-    for config in sweep["configs"]:
-        name, folder = config["name"], sweep_dir / config["name"]
-        reason = failed.get(name) or _unscorable(folder)
+    for config in read_sweep(sweep_dir)["configs"]:
+        folder = sweep_dir / config["name"]
+        failed = failure(folder)
+        reason = failed or _unscorable(folder)
         if reason is None:
             found.append(folder)
         else:
-            unscored.append(Unscored(name, TrainConfig(**config["train_config"]), name in failed, reason))
+            unscored.append(Unscored(folder, TrainConfig(**config["train_config"]), failed is not None, reason))
     return found, unscored
 
 
+def _named_folder(folder: Path) -> tuple[list[Path], list[Unscored]]:
+    """A run or cross-validation folder named on its own: scorable, or failed (listed without scores)."""
+    failed = failure(folder)
+    if failed is not None:
+        return [], [Unscored(folder, _config(folder), True, failed)]
+    reason = _unscorable(folder)
+    if reason is not None:
+        raise FishsegError(f"{folder}: {reason}; nothing to compare until it is further (resume it with "
+                           f"`train --resume`), or leave it out")
+    return [folder], []
+
+
 def entry_folders(folders: Sequence[Path]) -> tuple[list[Path], list[Unscored]]:
-    """Run and cross-validation folders, a sweep folder expanded into its configs' folders; and the sweeps'
-    configs that cannot be scored. A run or cross-validation named on its own must be scorable."""
+    """Run and cross-validation folders, a sweep folder expanded into its configs' folders; and those that
+    cannot be scored (failed runs, unfinished configs of a sweep). A run or cross-validation named on its own
+    must be scorable or failed. A folder reached twice (a sweep's config also named on its own) is one entry."""
     found: list[Path] = []
     unscored: list[Unscored] = []
     for folder in folders:
         if holds_sweep(folder):
             scorable, others = _sweep_configs(folder)
-            found += scorable
-            unscored += others
         elif holds_run(folder) or holds_cv(folder):
-            reason = _unscorable(folder)
-            if reason is not None:
-                raise FishsegError(f"{folder}: {reason}; nothing to compare until it is further (resume it with "
-                                   f"`train --resume`), or leave it out")
-            found.append(folder)
+            scorable, others = _named_folder(folder)
         elif not folder.exists():
             raise FishsegError(f"{folder}: not found")
         else:
             raise FishsegError(f"{folder}: neither a run, a cross-validation nor a sweep folder "
                                f"(no run.json, cv.json or sweep.json)")
+        seen = {path.resolve() for path in (*found, *(other.folder for other in unscored))}
+        found += [path for path in scorable if path.resolve() not in seen]
+        unscored += [other for other in others if other.folder.resolve() not in seen]
     if not found:
-        listed = "; ".join(f"{other.name}: {other.verdict}" for other in unscored)
-        raise FishsegError(f"{', '.join(map(str, folders))}: no runs to compare yet"
-                           + (f" ({listed})" if listed else ""))
-    return list(dict.fromkeys(found)), unscored
+        listed = "; ".join(other.described for other in _named([], unscored)[1])
+        raise FishsegError(f"{', '.join(map(str, folders))}: no runs to compare yet" + (f": {listed}" if listed else ""))
+    return found, unscored
 
 
-def _entry_names(folders: list[Path]) -> list[str]:
-    """Folder names, with the parent's name added where two would clash."""
-    names = [folder.name for folder in folders]
-    return [f"{folder.parent.name}/{folder.name}" if names.count(folder.name) > 1 else folder.name
-            for folder in folders]
+def _named(found: Sequence[Path], unscored: Sequence[Unscored]) -> tuple[list[str], list[Unscored]]:
+    """The names the ``found`` entries are shown by, and the unscored ones with theirs: unique among all."""
+    names = _entry_names([*found, *(other.folder for other in unscored)])
+    return names[:len(found)], [dataclasses.replace(other, name=name)
+                                for other, name in zip(unscored, names[len(found):])]
+
+
+def _entry_names(folders: Sequence[Path]) -> list[str]:
+    """Folder names, with as many of their parents' names as tell apart those that would clash."""
+    depth = [1] * len(folders)
+    while True:
+        names = ["/".join(folder.resolve().parts[-count:]) for folder, count in zip(folders, depth)]
+        clashing = [k for k, name in enumerate(names) if names.count(name) > 1]
+        if not clashing:
+            return names
+        for k in clashing:
+            depth[k] += 1
 
 
 class _CacheOpener:
@@ -313,16 +358,29 @@ def _leaderboard_entry(entry: Entry, fields: list[str], comparison: Any) -> Lead
         val_iou_curve=np.mean([curve[:length] for curve in curves], axis=0).tolist(), comparison=comparison)
 
 
-def run_compare(folders: Sequence[Path], out_dir: Path, *, baseline: Path | None = None,
-                cache_path: Path | None = None, device: str = "auto") -> Leaderboard:
-    """Gather, check and score the entries, compare each with the best (or ``baseline``), write the files."""
-    if baseline is not None and not (holds_run(baseline) or holds_cv(baseline)):
+def _check_baseline(baseline: Path) -> None:
+    """A --baseline is a run or cross-validation with scores: a failed one has none."""
+    if not (holds_run(baseline) or holds_cv(baseline)):
         raise FishsegError(f"--baseline {baseline}: not a run or cross-validation folder")
+    failed = failure(baseline)
+    if failed is not None:
+        raise FishsegError(f"--baseline {baseline}: its training failed, so it has no scores to compare with; pass "
+                           f"another --baseline, or none (the best entry is the reference). It failed: {failed}")
+
+
+def run_compare(folders: Sequence[Path], out_dir: Path | None = None, *, baseline: Path | None = None,
+                cache_path: Path | None = None, device: str = "auto") -> Leaderboard:
+    """Gather, check and score the entries, compare each with the best (or ``baseline``), write the files
+    into ``out_dir`` (default: ``default_out``)."""
+    if baseline is not None:
+        _check_baseline(baseline)
     compared = [*folders, *([baseline] if baseline else [])]
-    check_out(out_dir, compared)
     found, unscored = entry_folders(compared)
+    every = [*found, *(other.folder for other in unscored)]
+    default, out_dir = out_dir is None, out_dir or default_out(folders, baseline)
+    check_out(out_dir, compared, every, default=default)
     _check_one_cache(found)
-    names = _entry_names(found)
+    names, unscored = _named(found, unscored)
     opener = _CacheOpener(cache_path)
     try:
         entries = [_load_entry(name, folder, opener, resolve_device(device)) for name, folder in zip(names, found)]
@@ -332,7 +390,7 @@ def run_compare(folders: Sequence[Path], out_dir: Path, *, baseline: Path | None
     image_ids = sorted(entries[0].scores("iou"))
     ious = {entry.name: np.array([entry.scores("iou")[image_id] for image_id in image_ids]) for entry in entries}
     if baseline is not None:
-        reference = names[found.index(baseline)]
+        reference = names[[folder.resolve() for folder in found].index(baseline.resolve())]
     else:
         reference = max(entries, key=lambda entry: float(np.mean(entry.fold_means("iou")))).name
     comparisons = compare_to_reference(ious, reference, groups=_folds_of(entries[0], image_ids)) \
@@ -342,7 +400,7 @@ def run_compare(folders: Sequence[Path], out_dir: Path, *, baseline: Path | None
     board.sort(key=lambda entry: -entry.mean_iou)
     listed = [UnscoredEntry(other.name, _field_values(other.config, fields), other.verdict) for other in unscored]
     write_leaderboard(make_output_dir(out_dir), board, reference=reference, notes=_notes(entries, image_ids, unscored),
-                      unscored=listed, compared=compared)
+                      unscored=listed, compared=every)
     return Leaderboard(out_dir, board, reference, tuple(unscored))
 
 
@@ -364,9 +422,8 @@ def _notes(entries: list[Entry], image_ids: list[str], unscored: list[Unscored])
     unfinished = [entry.name for entry in entries if any(run.record.status != "finished" for run in entry.runs)]
     if unfinished:
         notes.append(f"Unfinished (scored at their best epoch so far): {', '.join(unfinished)}.")
-    for failed in (True, False):
-        listed = [f"{other.name} ({other.reason})" for other in unscored if other.failed == failed]
-        if listed:
-            what = "Failed (not retried unless the sweep runs with --retry-failed)" if failed else "Not scored yet"
-            notes.append(f"{what}: {'; '.join(listed)}.")
+    notes += [f"Without scores: {other.described}." for other in unscored]
+    if any(other.failed for other in unscored):
+        notes.append("A failed run is not resumed (it would fail the same way); a sweep skips its failed configs "
+                     "unless it runs with --retry-failed, which trains them again from the start.")
     return notes

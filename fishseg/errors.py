@@ -7,3 +7,7 @@ its traceback.
 
 class FishsegError(Exception):
     """A problem with the user's input: the message names the file and what to do."""
+
+
+class TrainingFailed(FishsegError):
+    """Training itself failed (a non-finite loss): the run is recorded as failed, not as interrupted."""

@@ -1,5 +1,5 @@
 """Render runs side by side: ``leaderboard.csv``, ``leaderboard.md``, ``val_iou_curves.png``, ``leaderboard.html``,
-and ``leaderboard.json``, which records the folders compared (so that a later compare knows whose leaderboard
+and ``leaderboard.json``, which records the entries' folders (so that a later compare knows whose leaderboard
 it would replace).
 
 Rendering only: the caller gathers the runs and the paired statistics (``fishseg.stats``). One table
@@ -87,7 +87,7 @@ def write_leaderboard(out_dir: Path, entries: Sequence[LeaderboardEntry], *, ref
                       notes: Sequence[str] = (), unscored: Sequence[UnscoredEntry] = (),
                       compared: Sequence[Path] = ()) -> dict[str, Path]:
     """Write the five files into ``out_dir``, entries sorted by mean IoU (best first) in all of them, the
-    ``unscored`` ones after them; ``compared``: the folders the leaderboard was made of.
+    ``unscored`` ones after them; ``compared``: the folders of its entries (scored or not).
 
     Returns ``{"csv", "md", "png", "html", "json"}`` → path.
     """
@@ -112,8 +112,8 @@ def holds_leaderboard(folder: Path) -> bool:
 
 
 def compared_folders(folder: Path) -> set[str] | None:
-    """The folders (absolute) whose leaderboard ``folder`` holds; None when it does not say (none there, or
-    written before this was recorded)."""
+    """The folders (absolute) of the entries whose leaderboard ``folder`` holds (earlier leaderboards: of the
+    folders as given, a sweep's among them); None when it does not say (none there, or older still)."""
     if not (folder / SOURCES_FILE).is_file():
         return None
     data = read_json(folder / SOURCES_FILE)

@@ -26,7 +26,9 @@ A run folder (``train --out RUN``):
 A cross-validation folder holds ``cv.json`` and one run folder per fold (``fold-k``); a sweep folder holds
 ``sweep.json`` and one run or cross-validation folder per config. ``sweep.json`` records the cache (its path
 absolute), the grid, the configs and, under ``failed``, the configs whose training failed with the reason
-(a rerun skips them unless asked to retry). A folder holds one kind (``folder_kind``): no command writes a
+(a rerun skips them unless asked to retry). A run whose training failed (a non-finite loss) says so itself:
+``run.json``'s status is ``failed`` and ``failure`` holds why; such a run is not resumed (a resume continues it
+exactly as it went, so it would fail the same way), only replaced. A folder holds one kind (``folder_kind``): no command writes a
 run into a cross-validation or sweep folder, or the other way round.
 """
 
@@ -67,7 +69,7 @@ GALLERY_FILES = {"random": "gallery_1_random.png", "best": "gallery_2_best.png",
 REPORT_FILES = (METRICS_FILE, PER_IMAGE_FILE, REPORT_MD, REPORT_HTML, EPOCHS_CSV, *CURVE_FILES,
                 *ANALYSIS_FILES.values(), *GALLERY_FILES.values())  # every file evaluate may write into a report
 CV_FILE, SWEEP_FILE = "cv.json", "sweep.json"
-RUNNING, FINISHED, INTERRUPTED = "running", "finished", "interrupted"
+RUNNING, FINISHED, INTERRUPTED, FAILED = "running", "finished", "interrupted", "failed"
 STATE_KEY = "fishseg_resume"  # safetensors metadata entry of a resume file
 
 
@@ -97,6 +99,7 @@ class RunRecord:
     compiled: bool = False  # whether the latest session ran the decoder through torch.compile
     split_sha256: str = UNRECORDED  # of split.json as written; runs before it: unrecorded (unchecked)
     status: str = RUNNING
+    failure: str = ""  # why training failed (status "failed": a non-finite loss, say); "" otherwise
     epochs_done: int = 0
     best_epoch: int = 0
     best_val_iou: float = -1.0
@@ -113,6 +116,14 @@ class RunRecord:
         """E.g. "finished, 20 of 20 epochs, best val IoU 0.7812 at epoch 14"."""
         best = f", best val IoU {self.best_val_iou:.4f} at epoch {self.best_epoch}" if self.epochs_done else ""
         return f"{self.status}, {self.epochs_done} of {self.epochs_planned} epochs{best}"
+
+    def refuse_if_failed(self, run_dir: Path) -> None:
+        """A failed run is final: a resume continues exactly as the run went, so it would fail the same way."""
+        if self.status == FAILED:
+            raise FishsegError(f"{run_dir}: its training failed in epoch {self.epochs_done + 1} of "
+                               f"{self.epochs_planned}: {self.failure}; a resume would repeat that (it continues "
+                               f"the run exactly as it went): train it again with other settings and --overwrite, "
+                               f"or into another --out")
 
     def to_json(self) -> dict[str, Any]:
         data = json.loads(json.dumps(dataclasses.asdict(self)))  # as it reads back (tuples become lists)
@@ -499,6 +510,18 @@ def recorded_config(folder: Path) -> TrainConfig | None:
         return read_record(folder).train_config
     if holds_cv(folder):
         return TrainConfig(**read_cv(folder)["train_config"])
+    return None
+
+
+def training_failure(folder: Path) -> str | None:
+    """Why the training of the run (or of a fold of the cross-validation) in ``folder`` failed, as its
+    ``run.json`` records it; None when it did not fail (or holds neither)."""
+    runs = [fold_dir(folder, fold) for fold in range(read_cv(folder)["train_config"]["folds"])] \
+        if holds_cv(folder) else [folder]
+    for run in runs:
+        record = read_record(run) if holds_run(run) else None
+        if record is not None and record.status == FAILED:
+            return record.failure if run == folder else f"{run.name}: {record.failure}"
     return None
 
 

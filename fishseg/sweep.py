@@ -3,8 +3,9 @@
 The cache is opened and loaded once; each config trains into ``OUT/<name>`` (a run folder, or a
 cross-validation folder with ``--cv``) named by the fields that vary, e.g. ``decoder=linear,lr=0.0003``.
 Running the same sweep again skips finished configs and resumes interrupted ones. A config whose training
-fails (a non-finite loss, say) is recorded as failed in ``sweep.json`` and the sweep goes on; a rerun skips it
-unless asked to retry. Before training, the sweep says how many configs it will train and about how long that
+fails (a non-finite loss, say) is recorded as failed in ``sweep.json`` (and its run in ``run.json``) and the sweep
+goes on; a rerun skips it unless asked to retry, which trains it again from the start. Configs must validate on
+the same images to be compared, so a grid that varies a field choosing them is refused before anything is written. Before training, the sweep says how many configs it will train and about how long that
 takes, and asks before starting more than ``CONFIRM_ABOVE``.
 """
 
@@ -39,7 +40,7 @@ from fishseg.evaluate import evaluate_run, write_scores
 from fishseg.leaderboard import holds_leaderboard
 from fishseg.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, SWEEP_KIND, RunRecord, differing_fields, failed_configs,
                           holds_cv, holds_run, holds_sweep, read_cv, read_record, read_sweep, record_failed_config,
-                          require_kind, sweep_digests, write_sweep)
+                          require_kind, sweep_digests, training_failure, write_sweep)
 from fishseg.runtime import make_output_dir, plural, resolve_device
 from fishseg.train import (EpochCallback, TrainingData, check_cache, fused_option, plan_run, run_epoch,
                            train_run)
@@ -56,6 +57,14 @@ QUIET_DURING_SWEEP = ("fishseg.train", "fishseg.crossval")  # per-epoch tables w
 FOLDS_KEYS = ("cv", "folds")  # a grid file's name for --cv (one value: every config validates on the same folds)
 CONFIRM_ABOVE = 50  # configs to train beyond which a sweep asks before it starts (or needs --yes)
 TIMED_STEPS = 3  # training steps of one timed pass, per decoder, for the estimate (after an untimed pass)
+VALIDATION_FIELDS = {  # TrainConfig fields that choose the validation images (train.split_indices) → how
+    "seed": "the seed draws the validation images too",
+    "split": "the split method chooses the validation images",
+    "val_fraction": "the fraction chooses the validation images",
+    "group_pattern": "the groups choose the validation images of a grouped split",
+}
+SEED_ADVICE = ("; to see how much results vary with the validation images, use --cv K (mean ± std over K folds, "
+               "every image validated once)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +97,9 @@ class SweepResult:
         slots = "" if self.jobs == 1 else f" (of {self.jobs} jobs' time)"
         share = (f" ({self.startup_seconds:.1f} s of it torch start-up), {self.inside_epochs:.0%} of the rest{slots} "
                  f"inside epochs" if self.trained else "")
-        failed = (f"\n{plural(len(self.failed), 'config')} failed, listed without scores (run again with "
-                  f"--retry-failed to try again): " + "; ".join(f"{name} ({why})" for name, why in self.failed.items())
-                  if self.failed else "")
+        failed = (f"\n{plural(len(self.failed), 'config')} failed, listed without scores (a rerun skips them; "
+                  f"--retry-failed trains them again from the start):"
+                  + "".join(f"\n  {name} — {why}" for name, why in self.failed.items()) if self.failed else "")
         now = f"{self.trained} trained now" + (f", {self.failed_now} of them failed" if self.failed_now else "")
         return (f"{plural(self.configs, 'config')} ({now}) in {self.wall_seconds:.1f} s{share}"
                 f"{failed}\n{self.leaderboard.summary()}")
@@ -245,6 +254,32 @@ def _given_twice(keys: list[str]) -> str:
             + (f" (as {' and '.join(spellings)})" if len(spellings) > 1 else "") + "; keep one")
 
 
+def _check_one_validation_set(grid: Grid, folds: int) -> None:
+    """Configs are compared image by image, so they must validate on the same images: a grid that varies a field
+    choosing them (or one that the folds make unused) is refused before anything is written."""
+    for field, chooses in VALIDATION_FIELDS.items():
+        values = grid.get(field, ())
+        if len(values) < 2:
+            continue
+        listed = ", ".join(map(value_text, values[:3])) + (", …" if len(values) > 3 else "")
+        unused = _unused_because(field, grid, folds)
+        if unused:
+            raise FishsegError(f"sweep value {field} lists {listed}: {unused}, so its configs would train alike; "
+                               f"give {field} one value")
+        raise FishsegError(f"sweep value {field} lists {listed}: {chooses}, so its configs would validate on "
+                           f"different images and could not be compared (sweeps of different {field}s neither); "
+                           f"give {field} one value{SEED_ADVICE if field == 'seed' else ''}")
+
+
+def _unused_because(field: str, grid: Grid, folds: int) -> str | None:
+    """Why a field that may choose the validation images is unused by every config of the grid, or None."""
+    if field == "val_fraction" and folds:
+        return "with --cv the folds choose the validation images, not val_fraction"
+    if field == "group_pattern" and "grouped" not in grid.get("split", (TrainConfig.split,)):
+        return "a random split ignores the groups"
+    return None
+
+
 def expand_grid(grid: Grid, folds: int = 0) -> list[SweepConfig]:
     """Every combination of the grid's values as a validated TrainConfig, named by the fields that vary."""
     fields = list(grid)
@@ -252,6 +287,7 @@ def expand_grid(grid: Grid, folds: int = 0) -> list[SweepConfig]:
         repeated = sorted({value_text(value) for value in values if values.count(value) > 1})
         if repeated:
             raise FishsegError(f"sweep value {field} lists {', '.join(repeated)} more than once; list each value once")
+    _check_one_validation_set(grid, folds)
     varying = [field for field in fields if len(grid[field]) > 1]
     configs, names = [], set()
     for values in itertools.product(*(grid[field] for field in fields)):
@@ -274,7 +310,7 @@ def _check_folder(out_dir: Path, entry: SweepConfig, cache: FeatureCache) -> boo
     """Whether ``entry`` is finished already; refuses a folder that holds something else under its name."""
     folder = out_dir / entry.name
     if entry.config.folds:
-        plan_cross_validation(folder, entry.config, cache, resume=holds_cv(folder), overwrite=False)
+        plan_cross_validation(folder, entry.config, cache, **_continuation(folder))
         return holds_cv(folder) and read_cv(folder)["status"] == FINISHED
     if holds_run(folder):
         record = read_record(folder)
@@ -282,8 +318,23 @@ def _check_folder(out_dir: Path, entry: SweepConfig, cache: FeatureCache) -> boo
         if differing:
             raise FishsegError(f"{folder}: holds a run of other settings than this sweep's config of that name "
                                f"({'; '.join(differing)}); use another --out")
-    plan_run(folder, entry.config, cache, resume=holds_run(folder), overwrite=False)
+    plan_run(folder, entry.config, cache, **_continuation(folder))
     return holds_run(folder) and read_record(folder).status == FINISHED
+
+
+def _continuation(folder: Path) -> dict[str, bool]:
+    """How a config trains into its folder: resuming the unfinished run or cross-validation there, or from the
+    start where its training failed (a resume would fail the same way; the sweep retries only when asked)."""
+    there = holds_run(folder) or holds_cv(folder)
+    failed = there and training_failure(folder) is not None
+    return {"resume": there and not failed, "overwrite": failed}
+
+
+def _failed_before(out_dir: Path, configs: Sequence[SweepConfig]) -> dict[str, str]:
+    """Config name → why its training failed, as sweep.json or the config's own run records say it."""
+    recorded = failed_configs(read_sweep(out_dir)) if holds_sweep(out_dir) else {}
+    found = {entry.name: training_failure(out_dir / entry.name) for entry in configs}
+    return {**recorded, **{name: why for name, why in found.items() if why is not None}}
 
 
 def _check_sweep_folder(out_dir: Path, cache: FeatureCache) -> None:
@@ -350,7 +401,7 @@ def run_sweep(cache_path: Path, out_dir: Path, grid: Grid, *, folds: int = 0, de
         _check_sweep_folder(out_dir, cache)
         _check_same_grid(out_dir, configs)
         _check_layer_sets(grid.get("layers", ()), cache)
-        failed = {} if retry_failed or not holds_sweep(out_dir) else failed_configs(read_sweep(out_dir))
+        failed = {} if retry_failed else _failed_before(out_dir, configs)
         finished = {entry.name for entry in configs if _check_folder(out_dir, entry, cache)}
         todo = [entry for entry in configs if entry.name not in finished and entry.name not in failed]
         epoch_seconds, startup_seconds, estimate, data = 0.0, 0.0, None, None
@@ -451,9 +502,9 @@ def _train_and_score(data: TrainingData, folder: Path, config: TrainConfig, devi
                      on_epoch: EpochCallback) -> str:
     """Train one config into ``folder`` (resuming what is there), score it, and say its score."""
     if config.folds:
-        cv = cross_validate(data, folder, config, device=device, resume=holds_cv(folder), on_epoch=on_epoch)
+        cv = cross_validate(data, folder, config, device=device, on_epoch=on_epoch, **_continuation(folder))
         return f"mean IoU {cv['summary']['mean_iou']['mean']:.4f} ± {cv['summary']['mean_iou']['std']:.4f}"
-    train_run(data, folder, config, device=device, resume=holds_run(folder), on_epoch=on_epoch)
+    train_run(data, folder, config, device=device, on_epoch=on_epoch, **_continuation(folder))
     evaluation = evaluate_run(data.cache, folder, device, full=False, source=data.scoring_source())
     write_scores(folder / REPORT_DIR, evaluation)
     return f"mean IoU {evaluation.metrics['mean_iou']:.4f}"

@@ -30,9 +30,9 @@ from fishseg.data import (apply_view, duplicates_across, grouped_folds, grouped_
                           random_split, require_grouped_folds, split_folds)
 from fishseg.decoders import build_decoder, load_checkpoint, segment, uses_image
 from fishseg.distributed import Ranks
-from fishseg.errors import FishsegError
+from fishseg.errors import FishsegError, TrainingFailed
 from fishseg.metrics import binarize, iou_per_image
-from fishseg.runs import (FINISHED, INTERRUPTED, RUN_FILE, RUN_KIND, RUNNING, SPLIT_FILE, RunRecord,
+from fishseg.runs import (FAILED, FINISHED, INTERRUPTED, RUN_FILE, RUN_KIND, RUNNING, SPLIT_FILE, RunRecord,
                           check_resume_flags, clear_report, clear_run, commit_epoch, cut_history, differing_fields,
                           history_entry, holds_run, is_locked, read_record, read_resume_state, read_split,
                           require_kind, split_digests, training_lock, verified, verify_files, write_checkpoint,
@@ -249,8 +249,8 @@ def run_epoch(decoder: nn.Module, split: Split, batch_size: int, device: torch.d
     sizes = [len(shard) for shard in shards]
     result = EpochResult.from_ranks(ranks.gather((_per_batch(losses, sizes), _per_batch(ious, sizes))))
     if not all(map(math.isfinite, result.image_losses)):
-        raise FishsegError(f"loss is NaN or infinite: {_non_finite_cause(split, shards, views, result, ranks)} "
-                           f"(the last good checkpoint is kept)")
+        raise TrainingFailed(f"loss is NaN or infinite: {_non_finite_cause(split, shards, views, result, ranks)} "
+                             f"(the last good checkpoint is kept)")
     return result
 
 
@@ -433,6 +433,7 @@ def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume:
     if overwrite:
         return None
     record = read_record(out_dir)
+    record.refuse_if_failed(out_dir)
     if not resume:
         raise FishsegError(f"{out_dir}: already holds a run ({record.describe()}); add --resume to continue it "
                            f"or --overwrite to replace it")
@@ -498,18 +499,21 @@ def train_run(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: 
             clear_report(out_dir)  # a resumed run trains on: its report would describe the run as it was
         try:
             return _train(data, out_dir, config, ranks, device, previous, on_epoch or _log_epoch, compiled)
-        except (KeyboardInterrupt, FishsegError):
+        except (KeyboardInterrupt, FishsegError) as stop:
             if ranks.main:
-                _after_stop(out_dir, created)
+                _after_stop(out_dir, created, stop)
             raise
 
 
-def _after_stop(out_dir: Path, created: bool) -> None:
-    """Record a stopped run as interrupted (resumable), or, when it stopped (Ctrl-C, or failed) before finishing
-    an epoch, leave nothing behind: there is nothing to resume, and the same command starts again."""
+def _after_stop(out_dir: Path, created: bool, stop: BaseException) -> None:
+    """Record a stopped run: failed, with why, when its training failed (a resume would repeat that); else
+    interrupted (resumable: Ctrl-C, SIGTERM, a refusal before training went on). A run stopped before finishing
+    an epoch leaves nothing behind: there is nothing to resume, and the same command starts again."""
     record = read_record(out_dir) if holds_run(out_dir) else None  # the committed state, not this process's
     if record is not None and record.epochs_done:
-        write_record(out_dir, dataclasses.replace(record, status=INTERRUPTED))
+        failed = isinstance(stop, TrainingFailed)
+        write_record(out_dir, dataclasses.replace(record, status=FAILED if failed else INTERRUPTED,
+                                                  failure=str(stop) if failed else ""))
         return
     clear_run(out_dir)
     if created:

@@ -16,6 +16,7 @@ from fishseg.compare import run_compare
 from fishseg.config import TrainConfig
 from fishseg.crossval import run_cross_validation
 from fishseg.evaluate import run_evaluation
+from fishseg.runs import read_record
 from fishseg.train import run_training
 from tests.helpers import interrupt_at_pass, write_toy_cache
 
@@ -204,7 +205,12 @@ def test_a_leaderboard_never_replaces_one_of_other_folders(runs: dict[str, Path]
     monkeypatch.chdir(tmp_path)  # the default ./compare follows the same rule
     assert _invoke(*pair, "--device", "cpu")[0] == 0
     status, output = _invoke(runs["linear"], sweep, "--device", "cpu")
-    assert status == 2 and "--out compare: holds the leaderboard of other folders" in output, output
+    assert status == 2 and "compare, the default --out, holds the leaderboard of other folders (" in output \
+        and "; pass --out DIR, or remove compare first" in output, output
+    status, output = _invoke(runs["seed-cnn"], sweep, runs["linear"], "--device", "cpu")  # every entry of it, and more
+    assert status == 0 and output.startswith("leaderboard of 3 entries: ") and output.endswith(
+        "; written to compare\n"), output
+    assert len(_rows(tmp_path / "compare")) == 3 and _invoke(*pair, "--device", "cpu")[0] == 2
     result = CliRunner().invoke(main, ["sweep", "--cache", str(runs["cache"]), "--out", "compare", "--epochs", "1"])
     assert result.exit_code == 2 and "compare: holds the leaderboard of a compare" in result.output, result.output
 
@@ -222,6 +228,38 @@ def test_a_cross_validated_sweep_with_an_unfinished_config_shows_the_finished_on
     rows = _rows(sweep)
     assert rows["decoder=seed-cnn"]["verdict"] == "reference" and rows["decoder=seed-cnn"]["folds"] == "2"
     assert rows["decoder=linear"]["verdict"] == "unfinished: 1 of 2 folds trained"
-    assert "Not scored yet: decoder=linear (1 of 2 folds trained)." in (sweep / "leaderboard.md").read_text()
+    assert "Without scores: decoder=linear is unfinished — 1 of 2 folds trained." in (sweep / "leaderboard.md").read_text()
     status, output = _invoke(sweep / "decoder=linear", "--out", tmp_path / "alone", "--device", "cpu")
     assert status == 2 and "decoder=linear: 1 of 2 folds trained; nothing to compare" in output, output
+
+
+def test_a_failed_run_has_no_scores_is_never_the_reference_and_no_baseline(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)  # lr 1e6 diverges in epoch 2: a failed run folder
+    sweep, failed, good = tmp_path / "sw", tmp_path / "sw" / "lr=1e6", tmp_path / "sw" / "lr=0.001"
+    result = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(sweep), "--lr", "1e-3,1e6",
+                                       "--epochs", "3", "--batch-size", "4", "--device", "cpu"])
+    assert result.exit_code == 0 and read_record(failed).epochs_done >= 1, result.output
+    run = tmp_path / "m4"
+    run_training(cache, run, TrainConfig(epochs=3, batch_size=4, lr=1e-3), device="cpu")
+    for folders in ([sweep], [sweep, run], [run]):  # a failed config as --baseline: refused, in one line
+        status, output = _invoke(*folders, "--baseline", failed, "--out", tmp_path / "out", "--device", "cpu")
+        assert status == 2 and output.startswith(f"Error: --baseline {failed}: its training failed, so it has no "
+                                                 f"scores to compare with; ") and output.count("\n") == 1, output
+    status, output = _invoke(sweep, run, "--baseline", good, "--out", tmp_path / "b1", "--device", "cpu")
+    assert status == 0, output  # the sweep's own entry, not a second one
+    rows = _rows(tmp_path / "b1")
+    assert list(rows) == ["lr=0.001", "m4", "lr=1e6"] and rows["lr=0.001"]["verdict"] == "reference"
+    status, output = _invoke(failed, run, "--out", tmp_path / "c3", "--device", "cpu")  # named on its own
+    assert status == 0 and "leaderboard of 1 entry (and 1 failed, without scores): best m4" in output, output
+    rows = _rows(tmp_path / "c3")
+    assert rows["m4"]["verdict"] == "reference" and rows["lr=1e6"]["mean_iou"] == ""
+    assert rows["lr=1e6"]["verdict"] == f"failed: {read_record(failed).failure}"
+    text = (tmp_path / "c3" / "leaderboard.md").read_text()
+    assert "Without scores: lr=1e6 failed — loss is NaN or infinite" in text and "))" not in text
+
+
+def test_entries_of_the_same_name_get_as_many_parent_names_as_tell_them_apart(runs: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    copies = [Path(shutil.copytree(runs["seed-cnn"], tmp_path / side / "x" / "run")) for side in ("a", "b")]
+    board = run_compare(copies, tmp_path / "out", device="cpu")
+    assert sorted(entry.name for entry in board.entries) == ["a/x/run", "b/x/run"]

@@ -606,3 +606,22 @@ def test_a_damaged_split_says_what_to_do(tmp_path: Path, damage: Callable[[Path]
     status, output = _invoke("evaluate", "--cache", cache, "--run", tmp_path / "run", "--device", "cpu")
     assert status == 2 and re.search(rf"run/split.json: {message}; restore it, or train again with --overwrite\n$",
                                      output), output
+
+
+def test_a_run_whose_training_failed_is_recorded_failed_and_not_resumed(tmp_path: Path) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)  # lr 1e6 diverges in epoch 2: a failed run folder
+    run = tmp_path / "run"
+    status, output = _invoke("train", "--cache", cache, "--out", run, "--lr", "1e6", "--epochs", "3", "--batch-size",
+                             "4", "--device", "cpu")
+    assert status == 2 and "loss is NaN or infinite" in output, output
+    record = read_record(run)
+    assert record.status == "failed" and record.epochs_done >= 1 and record.failure.startswith("loss is NaN")
+    for flags in (["--resume"], []):
+        status, output = _invoke("train", "--cache", cache, "--out", run, *flags, "--device", "cpu")
+        assert status == 2 and output == (f"Error: {run}: its training failed in epoch {record.epochs_done + 1} of 3: "
+                                          f"{record.failure}; a resume would repeat that (it continues the run "
+                                          f"exactly as it went): train it again with other settings and "
+                                          f"--overwrite, or into another --out\n"), output
+    status, output = _invoke("train", "--cache", cache, "--out", run, "--overwrite", "--lr", "1e-3", "--epochs", "3",
+                             "--batch-size", "4", "--device", "cpu")
+    assert status == 0 and read_record(run).status == "finished" and read_record(run).failure == "", output

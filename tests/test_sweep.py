@@ -216,12 +216,13 @@ def _board(sweep_dir: Path) -> dict[str, dict[str, str]]:
 
 
 def test_a_failing_config_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
-    cache = write_toy_cache(tmp_path / "toy.h5", n_images=20)
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)  # lr 1e6 diverges in epoch 2: a failed run folder
     args = ["--lr", "1e-3,1e6", "--epochs", "3", "--batch-size", "4"]
     status, output = _sweep(cache, tmp_path / "sweep", *args)
     assert status == 0, output
-    assert "1 config failed, listed without scores (run again with --retry-failed to try again): lr=1e6 (loss " \
-           "is NaN or infinite" in output
+    assert "1 config failed, listed without scores (a rerun skips them; --retry-failed trains them again from the " \
+           "start):\n  lr=1e6 — loss is NaN or infinite: the decoder diverged on finite features; lower --lr " \
+           "(the last good checkpoint is kept)\n" in output
     assert "leaderboard of 1 entry (and 1 failed, without scores): best lr=0.001" in output
     assert "2 configs (2 trained now, 1 of them failed) in " in output
     failed = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["failed"]
@@ -230,8 +231,10 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> N
     assert board["lr=0.001"]["verdict"] == "reference" and read_record(tmp_path / "sweep" / "lr=0.001").status == \
         "finished"
     assert board["lr=1e6"]["verdict"].startswith("failed: loss is NaN or infinite")
-    assert board["lr=1e6"]["mean_iou"] == "" and "Failed (not retried" in \
+    assert board["lr=1e6"]["mean_iou"] == "" and "Without scores: lr=1e6 failed — loss is NaN" in \
         (tmp_path / "sweep" / "leaderboard.md").read_text()
+    record = read_record(tmp_path / "sweep" / "lr=1e6")  # the run says so too, with the same reason
+    assert (record.status, record.failure) == ("failed", failed["lr=1e6"])
 
     status, output = _sweep(cache, tmp_path / "sweep", *args)
     assert status == 0 and "2 configs: 0 to train, 1 finished already, 1 failed before" in output, output
@@ -246,14 +249,16 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> N
 def test_every_config_failing_ends_with_their_reasons(tmp_path: Path) -> None:
     cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
     status, output = _sweep(cache, tmp_path / "sweep", "--lr", "1e6,1e7", "--epochs", "2", "--batch-size", "4")
-    assert status == 2 and "no runs to compare yet (lr=1e6: failed: loss is NaN" in output, output
-    assert "Traceback" not in output
+    assert status == 2 and "no runs to compare yet: lr=1e6 failed — loss is NaN" in output, output
+    assert "Traceback" not in output and "kept))" not in output
+    status, output = _sweep(cache, tmp_path / "sweep", "--lr", "1e6,1e7", "--epochs", "2", "--batch-size", "4")
+    assert status == 2 and "2 configs: 0 to train, 0 finished already, 2 failed before" in output, output
 
 
 def test_the_plan_is_said_and_a_large_sweep_needs_a_yes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
-    seeds = ",".join(map(str, range(51)))
-    status, output = _sweep(cache, tmp_path / "sweep", "--seed", seeds, "--epochs", "1")
+    decays = ",".join(str(k / 1000) for k in range(51))
+    status, output = _sweep(cache, tmp_path / "sweep", "--weight-decay", decays, "--epochs", "1")
     assert status == 2, output
     assert output.startswith("51 configs: 51 to train, 0 finished already; about ") and "timed training steps" in output
     assert output.endswith("Error: 51 configs to train, more than 50: add --yes to start them (there is no terminal "
@@ -261,7 +266,7 @@ def test_the_plan_is_said_and_a_large_sweep_needs_a_yes(tmp_path: Path, monkeypa
     assert not (tmp_path / "sweep").exists()
     monkeypatch.setattr("fishseg.cli._interactive", lambda: True)
     result = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(tmp_path / "sweep"), "--device",
-                                       "cpu", "--seed", seeds, "--epochs", "1"], input="n\n")
+                                       "cpu", "--weight-decay", decays, "--epochs", "1"], input="n\n")
     assert result.exit_code == 1, result.output
     assert result.output.endswith("Train 51 configs? [y/N]: n\nSweep not started: nothing was written.\n"), \
         result.output
@@ -273,7 +278,7 @@ def test_no_answer_at_the_prompt_starts_no_sweep(tmp_path: Path, monkeypatch: py
     cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
     monkeypatch.setattr("fishseg.cli._interactive", lambda: True)
     result = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(tmp_path / "sweep"), "--device",
-                                       "cpu", "--seed", ",".join(map(str, range(51))), "--epochs", "1"], input="")
+                                       "cpu", "--weight-decay", ",".join(str(k / 100) for k in range(51)), "--epochs", "1"], input="")
     assert result.exit_code == 1 and result.output.endswith("\nSweep not started: nothing was written.\n"), \
         result.output
     assert "Aborted" not in result.output and not (tmp_path / "sweep").exists()
@@ -357,3 +362,32 @@ def test_a_sweep_resumed_on_changed_content_counts_the_changed_images(tmp_path: 
     status, output = _sweep(cache, tmp_path / "sweep", *args)
     assert status == 2 and output.count("\n") == 1, output
     assert "sweep.json: made from cache" in output and "; of its 12 images, 12 changed content (" in output, output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "1,2"], "sweep value seed lists 1, 2: the seed draws the validation images too, so its configs would "
+                        "validate on different images and could not be compared (sweeps of different seeds neither); "
+                        "give seed one value; to see how much results vary with the validation images, use --cv K"),
+    (["--seed", "1,2", "--cv", "3"], "sweep value seed lists 1, 2: the seed draws the validation images too"),
+    (["--split", "random,grouped"], "sweep value split lists random, grouped: the split method chooses the "
+                                    "validation images"),
+    (["--val-fraction", "0.2,0.3"], "sweep value val_fraction lists 0.2, 0.3: the fraction chooses the validation "
+                                    "images"),
+    (["--val-fraction", "0.2,0.3", "--cv", "2"], "with --cv the folds choose the validation images, not "
+                                                 "val_fraction, so its configs would train alike; give val_fraction "
+                                                 "one value"),
+])
+def test_a_grid_whose_configs_would_validate_on_other_images_is_refused_before_training(
+        tmp_path: Path, args: list[str], message: str) -> None:
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)
+    status, output = _sweep(cache, tmp_path / "sweep", *args, "--epochs", "1", "--batch-size", "4")
+    assert status == 2 and output.startswith("Error: ") and message in output and output.count("\n") == 1, output
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_group_patterns_are_refused_as_other_validation_images_or_as_unused() -> None:
+    patterns = ("^class", "^c")
+    with pytest.raises(FishsegError, match="the groups choose the validation images of a grouped split"):
+        expand_grid({"split": ("grouped",), "group_pattern": patterns})
+    with pytest.raises(FishsegError, match="a random split ignores the groups, so its configs would train alike"):
+        expand_grid({"group_pattern": patterns})

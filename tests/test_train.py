@@ -111,7 +111,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
                                            "lower --lr"):
         run_training(cache, tmp_path / "run", TrainConfig(epochs=3, batch_size=4), device="cpu")
     record = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert (record["status"], record["epochs_done"]) == ("interrupted", 1)
+    assert (record["status"], record["epochs_done"]) == ("failed", 1) and record["failure"].startswith("loss is NaN")
     _, last = load_checkpoint(tmp_path / "run" / record["checkpoints"]["last"]["file"])
     assert last["epoch"] == 1
     assert len(read_history(tmp_path / "run", read_record(tmp_path / "run"))["epochs"]) == 1
