@@ -39,6 +39,7 @@ import dataclasses
 import datetime
 import fcntl
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -54,6 +55,8 @@ from fishseg.config import LAST_BLOCK, TrainConfig, shown_setting
 from fishseg.decoders import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from fishseg.errors import FishsegError
 from fishseg.runtime import UNRECORDED, atomic_path, file_digest, make_output_dir, read_json, write_json
+
+logger = logging.getLogger(__name__)
 
 RUN_FILE, SPLIT_FILE, HISTORY_FILE, LOCK_FILE = "run.json", "split.json", "history.json", ".lock"
 RESTORE_ADVICE = "restore it, or train again with --overwrite"  # for a run's file that is damaged or missing
@@ -163,7 +166,10 @@ def read_record(run_dir: Path) -> RunRecord:
     its best checkpoint was trained with (an edited record would put one decoder's name on another's
     numbers in leaderboards and reports)."""
     if not holds_run(run_dir):
-        raise FishsegError(f"{run_dir}: not a run folder (no {RUN_FILE}); pass the --out folder of `train`")
+        kind = folder_kind(run_dir)
+        holds = f"a {kind} ({dict(_KIND_FILES)[kind]})" if kind else f"no {RUN_FILE}"
+        raise FishsegError(f"{run_dir}: not a run folder ({holds}); pass the --out folder of `train`"
+                           + (" (a fold-k or config folder inside it is one)" if kind else ""))
     record = RunRecord.from_json(read_json(run_dir / RUN_FILE), run_dir / RUN_FILE)
     _check_settings(run_dir, record)
     if record.status == RUNNING and not is_locked(run_dir):
@@ -363,11 +369,16 @@ def verify_files(run_dir: Path, record: RunRecord) -> None:
 
 
 def load_run(run_dir: Path) -> tuple[RunRecord, nn.Module, dict[str, Any]]:
-    """The record, the best decoder and its checkpoint metadata; a modified checkpoint is refused."""
+    """The record, the best decoder and its checkpoint metadata; a modified checkpoint is refused. The best
+    decoder of a failed run is from before it failed, which the user is told."""
     record = read_record(run_dir)
     if "best" not in record.checkpoints:
         raise FishsegError(f"{run_dir}: no epoch has finished yet ({record.describe()}); "
                            f"let training finish an epoch, or resume it with `train --resume`")
+    if record.status == FAILED:
+        logger.warning("%s: its training failed in epoch %d of %d (%s); using its best checkpoint, of epoch %d, "
+                       "from before it failed", run_dir, record.epochs_done + 1, record.epochs_planned,
+                       record.failure, record.best_epoch)
     decoder, meta = load_checkpoint(verified(run_dir, record.checkpoints["best"]))
     return record, decoder, meta
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import shutil
 import signal
@@ -608,7 +609,8 @@ def test_a_damaged_split_says_what_to_do(tmp_path: Path, damage: Callable[[Path]
                                      output), output
 
 
-def test_a_run_whose_training_failed_is_recorded_failed_and_not_resumed(tmp_path: Path) -> None:
+def test_a_run_whose_training_failed_is_recorded_failed_and_not_resumed(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
     cache = write_toy_cache(tmp_path / "toy.h5", n_images=12)  # lr 1e6 diverges in epoch 2: a failed run folder
     run = tmp_path / "run"
     status, output = _invoke("train", "--cache", cache, "--out", run, "--lr", "1e6", "--epochs", "3", "--batch-size",
@@ -622,6 +624,19 @@ def test_a_run_whose_training_failed_is_recorded_failed_and_not_resumed(tmp_path
                                           f"{record.failure}; a resume would repeat that (it continues the run "
                                           f"exactly as it went): train it again with other settings and "
                                           f"--overwrite, or into another --out\n"), output
+    with caplog.at_level(logging.WARNING, logger="fishseg.runs"):  # scored or used, it says what it is
+        metrics = run_evaluation(cache, run, tmp_path / "report", device="cpu", report=False)
+    assert metrics["run_status"] == "failed" and metrics["epoch"] == record.best_epoch
+    assert (f"{run}: its training failed in epoch {record.epochs_done + 1} of 3 ({record.failure}); using its best "
+            f"checkpoint, of epoch {record.best_epoch}, from before it failed") in caplog.text
     status, output = _invoke("train", "--cache", cache, "--out", run, "--overwrite", "--lr", "1e-3", "--epochs", "3",
                              "--batch-size", "4", "--device", "cpu")
     assert status == 0 and read_record(run).status == "finished" and read_record(run).failure == "", output
+
+
+@pytest.mark.parametrize("target, holds", [("cv", "a cross-validation (cv.json)"), ("sweep", "a sweep (sweep.json)")])
+def test_a_run_command_on_a_cv_or_sweep_folder_names_what_it_holds(kinds: dict[str, Path], target: str,
+                                                                   holds: str) -> None:
+    status, output = _invoke("evaluate", "--cache", kinds["cache"], "--run", kinds[target], "--device", "cpu")
+    assert status == 2 and output == (f"Error: {kinds[target]}: not a run folder ({holds}); pass the --out folder of "
+                                      f"`train` (a fold-k or config folder inside it is one)\n"), output
