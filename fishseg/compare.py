@@ -2,10 +2,10 @@
 
 An entry is a run folder, or a cross-validation folder (one entry, its folds' validation images
 pooled); a sweep folder counts as its entries, those it cannot score (failed, or not trained far enough)
-listed without scores, as is a failed run named on its own (never the reference, and refused as --baseline). Entries must share one cache and the same validation
-images (cross-validations: the same folds), so that each image pairs the entries' scores. Per-image
-scores come from a run's evaluation when it matches the run's best checkpoint, and are computed from
-the cache otherwise. Statistics: ``fishseg.stats``; rendering: ``fishseg.leaderboard``. A leaderboard is
+listed without scores, as is a failed run named on its own (never the reference, and refused as
+--baseline). Entries must share one cache and the same validation images (cross-validations: the same
+folds), so that each image pairs the entries' scores. Per-image scores come from a run's evaluation when
+it matches the run's best checkpoint, and are computed from the cache otherwise. Statistics: ``fishseg.stats``; rendering: ``fishseg.leaderboard``. A leaderboard is
 written only where it replaces no leaderboard of other folders (``check_out``).
 """
 
@@ -24,9 +24,9 @@ from fishseg.errors import FishsegError
 from fishseg.evaluate import METRICS_FILE, PER_IMAGE_FILE, evaluate_run
 from fishseg.leaderboard import (LeaderboardEntry, UnscoredEntry, compared_folders, holds_leaderboard,
                                  write_leaderboard)
-from fishseg.runs import (REPORT_DIR, SWEEP_KIND, RunRecord, failed_configs, fold_dir, folder_kind, holds_cv, holds_run,
-                          holds_sweep, read_cv, read_history, read_record, read_sweep, split_digests,
-                          training_failure)
+from fishseg.runs import (REPORT_DIR, SWEEP_KIND, RunRecord, config_failures, fold_dir, folder_kind, holds_cv,
+                          holds_run, holds_sweep, read_cv, read_history, read_record, read_sweep, recorded_config,
+                          split_digests)
 from fishseg.runtime import make_output_dir, plural, read_json, resolve_device
 from fishseg.stats import compare_to_reference
 
@@ -152,21 +152,17 @@ def _unscorable(folder: Path) -> str | None:
 def failure(folder: Path) -> str | None:
     """Why the training of the run or cross-validation in ``folder`` failed, as its own records say or, for a
     config of a sweep, the sweep's; None when it did not fail."""
-    sweep_dir = folder.parent
-    listed = failed_configs(read_sweep(sweep_dir)).get(folder.name) if holds_sweep(sweep_dir) else None
-    return training_failure(folder) or listed
-
-
-def _config(folder: Path) -> TrainConfig:
-    return read_record(folder).train_config if holds_run(folder) else TrainConfig(**read_cv(folder)["train_config"])
+    return config_failures(folder.parent, [folder.name]).get(folder.name)
 
 
 def _sweep_configs(sweep_dir: Path) -> tuple[list[Path], list[Unscored]]:
     """The folders of a sweep's configs that can be scored, and the configs that cannot (failed or unfinished)."""
     found, unscored = [], []
-    for config in read_sweep(sweep_dir)["configs"]:
+    configs = read_sweep(sweep_dir)["configs"]
+    failures = config_failures(sweep_dir, [config["name"] for config in configs])
+    for config in configs:
         folder = sweep_dir / config["name"]
-        failed = failure(folder)
+        failed = failures.get(config["name"])
         reason = failed or _unscorable(folder)
         if reason is None:
             found.append(folder)
@@ -179,7 +175,7 @@ def _named_folder(folder: Path) -> tuple[list[Path], list[Unscored]]:
     """A run or cross-validation folder named on its own: scorable, or failed (listed without scores)."""
     failed = failure(folder)
     if failed is not None:
-        return [], [Unscored(folder, _config(folder), True, failed)]
+        return [], [Unscored(folder, recorded_config(folder), True, failed)]
     reason = _unscorable(folder)
     if reason is not None:
         raise FishsegError(f"{folder}: {reason}; nothing to compare until it is further (resume it with "

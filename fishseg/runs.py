@@ -43,7 +43,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import safetensors
 import safetensors.torch
@@ -167,7 +167,7 @@ def read_record(run_dir: Path) -> RunRecord:
     numbers in leaderboards and reports)."""
     if not holds_run(run_dir):
         kind = folder_kind(run_dir)
-        holds = f"a {kind} ({dict(_KIND_FILES)[kind]})" if kind else f"no {RUN_FILE}"
+        holds = _holding(kind) if kind else f"no {RUN_FILE}"
         raise FishsegError(f"{run_dir}: not a run folder ({holds}); pass the --out folder of `train`"
                            + (" (a fold-k or config folder inside it is one)" if kind else ""))
     record = RunRecord.from_json(read_json(run_dir / RUN_FILE), run_dir / RUN_FILE)
@@ -592,13 +592,17 @@ def folder_kind(folder: Path) -> str | None:
     return next((kind for kind, name in _KIND_FILES if (folder / name).is_file()), None)
 
 
+def _holding(kind: str) -> str:
+    """E.g. "a sweep (sweep.json)": what a folder of ``kind`` holds, as messages name it."""
+    return f"a {kind} ({dict(_KIND_FILES)[kind]})"
+
+
 def require_kind(folder: Path, wanted: str) -> None:
     """Refuse to write a ``wanted`` into a folder that holds another kind: --overwrite replaces a run by a run,
     never a sweep or a cross-validation by a run (their results would be orphaned and misread)."""
     kind = folder_kind(folder)
     if kind not in (None, wanted):
-        name = dict(_KIND_FILES)[kind]
-        raise FishsegError(f"{folder}: holds a {kind} ({name}), not a {wanted}; use another --out, or remove the "
+        raise FishsegError(f"{folder}: holds {_holding(kind)}, not a {wanted}; use another --out, or remove the "
                            f"folder first")
 
 
@@ -607,8 +611,7 @@ def require_no_kind(folder: Path, writes: str) -> None:
     sweep: their files would mix with the folder's own, and the folder's commands would misread them."""
     kind = folder_kind(folder)
     if kind is not None:
-        raise FishsegError(f"{folder}: holds a {kind} ({dict(_KIND_FILES)[kind]}); write the {writes} into another "
-                           f"--out")
+        raise FishsegError(f"{folder}: holds {_holding(kind)}; write the {writes} into another --out")
 
 
 def read_sweep(sweep_dir: Path) -> dict[str, Any]:
@@ -633,6 +636,14 @@ def write_sweep(sweep_dir: Path, sweep: dict[str, Any]) -> None:
 def failed_configs(sweep: dict[str, Any]) -> dict[str, str]:
     """Config name → why its training failed, as ``sweep.json`` records it (older sweeps record none)."""
     return dict(sweep.get("failed", {}))
+
+
+def config_failures(parent: Path, names: Sequence[str]) -> dict[str, str]:
+    """Name → why the training in ``parent / name`` failed, as its own run records say or, where ``parent`` is a
+    sweep, as ``sweep.json`` lists it (``sweep.json`` is read once); names that did not fail are left out."""
+    listed = failed_configs(read_sweep(parent)) if holds_sweep(parent) else {}
+    found = {name: training_failure(parent / name) for name in names}
+    return {name: found[name] or listed[name] for name in names if found[name] is not None or name in listed}
 
 
 def record_failed_config(sweep_dir: Path, name: str, reason: str) -> None:

@@ -38,9 +38,9 @@ from fishseg.decoders import build_decoder, uses_image
 from fishseg.errors import FishsegError
 from fishseg.evaluate import evaluate_run, write_scores
 from fishseg.leaderboard import holds_leaderboard
-from fishseg.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, SWEEP_KIND, RunRecord, differing_fields, failed_configs,
-                          holds_cv, holds_run, holds_sweep, read_cv, read_record, read_sweep, record_failed_config,
-                          require_kind, sweep_digests, training_failure, write_sweep)
+from fishseg.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, SWEEP_KIND, RunRecord, config_failures, differing_fields,
+                          failed_configs, holds_cv, holds_run, holds_sweep, read_cv, read_record, read_sweep,
+                          record_failed_config, require_kind, sweep_digests, training_failure, write_sweep)
 from fishseg.runtime import make_output_dir, plural, resolve_device
 from fishseg.train import (EpochCallback, TrainingData, check_cache, fused_option, plan_run, run_epoch,
                            train_run)
@@ -330,13 +330,6 @@ def _continuation(folder: Path) -> dict[str, bool]:
     return {"resume": there and not failed, "overwrite": failed}
 
 
-def _failed_before(out_dir: Path, configs: Sequence[SweepConfig]) -> dict[str, str]:
-    """Config name → why its training failed, as sweep.json or the config's own run records say it."""
-    recorded = failed_configs(read_sweep(out_dir)) if holds_sweep(out_dir) else {}
-    found = {entry.name: training_failure(out_dir / entry.name) for entry in configs}
-    return {**recorded, **{name: why for name, why in found.items() if why is not None}}
-
-
 def _check_sweep_folder(out_dir: Path, cache: FeatureCache) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FishsegError(f"{out_dir}: exists and is not a folder")
@@ -401,7 +394,7 @@ def run_sweep(cache_path: Path, out_dir: Path, grid: Grid, *, folds: int = 0, de
         _check_sweep_folder(out_dir, cache)
         _check_same_grid(out_dir, configs)
         _check_layer_sets(grid.get("layers", ()), cache)
-        failed = {} if retry_failed else _failed_before(out_dir, configs)
+        failed = {} if retry_failed else config_failures(out_dir, [entry.name for entry in configs])
         finished = {entry.name for entry in configs if _check_folder(out_dir, entry, cache)}
         todo = [entry for entry in configs if entry.name not in finished and entry.name not in failed]
         epoch_seconds, startup_seconds, estimate, data = 0.0, 0.0, None, None
