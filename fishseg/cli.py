@@ -154,7 +154,7 @@ def command(function: Callable[..., Any]) -> Callable[..., Any]:
 def _stop_advice(command_name: str, out: Path | None) -> str:
     """What a stopped command kept and how to go on; train and sweep look at what their --out folder keeps."""
     if command_name in NOTHING_KEPT_ADVICE:
-        from fishseg.runs import keeps_a_run
+        from fishseg.formats.runs import keeps_a_run
 
         if not keeps_a_run(out):
             return NOTHING_KEPT_ADVICE[command_name]
@@ -238,7 +238,7 @@ def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_
     Resumable: stopped at any point, the same command continues where it stopped. Under
     `torchrun --nproc-per-node N` each process extracts a contiguous share of the images.
     """
-    from fishseg.extract import run_extraction
+    from fishseg.features.extract import run_extraction
 
     config = ExtractConfig(backbone=backbone, image_size=image_size, preview_size=preview_size, layers=layers,
                            views=views)
@@ -369,10 +369,10 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
     process computes a share of every batch (DDP); the run equals a one-process run up to
     floating-point order.
     """
-    from fishseg.crossval import run_cross_validation
-    from fishseg.runs import recorded_config
+    from fishseg.formats.runs import recorded_config
     from fishseg.runtime import plural
-    from fishseg.train import run_training
+    from fishseg.training.crossval import run_cross_validation
+    from fishseg.training.train import run_training
 
     fields["folds"] = folds
     recorded = recorded_config(out) if resume else None
@@ -428,7 +428,7 @@ def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, jobs:
     long that takes; above 50 it asks first (or needs --yes). The leaderboard (see `fishseg
     compare`) is written into OUT at the end.
     """
-    from fishseg.sweep import read_grid_file, run_sweep
+    from fishseg.training.sweep import read_grid_file, run_sweep
 
     grid = read_grid_file(grid_file, SWEEP_FIELDS) if grid_file else {}
     file_folds = grid.pop("folds", (0,))[0]
@@ -449,7 +449,7 @@ NOT_STARTED = 1  # exit status of a sweep the user declined at the prompt (click
 
 def _confirm_plan(plan: Any, *, yes: bool) -> None:
     """Say what the sweep is about to train; above the threshold, ask (or, with no terminal, require --yes)."""
-    from fishseg.sweep import CONFIRM_ABOVE
+    from fishseg.training.sweep import CONFIRM_ABOVE
 
     click.echo(plan.describe())
     if not plan.needs_confirmation or yes:
@@ -492,7 +492,7 @@ def compare(folders: tuple[Path, ...], baseline: Path | None, out: Path | None, 
     verdict. Runs must share one cache and the same validation images (cross-validations: the same
     folds). Writes leaderboard.csv, .md, .html and val_iou_curves.png.
     """
-    from fishseg.compare import run_compare
+    from fishseg.evaluation.compare import run_compare
 
     board = run_compare(list(folders), out, baseline=baseline, cache_path=cache_path, device=device)
     click.echo(board.summary())
@@ -508,7 +508,7 @@ def compare(folders: tuple[Path, ...], baseline: Path | None, out: Path | None, 
 @command
 def evaluate(cache_path: Path, run_dir: Path, out: Path | None, device: str) -> None:
     """Score the run's best checkpoint on its validation split and write metrics and a report."""
-    from fishseg.evaluate import run_evaluation
+    from fishseg.evaluation.evaluate import run_evaluation
 
     out = out or run_dir / "report"
     metrics = run_evaluation(cache_path, run_dir, out, device=device)
@@ -541,10 +541,10 @@ def _summary(metrics: dict[str, Any], out: Path) -> str:
 def probe(cache_path: Path, split: str, group_pattern: str, val_fraction: float, seed: int,
           json_path: Path | None) -> None:
     """Species from mean-pooled cached features (logistic regression), on the split `train` would use."""
-    from fishseg.cache import FeatureCache
-    from fishseg.probe import run_probe
+    from fishseg.data.splits import split_indices
+    from fishseg.evaluation.probe import run_probe
+    from fishseg.formats.cache import FeatureCache
     from fishseg.runtime import write_json
-    from fishseg.train import split_indices
 
     config = TrainConfig(val_fraction=val_fraction, seed=seed, split=split, group_pattern=group_pattern)
     with FeatureCache(cache_path) as cache:
@@ -583,7 +583,7 @@ def predict(inputs: tuple[Path, ...], run_dir: Path, out: Path, backbone: str | 
     The backbone must be the one the run's cache was extracted with: its architecture and a digest of its
     weights are checked.
     """
-    from fishseg.predict import run_prediction
+    from fishseg.inference.predict import run_prediction
     from fishseg.runtime import plural
 
     csv_path, skipped = run_prediction(run_dir, list(inputs), out, backbone=backbone, batch_size=batch_size,
@@ -612,7 +612,7 @@ def demo(out: Path, backbone: str | None, classes: int, images_per_class: int, e
     OUT must be a new or empty folder, or an earlier demo with --overwrite.
     """
     from fishseg.demo import run_demo
-    from fishseg.evaluate import METRICS_FILE
+    from fishseg.evaluation.evaluate import METRICS_FILE
     from fishseg.runtime import read_json
 
     report = run_demo(out, backbone=backbone, classes=classes, images_per_class=images_per_class, epochs=epochs,
@@ -650,7 +650,7 @@ def bench(images: int, image_size: int, batch_size: int, backbone: str | None, s
           processes: tuple[int, ...], sweep_epochs: int, json_path: Path | None, device: str) -> None:
     """Measure forward and extraction throughput, cached vs reference-style epochs, memory, cache storage,
     torchrun scaling (with --processes) and the overhead of a sweep."""
-    from fishseg.bench import BenchConfig, format_table, run_benchmark
+    from fishseg.bench.bench import BenchConfig, format_table, run_benchmark
     from fishseg.runtime import write_json
 
     config = BenchConfig(images=images, image_size=image_size, batch_size=batch_size, backbone=backbone, scale=scale,

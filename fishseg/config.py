@@ -28,7 +28,7 @@ IDENTITY = "identity"  # the photo as it is: the view every cache holds
 VIEWS = ("hflip", "vflip", "rot90", "rot180", "rot270", "transpose")  # extra views `extract --views` can store
 LAST_BLOCK = (-1,)  # the default layers: the backbone's last block
 SPLITS = ("random", "grouped")
-DECODER_NAMES = ("linear", "seed-cnn", "progressive", "guided")  # the keys of fishseg.decoders.DECODERS
+DECODER_NAMES = ("linear", "seed-cnn", "progressive", "guided")  # the keys of fishseg.models.decoders.DECODERS
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what --precision asks for; fishseg.runtime.precision_policy decides
 
 
@@ -202,7 +202,7 @@ class BackboneInfo:
 class TrainConfig:
     """The decoder training recipe; defaults reproduce the reference notebook."""
 
-    decoder: str = "seed-cnn"  # key of fishseg.decoders.DECODERS
+    decoder: str = "seed-cnn"  # key of fishseg.models.decoders.DECODERS
     epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-3  # AdamW learning rate

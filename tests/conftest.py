@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from fishseg.backbone import save_random_backbone
 from fishseg.config import TrainConfig
-from fishseg.demo import write_demo_dataset
-from fishseg.evaluate import run_evaluation
-from fishseg.extract import run_extraction
-from fishseg.train import run_training
+from fishseg.data.synthetic import write_demo_dataset
+from fishseg.evaluation.evaluate import run_evaluation
+from fishseg.features.extract import run_extraction
+from fishseg.models.backbone import save_random_backbone
+from fishseg.training.train import run_training
 from tests.helpers import SMALL_PHOTO, TINY_LAYOUT, tiny_extract_config, write_toy_cache
 
 

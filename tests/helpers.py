@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import fishseg.train as train_module
-
-from fishseg.cache import CacheWriter
+import fishseg.training.train as train_module
 from fishseg.config import BackboneInfo, ExtractConfig
-from fishseg.data import Sample, apply_view
+from fishseg.data.images import Sample, apply_view
+from fishseg.formats.cache import CacheWriter
 
 REPO = Path(__file__).resolve().parents[1]
 F4K_SAMPLE = REPO.parent / "shared" / "data" / "f4k-sample"
@@ -66,8 +65,8 @@ def move_a_training_image_to_val(run_dir: Path) -> dict[str, list[str]]:
 def interrupt_at_pass(monkeypatch: pytest.MonkeyPatch, number: int) -> None:
     """Make training raise KeyboardInterrupt (Ctrl-C) at the start of its ``number``-th pass over a split
     (2 passes an epoch: train, then val), as if the user stopped it there. A sweep's time estimate runs the real
-    passes: fishseg.sweep is imported first, so its own name for run_epoch stays unpatched."""
-    importlib.import_module("fishseg.sweep")
+    passes: fishseg.training.sweep is imported first, so its own name for run_epoch stays unpatched."""
+    importlib.import_module("fishseg.training.sweep")
     real_epoch, calls = train_module.run_epoch, []
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:

@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import DINOv3ConvNextConfig, DINOv3ConvNextModel
 
-from fishseg.backbone import backbone_reference, load_backbone, looks_like_path, save_random_backbone
-from fishseg.cache import FeatureCache
 from fishseg.config import IMAGENET_MEAN, IMAGENET_STD, BackboneInfo, ExtractConfig, TrainConfig
 from fishseg.errors import FishsegError
-from fishseg.evaluate import run_evaluation
-from fishseg.extract import run_extraction
-from fishseg.predict import run_prediction
-from fishseg.train import run_training
+from fishseg.evaluation.evaluate import run_evaluation
+from fishseg.features.extract import run_extraction
+from fishseg.formats.cache import FeatureCache
+from fishseg.inference.predict import run_prediction
+from fishseg.models.backbone import backbone_reference, load_backbone, looks_like_path, save_random_backbone
+from fishseg.training.train import run_training
 from tests.helpers import TINY_LAYOUT
 
 CPU = torch.device("cpu")
@@ -71,7 +71,7 @@ def test_a_missing_path_stops_at_once_without_the_hub(name: str, monkeypatch: py
     def no_hub(*args: object, **kwargs: object) -> None:
         raise AssertionError("the Hub was asked")
 
-    monkeypatch.setattr("fishseg.backbone.AutoModel.from_pretrained", no_hub)
+    monkeypatch.setattr("fishseg.models.backbone.AutoModel.from_pretrained", no_hub)
     with pytest.raises(FishsegError, match=rf"backbone {re.escape(name)}: no such folder"):
         load_backbone(name, IMAGENET_MEAN, IMAGENET_STD, CPU)
 

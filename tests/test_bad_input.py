@@ -23,12 +23,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import fishseg.backbone
-import fishseg.cache
-import fishseg.data
-from fishseg.cache import FeatureCache
+import fishseg.data.images
+import fishseg.formats.cache
+import fishseg.models.backbone
 from fishseg.cli import main
-from fishseg.extract import run_extraction
+from fishseg.features.extract import run_extraction
+from fishseg.formats.cache import FeatureCache
 from tests.helpers import TINY_IMAGE_SIZE, move_a_training_image_to_val, tiny_extract_config, write_toy_cache
 
 OUT = "out"
@@ -75,27 +75,27 @@ def _unreadable(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(fishseg.data.Image, "open", guarded_open)
+    monkeypatch.setattr(fishseg.data.images.Image, "open", guarded_open)
     return root
 
 
 def _nan_for_image_1(monkeypatch: pytest.MonkeyPatch) -> None:
     """The backbone returns NaN features for ``1.png`` of ``_generic`` (the image filled with 61)."""
-    real = fishseg.backbone.Backbone.__call__
+    real = fishseg.models.backbone.Backbone.__call__
 
-    def poisoned(self: fishseg.backbone.Backbone, images: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+    def poisoned(self: fishseg.models.backbone.Backbone, images: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
         grid = real(self, images, layers)
         hit = (images[:, 0, 0, 0] == 61).view(-1, 1, 1, 1)
         return torch.where(hit, torch.tensor(float("nan"), dtype=grid.dtype), grid)
 
-    monkeypatch.setattr(fishseg.backbone.Backbone, "__call__", poisoned)
+    monkeypatch.setattr(fishseg.models.backbone.Backbone, "__call__", poisoned)
 
 
 def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_space(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fishseg.cache.np, "savez", no_space)
+    monkeypatch.setattr(fishseg.formats.cache.np, "savez", no_space)
 
 
 @dataclasses.dataclass
@@ -185,7 +185,7 @@ def foreign_hdf5(ctx: Context) -> list[str]:
 
 
 def interrupted_cache(ctx: Context) -> list[str]:
-    store = fishseg.cache.PartStore.open(ctx.root / "c.h5", {"batch_size": 2, "image_ids": ["a", "b", "c"]})
+    store = fishseg.formats.cache.PartStore.open(ctx.root / "c.h5", {"batch_size": 2, "image_ids": ["a", "b", "c"]})
     store.write(0, 2, features=np.zeros((2, 1)))
     return ctx.train(ctx.root / "c.h5")
 
@@ -436,5 +436,5 @@ def test_exif_orientation_is_applied_to_masks(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(mask).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "m.jpg", exif=exif, quality=100)
-    read = np.asarray(fishseg.data.read_mask(tmp_path / "m.jpg"))
+    read = np.asarray(fishseg.data.images.read_mask(tmp_path / "m.jpg"))
     assert read.shape == (30, 40) and read[:, :8].all() and not read[:, 12:].any()

@@ -11,11 +11,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import fishseg.bench as bench_module
-from fishseg.bench import BenchConfig, format_table, run_benchmark
-from fishseg.cache import FeatureCache
+import fishseg.bench.bench as bench_module
+from fishseg.bench.bench import BenchConfig, format_table, run_benchmark
 from fishseg.cli import main
-
+from fishseg.formats.cache import FeatureCache
 
 TINY = BenchConfig(images=4, image_size=32, batch_size=2, scale=2, device="cpu", num_workers=0, sweep_epochs=2)
 

@@ -7,10 +7,10 @@ import h5py
 import numpy as np
 import pytest
 
-from fishseg.cache import CacheWriter, FeatureCache, PartStore
 from fishseg.config import BackboneInfo, ExtractConfig
-from fishseg.data import Sample
+from fishseg.data.images import Sample
 from fishseg.errors import FishsegError
+from fishseg.formats.cache import CacheWriter, FeatureCache, PartStore
 from tests.helpers import write_toy_cache
 
 CONFIG = ExtractConfig(backbone="toy", image_size=16, preview_size=4)

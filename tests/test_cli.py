@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from fishseg.cache import FeatureCache
 from fishseg.cli import Views, main
-from fishseg.runs import read_record
+from fishseg.formats.cache import FeatureCache
+from fishseg.formats.runs import read_record
 from tests.helpers import REPO, TINY_IMAGE_SIZE
 
 

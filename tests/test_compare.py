@@ -12,12 +12,12 @@ import pytest
 from click.testing import CliRunner
 
 from fishseg.cli import main
-from fishseg.compare import run_compare
 from fishseg.config import TrainConfig
-from fishseg.crossval import run_cross_validation
-from fishseg.evaluate import run_evaluation
-from fishseg.runs import read_record
-from fishseg.train import run_training
+from fishseg.evaluation.compare import run_compare
+from fishseg.evaluation.evaluate import run_evaluation
+from fishseg.formats.runs import read_record
+from fishseg.training.crossval import run_cross_validation
+from fishseg.training.train import run_training
 from tests.helpers import interrupt_at_pass, write_toy_cache
 
 QUICK = TrainConfig(epochs=2, batch_size=8, lr=3e-3, val_fraction=0.4)

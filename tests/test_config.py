@@ -8,8 +8,8 @@ import pytest
 
 from fishseg.config import (DECODER_NAMES, BackboneInfo, ExtractConfig, TrainConfig, check_patch_multiple, from_json,
                             resolve_layers, to_json, value_text)
-from fishseg.decoders import DECODERS
 from fishseg.errors import FishsegError
+from fishseg.models.decoders import DECODERS
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -17,15 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fishseg.backbone import load_backbone
-from fishseg.cache import FeatureCache
 from fishseg.config import TrainConfig
-from fishseg.decoders import DECODERS, build_decoder, uses_image
-from fishseg.extract import run_extraction
-from fishseg.predict import run_prediction
-from fishseg.runs import read_history, read_record
-from fishseg.sweep import run_sweep
-from fishseg.train import decoder_step, run_training
+from fishseg.features.extract import run_extraction
+from fishseg.formats.cache import FeatureCache
+from fishseg.formats.runs import read_history, read_record
+from fishseg.inference.predict import run_prediction
+from fishseg.models.backbone import load_backbone
+from fishseg.models.decoders import DECODERS, build_decoder, uses_image
+from fishseg.training.sweep import run_sweep
+from fishseg.training.train import decoder_step, run_training
 from tests.helpers import interrupt_at_pass, tiny_extract_config, write_toy_cache
 
 DEVICE = os.environ.get("FISHSEG_TEST_DEVICE", "cuda")

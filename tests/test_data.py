@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fishseg.data import ExtractionDataset, discover_samples, random_split, read_mask, read_rgb
+from fishseg.data.images import ExtractionDataset, discover_samples, read_mask, read_rgb
+from fishseg.data.splits import random_split
 from fishseg.errors import FishsegError
 
 

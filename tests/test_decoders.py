@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from fishseg.config import DECODER_NAMES
-from fishseg.decoders import DECODERS, build_decoder, load_checkpoint, save_checkpoint, segment, uses_image
 from fishseg.errors import FishsegError
-
+from fishseg.models.decoders import DECODERS, build_decoder, load_checkpoint, save_checkpoint, segment, uses_image
 
 OUTPUT_SCALE = {"linear": 1, "seed-cnn": 1, "progressive": 16, "guided": 8}  # logits per patch side
 

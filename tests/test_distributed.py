@@ -14,19 +14,18 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from torch import nn
 
-from fishseg.backbone import save_random_backbone
-from fishseg.cache import FeatureCache
 from fishseg.cli import main
 from fishseg.config import TrainConfig
-from fishseg.crossval import run_cross_validation
-from fishseg.decoders import build_decoder
-from fishseg.demo import write_demo_dataset
+from fishseg.data.synthetic import write_demo_dataset
 from fishseg.distributed import Ranks, SyncedBatchNorm, session, sync_batch_norm, torchrun_command
 from fishseg.errors import FishsegError
-from fishseg.extract import run_extraction
-from fishseg.train import EpochResult, run_training
+from fishseg.features.extract import run_extraction
+from fishseg.formats.cache import FeatureCache
+from fishseg.models.backbone import save_random_backbone
+from fishseg.models.decoders import build_decoder
+from fishseg.training.crossval import run_cross_validation
+from fishseg.training.train import EpochResult, run_training
 from tests.helpers import REPO, SMALL_PHOTO, TINY_LAYOUT, tiny_extract_config, write_toy_cache
-
 
 
 def torchrun(script: str, *args: object) -> subprocess.CompletedProcess:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fishseg.cache import FeatureCache
-from fishseg.decoders import load_checkpoint
+from fishseg.formats.cache import FeatureCache
+from fishseg.models.decoders import load_checkpoint
 
 
 def test_metrics_equal_a_direct_computation(evaluated: tuple[Path, Path, dict]) -> None:

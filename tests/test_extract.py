@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import fishseg.extract
+import fishseg.features.extract
 import fishseg.runtime
-from fishseg.backbone import load_backbone, save_random_backbone
-from fishseg.cache import FeatureCache, PartStore, parts_dir
-from fishseg.data import ExtractionDataset, apply_view, discover_samples
+from fishseg.data.images import ExtractionDataset, apply_view, discover_samples
 from fishseg.errors import FishsegError
-from fishseg.extract import run_extraction
+from fishseg.features.extract import run_extraction
+from fishseg.formats.cache import FeatureCache, PartStore, parts_dir
+from fishseg.models.backbone import load_backbone, save_random_backbone
 from fishseg.runtime import default_batch_size, default_num_workers
 from tests.helpers import TINY_LAYOUT, tiny_extract_config
 
@@ -158,9 +158,9 @@ def test_the_writer_thread_writes_the_cache_of_the_serial_loop_bit_for_bit(
         tmp_path: Path, kaggle_root: Path, tiny_backbone: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = dataclasses.replace(tiny_extract_config(tiny_backbone), views=("hflip", "rot90"))
     serial = run_extraction(kaggle_root, tmp_path / "serial.h5", config, batch_size=5, num_workers=1, device="cpu")
-    monkeypatch.setattr(fishseg.extract, "THREADED_WRITES", frozenset({"cpu"}))  # the GPU's writer thread, on the CPU
+    monkeypatch.setattr(fishseg.features.extract, "THREADED_WRITES", frozenset({"cpu"}))  # the GPU's writer thread, on the CPU
     started = []
-    monkeypatch.setattr(fishseg.extract.threading.Thread, "start",
+    monkeypatch.setattr(fishseg.features.extract.threading.Thread, "start",
                         lambda thread, start=threading.Thread.start: started.append(thread.name) or start(thread))
     threaded = run_extraction(kaggle_root, tmp_path / "threaded.h5", config, batch_size=5, num_workers=1,
                               device="cpu")
@@ -179,7 +179,7 @@ def test_the_writer_thread_writes_the_cache_of_the_serial_loop_bit_for_bit(
 def test_a_failed_batch_keeps_the_batches_before_it_and_writes_none_after(
         threaded: frozenset[str], tmp_path: Path, kaggle_root: Path, tiny_backbone: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fishseg.extract, "THREADED_WRITES", threaded)
+    monkeypatch.setattr(fishseg.features.extract, "THREADED_WRITES", threaded)
     data = tmp_path / "data"
     shutil.copytree(kaggle_root, data)
     samples = discover_samples(data)

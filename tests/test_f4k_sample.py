@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from fishseg.cache import FeatureCache
 from fishseg.config import TrainConfig
-from fishseg.data import discover_samples
-from fishseg.evaluate import run_evaluation
-from fishseg.extract import run_extraction
-from fishseg.train import run_training
+from fishseg.data.images import discover_samples
+from fishseg.evaluation.evaluate import run_evaluation
+from fishseg.features.extract import run_extraction
+from fishseg.formats.cache import FeatureCache
+from fishseg.training.train import run_training
 from tests.helpers import F4K_SAMPLE, tiny_extract_config
 
 pytestmark = pytest.mark.skipif(not F4K_SAMPLE.is_dir(), reason=f"{F4K_SAMPLE} not present")

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from fishseg.errors import FishsegError
-import fishseg.gpubench as gpubench
+import fishseg.bench.gpubench as gpubench
+from fishseg.bench.gpubench import (RESULTS_FILE, TINY_GPU_BENCH, GpuBenchConfig, compile_gain, format_gpu_table,
+                                    generate_cache, main, require_cuda, sweep_epochs)
 from fishseg.config import IDENTITY
-from fishseg.gpubench import (RESULTS_FILE, TINY_GPU_BENCH, GpuBenchConfig, compile_gain, format_gpu_table,
-                              generate_cache, main, require_cuda, sweep_epochs)
-from fishseg.train import InMemorySplit
+from fishseg.errors import FishsegError
+from fishseg.training.train import InMemorySplit
 
 
 def test_the_dry_run_reports_every_measure(tmp_path: Path) -> None:

@@ -11,13 +11,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageFilter
 
-from fishseg.cache import FeatureCache
 from fishseg.cli import main
 from fishseg.config import TrainConfig
-from fishseg.crossval import run_cross_validation
 from fishseg.errors import FishsegError
-from fishseg.runs import INTERRUPTED, read_record
-from fishseg.train import run_training
+from fishseg.formats.cache import FeatureCache
+from fishseg.formats.runs import INTERRUPTED, read_record
+from fishseg.training.crossval import run_cross_validation
+from fishseg.training.train import run_training
 from tests.helpers import TINY_IMAGE_SIZE, interrupt_at_pass, write_toy_cache
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fishseg.leaderboard import LeaderboardEntry, write_leaderboard
-from fishseg.report import DPI
-from fishseg.stats import PairedComparison
+from fishseg.evaluation.leaderboard import LeaderboardEntry, write_leaderboard
+from fishseg.evaluation.report import DPI
+from fishseg.evaluation.stats import PairedComparison
 
 ESCAPED = "loss=bce+dice,<x>"
 NOTES = ["2 runs were skipped: no per-image scores", "Validation images: 40, the same for every entry"]

@@ -5,9 +5,9 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
 
-from fishseg.metrics import (THRESHOLDS, batch_pooled_iou, binarize, boundary, boundary_f_per_image, dice_per_image,
-                             iou_per_image, pixel_counts, precision_per_image, recall_per_image, summarize,
-                             sweep_thresholds)
+from fishseg.evaluation.metrics import (THRESHOLDS, batch_pooled_iou, binarize, boundary, boundary_f_per_image,
+                                        dice_per_image, iou_per_image, pixel_counts, precision_per_image,
+                                        recall_per_image, summarize, sweep_thresholds)
 
 
 def test_hand_worked_example() -> None:

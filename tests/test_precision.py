@@ -13,15 +13,15 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from fishseg import runtime
-from fishseg.cache import FeatureCache, PartStore
 from fishseg.cli import main
 from fishseg.config import TrainConfig
-from fishseg.decoders import bilinear_by_matmul, upsample
 from fishseg.errors import FishsegError
-from fishseg.runs import RUN_FILE, read_record
+from fishseg.formats.cache import FeatureCache, PartStore
+from fishseg.formats.runs import RUN_FILE, read_record
+from fishseg.models.decoders import bilinear_by_matmul, upsample
 from fishseg.runtime import (UNRECORDED, Precision, autocast, backward_step, ddp_no_buffer_sync, precision_policy,
                              precision_scope, resolve_device)
-from fishseg.train import run_training
+from fishseg.training.train import run_training
 from tests.helpers import interrupt_at_pass, write_toy_cache
 
 BUILD = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]  # a torch build without sm_60 kernels or PTX

@@ -11,20 +11,20 @@ import torch.nn.functional as F
 from click.testing import CliRunner, Result
 from PIL import Image
 
-import fishseg.evaluate as evaluate_module
-import fishseg.predict as predict_module
-from fishseg.backbone import save_random_backbone
-from fishseg.cache import FeatureCache
+import fishseg.evaluation.evaluate as evaluate_module
+import fishseg.inference.predict as predict_module
 from fishseg.cli import main
 from fishseg.config import TrainConfig
-from fishseg.data import discover_samples, read_mask
-from fishseg.decoders import segment
+from fishseg.data.images import discover_samples, read_mask
 from fishseg.errors import FishsegError
-from fishseg.evaluate import run_evaluation
-from fishseg.predict import OVERLAY_ALPHA, OVERLAY_COLOUR, full_size, run_prediction, tint
-from fishseg.runs import read_split
+from fishseg.evaluation.evaluate import run_evaluation
+from fishseg.formats.cache import FeatureCache
+from fishseg.formats.runs import read_split
+from fishseg.inference.predict import OVERLAY_ALPHA, OVERLAY_COLOUR, full_size, run_prediction, tint
+from fishseg.models.backbone import save_random_backbone
+from fishseg.models.decoders import segment
 from fishseg.runtime import read_json, write_json
-from fishseg.train import run_training
+from fishseg.training.train import run_training
 from tests.helpers import SMALL_PHOTO, TINY_LAYOUT
 
 

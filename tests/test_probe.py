@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fishseg.cache import FeatureCache
 from fishseg.cli import main
-from fishseg.probe import pooled_features, run_probe
+from fishseg.evaluation.probe import pooled_features, run_probe
+from fishseg.formats.cache import FeatureCache
 from tests.helpers import write_toy_cache
 
 

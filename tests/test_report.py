@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import fishseg.report
-from fishseg.report import (DPI, REFERENCE_NOTE, Example, _epoch_figure, _gallery_figure, _legible, _probe_figure, fmt,
-                           gallery_positions)
-from fishseg.runs import REPORT_FILES
+import fishseg.evaluation.report
+from fishseg.evaluation.report import (DPI, REFERENCE_NOTE, Example, _epoch_figure, _gallery_figure, _legible,
+                                       _probe_figure, fmt, gallery_positions)
+from fishseg.formats.runs import REPORT_FILES
 
 CURVE_FILES = ["01_train_iteration_loss.png", "02_train_iteration_iou.png", "03_epoch_loss.png",
                "04_val_iteration_loss.png", "05_epoch_iou.png", "06_val_iteration_iou.png"]
@@ -118,8 +118,8 @@ def test_cjk_file_names_draw_without_a_missing_glyph_warning(tmp_path: Path) -> 
 
 
 def test_a_character_the_default_font_lacks_uses_an_installed_font_that_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fishseg.report, "_default_font", lambda: ("DejaVu Sans", frozenset(map(ord, "ab /."))))
-    monkeypatch.setattr(fishseg.report, "_other_fonts", lambda: (("Noto Sans CJK JP", frozenset(map(ord, "金鱼"))),))
+    monkeypatch.setattr(fishseg.evaluation.report, "_default_font", lambda: ("DejaVu Sans", frozenset(map(ord, "ab /."))))
+    monkeypatch.setattr(fishseg.evaluation.report, "_other_fonts", lambda: (("Noto Sans CJK JP", frozenset(map(ord, "金鱼"))),))
     assert _legible("a/金鱼.b") == ("a/金鱼.b", ["DejaVu Sans", "Noto Sans CJK JP"])
     assert _legible("a 鲤.b") == ("a ?.b", ["DejaVu Sans"])  # no installed font draws 鲤
 
@@ -128,7 +128,7 @@ def test_other_fonts_are_read_only_for_a_character_the_default_lacks(monkeypatch
     def unread() -> tuple:
         raise AssertionError("other fonts read for text the default font draws")
 
-    monkeypatch.setattr(fishseg.report, "_other_fonts", unread)
+    monkeypatch.setattr(fishseg.evaluation.report, "_other_fonts", unread)
     assert _legible("Fish_Dataset/Red Mullet 00012.png") == ("Fish_Dataset/Red Mullet 00012.png", ["DejaVu Sans"])
 
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import fishseg.resident as resident
-import fishseg.train as train_module
-from fishseg.cache import FeatureCache, feature_name
+import fishseg.training.resident as resident
+import fishseg.training.train as train_module
 from fishseg.config import IDENTITY, TrainConfig
-from fishseg.resident import DEVICE_MARGIN, ResidentViews, fits_on_device, resident_bytes, upload
-from fishseg.train import TrainingData, train_run
+from fishseg.formats.cache import FeatureCache, feature_name
+from fishseg.training.resident import DEVICE_MARGIN, ResidentViews, fits_on_device, resident_bytes, upload
+from fishseg.training.train import TrainingData, train_run
 from tests.helpers import write_toy_cache
 
 CONFIG = TrainConfig(epochs=3, batch_size=4, lr=3e-3, seed=3, augment="views")

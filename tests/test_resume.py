@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fishseg.cache import FeatureCache
-from fishseg.demo import write_demo_dataset
-from fishseg.extract import run_extraction
+from fishseg.data.synthetic import write_demo_dataset
+from fishseg.features.extract import run_extraction
+from fishseg.formats.cache import FeatureCache
 from tests.helpers import REPO, SMALL_PHOTO, tiny_extract_config
 
 KILLS = 4

@@ -24,10 +24,10 @@ from fishseg.cli import main
 from fishseg.config import TrainConfig
 from fishseg.distributed import torchrun_command
 from fishseg.errors import FishsegError
-from fishseg.evaluate import run_evaluation
-from fishseg.runs import (CHECKPOINT_DIR, HISTORY_JOURNAL, REPORT_DIR, cut_history, differing_fields, load_run,
-                         read_history, read_record, read_split)
-from fishseg.train import run_training
+from fishseg.evaluation.evaluate import run_evaluation
+from fishseg.formats.runs import (CHECKPOINT_DIR, HISTORY_JOURNAL, REPORT_DIR, cut_history, differing_fields, load_run,
+                                  read_history, read_record, read_split)
+from fishseg.training.train import run_training
 from tests.helpers import REPO, interrupt_at_pass, move_a_training_image_to_val, write_toy_cache
 
 RECIPE = TrainConfig(decoder="seed-cnn", epochs=6, batch_size=4, lr=3e-3, seed=2, schedule="cosine", augment="flips")
@@ -225,7 +225,7 @@ def test_overwrite_replaces_the_run_and_only_its_files(tmp_path: Path) -> None:
 
 
 def test_a_run_in_progress_is_refused_to_a_second_trainer(tmp_path: Path) -> None:
-    from fishseg.runs import training_lock
+    from fishseg.formats.runs import training_lock
 
     cache = write_toy_cache(tmp_path / "toy.h5", n_images=8)
     with training_lock(tmp_path / "run"):
@@ -624,7 +624,7 @@ def test_a_run_whose_training_failed_is_recorded_failed_and_not_resumed(tmp_path
                                           f"{record.failure}; a resume would repeat that (it continues the run "
                                           f"exactly as it went): train it again with other settings and "
                                           f"--overwrite, or into another --out\n"), output
-    with caplog.at_level(logging.WARNING, logger="fishseg.runs"):  # scored or used, it says what it is
+    with caplog.at_level(logging.WARNING, logger="fishseg.formats.runs"):  # scored or used, it says what it is
         metrics = run_evaluation(cache, run, tmp_path / "report", device="cpu", report=False)
     assert metrics["run_status"] == "failed" and metrics["epoch"] == record.best_epoch
     assert (f"{run}: its training failed in epoch {record.epochs_done + 1} of 3 ({record.failure}); using its best "

@@ -12,13 +12,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from fishseg.cache import FeatureCache
 from fishseg.cli import main
 from fishseg.config import TrainConfig
-from fishseg.data import (duplicates_across, grouped_folds, grouped_split, groups_from_names, near_duplicate_groups,
-                          random_folds, thumbnails)
+from fishseg.data.splits import (duplicates_across, grouped_folds, grouped_split, groups_from_names,
+                                 near_duplicate_groups, random_folds, split_indices, thumbnails)
 from fishseg.errors import FishsegError
-from fishseg.train import split_indices
+from fishseg.formats.cache import FeatureCache
 from tests.helpers import F4K_SAMPLE, interrupt_at_pass, write_toy_cache
 
 

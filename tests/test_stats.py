@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from fishseg.stats import PairedComparison, compare_to_reference, holm, paired_bootstrap_ci, wilcoxon_p
+from fishseg.evaluation.stats import PairedComparison, compare_to_reference, holm, paired_bootstrap_ci, wilcoxon_p
 
 N_IMAGES = 40
 

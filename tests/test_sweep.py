@@ -11,15 +11,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import fishseg.sweep as sweep_module
-import fishseg.train as train_module
-from fishseg.cache import FeatureCache
+import fishseg.training.sweep as sweep_module
+import fishseg.training.train as train_module
 from fishseg.cli import main
 from fishseg.config import TrainConfig
 from fishseg.errors import FishsegError
-from fishseg.runs import read_record
-from fishseg.sweep import expand_grid, read_grid_file
-from fishseg.train import run_training
+from fishseg.formats.cache import FeatureCache
+from fishseg.formats.runs import read_record
+from fishseg.training.sweep import expand_grid, read_grid_file
+from fishseg.training.train import run_training
 from tests.helpers import interrupt_at_pass, write_toy_cache
 
 GRID_ARGS = ["--decoder", "seed-cnn,linear", "--lr", "3e-3,1e-3", "--epochs", "2", "--batch-size", "4"]

@@ -10,15 +10,15 @@ import PIL.Image
 import pytest
 import torch
 
-import fishseg.train as train_module
-from fishseg.cache import FeatureCache
+import fishseg.training.train as train_module
 from fishseg.config import TrainConfig
-from fishseg.data import apply_view
-from fishseg.decoders import load_checkpoint
+from fishseg.data.images import apply_view
 from fishseg.errors import FishsegError
-from fishseg.runs import RunRecord, read_history, read_record
-from fishseg.train import (InMemorySplit, StreamedSplit, TrainingData, dihedral, image_losses, learning_rate_schedule,
-                           run_training)
+from fishseg.formats.cache import FeatureCache
+from fishseg.formats.runs import RunRecord, read_history, read_record
+from fishseg.models.decoders import load_checkpoint
+from fishseg.training.train import (InMemorySplit, StreamedSplit, TrainingData, dihedral, image_losses,
+                                    learning_rate_schedule, run_training)
 from tests.helpers import write_toy_cache
 
 TOY = TrainConfig(epochs=8, batch_size=4, lr=3e-3, seed=1)

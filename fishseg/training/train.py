@@ -1,7 +1,7 @@
 """Stage 2: train a decoder from the cache alone (no image decoding, no backbone).
 
 The run folder it writes (record, split, history, checkpoints, resume state) is defined in
-``fishseg.runs``; this module only decides what goes into it and when.
+``fishseg.formats.runs``; this module only decides what goes into it and when.
 """
 
 from __future__ import annotations
@@ -24,22 +24,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from fishseg import distributed
-from fishseg.cache import FeatureCache
 from fishseg.config import IDENTITY, TrainConfig, to_json
-from fishseg.data import (apply_view, duplicates_across, grouped_folds, grouped_split, groups_from_names, random_folds,
-                          random_split, require_grouped_folds, split_folds)
-from fishseg.decoders import build_decoder, load_checkpoint, segment, uses_image
+from fishseg.data.images import apply_view
+from fishseg.data.splits import check_split, duplicates_across, split_indices
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError, TrainingFailed
-from fishseg.metrics import binarize, iou_per_image
-from fishseg.runs import (FAILED, FINISHED, INTERRUPTED, RUN_FILE, RUN_KIND, RUNNING, SPLIT_FILE, RunRecord,
-                          check_resume_flags, clear_report, clear_run, commit_epoch, cut_history, differing_fields,
-                          history_entry, holds_run, is_locked, read_record, read_resume_state, read_split,
-                          require_kind, split_digests, training_lock, verified, verify_files, write_checkpoint,
-                          write_record, write_resume_state, write_split)
-from fishseg.resident import HeldSource, ResidentViews, fits_on_device, resident_bytes, upload
+from fishseg.evaluation.metrics import binarize, iou_per_image
+from fishseg.formats.cache import FeatureCache
+from fishseg.formats.runs import (FAILED, FINISHED, INTERRUPTED, RUN_FILE, RUN_KIND, RUNNING, SPLIT_FILE, RunRecord,
+                                  check_resume_flags, clear_report, clear_run, commit_epoch, cut_history,
+                                  differing_fields, history_entry, holds_run, is_locked, read_record, read_resume_state,
+                                  read_split, require_kind, split_digests, training_lock, verified, verify_files,
+                                  write_checkpoint, write_record, write_resume_state, write_split)
+from fishseg.models.decoders import build_decoder, load_checkpoint, segment, uses_image
 from fishseg.runtime import (active_precision, autocast, available_memory, backward_step, require_same_precision,
                              resolve_device)
+from fishseg.training.resident import HeldSource, ResidentViews, fits_on_device, resident_bytes, upload
 
 logger = logging.getLogger(__name__)
 
@@ -360,38 +360,6 @@ def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def split_indices(cache: FeatureCache, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train and val indices for ``config`` (split method, fold), and the groups they respect or leak."""
-    groups, classes = _split_groups(cache, config), _image_classes(cache)
-    if config.folds:
-        folds = (grouped_folds(groups, classes, config.folds, config.seed) if config.split == "grouped"
-                 else random_folds(len(cache), config.folds, config.seed))
-        return (*folds[config.fold], groups)
-    if config.split == "grouped":
-        return (*grouped_split(groups, classes, config.val_fraction, config.seed), groups)
-    return (*random_split(len(cache), config.val_fraction, config.seed), groups)
-
-
-def check_split(cache: FeatureCache, config: TrainConfig) -> None:
-    """Refuse what ``split_indices`` would refuse, before anything is written, without making a grouped split
-    (seconds on a large cache)."""
-    if config.split != "grouped":
-        split_indices(cache, config)
-        return
-    val_fraction = None if config.folds else config.val_fraction  # folds of a --cv, or of one train/val split
-    require_grouped_folds(_split_groups(cache, config), _image_classes(cache),
-                          config.folds or split_folds(config.val_fraction), val_fraction)
-
-
-def _split_groups(cache: FeatureCache, config: TrainConfig) -> np.ndarray:
-    return groups_from_names(cache.image_ids, config.group_pattern) if config.group_pattern else cache.groups
-
-
-def _image_classes(cache: FeatureCache) -> np.ndarray:
-    """Each image's class name: what a grouped split stratifies by and its messages name."""
-    return np.asarray(cache.class_names)[cache.class_index]
 
 
 def _new_record(cache: FeatureCache, config: TrainConfig, train_idx: np.ndarray, val_idx: np.ndarray,

@@ -5,7 +5,7 @@ pooled); a sweep folder counts as its entries, those it cannot score (failed, or
 listed without scores, as is a failed run named on its own (never the reference, and refused as
 --baseline). Entries must share one cache and the same validation images (cross-validations: the same
 folds), so that each image pairs the entries' scores. Per-image scores come from a run's evaluation when
-it matches the run's best checkpoint, and are computed from the cache otherwise. Statistics: ``fishseg.stats``; rendering: ``fishseg.leaderboard``. A leaderboard is
+it matches the run's best checkpoint, and are computed from the cache otherwise. Statistics: ``fishseg.evaluation.stats``; rendering: ``fishseg.evaluation.leaderboard``. A leaderboard is
 written only where it replaces no leaderboard of other folders (``check_out``).
 """
 
@@ -18,17 +18,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fishseg.cache import FeatureCache, content_changes
 from fishseg.config import TrainConfig, value_text
 from fishseg.errors import FishsegError
-from fishseg.evaluate import METRICS_FILE, PER_IMAGE_FILE, evaluate_run
-from fishseg.leaderboard import (LeaderboardEntry, UnscoredEntry, compared_folders, holds_leaderboard,
-                                 write_leaderboard)
-from fishseg.runs import (REPORT_DIR, SWEEP_KIND, RunRecord, config_failures, fold_dir, folder_kind, holds_cv,
-                          holds_run, holds_sweep, read_cv, read_history, read_record, read_sweep, recorded_config,
-                          split_digests)
+from fishseg.evaluation.evaluate import METRICS_FILE, PER_IMAGE_FILE, evaluate_run
+from fishseg.evaluation.leaderboard import (LeaderboardEntry, UnscoredEntry, compared_folders, holds_leaderboard,
+                                            write_leaderboard)
+from fishseg.evaluation.stats import compare_to_reference
+from fishseg.formats.cache import FeatureCache, content_changes
+from fishseg.formats.runs import (REPORT_DIR, SWEEP_KIND, RunRecord, config_failures, fold_dir, folder_kind, holds_cv,
+                                  holds_run, holds_sweep, read_cv, read_history, read_record, read_sweep,
+                                  recorded_config, split_digests)
 from fishseg.runtime import make_output_dir, plural, read_json, resolve_device
-from fishseg.stats import compare_to_reference
 
 DEFAULT_OUT = Path("compare")
 SCORES = ("iou", "dice", "boundary_f")  # per-image columns of per_image.csv that the leaderboard uses

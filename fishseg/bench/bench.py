@@ -12,10 +12,10 @@
 7. a sweep of 8 configs (``SWEEP_GRID``) of a few epochs over the cache: the share of its wall time spent
    inside epochs, the rest being the sweep's own overhead (loading, checkpoints, scoring, leaderboard);
 8. ``evaluate`` of one of the sweep's runs on its validation images: scores alone, then with the report;
-9. (with ``--device cuda``) the GPU measures of ``fishseg.gpubench`` at full size; without CUDA, asking for
+9. (with ``--device cuda``) the GPU measures of ``fishseg.bench.gpubench`` at full size; without CUDA, asking for
    them stops with one line before anything runs.
 
-Usage: ``fishseg bench [--images 64] [--processes 1,2] [--json PATH]`` or ``python -m fishseg.bench``.
+Usage: ``fishseg bench [--images 64] [--processes 1,2] [--json PATH]`` or ``python -m fishseg.bench.bench``.
 """
 
 from __future__ import annotations
@@ -33,22 +33,22 @@ import numpy as np
 import torch
 
 from fishseg import __version__
-from fishseg.backbone import load_backbone, save_random_backbone
-from fishseg.cache import CacheWriter, FeatureCache
+from fishseg.bench.gpubench import GpuBenchConfig, format_gpu_table, require_cuda, run_gpu_benchmark
+from fishseg.bench.memory_probe import MB, measure_training, time_cached_epochs
 from fishseg.config import COMPRESSIONS, ExtractConfig
-from fishseg.data import ExtractionDataset, Sample, discover_samples
-from fishseg.decoders import build_decoder
-from fishseg.demo import SPECIES, write_demo_dataset
+from fishseg.data.images import ExtractionDataset, Sample, discover_samples
+from fishseg.data.synthetic import SPECIES, write_demo_dataset
 from fishseg.distributed import torchrun_command
 from fishseg.errors import FishsegError
-from fishseg.evaluate import run_evaluation
-from fishseg.extract import run_extraction
-from fishseg.gpubench import GpuBenchConfig, format_gpu_table, require_cuda, run_gpu_benchmark
-from fishseg.memory_probe import MB, measure_training, time_cached_epochs
+from fishseg.evaluation.evaluate import run_evaluation
+from fishseg.features.extract import run_extraction
+from fishseg.formats.cache import CacheWriter, FeatureCache
+from fishseg.formats.runs import HISTORY_FILE
+from fishseg.models.backbone import load_backbone, save_random_backbone
+from fishseg.models.decoders import build_decoder
 from fishseg.runtime import default_num_workers, read_json, resolve_device, timed
-from fishseg.runs import HISTORY_FILE
-from fishseg.sweep import run_sweep
-from fishseg.train import InMemorySplit, decoder_step
+from fishseg.training.sweep import run_sweep
+from fishseg.training.train import InMemorySplit, decoder_step
 
 EPOCH_REPEATS = 3  # cached epochs are cheap: report the best of three
 CPU = torch.device("cpu")  # timing work that runs off the device (file reads, other processes): no sync
@@ -306,4 +306,4 @@ def _scaling_lines(rows: list[dict[str, Any]]) -> list[str]:
 if __name__ == "__main__":
     from fishseg.cli import bench
 
-    bench(prog_name="python -m fishseg.bench")
+    bench(prog_name="python -m fishseg.bench.bench")

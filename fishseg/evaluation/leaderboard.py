@@ -2,7 +2,7 @@
 and ``leaderboard.json``, which records the entries' folders (so that a later compare knows whose leaderboard
 it would replace).
 
-Rendering only: the caller gathers the runs and the paired statistics (``fishseg.stats``). One table
+Rendering only: the caller gathers the runs and the paired statistics (``fishseg.evaluation.stats``). One table
 (``_table``) feeds both Markdown and HTML, so the two show the same text; every numeric HTML cell also
 carries the full-precision value and its CSV column (``data-column``, ``data-value``), so the page can be
 checked against the CSV. The HTML embeds its figure, so the page is one file that can be mailed.
@@ -23,9 +23,9 @@ from typing import Mapping, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fishseg.report import DPI, STYLE, fmt
+from fishseg.evaluation.report import DPI, STYLE, fmt
+from fishseg.evaluation.stats import PairedComparison
 from fishseg.runtime import atomic_path, read_json
-from fishseg.stats import PairedComparison
 
 CSV_FILE, MD_FILE, PNG_FILE, HTML_FILE = "leaderboard.csv", "leaderboard.md", "val_iou_curves.png", "leaderboard.html"
 SOURCES_FILE = "leaderboard.json"

@@ -13,7 +13,7 @@ A run folder (``train --out RUN``):
   torn last line, which ``read_history`` ignores and a resume cuts away.
 - ``history.json``: the whole history in one JSON object, written once the run finishes (the journal then
   goes); run folders of earlier versions hold only this file.
-- ``checkpoints/epoch-NNNN.safetensors``: decoder weights + JSON (``fishseg.decoders``), written once and
+- ``checkpoints/epoch-NNNN.safetensors``: decoder weights + JSON (``fishseg.models.decoders``), written once and
   never modified, so the record's SHA-256 of the best one stays true until the record names another. The JSON
   holds the run's settings, which ``read_record`` checks the record's against.
 - ``checkpoints/epoch-NNNN.resume.safetensors``: AdamW moments, scheduler position and RNG states of the
@@ -21,7 +21,7 @@ A run folder (``train --out RUN``):
 - ``.lock``: held (``flock``) by the process training into the folder; the kernel drops it when that
   process dies, which is how a reader tells a killed run (``running`` in the record) from a live one.
 - ``report/``: what ``evaluate`` writes (``REPORT_FILES``: the scores, pages and figures, drawn by
-  ``fishseg.report``); removed when the run is replaced or trains on, since it would describe another run.
+  ``fishseg.evaluation.report``); removed when the run is replaced or trains on, since it would describe another run.
 
 A cross-validation folder holds ``cv.json`` and one run folder per fold (``fold-k``); a sweep folder holds
 ``sweep.json`` and one run or cross-validation folder per config. ``sweep.json`` records the cache (its path
@@ -52,8 +52,8 @@ from torch import nn
 
 from fishseg import __version__
 from fishseg.config import LAST_BLOCK, TrainConfig, shown_setting
-from fishseg.decoders import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from fishseg.errors import FishsegError
+from fishseg.models.decoders import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from fishseg.runtime import UNRECORDED, atomic_path, file_digest, make_output_dir, read_json, write_json
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Stage 3: score a run's checkpoint on its validation split, from the cache alone.
 
 Computes the numbers (per-image scores, threshold sweep, per-class summaries) and the arrays the
-report shows (gallery predictions, a sample of patch features); ``fishseg.report`` renders them.
+report shows (gallery predictions, a sample of patch features); ``fishseg.evaluation.report`` renders them.
 """
 
 from __future__ import annotations
@@ -15,16 +15,17 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from fishseg.cache import FeatureCache
-from fishseg.decoders import segment, uses_image
 from fishseg.errors import FishsegError
-from fishseg.metrics import (BOUNDARY_TOLERANCE, REFERENCE_BATCH, THRESHOLD, THRESHOLDS, batch_pooled_iou,
-                             boundary_f_per_image, pixel_counts, precision_per_image, recall_per_image, summarize,
-                             sweep_thresholds)
-from fishseg.probe import run_probe
-from fishseg.report import Example, ReportData, gallery_positions, write_report
-from fishseg.runs import (METRICS_FILE, PER_IMAGE_FILE, REPORT_DIR, RUN_FILE, SPLIT_FILE, RunRecord, checkpoint_layers,
-                          holds_run, load_run, read_history, read_record, read_split, require_no_kind, split_digests)
+from fishseg.evaluation.metrics import (BOUNDARY_TOLERANCE, REFERENCE_BATCH, THRESHOLD, THRESHOLDS, batch_pooled_iou,
+                                        boundary_f_per_image, pixel_counts, precision_per_image, recall_per_image,
+                                        summarize, sweep_thresholds)
+from fishseg.evaluation.probe import run_probe
+from fishseg.evaluation.report import Example, ReportData, gallery_positions, write_report
+from fishseg.formats.cache import FeatureCache
+from fishseg.formats.runs import (METRICS_FILE, PER_IMAGE_FILE, REPORT_DIR, RUN_FILE, SPLIT_FILE, RunRecord,
+                                  checkpoint_layers, holds_run, load_run, read_history, read_record, read_split,
+                                  require_no_kind, split_digests)
+from fishseg.models.decoders import segment, uses_image
 from fishseg.runtime import atomic_path, autocast, make_output_dir, resolve_device, write_json
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """K-fold cross-validation over a cache: cheap, because every epoch runs from the cache.
 
-The folder (``cv.json`` and one run folder per fold) is defined in ``fishseg.runs``. Like a run, a
+The folder (``cv.json`` and one run folder per fold) is defined in ``fishseg.formats.runs``. Like a run, a
 cross-validation is never replaced without ``overwrite`` and resumes fold by fold.
 """
 
@@ -17,16 +17,17 @@ import numpy as np
 import torch
 
 from fishseg import distributed
-from fishseg.cache import FeatureCache
 from fishseg.config import TrainConfig
-from fishseg.decoders import uses_image
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
-from fishseg.evaluate import evaluate_run, write_scores
-from fishseg.runs import (CV_KIND, FINISHED, REPORT_DIR, RUNNING, check_resume_flags, clear_run, differing_fields,
-                          fold_dir, holds_cv, holds_run, is_locked, read_cv, require_kind, training_lock, write_cv)
+from fishseg.evaluation.evaluate import evaluate_run, write_scores
+from fishseg.formats.cache import FeatureCache
+from fishseg.formats.runs import (CV_KIND, FINISHED, REPORT_DIR, RUNNING, check_resume_flags, clear_run,
+                                  differing_fields, fold_dir, holds_cv, holds_run, is_locked, read_cv, require_kind,
+                                  training_lock, write_cv)
+from fishseg.models.decoders import uses_image
 from fishseg.runtime import resolve_device
-from fishseg.train import EpochCallback, TrainingData, plan_run, train_run
+from fishseg.training.train import EpochCallback, TrainingData, plan_run, train_run
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Stage 1: run the frozen backbone once over a dataset and write the HDF5 cache.
 
-Extraction is resumable: finished batches are kept in ``<cache>.parts/`` (see ``fishseg.cache``),
+Extraction is resumable: finished batches are kept in ``<cache>.parts/`` (see ``fishseg.formats.cache``),
 so a run stopped at any moment and started again with the same command continues where it
 stopped, and the finished cache equals that of an uninterrupted run. A finished cache is never
 rewritten without ``overwrite``.
@@ -19,14 +19,14 @@ import torch
 from tqdm import tqdm
 
 from fishseg import __version__, distributed
-from fishseg.backbone import Backbone, backbone_reference, load_backbone
-from fishseg.cache import (CacheWriter, FeatureCache, PartStore, discard_parts, disk_errors, feature_name, is_cache,
-                           non_finite_images, parts_dir, setting_changes)
 from fishseg.config import DEFAULT_COMPRESSION, IDENTITY, ExtractConfig, check_patch_multiple, resolve_layers
-from fishseg.data import (ExtractionDataset, Sample, apply_view, discover_samples, near_duplicate_groups,
-                          thumbnails)
+from fishseg.data.images import ExtractionDataset, Sample, apply_view, discover_samples
+from fishseg.data.splits import near_duplicate_groups, thumbnails
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
+from fishseg.formats.cache import (CacheWriter, FeatureCache, PartStore, discard_parts, disk_errors, feature_name,
+                                   is_cache, non_finite_images, parts_dir, setting_changes)
+from fishseg.models.backbone import Backbone, backbone_reference, load_backbone
 from fishseg.runtime import (active_precision, default_batch_size, default_num_workers, make_output_dir, plural,
                              resolve_device)
 

@@ -15,8 +15,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from transformers import (AutoModel, DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model,
-                          Dinov2WithRegistersConfig, Dinov2WithRegistersModel, PreTrainedModel)
+from transformers import (AutoModel, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel,
+                          DINOv3ViTConfig, DINOv3ViTModel, PreTrainedModel)
 from transformers.utils import logging as transformers_logging
 
 from fishseg.config import LAST_BLOCK, BackboneInfo, resolve_layers

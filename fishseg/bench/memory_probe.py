@@ -1,6 +1,6 @@
 """One cached-training epoch measured in a fresh process (``fishseg bench``, measure 4).
 
-Kept apart from ``fishseg.bench`` so that the spawned process imports only the training stack
+Kept apart from ``fishseg.bench.bench`` so that the spawned process imports only the training stack
 (2 s and 240 MB instead of 7 s and 450 MB with transformers), which keeps its memory baseline clean.
 """
 
@@ -12,10 +12,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fishseg.cache import FeatureCache
-from fishseg.decoders import build_decoder
+from fishseg.formats.cache import FeatureCache
+from fishseg.models.decoders import build_decoder
 from fishseg.runtime import resolve_device, timed
-from fishseg.train import InMemorySplit, StreamedSplit, run_epoch
+from fishseg.training.train import InMemorySplit, StreamedSplit, run_epoch
 
 MB = 1024 * 1024
 

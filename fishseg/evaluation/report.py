@@ -1,6 +1,6 @@
 """Render an evaluated run: training curves, analysis plots, galleries, ``report.html`` and ``report.md``.
 
-Everything here is drawn from what ``fishseg.evaluate`` computed (``ReportData``); no number is
+Everything here is drawn from what ``fishseg.evaluation.evaluate`` computed (``ReportData``); no number is
 computed twice, so the page, the Markdown and ``metrics.json`` agree by construction. Figures use
 matplotlib's object API (no pyplot global state, no display needed).
 """
@@ -14,8 +14,8 @@ import html
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import matplotlib.image
+import numpy as np
 from matplotlib import font_manager, ft2font
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.decomposition import PCA
 
-from fishseg.runs import ANALYSIS_FILES, CURVE_FILES, EPOCHS_CSV, GALLERY_FILES, REPORT_HTML, REPORT_MD
+from fishseg.formats.runs import ANALYSIS_FILES, CURVE_FILES, EPOCHS_CSV, GALLERY_FILES, REPORT_HTML, REPORT_MD
 from fishseg.runtime import atomic_path, plural
 
 DPI = 100

@@ -17,8 +17,8 @@ import h5py
 import numpy as np
 import torch
 
-from fishseg.cache import FeatureCache, feature_name
 from fishseg.config import IDENTITY
+from fishseg.formats.cache import FeatureCache, feature_name
 
 __all__ = ["DEVICE_MARGIN", "HeldSource", "ResidentViews", "fits_on_device", "resident_bytes", "upload"]
 

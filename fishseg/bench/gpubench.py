@@ -27,18 +27,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fishseg.backbone import Backbone, load_backbone, save_random_backbone
-from fishseg.cache import CacheWriter
+from fishseg.bench.memory_probe import epoch_runner, time_cached_epochs
 from fishseg.config import IDENTITY, BackboneInfo, ExtractConfig, TrainConfig
-from fishseg.data import Sample
-from fishseg.demo import write_demo_dataset
+from fishseg.data.images import Sample
+from fishseg.data.synthetic import write_demo_dataset
 from fishseg.errors import FishsegError
-from fishseg.evaluate import run_evaluation
-from fishseg.extract import run_extraction
-from fishseg.memory_probe import epoch_runner, time_cached_epochs
+from fishseg.evaluation.evaluate import run_evaluation
+from fishseg.features.extract import run_extraction
+from fishseg.formats.cache import CacheWriter
+from fishseg.models.backbone import Backbone, load_backbone, save_random_backbone
 from fishseg.runtime import resolve_device, timed, write_json
-from fishseg.sweep import run_sweep
-from fishseg.train import InMemorySplit
+from fishseg.training.sweep import run_sweep
+from fishseg.training.train import InMemorySplit
 
 __all__ = ["GpuBenchConfig", "TINY_GPU_BENCH", "SWEEP_GRID", "run_gpu_benchmark", "format_gpu_table",
            "require_cuda", "sweep_epochs", "generate_cache", "main"]
@@ -254,9 +254,9 @@ def format_gpu_table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m fishseg.gpubench --out DIR [--device cuda|cpu]``: the measures, printed and saved as JSON;
+    """``python -m fishseg.bench.gpubench --out DIR [--device cuda|cpu]``: the measures, printed and saved as JSON;
     ``--device cpu`` is the dry run on ``TINY_GPU_BENCH``'s sizes."""
-    parser = argparse.ArgumentParser(prog="python -m fishseg.gpubench", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fishseg.bench.gpubench", description=main.__doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu-bench.json")
     parser.add_argument("--device", default="cuda", help="cuda (full sizes) or cpu (a dry run on tiny sizes)")
     parser.add_argument("--sweep-budget-s", type=float, default=GpuBenchConfig.sweep_budget_s)

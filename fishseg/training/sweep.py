@@ -30,20 +30,21 @@ import torch
 from tqdm import tqdm
 
 from fishseg import __version__
-from fishseg.cache import FeatureCache
-from fishseg.compare import Leaderboard, run_compare
 from fishseg.config import TrainConfig, format_layers, value_text
-from fishseg.crossval import cross_validate, plan_cross_validation
-from fishseg.decoders import build_decoder, uses_image
 from fishseg.errors import FishsegError
-from fishseg.evaluate import evaluate_run, write_scores
-from fishseg.leaderboard import holds_leaderboard
-from fishseg.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, SWEEP_KIND, RunRecord, config_failures, differing_fields,
-                          failed_configs, holds_cv, holds_run, holds_sweep, read_cv, read_record, read_sweep,
-                          record_failed_config, require_kind, sweep_digests, training_failure, write_sweep)
+from fishseg.evaluation.compare import Leaderboard, run_compare
+from fishseg.evaluation.evaluate import evaluate_run, write_scores
+from fishseg.evaluation.leaderboard import holds_leaderboard
+from fishseg.formats.cache import FeatureCache
+from fishseg.formats.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, SWEEP_KIND, RunRecord, config_failures,
+                                  differing_fields, failed_configs, holds_cv, holds_run, holds_sweep, read_cv,
+                                  read_record, read_sweep, record_failed_config, require_kind, sweep_digests,
+                                  training_failure, write_sweep)
+from fishseg.models.decoders import build_decoder, uses_image
 from fishseg.runtime import make_output_dir, plural, resolve_device
-from fishseg.train import (EpochCallback, TrainingData, check_cache, fused_option, plan_run, run_epoch,
-                           train_run)
+from fishseg.training.crossval import cross_validate, plan_cross_validation
+from fishseg.training.train import (EpochCallback, TrainingData, check_cache, fused_option, plan_run, run_epoch,
+                                    train_run)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,7 +54,7 @@ else:  # the same parser, before it joined the standard library
 logger = logging.getLogger(__name__)
 
 Grid = dict[str, tuple[Any, ...]]
-QUIET_DURING_SWEEP = ("fishseg.train", "fishseg.crossval")  # per-epoch tables would bury the progress lines
+QUIET_DURING_SWEEP = ("fishseg.training.train", "fishseg.training.crossval")  # per-epoch tables would bury the progress lines
 FOLDS_KEYS = ("cv", "folds")  # a grid file's name for --cv (one value: every config validates on the same folds)
 CONFIRM_ABOVE = 50  # configs to train beyond which a sweep asks before it starts (or needs --yes)
 TIMED_STEPS = 3  # training steps of one timed pass, per decoder, for the estimate (after an untimed pass)

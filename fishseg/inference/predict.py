@@ -19,13 +19,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from fishseg.backbone import Backbone, load_backbone
 from fishseg.config import BackboneInfo, ExtractConfig, from_json
-from fishseg.data import ImageDataset, collect_images, read_rgb
-from fishseg.decoders import segment, uses_image
+from fishseg.data.images import ImageDataset, collect_images, read_rgb
 from fishseg.errors import FishsegError
-from fishseg.metrics import THRESHOLD
-from fishseg.runs import checkpoint_layers, load_run, require_no_kind
+from fishseg.evaluation.metrics import THRESHOLD
+from fishseg.formats.runs import checkpoint_layers, load_run, require_no_kind
+from fishseg.models.backbone import Backbone, load_backbone
+from fishseg.models.decoders import segment, uses_image
 from fishseg.runtime import (atomic_path, autocast, default_num_workers, make_output_dir, plural, removed_on_error,
                              resolve_device)
 

@@ -14,7 +14,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from fishseg.cache import FeatureCache
+from fishseg.formats.cache import FeatureCache
 
 POOL_CHUNK = 256  # images whose feature grids are read at once
 

@@ -53,7 +53,7 @@ import torch
 from fishseg import __version__
 from fishseg.config import (COMPRESSIONS, DEFAULT_COMPRESSION, IDENTITY, LAST_BLOCK, BackboneInfo, ExtractConfig,
                             fingerprint, format_layers, from_json, resolve_layers, to_json, value_text)
-from fishseg.data import Sample, apply_view
+from fishseg.data.images import Sample, apply_view
 from fishseg.errors import FishsegError
 from fishseg.runtime import UNRECORDED, atomic_path, plural, read_json, require_same_precision, write_json
 

@@ -1,0 +1,1 @@
+"""Benchmarks: what `fishseg bench` measures."""

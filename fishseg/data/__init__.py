@@ -1,0 +1,1 @@
+"""Images on disk, splits and generated photos."""

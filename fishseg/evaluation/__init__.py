@@ -1,0 +1,1 @@
+"""Scores, statistics, reports and comparisons of trained runs."""

@@ -1,0 +1,1 @@
+"""Stage 1: the backbone runs once over every image into the cache."""

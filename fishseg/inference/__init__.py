@@ -1,0 +1,1 @@
+"""Trained runs applied to new photos."""
