@@ -154,9 +154,9 @@ def command(function: Callable[..., Any]) -> Callable[..., Any]:
 def _stop_advice(command_name: str, out: Path | None) -> str:
     """What a stopped command kept and how to go on; train and sweep look at what their --out folder keeps."""
     if command_name in NOTHING_KEPT_ADVICE:
-        from fishseg.formats.runs import keeps_a_run
+        from fishseg.formats.runs import RunFolder
 
-        if not keeps_a_run(out):
+        if not RunFolder(out).keeps_a_run:
             return NOTHING_KEPT_ADVICE[command_name]
     return RESUME_ADVICE.get(command_name, "Nothing it was writing is left half-written.")
 
@@ -369,20 +369,20 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
     process computes a share of every batch (DDP); the run equals a one-process run up to
     floating-point order.
     """
-    from fishseg.formats.runs import recorded_config
+    from fishseg.formats.runs import RunFolder
     from fishseg.runtime import plural
     from fishseg.training.crossval import run_cross_validation
     from fishseg.training.train import run_training
 
     fields["folds"] = folds
-    recorded = recorded_config(out) if resume else None
+    recorded = RunFolder(out).recorded_config() if resume else None
     config = dataclasses.replace(recorded, **_given(fields)) if recorded else TrainConfig(**fields)
     if config.folds:
         cv = run_cross_validation(cache_path, out, config, device=device, stream=stream, resume=resume,
                                   overwrite=overwrite, compiled=compiled)
         if is_main_process():
             click.echo(f"{config.folds}-fold {config.split} cross-validation: " + ", ".join(
-                f"{name} {value['mean']:.4f} ± {value['std']:.4f}" for name, value in cv["summary"].items()))
+                f"{name} {value['mean']:.4f} ± {value['std']:.4f}" for name, value in cv.summary.items()))
             click.echo(f"written: {out}/cv.json")
         return
     record = run_training(cache_path, out, config, device=device, stream=stream, resume=resume, overwrite=overwrite,

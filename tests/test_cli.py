@@ -11,7 +11,7 @@ from click.testing import CliRunner, Result
 
 from fishseg.cli import Views, main
 from fishseg.formats.cache import FeatureCache
-from fishseg.formats.runs import read_record
+from fishseg.formats.runs import RunFolder
 from tests.helpers import REPO, TINY_IMAGE_SIZE
 
 
@@ -79,7 +79,7 @@ def test_demo_over_an_earlier_demo_is_refused_up_front_and_overwrite_replaces_on
     assert len(list((out / "data").rglob("*GT/*.png"))) == 10  # the 6 masks of the first demo are gone
     with FeatureCache(out / "cache.h5") as cache:
         assert len(cache) == 10
-    assert read_record(out / "run").cache["images"] == 10
+    assert RunFolder(out / "run").read_record().cache["images"] == 10
     assert json.loads((out / "report" / "metrics.json").read_text())["n_images"] == 2  # 20% of 10
     assert (out / "sweep" / "notes.txt").read_text() == "mine"
 

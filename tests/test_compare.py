@@ -15,7 +15,7 @@ from fishseg.cli import main
 from fishseg.config import TrainConfig
 from fishseg.evaluation.compare import run_compare
 from fishseg.evaluation.evaluate import run_evaluation
-from fishseg.formats.runs import read_record
+from fishseg.formats.runs import RunFolder
 from fishseg.training.crossval import run_cross_validation
 from fishseg.training.train import run_training
 from tests.helpers import interrupt_at_pass, write_toy_cache
@@ -238,7 +238,7 @@ def test_a_failed_run_has_no_scores_is_never_the_reference_and_no_baseline(tmp_p
     sweep, failed, good = tmp_path / "sw", tmp_path / "sw" / "lr=1e6", tmp_path / "sw" / "lr=0.001"
     result = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--out", str(sweep), "--lr", "1e-3,1e6",
                                        "--epochs", "3", "--batch-size", "4", "--device", "cpu"])
-    assert result.exit_code == 0 and read_record(failed).epochs_done >= 1, result.output
+    assert result.exit_code == 0 and RunFolder(failed).read_record().epochs_done >= 1, result.output
     run = tmp_path / "m4"
     run_training(cache, run, TrainConfig(epochs=3, batch_size=4, lr=1e-3), device="cpu")
     for folders in ([sweep], [sweep, run], [run]):  # a failed config as --baseline: refused, in one line
@@ -253,7 +253,7 @@ def test_a_failed_run_has_no_scores_is_never_the_reference_and_no_baseline(tmp_p
     assert status == 0 and "leaderboard of 1 entry (and 1 failed, without scores): best m4" in output, output
     rows = _rows(tmp_path / "c3")
     assert rows["m4"]["verdict"] == "reference" and rows["lr=1e6"]["mean_iou"] == ""
-    assert rows["lr=1e6"]["verdict"] == f"failed: {read_record(failed).failure}"
+    assert rows["lr=1e6"]["verdict"] == f"failed: {RunFolder(failed).read_record().failure}"
     text = (tmp_path / "c3" / "leaderboard.md").read_text()
     assert "Without scores: lr=1e6 failed — loss is NaN or infinite" in text and "))" not in text
 

@@ -20,7 +20,7 @@ from PIL import Image
 from fishseg.config import TrainConfig
 from fishseg.features.extract import run_extraction
 from fishseg.formats.cache import FeatureCache
-from fishseg.formats.runs import read_history, read_record
+from fishseg.formats.runs import RunFolder
 from fishseg.inference.predict import run_prediction
 from fishseg.models.backbone import load_backbone
 from fishseg.models.decoders import DECODERS, build_decoder, uses_image
@@ -49,7 +49,7 @@ def _cosines(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torc
 
 
 def _final_val_iou(run_dir: Path) -> float:
-    return read_history(run_dir, read_record(run_dir))["epochs"][-1]["val_iou"]
+    return RunFolder(run_dir).read_history(RunFolder(run_dir).read_record())["epochs"][-1]["val_iou"]
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
+from fishseg import __version__
 from fishseg.config import DECODER_NAMES
 from fishseg.errors import FishsegError
-from fishseg.models.decoders import DECODERS, build_decoder, load_checkpoint, save_checkpoint, segment, uses_image
+from fishseg.models.decoders import (CHECKPOINT_KEY, DECODERS, CheckpointMeta, build_decoder, load_checkpoint,
+                                     read_checkpoint_meta, save_checkpoint, segment, uses_image)
 
 OUTPUT_SCALE = {"linear": 1, "seed-cnn": 1, "progressive": 16, "guided": 8}  # logits per patch side
 
@@ -72,9 +76,9 @@ def test_seed_cnn_matches_the_reference_architecture() -> None:
 def test_checkpoint_round_trip_rebuilds_the_same_decoder(name: str, tmp_path: Path) -> None:
     decoder = build_decoder(name, 16)
     segment(decoder, torch.randn(4, 8, 8, 16), 32, guide_photos(4))  # move BatchNorm running stats off their defaults
-    save_checkpoint(tmp_path / "c.safetensors", decoder.eval(), {"decoder": name, "in_dim": 16, "epoch": 3})
+    save_checkpoint(tmp_path / "c.safetensors", decoder.eval(), CheckpointMeta(name, 16, epoch=3))
     loaded, meta = load_checkpoint(tmp_path / "c.safetensors")
-    assert meta["epoch"] == 3 and "fishseg_version" in meta and uses_image(loaded) == uses_image(name)
+    assert meta.epoch == 3 and meta.fishseg_version == __version__ and uses_image(loaded) == uses_image(name)
     features, guides = torch.randn(2, 8, 8, 16), guide_photos(2)
     expected = segment(decoder, features, 32, guides)
     torch.testing.assert_close(segment(loaded.eval(), features, 32, guides), expected)
@@ -82,7 +86,7 @@ def test_checkpoint_round_trip_rebuilds_the_same_decoder(name: str, tmp_path: Pa
 
 def test_tampered_checkpoint_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.safetensors"
-    save_checkpoint(path, build_decoder("seed-cnn", 16), {"decoder": "seed-cnn", "in_dim": 16})
+    save_checkpoint(path, build_decoder("seed-cnn", 16), CheckpointMeta("seed-cnn", 16))
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(FishsegError, match="c.safetensors: not a valid fishseg checkpoint"):
         load_checkpoint(path)
@@ -92,3 +96,19 @@ def test_unknown_decoder_is_refused() -> None:
     with pytest.raises(FishsegError, match="unknown decoder 'unet'; choose one of linear, seed-cnn, progressive, "
                                            "guided"):
         build_decoder("unet", 8)
+
+
+def test_checkpoint_meta_reads_what_earlier_versions_wrote(tmp_path: Path) -> None:
+    """The JSON of a checkpoint keeps its keys and their order; one written before layers were recorded reads the
+    last block, keys fishseg does not know are ignored, and metadata without a decoder is refused naming the file."""
+    path = tmp_path / "c.safetensors"
+    written = {"decoder": "linear", "in_dim": 16, "layers": [-2, -1], "train_config": {"lr": 0.001},
+               "cache_fingerprint": "abc", "val_iou": 0.5, "epoch": 2, "fishseg_version": "0.1"}
+    assert CheckpointMeta.from_json(written).to_json() == written
+    assert list(CheckpointMeta.from_json(written).to_json()) == list(written)
+    old = CheckpointMeta.from_json({"decoder": "linear", "in_dim": 16, "epoch": 1, "extra": True})
+    assert old.layers == (-1,) and old.train_config == {} and old.cache_fingerprint is None
+    safetensors.torch.save_file(build_decoder("linear", 16).state_dict(), str(path),
+                                metadata={CHECKPOINT_KEY: json.dumps({"in_dim": 16})})
+    with pytest.raises(FishsegError, match=r"c.safetensors: not a valid fishseg checkpoint \(KeyError: 'decoder'\)"):
+        read_checkpoint_meta(path)

@@ -15,7 +15,7 @@ from fishseg.cli import main
 from fishseg.config import TrainConfig
 from fishseg.errors import FishsegError
 from fishseg.formats.cache import FeatureCache
-from fishseg.formats.runs import INTERRUPTED, read_record
+from fishseg.formats.runs import INTERRUPTED, RunFolder
 from fishseg.training.crossval import run_cross_validation
 from fishseg.training.train import run_training
 from tests.helpers import TINY_IMAGE_SIZE, interrupt_at_pass, write_toy_cache
@@ -47,7 +47,7 @@ def test_runs_evaluations_and_resumes_refuse_a_cache_whose_masks_changed(
     with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):  # a run stopped in its 2nd epoch
         interrupt_at_pass(patched, 3)
         run_training(cache, tmp_path / "stopped", TrainConfig(epochs=2, batch_size=4), device="cpu")
-    assert read_record(tmp_path / "stopped").status == INTERRUPTED
+    assert RunFolder(tmp_path / "stopped").read_record().status == INTERRUPTED
     before = FeatureCache(cache).fingerprint
 
     written = cache.stat().st_mtime_ns
@@ -64,8 +64,9 @@ def test_runs_evaluations_and_resumes_refuse_a_cache_whose_masks_changed(
 
     status, output = _invoke("compare", m1, m2, "--out", tmp_path / "board", "--device", "cpu")
     assert status == 2 and output.count("\n") == 1, output
+    after = RunFolder(m2).read_record().cache["fingerprint"]
     assert (f"{m1} and {m2} were trained on different caches ({before} at {cache} vs "
-            f"{read_record(m2).cache['fingerprint']} at {cache}); of their 2 shared validation images, 2 changed "
+            f"{after} at {cache}); of their 2 shared validation images, 2 changed "
             f"content (") in output
     assert not (tmp_path / "board").exists()
 
@@ -77,7 +78,7 @@ def test_runs_evaluations_and_resumes_refuse_a_cache_whose_masks_changed(
     status, output = _invoke(*train, tmp_path / "stopped", "--resume")
     assert status == 2 and output.count("\n") == 1, output
     assert "stopped/run.json: made from cache" in output and "; of its 12 images, 12 changed content (" in output
-    assert read_record(tmp_path / "stopped").epochs_done == 1  # nothing trained on the new masks
+    assert RunFolder(tmp_path / "stopped").read_record().epochs_done == 1  # nothing trained on the new masks
 
 
 def test_a_run_records_the_content_of_its_images(tiny_cache: Path, tiny_run: Path) -> None:

@@ -17,7 +17,7 @@ from fishseg.cli import main
 from fishseg.config import TrainConfig
 from fishseg.errors import FishsegError
 from fishseg.formats.cache import FeatureCache, PartStore
-from fishseg.formats.runs import RUN_FILE, read_record
+from fishseg.formats.runs import RUN_FILE, RunFolder
 from fishseg.models.decoders import bilinear_by_matmul, upsample
 from fishseg.runtime import (UNRECORDED, Precision, autocast, backward_step, ddp_no_buffer_sync, precision_policy,
                              precision_scope, resolve_device)
@@ -161,7 +161,7 @@ def test_the_run_records_precision_and_refuses_to_resume_at_another(monkeypatch:
     interrupt_at_pass(monkeypatch, 3)  # Ctrl-C after the first epoch
     with pytest.raises(KeyboardInterrupt):
         run_training(cache, tmp_path / "run", config, device="cpu")
-    record = read_record(tmp_path / "run")
+    record = RunFolder(tmp_path / "run").read_record()
     assert (record.precision, record.deterministic) == ("fp32", False)
     with pytest.raises(FishsegError, match="started at precision fp32, this run would use bf16"), \
             precision_scope("bf16"):
@@ -169,7 +169,7 @@ def test_the_run_records_precision_and_refuses_to_resume_at_another(monkeypatch:
     data = json.loads((tmp_path / "run" / RUN_FILE).read_text())
     del data["precision"], data["deterministic"]
     (tmp_path / "run" / RUN_FILE).write_text(json.dumps(data))
-    assert read_record(tmp_path / "run").precision == UNRECORDED
+    assert RunFolder(tmp_path / "run").read_record().precision == UNRECORDED
 
 
 def test_train_deterministic_is_recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ def test_train_deterministic_is_recorded(monkeypatch: pytest.MonkeyPatch, tmp_pa
     finally:
         torch.use_deterministic_algorithms(False)
     assert result.exit_code == 0, result.output
-    record = read_record(tmp_path / "run")
+    record = RunFolder(tmp_path / "run").read_record()
     assert (record.precision, record.deterministic) == ("fp32", True)
 
 
@@ -238,7 +238,7 @@ def test_a_run_is_refused_on_a_cache_extracted_at_another_precision(tmp_path: Pa
     with h5py.File(cache, "r+") as file:  # the same images and settings, extracted at bf16: the same fingerprint
         file.attrs["precision"] = "bf16"
     with FeatureCache(cache) as opened, pytest.raises(FishsegError, match="extracted at precision .* but .* at bf16"):
-        opened.require(read_record(tmp_path / "run").cache, tmp_path / "run" / RUN_FILE)
+        opened.require(RunFolder(tmp_path / "run").read_record().cache, tmp_path / "run" / RUN_FILE)
     with pytest.raises(FishsegError, match="extracted at precision"):
         run_training(cache, tmp_path / "run", TrainConfig(epochs=1, batch_size=4), device="cpu", resume=True)
 
@@ -249,5 +249,5 @@ def test_concurrent_sweep_jobs_train_at_the_asked_precision(tmp_path: Path) -> N
                                        "cpu", "--precision", "bf16", "--decoder", "seed-cnn,linear", "--epochs", "1",
                                        "--batch-size", "4", "--jobs", "2"])
     assert result.exit_code == 0, result.output
-    records = [read_record(path.parent) for path in (tmp_path / "sweep").glob("*/run.json")]
+    records = [RunFolder(path.parent).read_record() for path in (tmp_path / "sweep").glob("*/run.json")]
     assert len(records) == 2 and {record.precision for record in records} == {"bf16"}

@@ -19,7 +19,7 @@ from fishseg.data.images import discover_samples, read_mask
 from fishseg.errors import FishsegError
 from fishseg.evaluation.evaluate import run_evaluation
 from fishseg.formats.cache import FeatureCache
-from fishseg.formats.runs import read_split
+from fishseg.formats.runs import RunFolder
 from fishseg.inference.predict import OVERLAY_ALPHA, OVERLAY_COLOUR, full_size, run_prediction, tint
 from fishseg.models.backbone import save_random_backbone
 from fishseg.models.decoders import segment
@@ -90,11 +90,11 @@ def test_a_guided_run_evaluates_and_predicts_with_the_photo_as_its_guide(tiny_ca
     monkeypatch.setattr(evaluate_module, "segment", recording)
     monkeypatch.setattr(predict_module, "segment", recording)
     metrics = run_evaluation(tiny_cache, run, tmp_path / "report", device="cpu")
-    assert metrics["n_images"] == len(read_split(run)["val"]) and 0 <= metrics["mean_boundary_f"] <= 1
+    assert metrics["n_images"] == len(RunFolder(run).read_split()["val"]) and 0 <= metrics["mean_boundary_f"] <= 1
     assert (tmp_path / "report" / "report.html").is_file()
     sample = discover_samples(kaggle_root)[5]
     with FeatureCache(tiny_cache) as cache:
-        val = cache.indices_of(read_split(run)["val"], run)
+        val = cache.indices_of(RunFolder(run).read_split()["val"], run)
         cached = torch.from_numpy(cache.previews(val))
         preview = torch.from_numpy(cache.previews(cache.indices_of([sample.image_id], run)))
     assert torch.equal(guides[0], cached)  # the validation images in one batch, each with its preview

@@ -25,8 +25,7 @@ from fishseg.config import TrainConfig
 from fishseg.distributed import torchrun_command
 from fishseg.errors import FishsegError
 from fishseg.evaluation.evaluate import run_evaluation
-from fishseg.formats.runs import (CHECKPOINT_DIR, HISTORY_JOURNAL, REPORT_DIR, cut_history, differing_fields, load_run,
-                                  read_history, read_record, read_split)
+from fishseg.formats.runs import CHECKPOINT_DIR, HISTORY_JOURNAL, REPORT_DIR, RunFolder, differing_fields
 from fishseg.training.train import run_training
 from tests.helpers import REPO, interrupt_at_pass, move_a_training_image_to_val, write_toy_cache
 
@@ -47,7 +46,7 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
     assert one.keys() == two.keys()
     for name in one:
         np.testing.assert_allclose(one[name], two[name], rtol=0, atol=1e-6, err_msg=name)
-    record_one, record_two = read_record(resumed), read_record(reference)
+    record_one, record_two = RunFolder(resumed).read_record(), RunFolder(reference).read_record()
     assert (record_one.status, record_one.best_epoch) == ("finished", record_two.best_epoch)
     for role in ("best", "last"):
         weights_one = load_file(resumed / record_one.checkpoints[role].file)
@@ -73,7 +72,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_one(reference: tuple[Pa
     interrupt_at_pass(monkeypatch, 7)  # epoch 4's training
     with pytest.raises(KeyboardInterrupt):
         run_training(cache, tmp_path / "run", RECIPE, device="cpu", stream=stream)
-    record = read_record(tmp_path / "run")
+    record = RunFolder(tmp_path / "run").read_record()
     assert (record.status, record.epochs_done) == ("interrupted", 3)
     assert set(record.checkpoints) == {"best", "last", "resume"}
     monkeypatch.undo()
@@ -123,7 +122,7 @@ def _kill(command: list[str], log: Path, run_dir: Path, moment: str) -> bool:
 
 def _moment_seen(run_dir: Path, moment: str, epochs_before: int) -> bool:
     """Whether the folder shows the kill landed where intended."""
-    record = read_record(run_dir)
+    record = RunFolder(run_dir).read_record()
     files = {path.name for path in (run_dir / CHECKPOINT_DIR).iterdir()}
     leftover_tmp = any(name.endswith(".tmp") for name in files)
     if moment == "writing checkpoints":
@@ -143,13 +142,13 @@ def test_sigkill_at_any_moment_then_resume_equals_the_uninterrupted_run(tmp_path
     while pending and attempts < 10:
         attempts += 1
         moment = pending[0]
-        before = read_record(run_dir).epochs_done if (run_dir / "run.json").exists() else 0
+        before = RunFolder(run_dir).read_record().epochs_done if (run_dir / "run.json").exists() else 0
         extra = ("--resume",) if (run_dir / "run.json").exists() else ()
         if not _kill(_train_command(cache, run_dir, *extra), log, run_dir, moment):
             break
         if not (run_dir / "run.json").exists():
             continue  # killed before the first epoch finished: nothing to evaluate yet
-        record = read_record(run_dir)
+        record = RunFolder(run_dir).read_record()
         assert record.status == "interrupted", moment  # killed: nobody holds the lock
         metrics = run_evaluation(cache, run_dir, tmp_path / f"report-{attempts}", device="cpu", report=False)
         assert metrics["epoch"] == record.best_epoch and metrics["epochs_done"] == record.epochs_done
@@ -160,7 +159,7 @@ def test_sigkill_at_any_moment_then_resume_equals_the_uninterrupted_run(tmp_path
     finished = subprocess.run(_train_command(cache, run_dir, "--resume"), capture_output=True, text=True,
                               timeout=300)
     assert finished.returncode == 0, finished.stderr
-    assert read_record(run_dir).train_config == reference.train_config
+    assert RunFolder(run_dir).read_record().train_config == reference.train_config
     _assert_same_run(run_dir, tmp_path / "reference")
     assert not any(path.name.endswith(".tmp") for path in (run_dir / CHECKPOINT_DIR).iterdir())  # orphans dropped
 
@@ -225,10 +224,8 @@ def test_overwrite_replaces_the_run_and_only_its_files(tmp_path: Path) -> None:
 
 
 def test_a_run_in_progress_is_refused_to_a_second_trainer(tmp_path: Path) -> None:
-    from fishseg.formats.runs import training_lock
-
     cache = write_toy_cache(tmp_path / "toy.h5", n_images=8)
-    with training_lock(tmp_path / "run"):
+    with RunFolder(tmp_path / "run").lock():
         with pytest.raises(FishsegError, match="another process is training into this folder"):
             run_training(cache, tmp_path / "run", TrainConfig(epochs=1), device="cpu")
 
@@ -252,7 +249,7 @@ def test_the_report_says_where_an_unfinished_run_stopped(stopped: tuple[Path, Pa
 
 
 def test_resume_state_is_safetensors_with_every_optimizer_tensor(stopped: tuple[Path, Path], tmp_path: Path) -> None:
-    record = read_record(tmp_path / "run")
+    record = RunFolder(tmp_path / "run").read_record()
     state = load_file(tmp_path / "run" / record.checkpoints["resume"].file)  # safetensors: no pickle involved
     parameters = len(list(load_file(tmp_path / "run" / record.checkpoints["last"].file)))
     moments = [name for name in state if name.startswith("optimizer.")]
@@ -279,7 +276,7 @@ def test_files_fishseg_did_not_write_are_never_deleted(tmp_path: Path) -> None:
 
 def test_checkpoints_get_the_permissions_of_the_other_files(reference: tuple[Path, Path]) -> None:
     _, run_dir = reference
-    record = read_record(run_dir)
+    record = RunFolder(run_dir).read_record()
     modes = {(run_dir / name).stat().st_mode & 0o777 for name in ("run.json", record.checkpoints["best"].file)}
     assert len(modes) == 1, modes
 
@@ -298,14 +295,14 @@ def test_a_damaged_record_is_named_and_overwrite_replaces_it(tmp_path: Path, con
         status, output = _invoke(*command)
         assert status == 2 and re.search(message, output) and "Traceback" not in output, (command, output)
     status, output = _invoke("train", "--cache", cache, "--out", tmp_path / "run", "--epochs", 1, "--overwrite")
-    assert status == 0 and read_record(tmp_path / "run").epochs_done == 1, output
+    assert status == 0 and RunFolder(tmp_path / "run").read_record().epochs_done == 1, output
 
 
 def test_history_is_a_journal_while_running_and_one_json_once_finished(stopped: tuple[Path, Path]) -> None:
     """An unfinished run appends a line an epoch (no whole rewrite); a torn last line and an epoch ahead of
     the record are ignored by readers and cut by a resume; the finished run holds history.json alone."""
     _, run_dir = stopped
-    record = read_record(run_dir)
+    record = RunFolder(run_dir).read_record()
     assert not (run_dir / "history.json").exists()
     lines = (run_dir / HISTORY_JOURNAL).read_text().splitlines()
     assert [json.loads(line)["epoch"]["epoch"] for line in lines] == list(range(1, record.epochs_done + 1))
@@ -314,19 +311,19 @@ def test_history_is_a_journal_while_running_and_one_json_once_finished(stopped: 
         row["epoch"] += 1
     with open(run_dir / HISTORY_JOURNAL, "a") as journal:
         journal.write(json.dumps(ahead) + "\n" + json.dumps(ahead)[:40])  # an uncommitted epoch, a torn line
-    history = read_history(run_dir, record)
+    history = RunFolder(run_dir).read_history(record)
     assert [row["epoch"] for row in history["epochs"]] == list(range(1, record.epochs_done + 1))
-    cut_history(run_dir, record)
+    RunFolder(run_dir).cut_history(record)
     assert list(map(json.loads, (run_dir / HISTORY_JOURNAL).read_text().splitlines())) == list(map(json.loads, lines))
-    assert read_history(run_dir, record) == history
+    assert RunFolder(run_dir).read_history(record) == history
 
 
 def test_a_run_folder_of_an_earlier_version_reads_and_resumes_from_history_json(
         stopped: tuple[Path, Path], reference: tuple[Path, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     cache, reference_run = reference
-    record = read_record(tmp_path / "run")
-    (tmp_path / "run" / "history.json").write_text(json.dumps(read_history(tmp_path / "run", record)))
+    record = RunFolder(tmp_path / "run").read_record()
+    (tmp_path / "run" / "history.json").write_text(json.dumps(RunFolder(tmp_path / "run").read_history(record)))
     (tmp_path / "run" / HISTORY_JOURNAL).unlink()  # as an earlier fishseg left it
     monkeypatch.undo()
     run_training(cache, tmp_path / "run", RECIPE, device="cpu", resume=True)
@@ -356,7 +353,7 @@ def test_sigterm_stops_training_as_ctrl_c_does_and_the_run_resumes(tmp_path: Pat
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "interrupted" and 1 <= record["epochs_done"] < 6
     assert _invoke("train", "--cache", cache, "--out", run_dir, "--resume", "--device", "cpu")[0] == 0
-    assert (read_record(run_dir).status, read_record(run_dir).epochs_done) == ("finished", 6)
+    assert (RunFolder(run_dir).read_record().status, RunFolder(run_dir).read_record().epochs_done) == ("finished", 6)
 
 
 @pytest.mark.parametrize("command, left", [
@@ -429,7 +426,7 @@ def test_a_record_that_disagrees_with_its_checkpoint_labels_nothing(reference: t
         assert status == 2 and re.fullmatch(message, output), output
     assert not (tmp_path / "report").exists() and not (tmp_path / "board").exists()
     with pytest.raises(FishsegError, match="says decoder 'linear'"):
-        load_run(run)
+        RunFolder(run).load()
 
 
 def test_a_record_states_every_differing_setting_and_older_checkpoints_check_what_they_hold(
@@ -438,9 +435,9 @@ def test_a_record_states_every_differing_setting_and_older_checkpoints_check_wha
     run = _run_copy(run_dir, tmp_path)
     _edit_record(run, lr=0.01, layers=[6, 12])
     with pytest.raises(FishsegError, match=r"says lr 0.01, layers 6,12 but .* was trained with lr 0.003, layers all;"):
-        read_record(run)
+        RunFolder(run).read_record()
     _edit_record(run, lr=RECIPE.lr, layers=[])
-    assert read_record(run).train_config == RECIPE
+    assert RunFolder(run).read_record().train_config == RECIPE
 
 
 def test_an_edited_split_is_refused_and_an_old_record_without_its_digest_is_read(evaluated: tuple[Path, Path, dict],
@@ -455,11 +452,11 @@ def test_an_edited_split_is_refused_and_an_old_record_without_its_digest_is_read
                                       f"--overwrite\n"), output
     (run / "split.json").write_text(json.dumps(split, indent=4))  # same content, other bytes: still not the file
     with pytest.raises(FishsegError, match="not the split the run was trained on"):
-        read_split(run)
+        RunFolder(run).read_split()
     record = json.loads((run / "run.json").read_text())
     assert len(record.pop("split_sha256")) == 64
     (run / "run.json").write_text(json.dumps(record))  # as a fishseg before the digest wrote it: read unchecked
-    assert read_split(run) == {name: split[name] for name in ("train", "val")}
+    assert RunFolder(run).read_split() == {name: split[name] for name in ("train", "val")}
     assert run_evaluation(cache, run, tmp_path / "old", device="cpu", report=False)["mean_iou"] == metrics["mean_iou"]
 
 
@@ -558,7 +555,7 @@ def test_a_resume_refuses_a_journal_whose_lines_are_not_epochs(stopped: tuple[Pa
     with open(run_dir / HISTORY_JOURNAL, "a") as journal:
         journal.write("[1, 2]\n")
     with pytest.raises(FishsegError, match=r"history\.jsonl: not a fishseg history journal"):
-        cut_history(run_dir, read_record(run_dir))
+        RunFolder(run_dir).cut_history(RunFolder(run_dir).read_record())
     (run_dir / HISTORY_JOURNAL).unlink()
     status, output = _invoke("train", "--cache", cache, "--out", run_dir, "--resume")
     assert status == 2 and "history.json is missing (and no history.jsonl), though run.json records 2" in output
@@ -567,8 +564,8 @@ def test_a_resume_refuses_a_journal_whose_lines_are_not_epochs(stopped: tuple[Pa
 def test_a_run_with_no_finished_epoch_has_an_empty_history(stopped: tuple[Path, Path]) -> None:
     _, run_dir = stopped
     (run_dir / HISTORY_JOURNAL).unlink()
-    record = dataclasses.replace(read_record(run_dir), epochs_done=0)
-    assert read_history(run_dir, record) == {"epochs": [], "iterations": {"train": [], "val": []}}
+    record = dataclasses.replace(RunFolder(run_dir).read_record(), epochs_done=0)
+    assert RunFolder(run_dir).read_history(record) == {"epochs": [], "iterations": {"train": [], "val": []}}
 
 
 @pytest.mark.parametrize("target, holds", [("run", "a run (run.json)"), ("cv", "a cross-validation (cv.json)"),
@@ -616,7 +613,7 @@ def test_a_run_whose_training_failed_is_recorded_failed_and_not_resumed(tmp_path
     status, output = _invoke("train", "--cache", cache, "--out", run, "--lr", "1e6", "--epochs", "3", "--batch-size",
                              "4", "--device", "cpu")
     assert status == 2 and "loss is NaN or infinite" in output, output
-    record = read_record(run)
+    record = RunFolder(run).read_record()
     assert record.status == "failed" and record.epochs_done >= 1 and record.failure.startswith("loss is NaN")
     for flags in (["--resume"], []):
         status, output = _invoke("train", "--cache", cache, "--out", run, *flags, "--device", "cpu")
@@ -631,7 +628,8 @@ def test_a_run_whose_training_failed_is_recorded_failed_and_not_resumed(tmp_path
             f"checkpoint, of epoch {record.best_epoch}, from before it failed") in caplog.text
     status, output = _invoke("train", "--cache", cache, "--out", run, "--overwrite", "--lr", "1e-3", "--epochs", "3",
                              "--batch-size", "4", "--device", "cpu")
-    assert status == 0 and read_record(run).status == "finished" and read_record(run).failure == "", output
+    record = RunFolder(run).read_record()
+    assert status == 0 and record.status == "finished" and record.failure == "", output
 
 
 @pytest.mark.parametrize("target, holds", [("cv", "a cross-validation (cv.json)"), ("sweep", "a sweep (sweep.json)")])

@@ -17,7 +17,7 @@ from fishseg.cli import main
 from fishseg.config import TrainConfig
 from fishseg.errors import FishsegError
 from fishseg.formats.cache import FeatureCache
-from fishseg.formats.runs import read_record
+from fishseg.formats.runs import RunFolder
 from fishseg.training.sweep import expand_grid, read_grid_file
 from fishseg.training.train import run_training
 from tests.helpers import interrupt_at_pass, write_toy_cache
@@ -93,7 +93,7 @@ def test_a_sweep_trains_every_config_once_from_one_load_of_the_cache(tmp_path: P
     assert output.count("] decoder=") == 4 and "[4/4] " in output and "s left)" in output
     assert "4 configs (4 trained now) in " in output and "% of the rest inside epochs" in output
     for name in NAMES:
-        record = read_record(tmp_path / "sweep" / name)
+        record = RunFolder(tmp_path / "sweep" / name).read_record()
         assert (record.status, record.epochs_done, record.train_config.batch_size) == ("finished", 2, 4)
     with (tmp_path / "sweep" / "leaderboard.csv").open(newline="") as handle:
         assert {row["name"] for row in csv.DictReader(handle)} == NAMES
@@ -113,12 +113,12 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path: Path, monkeypat
     status, output = _sweep(cache, tmp_path / "sweep", *GRID_ARGS)
     assert status == 130 and "run the same command again to continue" in output, output
     first, second = (tmp_path / "sweep" / name for name in ("decoder=seed-cnn,lr=0.003", "decoder=seed-cnn,lr=0.001"))
-    assert read_record(first).status == "finished"
-    assert (read_record(second).status, read_record(second).epochs_done) == ("interrupted", 1)
+    assert RunFolder(first).read_record().status == "finished"
+    assert (RunFolder(second).read_record().status, RunFolder(second).read_record().epochs_done) == ("interrupted", 1)
     monkeypatch.undo()
     status, output = _sweep(cache, tmp_path / "sweep", *GRID_ARGS)
     assert status == 0 and "4 configs (3 trained now)" in output, output
-    resumed = read_record(second)
+    resumed = RunFolder(second).read_record()
     straight = run_training(cache, tmp_path / "straight", resumed.train_config, device="cpu")
     assert resumed.status == "finished"
     assert resumed.best_val_iou == pytest.approx(straight.best_val_iou, abs=1e-6)
@@ -228,12 +228,12 @@ def test_a_failing_config_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> N
     failed = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["failed"]
     assert list(failed) == ["lr=1e6"] and "diverged" in failed["lr=1e6"]
     board = _board(tmp_path / "sweep")
-    assert board["lr=0.001"]["verdict"] == "reference" and read_record(tmp_path / "sweep" / "lr=0.001").status == \
-        "finished"
+    assert board["lr=0.001"]["verdict"] == "reference"
+    assert RunFolder(tmp_path / "sweep" / "lr=0.001").read_record().status == "finished"
     assert board["lr=1e6"]["verdict"].startswith("failed: loss is NaN or infinite")
     assert board["lr=1e6"]["mean_iou"] == "" and "Without scores: lr=1e6 failed — loss is NaN" in \
         (tmp_path / "sweep" / "leaderboard.md").read_text()
-    record = read_record(tmp_path / "sweep" / "lr=1e6")  # the run says so too, with the same reason
+    record = RunFolder(tmp_path / "sweep" / "lr=1e6").read_record()  # the run says so too, with the same reason
     assert (record.status, record.failure) == ("failed", failed["lr=1e6"])
 
     status, output = _sweep(cache, tmp_path / "sweep", *args)
@@ -313,7 +313,8 @@ def test_a_grid_file_gives_the_folds_and_the_cache_path_is_recorded_absolute(tmp
     assert status == 0, output
     sweep = json.loads(Path("sweep/sweep.json").read_text())
     assert sweep["folds"] == 2 and (tmp_path / "sweep" / "run" / "cv.json").is_file()
-    assert sweep["cache"]["path"] == str(tmp_path / "toy.h5") == read_record(Path("sweep/run/fold-1")).cache["path"]
+    fold = RunFolder(Path("sweep/run/fold-1")).read_record()
+    assert sweep["cache"]["path"] == str(tmp_path / "toy.h5") == fold.cache["path"]
     Path("several.toml").write_text("folds = [2, 3]\n")
     with pytest.raises(FishsegError, match="several.toml: cv takes one value"):
         read_grid_file(Path("several.toml"), ("decoder",))

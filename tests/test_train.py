@@ -15,7 +15,7 @@ from fishseg.config import TrainConfig
 from fishseg.data.images import apply_view
 from fishseg.errors import FishsegError
 from fishseg.formats.cache import FeatureCache
-from fishseg.formats.runs import RunRecord, read_history, read_record
+from fishseg.formats.runs import RunFolder, RunRecord
 from fishseg.models.decoders import load_checkpoint
 from fishseg.training.train import (InMemorySplit, StreamedSplit, TrainingData, dihedral, image_losses,
                                     learning_rate_schedule, run_training)
@@ -114,7 +114,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     assert (record["status"], record["epochs_done"]) == ("failed", 1) and record["failure"].startswith("loss is NaN")
     _, last = load_checkpoint(tmp_path / "run" / record["checkpoints"]["last"]["file"])
     assert last["epoch"] == 1
-    assert len(read_history(tmp_path / "run", read_record(tmp_path / "run"))["epochs"]) == 1
+    assert len(RunFolder(tmp_path / "run").read_history(RunFolder(tmp_path / "run").read_record())["epochs"]) == 1
 
 
 @pytest.mark.parametrize("decoder, floor", [("linear", 0.55), ("seed-cnn", 0.8), ("progressive", 0.8),
@@ -274,7 +274,7 @@ def test_compile_runs_the_decoder_through_torch_compile_and_is_recorded(tmp_path
     result = CliRunner().invoke(main, ["train", "--cache", str(cache), "--out", str(tmp_path / "run"), "--epochs", "1",
                                        "--device", "cpu", "--compile"])
     assert result.exit_code == 0, result.output
-    assert len(compiled) == 1 and read_record(tmp_path / "run").compiled
+    assert len(compiled) == 1 and RunFolder(tmp_path / "run").read_record().compiled
     assert not run_training(cache, tmp_path / "plain", TrainConfig(epochs=1), device="cpu").compiled
 
 

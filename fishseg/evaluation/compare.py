@@ -25,9 +25,7 @@ from fishseg.evaluation.leaderboard import (LeaderboardEntry, UnscoredEntry, com
                                             write_leaderboard)
 from fishseg.evaluation.stats import compare_to_reference
 from fishseg.formats.cache import FeatureCache, content_changes
-from fishseg.formats.runs import (REPORT_DIR, SWEEP_KIND, RunRecord, config_failures, fold_dir, folder_kind, holds_cv,
-                                  holds_run, holds_sweep, read_cv, read_history, read_record, read_sweep,
-                                  recorded_config, split_digests)
+from fishseg.formats.runs import REPORT_DIR, SWEEP_KIND, RunFolder, RunRecord
 from fishseg.runtime import make_output_dir, plural, read_json, resolve_device
 
 DEFAULT_OUT = Path("compare")
@@ -113,7 +111,7 @@ class Leaderboard:
 
 def default_out(folders: Sequence[Path], baseline: Path | None = None) -> Path:
     """The sweep folder when it is all that is compared (its own leaderboard), else ./compare."""
-    return folders[0] if len(folders) == 1 and baseline is None and holds_sweep(folders[0]) else DEFAULT_OUT
+    return folders[0] if len(folders) == 1 and baseline is None and RunFolder(folders[0]).holds_sweep else DEFAULT_OUT
 
 
 def check_out(out_dir: Path, compared: Sequence[Path], entries: Sequence[Path], *, default: bool = False) -> None:
@@ -121,11 +119,11 @@ def check_out(out_dir: Path, compared: Sequence[Path], entries: Sequence[Path], 
     cross-validation or a sweep folder (but the one sweep compared alone, whose own leaderboard it is), or the
     leaderboard of entries not all among the ``entries`` now (one whose entries all are is brought up to date:
     nothing of it is lost). ``compared``: the folders as given; ``default``: ``out_dir`` was not typed."""
-    if folder_kind(out_dir) == SWEEP_KIND and [folder.resolve() for folder in compared] == [out_dir.resolve()]:
+    kind = RunFolder(out_dir).kind
+    if kind == SWEEP_KIND and [folder.resolve() for folder in compared] == [out_dir.resolve()]:
         return
     where, other = (f"{out_dir}, the default --out,", "pass --out DIR") if default else \
         (f"--out {out_dir}:", "pass another --out")
-    kind = folder_kind(out_dir)
     if kind is not None:
         raise FishsegError(f"{where} holds a {kind}, whose files a leaderboard of other folders would mix "
                            f"with or replace; {other}")
@@ -138,36 +136,37 @@ def check_out(out_dir: Path, compared: Sequence[Path], entries: Sequence[Path], 
                            f"first")
 
 
-def _unscorable(folder: Path) -> str | None:
+def _unscorable(folder: RunFolder) -> str | None:
     """Why a run or cross-validation ``folder`` cannot be scored yet, or None when it can."""
-    if holds_run(folder):
-        return None if "best" in read_record(folder).checkpoints else "no epoch finished yet"
-    if not holds_cv(folder):
+    if folder.holds_run:
+        return None if "best" in folder.read_record().checkpoints else "no epoch finished yet"
+    if not folder.holds_cv:
         return "not trained yet"
-    folds = TrainConfig(**read_cv(folder)["train_config"]).folds
-    ready = sum(_unscorable(fold_dir(folder, fold)) is None for fold in range(folds))
-    return None if ready == folds else f"{ready} of {folds} folds trained"
+    runs = folder.runs()
+    ready = sum(_unscorable(run) is None for run in runs)
+    return None if ready == len(runs) else f"{ready} of {len(runs)} folds trained"
 
 
 def failure(folder: Path) -> str | None:
     """Why the training of the run or cross-validation in ``folder`` failed, as its own records say or, for a
     config of a sweep, the sweep's; None when it did not fail."""
-    return config_failures(folder.parent, [folder.name]).get(folder.name)
+    return RunFolder(folder.parent).config_failures([folder.name]).get(folder.name)
 
 
 def _sweep_configs(sweep_dir: Path) -> tuple[list[Path], list[Unscored]]:
     """The folders of a sweep's configs that can be scored, and the configs that cannot (failed or unfinished)."""
     found, unscored = [], []
-    configs = read_sweep(sweep_dir)["configs"]
-    failures = config_failures(sweep_dir, [config["name"] for config in configs])
-    for config in configs:
-        folder = sweep_dir / config["name"]
-        failed = failures.get(config["name"])
+    sweep = RunFolder(sweep_dir)
+    configs = sweep.read_sweep().configs
+    failures = sweep.config_failures([entry.name for entry in configs])
+    for entry in configs:
+        folder = sweep.config(entry.name)
+        failed = failures.get(entry.name)
         reason = failed or _unscorable(folder)
         if reason is None:
-            found.append(folder)
+            found.append(folder.path)
         else:
-            unscored.append(Unscored(folder, TrainConfig(**config["train_config"]), failed is not None, reason))
+            unscored.append(Unscored(folder.path, entry.config, failed is not None, reason))
     return found, unscored
 
 
@@ -175,8 +174,8 @@ def _named_folder(folder: Path) -> tuple[list[Path], list[Unscored]]:
     """A run or cross-validation folder named on its own: scorable, or failed (listed without scores)."""
     failed = failure(folder)
     if failed is not None:
-        return [], [Unscored(folder, recorded_config(folder), True, failed)]
-    reason = _unscorable(folder)
+        return [], [Unscored(folder, RunFolder(folder).recorded_config(), True, failed)]
+    reason = _unscorable(RunFolder(folder))
     if reason is not None:
         raise FishsegError(f"{folder}: {reason}; nothing to compare until it is further (resume it with "
                            f"`train --resume`), or leave it out")
@@ -190,9 +189,10 @@ def entry_folders(folders: Sequence[Path]) -> tuple[list[Path], list[Unscored]]:
     found: list[Path] = []
     unscored: list[Unscored] = []
     for folder in folders:
-        if holds_sweep(folder):
+        opened = RunFolder(folder)
+        if opened.holds_sweep:
             scorable, others = _sweep_configs(folder)
-        elif holds_run(folder) or holds_cv(folder):
+        elif opened.holds_run or opened.holds_cv:
             scorable, others = _named_folder(folder)
         elif not folder.exists():
             raise FishsegError(f"{folder}: not found")
@@ -247,17 +247,17 @@ class _CacheOpener:
             self.cache.file.close()
 
 
-def _run_scores(run_dir: Path, opener: _CacheOpener, device: Any) -> RunScores:
-    record = read_record(run_dir)
+def _run_scores(run: RunFolder, opener: _CacheOpener, device: Any) -> RunScores:
+    record = run.read_record()
     if "best" not in record.checkpoints:
-        raise FishsegError(f"{run_dir}: no epoch has finished yet; nothing to compare")
-    curve = [row["val_iou"] for row in read_history(run_dir, record)["epochs"]]
-    saved = _saved_scores(run_dir / REPORT_DIR, record)
+        raise FishsegError(f"{run}: no epoch has finished yet; nothing to compare")
+    curve = [row["val_iou"] for row in run.read_history(record)["epochs"]]
+    saved = _saved_scores(run.path / REPORT_DIR, record)
     if saved is not None:
         image_ids, per_image, pooled = saved
         return RunScores(record, image_ids, per_image, pooled, curve)
-    cache = opener.get(record, run_dir)
-    evaluation = evaluate_run(cache, run_dir, device, full=False)
+    cache = opener.get(record, run.path)
+    evaluation = evaluate_run(cache, run.path, device, full=False)
     return RunScores(record, evaluation.val_ids, {name: evaluation.scores[name] for name in SCORES},
                      evaluation.metrics["pooled_iou"], curve)
 
@@ -278,21 +278,20 @@ def _saved_scores(report_dir: Path, record: RunRecord) -> tuple[list[str], dict[
 
 
 def _load_entry(name: str, folder: Path, opener: _CacheOpener, device: Any) -> Entry:
-    if holds_run(folder):
-        return Entry(name, folder, [_run_scores(folder, opener, device)])
-    folds = TrainConfig(**read_cv(folder)["train_config"]).folds  # each fold scorable: see entry_folders
-    return Entry(name, folder, [_run_scores(fold_dir(folder, fold), opener, device) for fold in range(folds)])
+    runs = RunFolder(folder).runs()  # each fold scorable: see entry_folders
+    return Entry(name, folder, [_run_scores(run, opener, device) for run in runs])
 
 
-def _first_run(folder: Path) -> Path:
-    return folder if holds_run(folder) else fold_dir(folder, 0)
+def _first_run(folder: Path) -> RunFolder:
+    opened = RunFolder(folder)
+    return opened if opened.holds_run else opened.fold(0)
 
 
 def _check_one_cache(folders: list[Path]) -> None:
     """Refuse entries of different caches from their records, before any of them is scored, saying how many of
     their shared validation images changed content between them where both recorded it."""
-    runs = {folder: _first_run(folder) for folder in folders if holds_run(_first_run(folder))}
-    caches = {folder: read_record(run).cache for folder, run in runs.items()}
+    runs = {folder: _first_run(folder) for folder in folders if _first_run(folder).holds_run}
+    caches = {folder: run.read_record().cache for folder, run in runs.items()}
     first, cache = next(iter(caches.items()), (None, None))
     for folder, other in caches.items():
         if other["fingerprint"] != cache["fingerprint"]:
@@ -302,9 +301,9 @@ def _check_one_cache(folders: list[Path]) -> None:
                                f"{'; ' + changes if changes else ''}; train them on one cache to compare them")
 
 
-def _val_changes(run: Path, other: Path) -> str:
+def _val_changes(run: RunFolder, other: RunFolder) -> str:
     """How the content of the validation images both runs share differs between them ("" where unrecorded)."""
-    ours, theirs = split_digests(run, ("val",)), split_digests(other, ("val",))
+    ours, theirs = run.split_digests(("val",)), other.split_digests(("val",))
     if ours is None or theirs is None:
         return ""
     shared = {image_id: digest for image_id, digest in ours.items() if image_id in theirs}
@@ -356,7 +355,7 @@ def _leaderboard_entry(entry: Entry, fields: list[str], comparison: Any) -> Lead
 
 def _check_baseline(baseline: Path) -> None:
     """A --baseline is a run or cross-validation with scores: a failed one has none."""
-    if not (holds_run(baseline) or holds_cv(baseline)):
+    if not (RunFolder(baseline).holds_run or RunFolder(baseline).holds_cv):
         raise FishsegError(f"--baseline {baseline}: not a run or cross-validation folder")
     failed = failure(baseline)
     if failed is not None:

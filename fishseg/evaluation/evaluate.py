@@ -22,9 +22,7 @@ from fishseg.evaluation.metrics import (BOUNDARY_TOLERANCE, REFERENCE_BATCH, THR
 from fishseg.evaluation.probe import run_probe
 from fishseg.evaluation.report import Example, ReportData, gallery_positions, write_report
 from fishseg.formats.cache import FeatureCache
-from fishseg.formats.runs import (METRICS_FILE, PER_IMAGE_FILE, REPORT_DIR, RUN_FILE, SPLIT_FILE, RunRecord,
-                                  checkpoint_layers, holds_run, load_run, read_history, read_record, read_split,
-                                  require_no_kind, split_digests)
+from fishseg.formats.runs import METRICS_FILE, PER_IMAGE_FILE, REPORT_DIR, RUN_FILE, SPLIT_FILE, RunFolder, RunRecord
 from fishseg.models.decoders import segment, uses_image
 from fishseg.runtime import atomic_path, autocast, make_output_dir, resolve_device, write_json
 
@@ -165,15 +163,16 @@ def evaluate_run(cache: FeatureCache, run_dir: Path, device: torch.device, *, ba
     was trained on another cache). ``full`` adds the threshold sweep and the species probe; without them
     (cross-validation folds, sweeps) scoring costs a fraction. ``source``: where the features and masks are
     read (default the cache; a sweep passes the tensors it already holds on the device)."""
-    record, decoder, checkpoint = load_run(run_dir)
-    cache.require(record.cache, run_dir / RUN_FILE, split_digests(run_dir))
+    run = RunFolder(run_dir)
+    record, decoder, checkpoint = run.load()
+    cache.require(record.cache, run_dir / RUN_FILE, run.split_digests())
     best = record.checkpoints["best"]
-    cache.require({"fingerprint": checkpoint["cache_fingerprint"]}, run_dir / best.file)
-    split = read_split(run_dir, record)
+    cache.require({"fingerprint": checkpoint.cache_fingerprint}, run_dir / best.file)
+    split = run.read_split(record)
     val_idx = cache.indices_of(split["val"], run_dir / SPLIT_FILE)
     thresholds = THRESHOLDS if full else (THRESHOLD,)
     raw = score_images(decoder, cache if source is None else source, val_idx, batch_size=batch_size, device=device,
-                       layers=checkpoint_layers(checkpoint), thresholds=thresholds)
+                       layers=checkpoint.layers, thresholds=thresholds)
     at = thresholds.index(THRESHOLD)
     scores = {"iou": raw["sweep_iou"][at], "dice": raw["sweep_dice"][at],
               **{name: raw[name] for name in ("precision", "recall", "boundary_f")}}
@@ -181,7 +180,7 @@ def evaluate_run(cache: FeatureCache, run_dir: Path, device: torch.device, *, ba
     metrics = {
         "backbone": cache.backbone.name, "random_init": cache.backbone.random_init,
         "cache_fingerprint": cache.fingerprint, "checkpoint": best.file, "checkpoint_sha256": best.sha256,
-        "epoch": checkpoint["epoch"], "run_status": record.status, "epochs_done": record.epochs_done,
+        "epoch": checkpoint.epoch, "run_status": record.status, "epochs_done": record.epochs_done,
         "epochs_planned": record.epochs_planned, "threshold": THRESHOLD, "boundary_tolerance_px": BOUNDARY_TOLERANCE,
         "split": "val", "split_method": record.split["method"],
         "val_with_duplicate_in_train": record.split["val_with_duplicate_in_train"],
@@ -193,7 +192,7 @@ def evaluate_run(cache: FeatureCache, run_dir: Path, device: torch.device, *, ba
     if full:
         metrics["threshold_sweep"] = summarize_sweep(raw)
         metrics["species_probe"] = run_probe(cache, cache.indices_of(split["train"], run_dir / SPLIT_FILE), val_idx)
-    return Evaluation(record, decoder, split["val"], val_idx, classes, scores, metrics, checkpoint_layers(checkpoint))
+    return Evaluation(record, decoder, split["val"], val_idx, classes, scores, metrics, checkpoint.layers)
 
 
 def write_scores(out_dir: Path, evaluation: Evaluation) -> None:
@@ -208,9 +207,10 @@ def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None,
     (unless ``report`` is False) the figures and pages. Returns the metrics."""
     out_dir = out_dir or run_dir / REPORT_DIR
     torch_device = resolve_device(device)
-    record = read_record(run_dir)  # a wrong --run is named before the cache is opened
+    run = RunFolder(run_dir)
+    record = run.read_record()  # a wrong --run is named before the cache is opened
     _check_report_folder(out_dir, run_dir)
-    history = read_history(run_dir, record) if report else None  # a lost history before an hour of scoring
+    history = run.read_history(record) if report else None  # a lost history before an hour of scoring
     with FeatureCache(cache_path) as cache:
         evaluation = evaluate_run(cache, run_dir, torch_device, batch_size=batch_size, full=report)
         if report:
@@ -229,9 +229,9 @@ def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None,
 def _check_report_folder(out_dir: Path, run_dir: Path) -> None:
     """A report goes into its own folder: never into a run, cross-validation or sweep folder, nor into the report
     folder of another run (whose report it would replace)."""
-    require_no_kind(out_dir, "report")
+    RunFolder(out_dir).require_no_kind("report")
     owner = out_dir.parent
-    if out_dir.name == REPORT_DIR and holds_run(owner) and owner.resolve() != run_dir.resolve():
+    if out_dir.name == REPORT_DIR and RunFolder(owner).holds_run and owner.resolve() != run_dir.resolve():
         raise FishsegError(f"{out_dir}: the report folder of another run ({owner}); leave --out out to write "
                            f"{run_dir / REPORT_DIR}, or use another --out")
 

@@ -10,12 +10,12 @@ A run folder (``train --out RUN``):
   so an edited split is refused.
 - ``history.jsonl``: per-iteration and per-epoch values while the run is unfinished, one line an epoch,
   appended (and synced) just before ``run.json`` is written: after a crash it may hold one epoch more or a
-  torn last line, which ``read_history`` ignores and a resume cuts away.
+  torn last line, which ``RunFolder.read_history`` ignores and a resume cuts away.
 - ``history.json``: the whole history in one JSON object, written once the run finishes (the journal then
   goes); run folders of earlier versions hold only this file.
 - ``checkpoints/epoch-NNNN.safetensors``: decoder weights + JSON (``fishseg.models.decoders``), written once and
   never modified, so the record's SHA-256 of the best one stays true until the record names another. The JSON
-  holds the run's settings, which ``read_record`` checks the record's against.
+  holds the run's settings, which ``RunFolder.read_record`` checks the record's against.
 - ``checkpoints/epoch-NNNN.resume.safetensors``: AdamW moments, scheduler position and RNG states of the
   last epoch (tensors in safetensors, the rest JSON; no pickle), until the run finishes.
 - ``.lock``: held (``flock``) by the process training into the folder; the kernel drops it when that
@@ -28,7 +28,7 @@ A cross-validation folder holds ``cv.json`` and one run folder per fold (``fold-
 absolute), the grid, the configs and, under ``failed``, the configs whose training failed with the reason
 (a rerun skips them unless asked to retry). A run whose training failed (a non-finite loss) says so itself:
 ``run.json``'s status is ``failed`` and ``failure`` holds why; such a run is not resumed (a resume continues it
-exactly as it went, so it would fail the same way), only replaced. A folder holds one kind (``folder_kind``): no command writes a
+exactly as it went, so it would fail the same way), only replaced. A folder holds one kind (``RunFolder.kind``): no command writes a
 run into a cross-validation or sweep folder, or the other way round.
 """
 
@@ -51,10 +51,17 @@ import torch
 from torch import nn
 
 from fishseg import __version__
-from fishseg.config import LAST_BLOCK, TrainConfig, shown_setting
+from fishseg.config import TrainConfig, shown_setting
 from fishseg.errors import FishsegError
-from fishseg.models.decoders import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from fishseg.models.decoders import CheckpointMeta, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from fishseg.runtime import UNRECORDED, atomic_path, file_digest, make_output_dir, read_json, write_json
+
+__all__ = ["ANALYSIS_FILES", "CHECKPOINT_DIR", "CURVE_FILES", "CV_FILE", "CV_KIND", "EPOCHS_CSV", "FAILED", "FINISHED",
+           "GALLERY_FILES", "HISTORY_FILE", "HISTORY_JOURNAL", "INTERRUPTED", "METRICS_FILE", "PER_IMAGE_FILE",
+           "REPORT_DIR", "REPORT_FILES", "REPORT_HTML", "REPORT_MD", "RUN_FILE", "RUN_KIND", "RUNNING",
+           "SPLIT_FILE", "SWEEP_FILE", "SWEEP_KIND", "CheckpointRef", "CrossValidationRecord", "RunFolder",
+           "RunRecord", "SweepEntry", "SweepRecord", "check_resume_flags", "differing_fields", "empty_history",
+           "history_entry"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,82 +157,526 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def holds_run(folder: Path) -> bool:
-    return (folder / RUN_FILE).is_file()
+def _not_a(path: Path, kind: str, problem: str) -> FishsegError:
+    """The refusal of a folder's record file that is not one (cv.json, sweep.json)."""
+    return FishsegError(f"{path}: not a fishseg {kind} ({problem}); restore it, or use --overwrite or another --out")
 
 
-def keeps_a_run(folder: Path) -> bool:
-    """Whether ``folder`` keeps a run to go on from: its own, a cross-validation's fold, or a sweep config's (or
-    its fold). A stopped run keeps its record only once an epoch has finished (``train._after_stop``)."""
-    return any(any(folder.glob(pattern)) for pattern in (RUN_FILE, f"*/{RUN_FILE}", f"*/*/{RUN_FILE}"))
+def _object_with(data: Any, keys: tuple[str, ...], path: Path, kind: str) -> dict[str, Any]:
+    """``data`` as a JSON object holding ``keys``; anything else is refused naming the file."""
+    if not isinstance(data, dict) or not set(keys) <= set(data):
+        raise _not_a(path, kind, f"it needs {', '.join(keys)}")
+    return data
 
 
-def read_record(run_dir: Path) -> RunRecord:
-    """The record of ``run_dir``, with the status a reader should believe: a ``running`` run whose lock
-    nobody holds was killed, and reads as ``interrupted``. Its settings are refused when they are not those
-    its best checkpoint was trained with (an edited record would put one decoder's name on another's
-    numbers in leaderboards and reports)."""
-    if not holds_run(run_dir):
-        kind = folder_kind(run_dir)
-        holds = _holding(kind) if kind else f"no {RUN_FILE}"
-        raise FishsegError(f"{run_dir}: not a run folder ({holds}); pass the --out folder of `train`"
-                           + (" (a fold-k or config folder inside it is one)" if kind else ""))
-    record = RunRecord.from_json(read_json(run_dir / RUN_FILE), run_dir / RUN_FILE)
-    _check_settings(run_dir, record)
-    if record.status == RUNNING and not is_locked(run_dir):
-        record.status = INTERRUPTED
-    return record
+def _train_config(data: Any, path: Path, kind: str, where: str = "train_config") -> TrainConfig:
+    """The TrainConfig a record file holds at ``where``; one that does not make one is refused naming the file."""
+    try:
+        return TrainConfig(**data)
+    except (TypeError, FishsegError) as error:
+        raise _not_a(path, kind, f"{where}: {error}") from None
 
 
-def _check_settings(run_dir: Path, record: RunRecord) -> None:
-    """The record's train_config against the one its best checkpoint carries, field by field (a checkpoint of
-    an earlier version carries fewer fields). A missing best checkpoint is ``verified``'s to report where it
-    is read."""
-    best = record.checkpoints.get("best")
-    if best is None or not (run_dir / best.file).is_file():
-        return
-    held = read_checkpoint_meta(run_dir / best.file).get("train_config", {})
-    said = json.loads(json.dumps(dataclasses.asdict(record.train_config)))  # as JSON holds it
-    differing = [name for name in said if name in held and held[name] != said[name]]
-    if differing:
-        says = ", ".join(f"{name} {shown_setting(name, said[name])}" for name in differing)
-        holds = ", ".join(f"{name} {shown_setting(name, held[name])}" for name in differing)
-        raise FishsegError(f"{run_dir / RUN_FILE}: says {says} but {best.file} was trained with {holds}; restore "
-                           f"{RUN_FILE}, or train again with --overwrite")
+FoldScores = Mapping[str, Any]  # fold (1-based), n_images, val_with_duplicate_in_train and the CV metrics
 
 
-def write_record(run_dir: Path, record: RunRecord) -> None:
-    write_json(run_dir / RUN_FILE, record.to_json())
+@dataclasses.dataclass(frozen=True)
+class CrossValidationRecord:
+    """``cv.json``: the settings of a K-fold cross-validation, how far it got, each fold's scores once scored and
+    their mean ± std over folds."""
+
+    train_config: TrainConfig  # fold 0's (fold k trains with fold=k)
+    status: str = RUNNING
+    folds: tuple[FoldScores | None, ...] = ()  # per fold: None until it is scored
+    summary: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)  # metric → mean, std
+
+    @classmethod
+    def start(cls, config: TrainConfig) -> CrossValidationRecord:
+        return cls(config, RUNNING, (None,) * config.folds)
+
+    @property
+    def scored(self) -> int:
+        """Folds scored so far."""
+        return sum(1 for scores in self.folds if scores)
+
+    def with_fold(self, fold: int, scores: FoldScores) -> CrossValidationRecord:
+        """This record with 0-based ``fold`` scored."""
+        return dataclasses.replace(self, folds=tuple(scores if k == fold else old for k, old in enumerate(self.folds)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"train_config": dataclasses.asdict(self.train_config), "status": self.status,
+                "folds": list(self.folds), "summary": dict(self.summary)}
+
+    @classmethod
+    def from_json(cls, data: Any, source: Path) -> CrossValidationRecord:
+        """The record in ``data`` (as read from ``source``); anything else is refused naming the file."""
+        kind = "cross-validation record"
+        data = _object_with(data, ("train_config", "status", "folds"), source, kind)
+        config = _train_config(data["train_config"], source, kind)
+        folds, summary = data["folds"], data.get("summary", {})
+        if not isinstance(data["status"], str) or not isinstance(summary, dict):
+            raise _not_a(source, kind, "status needs a word and summary an object")
+        if not isinstance(folds, list) or len(folds) != config.folds \
+                or not all(scores is None or isinstance(scores, dict) for scores in folds):
+            raise _not_a(source, kind, f"folds needs {config.folds} entries, each an object or null")
+        return cls(config, data["status"], tuple(folds), summary)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepEntry:
+    """One config of a sweep: the folder it trains into (under the sweep folder) and its settings."""
+
+    name: str  # named by the fields that vary, e.g. decoder=linear,lr=0.0003
+    config: TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRecord:
+    """``sweep.json``: the cache (its path absolute), the grid, its configs and those whose training failed."""
+
+    cache: Mapping[str, Any]  # FeatureCache.summary() with the absolute path, as run.json holds it
+    grid: Mapping[str, list[Any]]  # field → values, as given
+    configs: tuple[SweepEntry, ...]
+    folds: int = 0  # K of every config's cross-validation (0: one run each)
+    failed: Mapping[str, str] = dataclasses.field(default_factory=dict)  # config → why (older sweeps: none)
+    fishseg_version: str = __version__
+
+    def with_failure(self, name: str, reason: str) -> SweepRecord:
+        return dataclasses.replace(self, failed={**self.failed, name: reason})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fishseg_version": self.fishseg_version, "cache": dict(self.cache), "folds": self.folds,
+                "grid": dict(self.grid),
+                "configs": [{"name": entry.name, "train_config": dataclasses.asdict(entry.config)}
+                            for entry in self.configs], "failed": dict(self.failed)}
+
+    @classmethod
+    def from_json(cls, data: Any, source: Path) -> SweepRecord:
+        """The record in ``data`` (as read from ``source``); anything else is refused naming the file."""
+        kind = "sweep record"
+        data = _object_with(data, ("cache", "grid", "configs"), source, kind)
+        configs, failed = data["configs"], data.get("failed", {})
+        if not isinstance(data["cache"], dict) or not isinstance(data["grid"], dict) or not isinstance(failed, dict) \
+                or not isinstance(configs, list) \
+                or not all(isinstance(entry, dict) and {"name", "train_config"} <= set(entry) for entry in configs):
+            raise _not_a(source, kind, "cache, grid and failed need objects, configs a list of name and train_config")
+        entries = tuple(SweepEntry(str(entry["name"]), _train_config(entry["train_config"], source, kind,
+                                                                     f"config {entry['name']}"))
+                        for entry in configs)
+        return cls(data["cache"], data["grid"], entries, int(data.get("folds", 0)), failed,
+                   str(data.get("fishseg_version", UNRECORDED)))
+
+
+RUN_KIND, CV_KIND, SWEEP_KIND = "run", "cross-validation", "sweep"
+_KIND_FILES = ((SWEEP_KIND, SWEEP_FILE), (CV_KIND, CV_FILE), (RUN_KIND, RUN_FILE))
+
+
+def _holding(kind: str) -> str:
+    """E.g. "a sweep (sweep.json)": what a folder of ``kind`` holds, as messages name it."""
+    return f"a {kind} ({dict(_KIND_FILES)[kind]})"
 
 
 EPOCH_KEYS = ("epoch", "train_loss", "train_loss_std", "train_iou", "train_iou_std", "val_loss", "val_loss_std",
               "val_iou", "val_iou_std", "seconds")  # a row of history["epochs"] (train.epoch_summary)
 ITERATION_KEYS = ("epoch", "step", "loss", "iou")  # a row of history["iterations"][split]
+SPLITS = ("train", "val")
+OWN_CHECKPOINT = re.compile(r"epoch-\d{4}(\.resume)?\.safetensors")
+OWN_TEMPORARY = re.compile(r"\.(epoch-\d{4}(\.resume)?\.safetensors|run\.json|history\.jsonl?|split\.json)\.\w+\.tmp")
 
 
-def read_history(run_dir: Path, record: RunRecord) -> dict[str, Any]:
-    """The history of the record's finished epochs, from the journal of an unfinished run or from
-    history.json (either may be an epoch ahead of the record after a crash). A missing or malformed file is
-    refused naming it: the report's curves and epoch log are drawn from it, and must never be made up."""
-    done, path = record.epochs_done, _history_path(run_dir)
-    if path is None:
-        if not done:
-            return empty_history()
-        raise FishsegError(f"{run_dir}: {HISTORY_FILE} is missing (and no {HISTORY_JOURNAL}), though {RUN_FILE} "
-                           f"records {done} finished epochs; restore it (the run's curves and epoch log are drawn "
-                           f"from it), or train again with --overwrite")
-    history = _joined(_journal_entries(path), path) if path.name == HISTORY_JOURNAL else read_json(path)
-    problem = _history_problem(history, done)
-    if problem:
-        raise FishsegError(f"{path}: not a fishseg history ({problem}); restore it, or train again with --overwrite")
-    return {"epochs": history["epochs"][:done],
-            "iterations": {split: [row for row in history["iterations"][split] if row["epoch"] <= done]
-                           for split in SPLITS}}
+@dataclasses.dataclass(frozen=True)
+class RunFolder:
+    """An output folder of ``train`` or ``sweep`` (``--out``), opened once from its path: what it holds (a run,
+    a cross-validation or a sweep: ``kind``) and every file of it is read and written here, the path carried
+    along. Making one reads nothing; a folder that does not exist yet is one to be written."""
 
+    path: Path
 
-def _history_path(run_dir: Path) -> Path | None:
-    """The journal while it exists, else history.json, else None."""
-    return next((path for path in (run_dir / HISTORY_JOURNAL, run_dir / HISTORY_FILE) if path.is_file()), None)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # What the folder holds
+
+    @property
+    def kind(self) -> str | None:
+        """What the folder holds: a run, a cross-validation, a sweep, or None (nothing of fishseg's)."""
+        return next((kind for kind, name in _KIND_FILES if (self.path / name).is_file()), None)
+
+    @property
+    def holds_run(self) -> bool:
+        return (self.path / RUN_FILE).is_file()
+
+    @property
+    def holds_cv(self) -> bool:
+        return (self.path / CV_FILE).is_file()
+
+    @property
+    def holds_sweep(self) -> bool:
+        return (self.path / SWEEP_FILE).is_file()
+
+    @property
+    def keeps_a_run(self) -> bool:
+        """Whether the folder keeps a run to go on from: its own, a cross-validation's fold, or a sweep config's (or
+        its fold). A stopped run keeps its record only once an epoch has finished (``train._after_stop``)."""
+        return any(any(self.path.glob(pattern)) for pattern in (RUN_FILE, f"*/{RUN_FILE}", f"*/*/{RUN_FILE}"))
+
+    def require_kind(self, wanted: str) -> None:
+        """Refuse to write a ``wanted`` into a folder that holds another kind: --overwrite replaces a run by a run,
+        never a sweep or a cross-validation by a run (their results would be orphaned and misread)."""
+        kind = self.kind
+        if kind not in (None, wanted):
+            raise FishsegError(f"{self.path}: holds {_holding(kind)}, not a {wanted}; use another --out, or remove the "
+                               f"folder first")
+
+    def require_no_kind(self, writes: str) -> None:
+        """Refuse to write ``writes`` (predictions, a report) into a folder that holds a run, a cross-validation or a
+        sweep: their files would mix with the folder's own, and the folder's commands would misread them."""
+        kind = self.kind
+        if kind is not None:
+            raise FishsegError(f"{self.path}: holds {_holding(kind)}; write the {writes} into another --out")
+
+    def fold(self, fold: int) -> RunFolder:
+        """The run folder of 0-based ``fold`` of the cross-validation here."""
+        return RunFolder(self.path / f"fold-{fold + 1}")
+
+    def runs(self) -> list[RunFolder]:
+        """The run folders of what the folder holds: itself (a run), or the folds of its cross-validation."""
+        return [self.fold(fold) for fold in range(self.read_cv().train_config.folds)] if self.holds_cv else [self]
+
+    def recorded_config(self) -> TrainConfig | None:
+        """The settings of the run or cross-validation here, or None when it holds neither."""
+        if self.holds_run:
+            return self.read_record().train_config
+        if self.holds_cv:
+            return self.read_cv().train_config
+        return None
+
+    def training_failure(self) -> str | None:
+        """Why the training of the run (or of a fold of the cross-validation) here failed, as its ``run.json``
+        records it; None when it did not fail (or holds neither)."""
+        for run in self.runs():
+            record = run.read_record() if run.holds_run else None
+            if record is not None and record.status == FAILED:
+                return record.failure if run == self else f"{run.path.name}: {record.failure}"
+        return None
+
+    # The run's record
+
+    def read_record(self) -> RunRecord:
+        """The record of the run, with the status a reader should believe: a ``running`` run whose lock nobody holds
+        was killed, and reads as ``interrupted``. Its settings are refused when they are not those its best
+        checkpoint was trained with (an edited record would put one decoder's name on another's numbers in
+        leaderboards and reports)."""
+        if not self.holds_run:
+            kind = self.kind
+            holds = _holding(kind) if kind else f"no {RUN_FILE}"
+            raise FishsegError(f"{self.path}: not a run folder ({holds}); pass the --out folder of `train`"
+                               + (" (a fold-k or config folder inside it is one)" if kind else ""))
+        record = RunRecord.from_json(read_json(self.path / RUN_FILE), self.path / RUN_FILE)
+        self._check_settings(record)
+        if record.status == RUNNING and not self.locked:
+            record.status = INTERRUPTED
+        return record
+
+    def _check_settings(self, record: RunRecord) -> None:
+        """The record's train_config against the one its best checkpoint carries, field by field (a checkpoint of
+        an earlier version carries fewer fields). A missing best checkpoint is ``verified``'s to report where it
+        is read."""
+        best = record.checkpoints.get("best")
+        if best is None or not (self.path / best.file).is_file():
+            return
+        held = read_checkpoint_meta(self.path / best.file).train_config
+        said = json.loads(json.dumps(dataclasses.asdict(record.train_config)))  # as JSON holds it
+        differing = [name for name in said if name in held and held[name] != said[name]]
+        if differing:
+            says = ", ".join(f"{name} {shown_setting(name, said[name])}" for name in differing)
+            holds = ", ".join(f"{name} {shown_setting(name, held[name])}" for name in differing)
+            raise FishsegError(f"{self.path / RUN_FILE}: says {says} but {best.file} was trained with {holds}; "
+                               f"restore {RUN_FILE}, or train again with --overwrite")
+
+    def write_record(self, record: RunRecord) -> None:
+        write_json(self.path / RUN_FILE, record.to_json())
+
+    # History
+
+    def read_history(self, record: RunRecord) -> dict[str, Any]:
+        """The history of the record's finished epochs, from the journal of an unfinished run or from
+        history.json (either may be an epoch ahead of the record after a crash). A missing or malformed file is
+        refused naming it: the report's curves and epoch log are drawn from it, and must never be made up."""
+        done, path = record.epochs_done, self._history_path()
+        if path is None:
+            if not done:
+                return empty_history()
+            raise FishsegError(f"{self.path}: {HISTORY_FILE} is missing (and no {HISTORY_JOURNAL}), though "
+                               f"{RUN_FILE} records {done} finished epochs; restore it (the run's curves and epoch "
+                               f"log are drawn from it), or train again with --overwrite")
+        history = _joined(_journal_entries(path), path) if path.name == HISTORY_JOURNAL else read_json(path)
+        problem = _history_problem(history, done)
+        if problem:
+            raise FishsegError(f"{path}: not a fishseg history ({problem}); restore it, or train again with "
+                               f"--overwrite")
+        return {"epochs": history["epochs"][:done],
+                "iterations": {split: [row for row in history["iterations"][split] if row["epoch"] <= done]
+                               for split in SPLITS}}
+
+    def _history_path(self) -> Path | None:
+        """The journal while it exists, else history.json, else None."""
+        return next((path for path in (self.path / HISTORY_JOURNAL, self.path / HISTORY_FILE) if path.is_file()),
+                    None)
+
+    def cut_history(self, record: RunRecord) -> None:
+        """Before a resume appends to it: the journal holds the record's finished epochs and nothing more (no
+        epoch a crash left ahead, no torn line), whichever file held them."""
+        history = self.read_history(record)
+        entries = [history_entry(row, {split: [step for step in rows if step["epoch"] == row["epoch"]]
+                                       for split, rows in history["iterations"].items()})
+                   for row in history["epochs"]]
+        with atomic_path(self.path / HISTORY_JOURNAL) as tmp:
+            tmp.write_text("".join(json.dumps(entry) + "\n" for entry in entries), encoding="utf-8")
+
+    # Split
+
+    def read_split(self, record: RunRecord | None = None) -> dict[str, list[str]]:
+        """The train and val image ids, refused when split.json is not the file the run was trained with (its
+        SHA-256 differs from the record's, ``record`` or the folder's): an edited split would score training
+        images as validation."""
+        record = record or self.read_record()
+        path = self.path / SPLIT_FILE
+        if record.split_sha256 != UNRECORDED and path.is_file() and file_digest(path) != record.split_sha256:
+            raise FishsegError(f"{path}: not the split the run was trained on (its SHA-256 differs from the one in "
+                               f"{RUN_FILE}); {RESTORE_ADVICE}")
+        split = read_json(path, RESTORE_ADVICE)
+        return {name: split[name] for name in SPLITS}
+
+    def split_digests(self, names: tuple[str, ...] = SPLITS) -> dict[str, str] | None:
+        """Image id → content digest of the run's images of splits ``names`` when it was made; None where
+        unrecorded."""
+        split = read_json(self.path / SPLIT_FILE, RESTORE_ADVICE)
+        if "digests" not in split:
+            return None
+        return {image_id: digest for name in names for image_id, digest in zip(split[name], split["digests"][name])}
+
+    def write_split(self, train_ids: list[str], val_ids: list[str], digests: Mapping[str, str] | None = None) -> str:
+        """Write split.json; returns its SHA-256, for the record. ``digests``: the cache's (image id → content
+        digest; None when it recorded none)."""
+        split: dict[str, Any] = {"train": train_ids, "val": val_ids}
+        if digests is not None:
+            split["digests"] = {name: [digests[image_id] for image_id in split[name]] for name in SPLITS}
+        write_json(self.path / SPLIT_FILE, split)
+        return file_digest(self.path / SPLIT_FILE)
+
+    # Checkpoints
+
+    def _checkpoint_path(self, epoch: int, kind: str = "") -> Path:
+        return self.path / CHECKPOINT_DIR / f"epoch-{epoch:04d}{kind}.safetensors"
+
+    def _reference(self, path: Path, epoch: int) -> CheckpointRef:
+        return CheckpointRef(epoch, path.relative_to(self.path).as_posix(), file_digest(path))
+
+    def write_checkpoint(self, epoch: int, decoder: nn.Module, meta: CheckpointMeta) -> CheckpointRef:
+        """The decoder after ``epoch``, written once (atomically) and referenced by its SHA-256."""
+        path = self._checkpoint_path(epoch)
+        with atomic_path(path) as tmp:
+            save_checkpoint(tmp, decoder, dataclasses.replace(meta, epoch=epoch))
+        return self._reference(path, epoch)
+
+    def verified(self, ref: CheckpointRef) -> Path:
+        """The path of ``ref``, refused when the file is missing or its bytes differ from the record's SHA-256."""
+        path = self.path / ref.file
+        if not path.is_file():
+            raise FishsegError(f"{path}: missing, though {self.path / RUN_FILE} names it; train again or restore it")
+        if file_digest(path) != ref.sha256:
+            raise FishsegError(f"{path}: does not match the SHA-256 recorded in {RUN_FILE} (modified or replaced); "
+                               f"train again or restore the file")
+        return path
+
+    def verify_files(self, record: RunRecord) -> None:
+        """Every checkpoint the record names and the split are the files it was written with."""
+        for ref in record.checkpoints.values():
+            self.verified(ref)
+        self.read_split(record)
+
+    def load(self) -> tuple[RunRecord, nn.Module, CheckpointMeta]:
+        """The record, the best decoder and its checkpoint metadata; a modified checkpoint is refused. The best
+        decoder of a failed run is from before it failed, which the user is told."""
+        record = self.read_record()
+        if "best" not in record.checkpoints:
+            raise FishsegError(f"{self.path}: no epoch has finished yet ({record.describe()}); "
+                               f"let training finish an epoch, or resume it with `train --resume`")
+        if record.status == FAILED:
+            logger.warning("%s: its training failed in epoch %d of %d (%s); using its best checkpoint, of epoch %d, "
+                           "from before it failed", self.path, record.epochs_done + 1, record.epochs_planned,
+                           record.failure, record.best_epoch)
+        decoder, meta = load_checkpoint(self.verified(record.checkpoints["best"]))
+        return record, decoder, meta
+
+    # Resume state
+
+    def write_resume_state(self, epoch: int, optimizer: torch.optim.Optimizer,
+                           scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                           generator: torch.Generator) -> CheckpointRef:
+        """What continuing after ``epoch`` needs beyond the decoder: AdamW moments and step counts, the
+        scheduler position, the batch-order/augmentation generator and torch's global RNG."""
+        optimizer_state = optimizer.state_dict()
+        tensors = {"generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+        other: dict[str, Any] = {}
+        for index, state in optimizer_state["state"].items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    other[f"{index}.{key}"] = value
+        meta = {"epoch": epoch, "param_groups": optimizer_state["param_groups"], "optimizer_other": other,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None}
+        path = self._checkpoint_path(epoch, ".resume")
+        with atomic_path(path) as tmp:
+            safetensors.torch.save_file(tensors, str(tmp), metadata={STATE_KEY: json.dumps(meta)})
+        return self._reference(path, epoch)
+
+    def read_resume_state(self, record: RunRecord, optimizer: torch.optim.Optimizer,
+                          scheduler: torch.optim.lr_scheduler.LRScheduler | None, generator: torch.Generator) -> None:
+        """Restore what ``write_resume_state`` saved after the record's last finished epoch."""
+        path = self.verified(record.checkpoints["resume"])
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as file:
+                meta = json.loads(file.metadata()[STATE_KEY])
+            tensors = safetensors.torch.load_file(str(path))
+        except (OSError, safetensors.SafetensorError, KeyError, ValueError) as error:
+            raise FishsegError(f"{path}: not a fishseg resume file ({error})") from None
+        state: dict[int, dict[str, Any]] = {}
+        for name, value in tensors.items():
+            if name.startswith("optimizer."):
+                _, index, key = name.split(".", 2)
+                state.setdefault(int(index), {})[key] = value
+        for name, value in meta["optimizer_other"].items():
+            index, key = name.split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        if scheduler is not None:
+            scheduler.load_state_dict(meta["scheduler"])
+        generator.set_state(tensors["generator"])
+        torch.set_rng_state(tensors["torch_rng"])
+
+    # Commit and clean up
+
+    def commit_epoch(self, record: RunRecord, entry: dict[str, Any]) -> None:
+        """Make the epoch the record now describes the run's state: its history line appended first, then the
+        record (the commit point); a finished run's history then becomes history.json. Last, drop the
+        checkpoint files the record no longer names. Only the lock holder calls this, so no other writer's temp
+        file is touched."""
+        _append_line(self.path / HISTORY_JOURNAL, entry)
+        self.write_record(record)
+        if record.status == FINISHED:
+            write_json(self.path / HISTORY_FILE, self.read_history(record))
+            (self.path / HISTORY_JOURNAL).unlink()
+        named = {ref.file for ref in record.checkpoints.values()}
+        for path in self._own_files():
+            if path.relative_to(self.path).as_posix() not in named:
+                path.unlink(missing_ok=True)
+
+    def _own_files(self) -> list[Path]:
+        """The checkpoint files fishseg writes into a run folder and the temp files a killed writer may have left:
+        never a file of the user's that happens to sit there."""
+        checkpoints = self.path / CHECKPOINT_DIR
+        found = [path for path in self.path.iterdir() if OWN_TEMPORARY.fullmatch(path.name)] \
+            if self.path.is_dir() else []
+        if checkpoints.is_dir():
+            found += [path for path in checkpoints.iterdir()
+                      if OWN_CHECKPOINT.fullmatch(path.name) or OWN_TEMPORARY.fullmatch(path.name)]
+        return found
+
+    def clear(self) -> None:
+        """Remove the files fishseg wrote for a run (``--overwrite``): the record, split, history, checkpoints and
+        the report, so nothing stale is read as the new run's. Nothing else is touched."""
+        for path in (*(self.path / name for name in (RUN_FILE, SPLIT_FILE, HISTORY_FILE, HISTORY_JOURNAL, CV_FILE)),
+                     *self._own_files()):
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # kept when something else is in it
+            (self.path / CHECKPOINT_DIR).rmdir()
+        self.clear_report()
+
+    def clear_report(self) -> None:
+        """Remove the report ``evaluate`` wrote into the run's ``report/`` (``REPORT_FILES``): once the run changes
+        (replaced, or trained on by a resume) it describes another run. Other files there stay."""
+        for name in REPORT_FILES:
+            (self.path / REPORT_DIR / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # kept when something else is in it, or absent
+            (self.path / REPORT_DIR).rmdir()
+
+    # The training lock
+
+    @property
+    def locked(self) -> bool:
+        """Whether a live process holds the folder's training lock."""
+        if not (self.path / LOCK_FILE).exists():
+            return False
+        with open(self.path / LOCK_FILE, "a+b") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder's lock while training into it; a second trainer is refused, not interleaved."""
+        handle = open(make_output_dir(self.path) / LOCK_FILE, "a+b")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FishsegError(f"{self.path}: another process is training into this folder; wait for it or "
+                                   f"stop it first") from None
+            yield
+        finally:
+            handle.close()
+
+    # Cross-validation and sweep records
+
+    def read_cv(self) -> CrossValidationRecord:
+        """The cross-validation record here, with the status a reader should believe (as ``read_record``): a
+        ``running`` one whose lock nobody holds was stopped, and reads as ``interrupted``."""
+        cv = CrossValidationRecord.from_json(read_json(self.path / CV_FILE), self.path / CV_FILE)
+        return dataclasses.replace(cv, status=INTERRUPTED) if cv.status == RUNNING and not self.locked else cv
+
+    def write_cv(self, cv: CrossValidationRecord) -> None:
+        write_json(self.path / CV_FILE, cv.to_json())
+
+    def read_sweep(self) -> SweepRecord:
+        return SweepRecord.from_json(read_json(self.path / SWEEP_FILE), self.path / SWEEP_FILE)
+
+    def write_sweep(self, sweep: SweepRecord) -> None:
+        write_json(self.path / SWEEP_FILE, sweep.to_json())
+
+    def config(self, name: str) -> RunFolder:
+        """The folder of the sweep's config ``name``."""
+        return RunFolder(self.path / name)
+
+    def sweep_digests(self) -> dict[str, str] | None:
+        """The content the sweep's runs were made from (image id → digest), as the first of its configs trained so
+        far recorded it (a cross-validation's first fold: every fold's split holds every image); None if none
+        did."""
+        for entry in self.read_sweep().configs:
+            folder = self.config(entry.name)
+            run = folder.fold(0) if folder.holds_cv else folder
+            if (run.path / SPLIT_FILE).is_file():
+                return run.split_digests()
+        return None
+
+    def config_failures(self, names: Sequence[str]) -> dict[str, str]:
+        """Name → why the training in the folder ``name`` here failed, as its own run records say or, where this is
+        a sweep, as ``sweep.json`` lists it (``sweep.json`` is read once); names that did not fail are left out."""
+        listed = self.read_sweep().failed if self.holds_sweep else {}
+        found = {name: self.config(name).training_failure() for name in names}
+        return {name: found[name] or listed[name] for name in names if found[name] is not None or name in listed}
+
+    def record_failed_config(self, name: str, reason: str) -> None:
+        """Add the failure of config ``name`` to ``sweep.json``, at once, so that it outlives a later Ctrl-C."""
+        self.write_sweep(self.read_sweep().with_failure(name, reason))
 
 
 def _history_problem(history: Any, done: int) -> str | None:
@@ -276,16 +727,6 @@ def _joined(entries: list[Any], path: Path) -> dict[str, Any]:
     return history
 
 
-def cut_history(run_dir: Path, record: RunRecord) -> None:
-    """Before a resume appends to it: the journal holds the record's finished epochs and nothing more (no
-    epoch a crash left ahead, no torn line), whichever file held them."""
-    history = read_history(run_dir, record)
-    entries = [history_entry(row, {split: [step for step in rows if step["epoch"] == row["epoch"]]
-                                   for split, rows in history["iterations"].items()}) for row in history["epochs"]]
-    with atomic_path(run_dir / HISTORY_JOURNAL) as tmp:
-        tmp.write_text("".join(json.dumps(entry) + "\n" for entry in entries), encoding="utf-8")
-
-
 def _append_line(path: Path, entry: dict[str, Any]) -> None:
     """One JSON line at the end of ``path``, on disk before this returns."""
     with open(path, "ab") as handle:
@@ -298,244 +739,6 @@ def empty_history() -> dict[str, Any]:
     return {"iterations": {"train": [], "val": []}, "epochs": []}
 
 
-SPLITS = ("train", "val")
-
-
-def read_split(run_dir: Path, record: RunRecord | None = None) -> dict[str, list[str]]:
-    """The train and val image ids, refused when split.json is not the file the run was trained with (its
-    SHA-256 differs from the record's, ``record`` or the folder's): an edited split would score training
-    images as validation."""
-    record = record or read_record(run_dir)
-    path = run_dir / SPLIT_FILE
-    if record.split_sha256 != UNRECORDED and path.is_file() and file_digest(path) != record.split_sha256:
-        raise FishsegError(f"{path}: not the split the run was trained on (its SHA-256 differs from the one in "
-                           f"{RUN_FILE}); {RESTORE_ADVICE}")
-    split = read_json(path, RESTORE_ADVICE)
-    return {name: split[name] for name in SPLITS}
-
-
-def split_digests(run_dir: Path, names: tuple[str, ...] = SPLITS) -> dict[str, str] | None:
-    """Image id → content digest of the run's images of splits ``names`` when it was made; None where
-    unrecorded."""
-    split = read_json(run_dir / SPLIT_FILE, RESTORE_ADVICE)
-    if "digests" not in split:
-        return None
-    return {image_id: digest for name in names for image_id, digest in zip(split[name], split["digests"][name])}
-
-
-def write_split(run_dir: Path, train_ids: list[str], val_ids: list[str],
-                digests: Mapping[str, str] | None = None) -> str:
-    """Write split.json; returns its SHA-256, for the record. ``digests``: the cache's (image id → content
-    digest; None when it recorded none)."""
-    split: dict[str, Any] = {"train": train_ids, "val": val_ids}
-    if digests is not None:
-        split["digests"] = {name: [digests[image_id] for image_id in split[name]] for name in SPLITS}
-    write_json(run_dir / SPLIT_FILE, split)
-    return file_digest(run_dir / SPLIT_FILE)
-
-
-def _checkpoint_path(run_dir: Path, epoch: int, kind: str = "") -> Path:
-    return run_dir / CHECKPOINT_DIR / f"epoch-{epoch:04d}{kind}.safetensors"
-
-
-def _reference(run_dir: Path, path: Path, epoch: int) -> CheckpointRef:
-    return CheckpointRef(epoch, path.relative_to(run_dir).as_posix(), file_digest(path))
-
-
-def write_checkpoint(run_dir: Path, epoch: int, decoder: nn.Module, meta: dict[str, Any]) -> CheckpointRef:
-    """The decoder after ``epoch``, written once (atomically) and referenced by its SHA-256."""
-    path = _checkpoint_path(run_dir, epoch)
-    with atomic_path(path) as tmp:
-        save_checkpoint(tmp, decoder, {**meta, "epoch": epoch})
-    return _reference(run_dir, path, epoch)
-
-
-def verified(run_dir: Path, ref: CheckpointRef) -> Path:
-    """The path of ``ref``, refused when the file is missing or its bytes differ from the record's SHA-256."""
-    path = run_dir / ref.file
-    if not path.is_file():
-        raise FishsegError(f"{path}: missing, though {run_dir / RUN_FILE} names it; train again or restore it")
-    if file_digest(path) != ref.sha256:
-        raise FishsegError(f"{path}: does not match the SHA-256 recorded in {RUN_FILE} (modified or replaced); "
-                           f"train again or restore the file")
-    return path
-
-
-def verify_files(run_dir: Path, record: RunRecord) -> None:
-    """Every checkpoint the record names and the split are the files it was written with."""
-    for ref in record.checkpoints.values():
-        verified(run_dir, ref)
-    read_split(run_dir, record)
-
-
-def load_run(run_dir: Path) -> tuple[RunRecord, nn.Module, dict[str, Any]]:
-    """The record, the best decoder and its checkpoint metadata; a modified checkpoint is refused. The best
-    decoder of a failed run is from before it failed, which the user is told."""
-    record = read_record(run_dir)
-    if "best" not in record.checkpoints:
-        raise FishsegError(f"{run_dir}: no epoch has finished yet ({record.describe()}); "
-                           f"let training finish an epoch, or resume it with `train --resume`")
-    if record.status == FAILED:
-        logger.warning("%s: its training failed in epoch %d of %d (%s); using its best checkpoint, of epoch %d, "
-                       "from before it failed", run_dir, record.epochs_done + 1, record.epochs_planned,
-                       record.failure, record.best_epoch)
-    decoder, meta = load_checkpoint(verified(run_dir, record.checkpoints["best"]))
-    return record, decoder, meta
-
-
-def checkpoint_layers(meta: dict[str, Any]) -> tuple[int, ...]:
-    """The backbone blocks a checkpoint's decoder reads, as its cache names them (before cache format 3: the
-    last block only)."""
-    return tuple(meta.get("layers", LAST_BLOCK))
-
-
-def write_resume_state(run_dir: Path, epoch: int, optimizer: torch.optim.Optimizer,
-                       scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-                       generator: torch.Generator) -> CheckpointRef:
-    """What continuing after ``epoch`` needs beyond the decoder: AdamW moments and step counts, the
-    scheduler position, the batch-order/augmentation generator and torch's global RNG."""
-    optimizer_state = optimizer.state_dict()
-    tensors = {"generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
-    other: dict[str, Any] = {}
-    for index, state in optimizer_state["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                other[f"{index}.{key}"] = value
-    meta = {"epoch": epoch, "param_groups": optimizer_state["param_groups"], "optimizer_other": other,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None}
-    path = _checkpoint_path(run_dir, epoch, ".resume")
-    with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata={STATE_KEY: json.dumps(meta)})
-    return _reference(run_dir, path, epoch)
-
-
-def read_resume_state(run_dir: Path, record: RunRecord, optimizer: torch.optim.Optimizer,
-                      scheduler: torch.optim.lr_scheduler.LRScheduler | None, generator: torch.Generator) -> None:
-    """Restore what ``write_resume_state`` saved after the record's last finished epoch."""
-    path = verified(run_dir, record.checkpoints["resume"])
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as file:
-            meta = json.loads(file.metadata()[STATE_KEY])
-        tensors = safetensors.torch.load_file(str(path))
-    except (OSError, safetensors.SafetensorError, KeyError, ValueError) as error:
-        raise FishsegError(f"{path}: not a fishseg resume file ({error})") from None
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    for name, value in meta["optimizer_other"].items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    if scheduler is not None:
-        scheduler.load_state_dict(meta["scheduler"])
-    generator.set_state(tensors["generator"])
-    torch.set_rng_state(tensors["torch_rng"])
-
-
-def commit_epoch(run_dir: Path, record: RunRecord, entry: dict[str, Any]) -> None:
-    """Make the epoch the record now describes the run's state: its history line appended first, then the
-    record (the commit point); a finished run's history then becomes history.json. Last, drop the
-    checkpoint files the record no longer names. Only the lock holder calls this, so no other writer's temp
-    file is touched."""
-    _append_line(run_dir / HISTORY_JOURNAL, entry)
-    write_record(run_dir, record)
-    if record.status == FINISHED:
-        write_json(run_dir / HISTORY_FILE, read_history(run_dir, record))
-        (run_dir / HISTORY_JOURNAL).unlink()
-    named = {ref.file for ref in record.checkpoints.values()}
-    for path in _own_files(run_dir):
-        if path.relative_to(run_dir).as_posix() not in named:
-            path.unlink(missing_ok=True)
-
-
-OWN_CHECKPOINT = re.compile(r"epoch-\d{4}(\.resume)?\.safetensors")
-OWN_TEMPORARY = re.compile(r"\.(epoch-\d{4}(\.resume)?\.safetensors|run\.json|history\.jsonl?|split\.json)\.\w+\.tmp")
-
-
-def _own_files(run_dir: Path) -> list[Path]:
-    """The checkpoint files fishseg writes into a run folder and the temp files a killed writer may have left:
-    never a file of the user's that happens to sit there."""
-    checkpoints = run_dir / CHECKPOINT_DIR
-    found = [path for path in run_dir.iterdir() if OWN_TEMPORARY.fullmatch(path.name)] if run_dir.is_dir() else []
-    if checkpoints.is_dir():
-        found += [path for path in checkpoints.iterdir()
-                  if OWN_CHECKPOINT.fullmatch(path.name) or OWN_TEMPORARY.fullmatch(path.name)]
-    return found
-
-
-def clear_run(run_dir: Path) -> None:
-    """Remove the files fishseg wrote for a run (``--overwrite``): the record, split, history, checkpoints and
-    the report, so nothing stale is read as the new run's. Nothing else is touched."""
-    for path in (*(run_dir / name for name in (RUN_FILE, SPLIT_FILE, HISTORY_FILE, HISTORY_JOURNAL, CV_FILE)),
-                 *_own_files(run_dir)):
-        path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # kept when something else is in it
-        (run_dir / CHECKPOINT_DIR).rmdir()
-    clear_report(run_dir)
-
-
-def clear_report(run_dir: Path) -> None:
-    """Remove the report ``evaluate`` wrote into the run's ``report/`` (``REPORT_FILES``): once the run changes
-    (replaced, or trained on by a resume) it describes another run. Other files there stay."""
-    for name in REPORT_FILES:
-        (run_dir / REPORT_DIR / name).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # kept when something else is in it, or absent
-        (run_dir / REPORT_DIR).rmdir()
-
-
-def is_locked(run_dir: Path) -> bool:
-    """Whether a live process holds the folder's training lock."""
-    if not (run_dir / LOCK_FILE).exists():
-        return False
-    with open(run_dir / LOCK_FILE, "a+b") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
-
-
-@contextlib.contextmanager
-def training_lock(run_dir: Path) -> Iterator[None]:
-    """Hold the folder's lock while training into it; a second trainer is refused, not interleaved."""
-    handle = open(make_output_dir(run_dir) / LOCK_FILE, "a+b")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FishsegError(f"{run_dir}: another process is training into this folder; wait for it or "
-                               f"stop it first") from None
-        yield
-    finally:
-        handle.close()
-
-
-def recorded_config(folder: Path) -> TrainConfig | None:
-    """The settings of the run or cross-validation in ``folder``, or None when it holds neither."""
-    if holds_run(folder):
-        return read_record(folder).train_config
-    if holds_cv(folder):
-        return TrainConfig(**read_cv(folder)["train_config"])
-    return None
-
-
-def training_failure(folder: Path) -> str | None:
-    """Why the training of the run (or of a fold of the cross-validation) in ``folder`` failed, as its
-    ``run.json`` records it; None when it did not fail (or holds neither)."""
-    runs = [fold_dir(folder, fold) for fold in range(read_cv(folder)["train_config"]["folds"])] \
-        if holds_cv(folder) else [folder]
-    for run in runs:
-        record = read_record(run) if holds_run(run) else None
-        if record is not None and record.status == FAILED:
-            return record.failure if run == folder else f"{run.name}: {record.failure}"
-    return None
-
-
 def check_resume_flags(resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise FishsegError("--resume and --overwrite exclude each other: continue the run, or replace it")
@@ -546,107 +749,3 @@ def differing_fields(recorded: TrainConfig, requested: TrainConfig) -> list[str]
     old, new = dataclasses.asdict(recorded), dataclasses.asdict(requested)
     return [f"{name} {shown_setting(name, old[name])} → {shown_setting(name, new[name])}" for name in old
             if old[name] != new[name]]
-
-
-def read_cv(out_dir: Path) -> dict[str, Any]:
-    """The cross-validation record of ``out_dir``, with the status a reader should believe (as ``read_record``):
-    a ``running`` one whose lock nobody holds was stopped, and reads as ``interrupted``."""
-    cv = _read_folder_file(out_dir / CV_FILE, ("train_config", "status", "folds"), "cross-validation record")
-    if cv["status"] == RUNNING and not is_locked(out_dir):
-        cv["status"] = INTERRUPTED
-    return cv
-
-
-def _read_folder_file(path: Path, keys: tuple[str, ...], kind: str) -> dict[str, Any]:
-    """A JSON object holding ``keys``; anything else is refused naming the file."""
-    data = read_json(path)
-    if not isinstance(data, dict) or not set(keys) <= set(data):
-        raise FishsegError(f"{path}: not a fishseg {kind} (it needs {', '.join(keys)}); restore it, or use "
-                           f"--overwrite or another --out")
-    return data
-
-
-def write_cv(out_dir: Path, cv: dict[str, Any]) -> None:
-    write_json(out_dir / CV_FILE, cv)
-
-
-def fold_dir(out_dir: Path, fold: int) -> Path:
-    """The run folder of 0-based ``fold``."""
-    return out_dir / f"fold-{fold + 1}"
-
-
-def holds_cv(folder: Path) -> bool:
-    return (folder / CV_FILE).is_file()
-
-
-def holds_sweep(folder: Path) -> bool:
-    return (folder / SWEEP_FILE).is_file()
-
-
-RUN_KIND, CV_KIND, SWEEP_KIND = "run", "cross-validation", "sweep"
-_KIND_FILES = ((SWEEP_KIND, SWEEP_FILE), (CV_KIND, CV_FILE), (RUN_KIND, RUN_FILE))
-
-
-def folder_kind(folder: Path) -> str | None:
-    """What ``folder`` holds: a run, a cross-validation, a sweep, or None (nothing of fishseg's)."""
-    return next((kind for kind, name in _KIND_FILES if (folder / name).is_file()), None)
-
-
-def _holding(kind: str) -> str:
-    """E.g. "a sweep (sweep.json)": what a folder of ``kind`` holds, as messages name it."""
-    return f"a {kind} ({dict(_KIND_FILES)[kind]})"
-
-
-def require_kind(folder: Path, wanted: str) -> None:
-    """Refuse to write a ``wanted`` into a folder that holds another kind: --overwrite replaces a run by a run,
-    never a sweep or a cross-validation by a run (their results would be orphaned and misread)."""
-    kind = folder_kind(folder)
-    if kind not in (None, wanted):
-        raise FishsegError(f"{folder}: holds {_holding(kind)}, not a {wanted}; use another --out, or remove the "
-                           f"folder first")
-
-
-def require_no_kind(folder: Path, writes: str) -> None:
-    """Refuse to write ``writes`` (predictions, a report) into a folder that holds a run, a cross-validation or a
-    sweep: their files would mix with the folder's own, and the folder's commands would misread them."""
-    kind = folder_kind(folder)
-    if kind is not None:
-        raise FishsegError(f"{folder}: holds {_holding(kind)}; write the {writes} into another --out")
-
-
-def read_sweep(sweep_dir: Path) -> dict[str, Any]:
-    return _read_folder_file(sweep_dir / SWEEP_FILE, ("cache", "grid", "configs"), "sweep record")
-
-
-def sweep_digests(sweep_dir: Path) -> dict[str, str] | None:
-    """The content its runs were made from (image id → digest), as the first of its configs trained so far
-    recorded it (a cross-validation's first fold: every fold's split holds every image); None if none did."""
-    for config in read_sweep(sweep_dir)["configs"]:
-        folder = sweep_dir / config["name"]
-        run = fold_dir(folder, 0) if holds_cv(folder) else folder
-        if (run / SPLIT_FILE).is_file():
-            return split_digests(run)
-    return None
-
-
-def write_sweep(sweep_dir: Path, sweep: dict[str, Any]) -> None:
-    write_json(sweep_dir / SWEEP_FILE, sweep)
-
-
-def failed_configs(sweep: dict[str, Any]) -> dict[str, str]:
-    """Config name → why its training failed, as ``sweep.json`` records it (older sweeps record none)."""
-    return dict(sweep.get("failed", {}))
-
-
-def config_failures(parent: Path, names: Sequence[str]) -> dict[str, str]:
-    """Name → why the training in ``parent / name`` failed, as its own run records say or, where ``parent`` is a
-    sweep, as ``sweep.json`` lists it (``sweep.json`` is read once); names that did not fail are left out."""
-    listed = failed_configs(read_sweep(parent)) if holds_sweep(parent) else {}
-    found = {name: training_failure(parent / name) for name in names}
-    return {name: found[name] or listed[name] for name in names if found[name] is not None or name in listed}
-
-
-def record_failed_config(sweep_dir: Path, name: str, reason: str) -> None:
-    """Add the failure of config ``name`` to ``sweep.json``, at once, so that it outlives a later Ctrl-C."""
-    sweep = read_sweep(sweep_dir)
-    write_sweep(sweep_dir, {**sweep, "failed": {**failed_configs(sweep), name: reason}})

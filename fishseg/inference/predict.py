@@ -23,7 +23,7 @@ from fishseg.config import BackboneInfo, ExtractConfig, from_json
 from fishseg.data.images import ImageDataset, collect_images, read_rgb
 from fishseg.errors import FishsegError
 from fishseg.evaluation.metrics import THRESHOLD
-from fishseg.formats.runs import checkpoint_layers, load_run, require_no_kind
+from fishseg.formats.runs import RunFolder
 from fishseg.models.backbone import Backbone, load_backbone
 from fishseg.models.decoders import segment, uses_image
 from fishseg.runtime import (atomic_path, autocast, default_num_workers, make_output_dir, plural, removed_on_error,
@@ -178,8 +178,8 @@ def run_prediction(run_dir: Path, inputs: list[Path], out_dir: Path, *, backbone
     of the images left out (``skip_bad``; without it the first unreadable image stops the run). Earlier
     predictions in ``out_dir`` are refused, or replaced with ``overwrite``; a failed or interrupted prediction
     removes what it wrote."""
-    record, decoder, meta = load_run(run_dir)
-    require_no_kind(out_dir, "predictions")
+    record, decoder, meta = RunFolder(run_dir).load()
+    RunFolder(out_dir).require_no_kind("predictions")
     paths = collect_images(inputs)
     earlier = _earlier_predictions(out_dir, overwrite)
     config = from_json(ExtractConfig, json.dumps(record.extract_config))
@@ -198,7 +198,7 @@ def run_prediction(run_dir: Path, inputs: list[Path], out_dir: Path, *, backbone
         names = _unique_names(paths)
         try:
             rows, skipped = _predict_all(model, decoder, loader, paths, names, out_dir, config.image_size,
-                                         checkpoint_layers(meta), skip_bad)
+                                         meta.layers, skip_bad)
             with atomic_path(out_dir / PREDICTIONS_CSV) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
                 csv.writer(handle).writerows([CSV_HEADER, *rows])
         except BaseException:  # Ctrl-C too: nothing resumes a prediction, and files no CSV lists block the next one

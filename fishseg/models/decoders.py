@@ -11,6 +11,7 @@ rebuilt, so loading it never unpickles anything.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fishseg import __version__
+from fishseg.config import LAST_BLOCK
 from fishseg.errors import FishsegError
 
 CHECKPOINT_KEY = "fishseg"  # safetensors metadata entry holding the JSON description
@@ -182,10 +184,40 @@ def segment(decoder: nn.Module, features: torch.Tensor, size: int, image: torch.
     return logits[:, 0]
 
 
-def save_checkpoint(path: Path, decoder: nn.Module, meta: dict[str, Any]) -> None:
-    """Weights and ``meta`` (must hold ``decoder`` and ``in_dim``) to one safetensors file."""
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+    """The JSON a checkpoint carries: what rebuilds the decoder alone, and where the weights came from."""
+
+    decoder: str  # the registry name
+    in_dim: int  # channels of the features it reads (blocks × the backbone's feature dim)
+    layers: tuple[int, ...] = LAST_BLOCK  # the cached blocks it reads (before cache format 3: the last block only)
+    train_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # as JSON; earlier versions: fewer fields
+    cache_fingerprint: str | None = None  # of the cache it was trained on
+    val_iou: float | None = None  # after its epoch
+    epoch: int | None = None
+    fishseg_version: str = __version__  # that wrote it
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields that are set, in the order fishseg has always written them."""
+        data = json.loads(json.dumps(dataclasses.asdict(self)))
+        return {name: value for name, value in data.items() if value is not None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CheckpointMeta:
+        """The fields fishseg knows (a checkpoint may carry more); ``decoder`` and ``in_dim`` are required
+        (a KeyError, TypeError or ValueError otherwise)."""
+        if not isinstance(data, dict):
+            raise TypeError("its metadata is not a JSON object")
+        known = {field.name for field in dataclasses.fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        meta = cls(**{**values, "decoder": str(data["decoder"]), "in_dim": int(data["in_dim"])})
+        return dataclasses.replace(meta, layers=tuple(meta.layers))
+
+
+def save_checkpoint(path: Path, decoder: nn.Module, meta: CheckpointMeta) -> None:
+    """Weights and ``meta`` (stamped with this fishseg's version) to one safetensors file."""
     state = {key: value.detach().cpu().contiguous() for key, value in decoder.state_dict().items()}
-    description = json.dumps({**meta, "fishseg_version": __version__})
+    description = json.dumps(dataclasses.replace(meta, fishseg_version=__version__).to_json())
     safetensors.torch.save_file(state, str(path), metadata={CHECKPOINT_KEY: description})
 
 
@@ -200,17 +232,17 @@ def _readable(path: Path) -> Iterator[None]:
         raise FishsegError(f"{path}: not a valid fishseg checkpoint ({type(error).__name__}: {error})") from None
 
 
-def read_checkpoint_meta(path: Path) -> dict[str, Any]:
-    """The JSON a checkpoint carries (decoder, in_dim, layers, train_config, epoch …), without reading its weights."""
+def read_checkpoint_meta(path: Path) -> CheckpointMeta:
+    """The metadata a checkpoint carries, without reading its weights."""
     with _readable(path), safetensors.safe_open(str(path), framework="pt") as file:
-        return json.loads(file.metadata()[CHECKPOINT_KEY])
+        return CheckpointMeta.from_json(json.loads(file.metadata()[CHECKPOINT_KEY]))
 
 
-def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_checkpoint(path: Path) -> tuple[nn.Module, CheckpointMeta]:
     """Rebuild the decoder from a checkpoint alone; a damaged or foreign file is a user error."""
     meta = read_checkpoint_meta(path)
     with _readable(path):
         state = safetensors.torch.load_file(str(path))
-        decoder = build_decoder(meta["decoder"], int(meta["in_dim"]))
+        decoder = build_decoder(meta.decoder, meta.in_dim)
         decoder.load_state_dict(state)
     return decoder, meta

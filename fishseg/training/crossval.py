@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,9 +22,8 @@ from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.evaluation.evaluate import evaluate_run, write_scores
 from fishseg.formats.cache import FeatureCache
-from fishseg.formats.runs import (CV_KIND, FINISHED, REPORT_DIR, RUNNING, check_resume_flags, clear_run,
-                                  differing_fields, fold_dir, holds_cv, holds_run, is_locked, read_cv, require_kind,
-                                  training_lock, write_cv)
+from fishseg.formats.runs import (CV_KIND, FINISHED, REPORT_DIR, CrossValidationRecord, RunFolder, check_resume_flags,
+                                  differing_fields)
 from fishseg.models.decoders import uses_image
 from fishseg.runtime import resolve_device
 from fishseg.training.train import EpochCallback, TrainingData, plan_run, train_run
@@ -39,42 +38,42 @@ def plan_cross_validation(out_dir: Path, config: TrainConfig, cache: FeatureCach
     """Refuse, changing nothing, what would lose or mix cross-validations, and whatever a fold's run would refuse
     (its split, the cache, the run there), so that nothing is written for a cross-validation that cannot run."""
     check_resume_flags(resume, overwrite)
-    require_kind(out_dir, CV_KIND)
-    if holds_cv(out_dir) and is_locked(out_dir):
+    folder = RunFolder(out_dir)
+    folder.require_kind(CV_KIND)
+    if folder.holds_cv and folder.locked:
         raise FishsegError(f"{out_dir}: another process is cross-validating into this folder; wait for it or "
                            f"stop it")
-    if not holds_cv(out_dir) and resume:
+    if not folder.holds_cv and resume:
         raise FishsegError(f"{out_dir}: holds no cross-validation to resume; drop --resume to start one")
-    if holds_cv(out_dir) and not overwrite:
-        _check_recorded(out_dir, config, resume)
+    if folder.holds_cv and not overwrite:
+        _check_recorded(folder, config, resume)
     for fold in range(config.folds):
-        run_dir = fold_dir(out_dir, fold)
-        plan_run(run_dir, dataclasses.replace(config, fold=fold), cache, resume=resume and holds_run(run_dir),
+        run = folder.fold(fold)
+        plan_run(run.path, dataclasses.replace(config, fold=fold), cache, resume=resume and run.holds_run,
                  overwrite=overwrite)
 
 
-def _check_recorded(out_dir: Path, config: TrainConfig, resume: bool) -> None:
+def _check_recorded(folder: RunFolder, config: TrainConfig, resume: bool) -> None:
     """Refuse to start over the cross-validation recorded in ``out_dir`` (described as it is recorded), or to
     resume it with other settings."""
-    cv = read_cv(out_dir)
-    recorded = TrainConfig(**cv["train_config"])
+    cv = folder.read_cv()
+    recorded = cv.train_config
     if not resume:
-        done = sum(1 for result in cv["folds"] if result)
-        raise FishsegError(f"{out_dir}: already holds a {recorded.folds}-fold cross-validation ({cv['status']}, "
-                           f"{done} of {recorded.folds} folds scored); add --resume to continue it or --overwrite to "
+        raise FishsegError(f"{folder}: already holds a {recorded.folds}-fold cross-validation ({cv.status}, "
+                           f"{cv.scored} of {recorded.folds} folds scored); add --resume to continue it or --overwrite to "
                            f"replace it")
     differing = differing_fields(recorded, config)
     if differing:
-        raise FishsegError(f"{out_dir}: the cross-validation was run with other settings ({'; '.join(differing)}); "
+        raise FishsegError(f"{folder}: the cross-validation was run with other settings ({'; '.join(differing)}); "
                            f"resume with its settings, or use another --out")
 
 
 def run_cross_validation(cache_path: Path, out_dir: Path, config: TrainConfig, *, device: str = "auto",
                          stream: bool | None = None, resume: bool = False, overwrite: bool = False,
-                         compiled: bool = False) -> dict[str, Any]:
+                         compiled: bool = False) -> CrossValidationRecord | None:
     """Train and score one run per fold of ``config.folds`` in ``out_dir/fold-k``; writes ``cv.json`` with
     mean ± std over folds. Under torchrun every fold trains on all ranks; rank 0 alone scores the folds and
-    writes cv.json (the other ranks return ``{}``)."""
+    writes cv.json (the other ranks return None)."""
     with distributed.session(resolve_device(device)) as (ranks, torch_device), FeatureCache(cache_path) as cache:
         plan_cross_validation(out_dir, config, cache, resume=resume, overwrite=overwrite)
         data = TrainingData.open(cache, stream, ranks.local, guides=uses_image(config.decoder), device=torch_device)
@@ -84,51 +83,51 @@ def run_cross_validation(cache_path: Path, out_dir: Path, config: TrainConfig, *
 
 def cross_validate(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: Ranks = Ranks(),
                    device: torch.device = torch.device("cpu"), resume: bool = False, overwrite: bool = False,
-                   on_epoch: EpochCallback | None = None, compiled: bool = False) -> dict[str, Any]:
+                   on_epoch: EpochCallback | None = None, compiled: bool = False) -> CrossValidationRecord | None:
     """Cross-validate from already opened data (a sweep shares it between configs). The folder is locked while
     it runs; stopped before any fold kept an epoch, it is left as it was before (cv.json removed, and the folder
     when this call created it)."""
     plan_cross_validation(out_dir, config, data.cache, resume=resume, overwrite=overwrite)
+    folder = RunFolder(out_dir)
     created = not out_dir.exists()
     ranks.barrier()  # every rank has read the folder before rank 0 writes into it
-    with training_lock(out_dir) if ranks.main else contextlib.nullcontext():
+    with folder.lock() if ranks.main else contextlib.nullcontext():
         if overwrite and ranks.main:
-            if holds_cv(out_dir):
+            if folder.holds_cv:
                 logger.info("%s: replacing the cross-validation there (--overwrite)", out_dir)
             for fold in range(config.folds):
-                clear_run(fold_dir(out_dir, fold))
-            clear_run(out_dir)
+                folder.fold(fold).clear()
+            folder.clear()
         try:
-            return _cross_validate(data, out_dir, config, ranks, device, resume, on_epoch, compiled)
+            return _cross_validate(data, folder, config, ranks, device, resume, on_epoch, compiled)
         except (KeyboardInterrupt, FishsegError):
-            if ranks.main and not any(holds_run(fold_dir(out_dir, fold)) for fold in range(config.folds)):
-                clear_run(out_dir)
+            if ranks.main and not any(folder.fold(fold).holds_run for fold in range(config.folds)):
+                folder.clear()
                 if created:
                     shutil.rmtree(out_dir, ignore_errors=True)
             raise
 
 
-def _cross_validate(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks, device: torch.device,
-                    resume: bool, on_epoch: EpochCallback | None, compiled: bool) -> dict[str, Any]:
-    cv: dict[str, Any] = {"train_config": dataclasses.asdict(config), "status": RUNNING,
-                          "folds": [None] * config.folds, "summary": {}}
+def _cross_validate(data: TrainingData, folder: RunFolder, config: TrainConfig, ranks: Ranks, device: torch.device,
+                    resume: bool, on_epoch: EpochCallback | None, compiled: bool) -> CrossValidationRecord | None:
+    cv = CrossValidationRecord.start(config)
     for fold in range(config.folds):
-        run_dir = fold_dir(out_dir, fold)
+        run = folder.fold(fold)
         if ranks.main:
-            write_cv(out_dir, cv)
+            folder.write_cv(cv)
             logger.info("fold %d of %d", fold + 1, config.folds)
-        train_run(data, run_dir, dataclasses.replace(config, fold=fold), ranks=ranks, device=device,
-                  resume=resume and holds_run(run_dir), on_epoch=on_epoch, compiled=compiled)
+        train_run(data, run.path, dataclasses.replace(config, fold=fold), ranks=ranks, device=device,
+                  resume=resume and run.holds_run, on_epoch=on_epoch, compiled=compiled)
         if ranks.main:
-            cv["folds"][fold] = _score_fold(data, run_dir, fold, device)
+            cv = cv.with_fold(fold, _score_fold(data, run, fold, device))
     if not ranks.main:
-        return {}
-    cv.update(status=FINISHED, summary=_summary(cv["folds"]))
-    write_cv(out_dir, cv)
+        return None
+    cv = dataclasses.replace(cv, status=FINISHED, summary=_summary(cv.folds))
+    folder.write_cv(cv)
     return cv
 
 
-def _summary(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def _summary(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     summary = {}
     for name in CV_METRICS:
         values = [result[name] for result in results]
@@ -136,9 +135,9 @@ def _summary(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return summary
 
 
-def _score_fold(data: TrainingData, run_dir: Path, fold: int, device: torch.device) -> dict[str, Any]:
-    evaluation = evaluate_run(data.cache, run_dir, device, full=False, source=data.scoring_source())
-    write_scores(run_dir / REPORT_DIR, evaluation)
+def _score_fold(data: TrainingData, run: RunFolder, fold: int, device: torch.device) -> dict[str, Any]:
+    evaluation = evaluate_run(data.cache, run.path, device, full=False, source=data.scoring_source())
+    write_scores(run.path / REPORT_DIR, evaluation)
     metrics = evaluation.metrics
     return {"fold": fold + 1, "n_images": metrics["n_images"],
             "val_with_duplicate_in_train": metrics["val_with_duplicate_in_train"],

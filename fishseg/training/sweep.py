@@ -29,17 +29,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fishseg import __version__
 from fishseg.config import TrainConfig, format_layers, value_text
 from fishseg.errors import FishsegError
 from fishseg.evaluation.compare import Leaderboard, run_compare
 from fishseg.evaluation.evaluate import evaluate_run, write_scores
 from fishseg.evaluation.leaderboard import holds_leaderboard
 from fishseg.formats.cache import FeatureCache
-from fishseg.formats.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, SWEEP_KIND, RunRecord, config_failures,
-                                  differing_fields, failed_configs, holds_cv, holds_run, holds_sweep, read_cv,
-                                  read_record, read_sweep, record_failed_config, require_kind, sweep_digests,
-                                  training_failure, write_sweep)
+from fishseg.formats.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, SWEEP_KIND, RunFolder, RunRecord, SweepEntry,
+                                  SweepRecord, differing_fields)
 from fishseg.models.decoders import build_decoder, uses_image
 from fishseg.runtime import make_output_dir, plural, resolve_device
 from fishseg.training.crossval import cross_validate, plan_cross_validation
@@ -66,12 +63,6 @@ VALIDATION_FIELDS = {  # TrainConfig fields that choose the validation images (t
 }
 SEED_ADVICE = ("; to see how much results vary with the validation images, use --cv K (mean ± std over K folds, "
                "every image validated once)")
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepConfig:
-    name: str  # folder name under the sweep folder
-    config: TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +153,7 @@ def _train_images(config: TrainConfig, images: int) -> float:
     return images * ((config.folds - 1) / config.folds if config.folds else 1 - config.val_fraction)
 
 
-def estimate_seconds(todo: Sequence[SweepConfig], images: int, seconds_per_image: Mapping[str, float]) -> float:
+def estimate_seconds(todo: Sequence[SweepEntry], images: int, seconds_per_image: Mapping[str, float]) -> float:
     """Training time of ``todo`` from the measured seconds per training image of each decoder: every epoch of
     every fold, one config at a time (an upper bound for configs that resume)."""
     return sum(entry.config.epochs * max(entry.config.folds, 1) * _train_images(entry.config, images)
@@ -281,7 +272,7 @@ def _unused_because(field: str, grid: Grid, folds: int) -> str | None:
     return None
 
 
-def expand_grid(grid: Grid, folds: int = 0) -> list[SweepConfig]:
+def expand_grid(grid: Grid, folds: int = 0) -> list[SweepEntry]:
     """Every combination of the grid's values as a validated TrainConfig, named by the fields that vary."""
     fields = list(grid)
     for field, values in grid.items():
@@ -303,40 +294,41 @@ def expand_grid(grid: Grid, folds: int = 0) -> list[SweepConfig]:
             raise FishsegError(f"two configs of the grid get the folder name {name}; make the values differ in more "
                                f"than the characters a folder name cannot hold")
         names.add(name)
-        configs.append(SweepConfig(name, config))
+        configs.append(SweepEntry(name, config))
     return configs
 
 
-def _check_folder(out_dir: Path, entry: SweepConfig, cache: FeatureCache) -> bool:
+def _check_folder(out_dir: Path, entry: SweepEntry, cache: FeatureCache) -> bool:
     """Whether ``entry`` is finished already; refuses a folder that holds something else under its name."""
-    folder = out_dir / entry.name
+    folder = RunFolder(out_dir / entry.name)
     if entry.config.folds:
-        plan_cross_validation(folder, entry.config, cache, **_continuation(folder))
-        return holds_cv(folder) and read_cv(folder)["status"] == FINISHED
-    if holds_run(folder):
-        record = read_record(folder)
+        plan_cross_validation(folder.path, entry.config, cache, **_continuation(folder))
+        return folder.holds_cv and folder.read_cv().status == FINISHED
+    if folder.holds_run:
+        record = folder.read_record()
         differing = differing_fields(record.train_config, entry.config)
         if differing:
             raise FishsegError(f"{folder}: holds a run of other settings than this sweep's config of that name "
                                f"({'; '.join(differing)}); use another --out")
-    plan_run(folder, entry.config, cache, **_continuation(folder))
-    return holds_run(folder) and read_record(folder).status == FINISHED
+    plan_run(folder.path, entry.config, cache, **_continuation(folder))
+    return folder.holds_run and folder.read_record().status == FINISHED
 
 
-def _continuation(folder: Path) -> dict[str, bool]:
+def _continuation(folder: RunFolder) -> dict[str, bool]:
     """How a config trains into its folder: resuming the unfinished run or cross-validation there, or from the
     start where its training failed (a resume would fail the same way; the sweep retries only when asked)."""
-    there = holds_run(folder) or holds_cv(folder)
-    failed = there and training_failure(folder) is not None
+    there = folder.holds_run or folder.holds_cv
+    failed = there and folder.training_failure() is not None
     return {"resume": there and not failed, "overwrite": failed}
 
 
 def _check_sweep_folder(out_dir: Path, cache: FeatureCache) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FishsegError(f"{out_dir}: exists and is not a folder")
-    require_kind(out_dir, SWEEP_KIND)
-    if holds_sweep(out_dir):
-        cache.require(read_sweep(out_dir)["cache"], out_dir / SWEEP_FILE, sweep_digests(out_dir))
+    folder = RunFolder(out_dir)
+    folder.require_kind(SWEEP_KIND)
+    if folder.holds_sweep:
+        cache.require(dict(folder.read_sweep().cache), out_dir / SWEEP_FILE, folder.sweep_digests())
     elif holds_leaderboard(out_dir):  # of a `compare`: the sweep's own would replace it
         raise FishsegError(f"{out_dir}: holds the leaderboard of a compare; use another --out, or remove it first")
 
@@ -353,11 +345,12 @@ def _check_layer_sets(layer_sets: Sequence[Sequence[int]], cache: FeatureCache) 
         seen[blocks] = value_text(layers)
 
 
-def _check_same_grid(out_dir: Path, configs: list[SweepConfig]) -> None:
+def _check_same_grid(out_dir: Path, configs: list[SweepEntry]) -> None:
     """A sweep folder holds one grid: another one would orphan its runs and replace its leaderboard."""
-    if not holds_sweep(out_dir):
+    folder = RunFolder(out_dir)
+    if not folder.holds_sweep:
         return
-    recorded = [config["name"] for config in read_sweep(out_dir)["configs"]]
+    recorded = [config.name for config in folder.read_sweep().configs]
     names = [entry.name for entry in configs]
     if recorded != names:
         raise FishsegError(f"{out_dir}: holds a sweep of another grid ({plural(len(recorded), 'config')}: "
@@ -391,11 +384,12 @@ def run_sweep(cache_path: Path, out_dir: Path, grid: Grid, *, folds: int = 0, de
     started = time.perf_counter()
     configs = expand_grid(grid, folds)
     torch_device = resolve_device(device)
+    folder = RunFolder(out_dir)
     with FeatureCache(cache_path) as cache:
         _check_sweep_folder(out_dir, cache)
         _check_same_grid(out_dir, configs)
         _check_layer_sets(grid.get("layers", ()), cache)
-        failed = {} if retry_failed else config_failures(out_dir, [entry.name for entry in configs])
+        failed = {} if retry_failed else folder.config_failures([entry.name for entry in configs])
         finished = {entry.name for entry in configs if _check_folder(out_dir, entry, cache)}
         todo = [entry for entry in configs if entry.name not in finished and entry.name not in failed]
         epoch_seconds, startup_seconds, estimate, data = 0.0, 0.0, None, None
@@ -409,15 +403,13 @@ def run_sweep(cache_path: Path, out_dir: Path, grid: Grid, *, folds: int = 0, de
         (confirm or _log_plan)(SweepPlan(len(configs), len(todo), len(finished - set(failed)), len(failed), estimate))
         make_output_dir(out_dir)
         recorded_cache = {**cache.summary(), "path": str(cache.path.resolve())}  # as run.json: found from anywhere
-        write_sweep(out_dir, {"fishseg_version": __version__, "cache": recorded_cache, "folds": folds,
-                              "grid": {field: list(values) for field, values in grid.items()},
-                              "configs": [{"name": entry.name, "train_config": dataclasses.asdict(entry.config)}
-                                          for entry in configs], "failed": failed})
+        folder.write_sweep(SweepRecord(recorded_cache, {field: list(values) for field, values in grid.items()},
+                                       tuple(configs), folds, failed))
         if data is not None:
             with _quiet(QUIET_DURING_SWEEP):
                 epoch_seconds = _train_all(data, out_dir, todo, torch_device, started, jobs)
     leaderboard = run_compare([out_dir], out_dir, cache_path=cache_path, device=device)
-    all_failed = failed_configs(read_sweep(out_dir))
+    all_failed = folder.read_sweep().failed
     return SweepResult(len(configs), len(todo), time.perf_counter() - started, startup_seconds, epoch_seconds,
                        leaderboard, jobs, all_failed, len(all_failed) - len(failed))
 
@@ -434,7 +426,7 @@ def _torch_startup() -> float:
     return time.perf_counter() - started
 
 
-def _train_all(data: TrainingData, out_dir: Path, todo: list[SweepConfig], device: torch.device, started: float,
+def _train_all(data: TrainingData, out_dir: Path, todo: list[SweepEntry], device: torch.device, started: float,
                jobs: int) -> float:
     """Train the configs ``jobs`` at a time (threads: torch releases the GIL in its kernels, and on a GPU each
     job queues its kernels on a stream of its own); returns their seconds inside epochs. Ctrl-C stops every
@@ -463,7 +455,7 @@ def _job_stream(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _train_entry(data: TrainingData, out_dir: Path, entry: SweepConfig, position: int, *, device: torch.device,
+def _train_entry(data: TrainingData, out_dir: Path, entry: SweepEntry, position: int, *, device: torch.device,
                  total: int, started: float, stop: threading.Event | None = None) -> float:
     """Train one config (resuming what is there) and score it; returns its seconds inside epochs. A set
     ``stop`` interrupts it after its current epoch."""
@@ -484,7 +476,7 @@ def _train_entry(data: TrainingData, out_dir: Path, entry: SweepConfig, position
                 score = _train_and_score(data, folder, config, device, on_epoch)
         except FishsegError as error:  # this config's own failure (Ctrl-C is no FishsegError: it stops the sweep)
             with _SWEEP_RECORD:
-                record_failed_config(out_dir, entry.name, str(error))
+                RunFolder(out_dir).record_failed_config(entry.name, str(error))
             score = f"FAILED, {error}"
     elapsed = time.perf_counter() - started
     left = elapsed / position * (total - position)
@@ -496,9 +488,9 @@ def _train_and_score(data: TrainingData, folder: Path, config: TrainConfig, devi
                      on_epoch: EpochCallback) -> str:
     """Train one config into ``folder`` (resuming what is there), score it, and say its score."""
     if config.folds:
-        cv = cross_validate(data, folder, config, device=device, on_epoch=on_epoch, **_continuation(folder))
-        return f"mean IoU {cv['summary']['mean_iou']['mean']:.4f} ± {cv['summary']['mean_iou']['std']:.4f}"
-    train_run(data, folder, config, device=device, on_epoch=on_epoch, **_continuation(folder))
+        cv = cross_validate(data, folder, config, device=device, on_epoch=on_epoch, **_continuation(RunFolder(folder)))
+        return f"mean IoU {cv.summary['mean_iou']['mean']:.4f} ± {cv.summary['mean_iou']['std']:.4f}"
+    train_run(data, folder, config, device=device, on_epoch=on_epoch, **_continuation(RunFolder(folder)))
     evaluation = evaluate_run(data.cache, folder, device, full=False, source=data.scoring_source())
     write_scores(folder / REPORT_DIR, evaluation)
     return f"mean IoU {evaluation.metrics['mean_iou']:.4f}"

@@ -31,12 +31,9 @@ from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError, TrainingFailed
 from fishseg.evaluation.metrics import binarize, iou_per_image
 from fishseg.formats.cache import FeatureCache
-from fishseg.formats.runs import (FAILED, FINISHED, INTERRUPTED, RUN_FILE, RUN_KIND, RUNNING, SPLIT_FILE, RunRecord,
-                                  check_resume_flags, clear_report, clear_run, commit_epoch, cut_history,
-                                  differing_fields, history_entry, holds_run, is_locked, read_record, read_resume_state,
-                                  read_split, require_kind, split_digests, training_lock, verified, verify_files,
-                                  write_checkpoint, write_record, write_resume_state, write_split)
-from fishseg.models.decoders import build_decoder, load_checkpoint, segment, uses_image
+from fishseg.formats.runs import (FAILED, FINISHED, INTERRUPTED, RUN_FILE, RUN_KIND, RUNNING, SPLIT_FILE, RunFolder,
+                                  RunRecord, check_resume_flags, differing_fields, history_entry)
+from fishseg.models.decoders import CheckpointMeta, build_decoder, load_checkpoint, segment, uses_image
 from fishseg.runtime import (active_precision, autocast, available_memory, backward_step, require_same_precision,
                              resolve_device)
 from fishseg.training.resident import HeldSource, ResidentViews, fits_on_device, resident_bytes, upload
@@ -389,18 +386,19 @@ def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume:
     settings or another cache, a folder another process is training into; and whatever training would refuse
     once the folder is written (blocks or views the cache lacks, a split its images cannot give)."""
     check_resume_flags(resume, overwrite)
-    require_kind(out_dir, RUN_KIND)
+    folder = RunFolder(out_dir)
+    folder.require_kind(RUN_KIND)
     check_cache(cache, config)
     check_split(cache, config)
-    if not holds_run(out_dir):
+    if not folder.holds_run:
         if resume:
             raise FishsegError(f"{out_dir}: holds no run to resume; drop --resume to start one")
         return None
-    if is_locked(out_dir):
+    if folder.locked:
         raise FishsegError(f"{out_dir}: another process is training into this folder; wait for it or stop it")
     if overwrite:
         return None
-    record = read_record(out_dir)
+    record = folder.read_record()
     record.refuse_if_failed(out_dir)
     if not resume:
         raise FishsegError(f"{out_dir}: already holds a run ({record.describe()}); add --resume to continue it "
@@ -409,7 +407,7 @@ def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume:
     if differing:
         raise FishsegError(f"{out_dir}: the run was trained with other settings ({'; '.join(differing)}); "
                            f"resume with its settings, or train into another --out")
-    cache.require(record.cache, out_dir / RUN_FILE, split_digests(out_dir))
+    cache.require(record.cache, out_dir / RUN_FILE, folder.split_digests())
     return record
 
 
@@ -451,41 +449,42 @@ def train_run(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: 
     """
     previous = plan_run(out_dir, config, data.cache, resume=resume, overwrite=overwrite)
     ranks.barrier()  # every rank has read the folder before rank 0 writes into it
+    folder = RunFolder(out_dir)
     if previous is not None and previous.status == FINISHED:
-        verify_files(out_dir, previous)  # "finished" is said of files that are still the run's
+        folder.verify_files(previous)  # "finished" is said of files that are still the run's
         logger.info("%s: finished already (%s); nothing to resume", out_dir, previous.describe())
         return previous
     if previous is not None and previous.epochs_done == 0:
         previous = None  # stopped before its first epoch: nothing to continue, start again in place
     created = not out_dir.exists()
-    with training_lock(out_dir) if ranks.main else contextlib.nullcontext():
+    with folder.lock() if ranks.main else contextlib.nullcontext():
         if ranks.main and overwrite:
-            if holds_run(out_dir):
+            if folder.holds_run:
                 logger.info("%s: replacing the run there (--overwrite)", out_dir)
-            clear_run(out_dir)
+            folder.clear()
         elif ranks.main:
-            clear_report(out_dir)  # a resumed run trains on: its report would describe the run as it was
+            folder.clear_report()  # a resumed run trains on: its report would describe the run as it was
         try:
-            return _train(data, out_dir, config, ranks, device, previous, on_epoch or _log_epoch, compiled)
+            return _train(data, folder, config, ranks, device, previous, on_epoch or _log_epoch, compiled)
         except (KeyboardInterrupt, FishsegError) as stop:
             if ranks.main:
-                _after_stop(out_dir, created, stop)
+                _after_stop(folder, created, stop)
             raise
 
 
-def _after_stop(out_dir: Path, created: bool, stop: BaseException) -> None:
+def _after_stop(folder: RunFolder, created: bool, stop: BaseException) -> None:
     """Record a stopped run: failed, with why, when its training failed (a resume would repeat that); else
     interrupted (resumable: Ctrl-C, SIGTERM, a refusal before training went on). A run stopped before finishing
     an epoch leaves nothing behind: there is nothing to resume, and the same command starts again."""
-    record = read_record(out_dir) if holds_run(out_dir) else None  # the committed state, not this process's
+    record = folder.read_record() if folder.holds_run else None  # the committed state, not this process's
     if record is not None and record.epochs_done:
         failed = isinstance(stop, TrainingFailed)
-        write_record(out_dir, dataclasses.replace(record, status=FAILED if failed else INTERRUPTED,
-                                                  failure=str(stop) if failed else ""))
+        folder.write_record(dataclasses.replace(record, status=FAILED if failed else INTERRUPTED,
+                                                failure=str(stop) if failed else ""))
         return
-    clear_run(out_dir)
+    folder.clear()
     if created:
-        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.rmtree(folder.path, ignore_errors=True)
 
 
 @dataclasses.dataclass
@@ -503,12 +502,12 @@ _GLOBAL_RNG = threading.Lock()
 
 
 def _start_session(config: TrainConfig, feature_dim: int, steps_per_epoch: int, ranks: Ranks, device: torch.device,
-                   out_dir: Path, previous: RunRecord | None, compiled: bool) -> _Session:
+                   folder: RunFolder, previous: RunRecord | None, compiled: bool) -> _Session:
     with _GLOBAL_RNG:  # a sweep's concurrent jobs each get the initial weights of their seed
         torch.manual_seed(config.seed)
         decoder = build_decoder(config.decoder, feature_dim)
     if previous is not None:
-        decoder.load_state_dict(load_checkpoint(verified(out_dir, previous.checkpoints["last"]))[0].state_dict())
+        decoder.load_state_dict(load_checkpoint(folder.verified(previous.checkpoints["last"]))[0].state_dict())
     decoder.to(device)
     model = distributed.data_parallel(decoder, ranks, device)
     if compiled:
@@ -518,11 +517,11 @@ def _start_session(config: TrainConfig, feature_dim: int, steps_per_epoch: int, 
     scheduler = learning_rate_schedule(optimizer, config, steps_per_epoch)
     generator = torch.Generator().manual_seed(config.seed)
     if previous is not None:
-        read_resume_state(out_dir, previous, optimizer, scheduler, generator)
+        folder.read_resume_state(previous, optimizer, scheduler, generator)
     return _Session(decoder, model, optimizer, scheduler, generator)
 
 
-def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks, device: torch.device,
+def _train(data: TrainingData, folder: RunFolder, config: TrainConfig, ranks: Ranks, device: torch.device,
            previous: RunRecord | None, on_epoch: EpochCallback, compiled: bool) -> RunRecord:
     cache = data.cache
     train_idx, val_idx, groups = split_indices(cache, config)
@@ -531,32 +530,31 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
     train, val = data.split(train_idx, layers, guides=guides), data.split(val_idx, layers, guides=guides)
     in_dim = len(layers) * cache.backbone.feature_dim
     session = _start_session(config, in_dim, math.ceil(len(train) / config.batch_size), ranks,
-                             device, out_dir, previous, compiled)
+                             device, folder, previous, compiled)
     split = {"train": [cache.image_ids[i] for i in train_idx], "val": [cache.image_ids[i] for i in val_idx]}
-    if previous is not None and read_split(out_dir, previous) != split:
-        raise FishsegError(f"{out_dir / SPLIT_FILE}: differs from the split its settings give on {cache.path}; "
+    if previous is not None and folder.read_split(previous) != split:
+        raise FishsegError(f"{folder.path / SPLIT_FILE}: differs from the split its settings give on {cache.path}; "
                            f"the run cannot be resumed (train it again with --overwrite)")
     record = previous or _new_record(cache, config, train_idx, val_idx, groups)
     record = dataclasses.replace(record, status=RUNNING, features=data.describe(), device=str(device),
                                  processes=ranks.world, compiled=compiled,
                                  precision=active_precision(device).decoder_name,
                                  deterministic=torch.are_deterministic_algorithms_enabled())
-    require_same_precision((previous or record).precision, record.precision, out_dir / RUN_FILE,
+    require_same_precision((previous or record).precision, record.precision, folder.path / RUN_FILE,
                            "resume with its --precision, or train into another --out")
     if ranks.main:
         if previous is None:
-            record = dataclasses.replace(record, split_sha256=write_split(out_dir, split["train"], split["val"],
-                                                                        cache.digests))
+            record = dataclasses.replace(record, split_sha256=folder.write_split(split["train"], split["val"],
+                                                                               cache.digests))
         else:
-            cut_history(out_dir, record)
-        write_record(out_dir, record)
+            folder.cut_history(record)
+        folder.write_record(record)
         logger.info("%s %s on %d images, validating on %d (%s%s, features %s)",
                     "resuming" if previous else "training", config.decoder, len(train), len(val), device,
                     f", {ranks.world} processes" if ranks.world > 1 else "", record.features)
         if on_epoch is _log_epoch:
             logger.info(TABLE_HEADER)
-    meta = {"decoder": config.decoder, "in_dim": in_dim, "layers": list(layers),
-            "train_config": dataclasses.asdict(config), "cache_fingerprint": cache.fingerprint}
+    meta = CheckpointMeta(config.decoder, in_dim, layers, dataclasses.asdict(config), cache.fingerprint)
     for epoch in range(record.epochs_done + 1, config.epochs + 1):
         started = time.perf_counter()
         train_result = run_epoch(session.model, train, config.batch_size, device, session.optimizer,
@@ -571,23 +569,24 @@ def _train(data: TrainingData, out_dir: Path, config: TrainConfig, ranks: Ranks,
             train_seconds=record.train_seconds + row["seconds"],
             **({"best_epoch": epoch, "best_val_iou": row["val_iou"]} if improved else {}))
         if ranks.main:
-            record = _commit(out_dir, record, entry, session, {**meta, "val_iou": row["val_iou"]}, improved)
+            record = _commit(folder, record, entry, session, dataclasses.replace(meta, val_iou=row["val_iou"]),
+                             improved)
             on_epoch(record, row)
     return record
 
 
-def _commit(out_dir: Path, record: RunRecord, entry: dict[str, Any], session: _Session, meta: dict[str, Any],
+def _commit(folder: RunFolder, record: RunRecord, entry: dict[str, Any], session: _Session, meta: CheckpointMeta,
             improved: bool) -> RunRecord:
     """Write the epoch's checkpoint (and, unless the run is finished, its resume state), then commit the
     record that names them; returns that record."""
     epoch = record.epochs_done
-    last = write_checkpoint(out_dir, epoch, session.decoder, meta)
+    last = folder.write_checkpoint(epoch, session.decoder, meta)
     checkpoints = {"best": last if improved else record.checkpoints["best"], "last": last}
     if record.status != FINISHED:
-        checkpoints["resume"] = write_resume_state(out_dir, epoch, session.optimizer, session.scheduler,
-                                                   session.generator)
+        checkpoints["resume"] = folder.write_resume_state(epoch, session.optimizer, session.scheduler,
+                                                          session.generator)
     record = dataclasses.replace(record, checkpoints=checkpoints)
-    commit_epoch(out_dir, record, entry)
+    folder.commit_epoch(record, entry)
     return record
 
 
