@@ -638,3 +638,95 @@ def test_a_run_command_on_a_cv_or_sweep_folder_names_what_it_holds(kinds: dict[s
     status, output = _invoke("evaluate", "--cache", kinds["cache"], "--run", kinds[target], "--device", "cpu")
     assert status == 2 and output == (f"Error: {kinds[target]}: not a run folder ({holds}); pass the --out folder of "
                                       f"`train` (a fold-k or config folder inside it is one)\n"), output
+
+
+def _as_written(data: dict) -> str:
+    """A record file's text as fishseg has always written it (runtime.write_json)."""
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _old_cv(status: str = "finished") -> dict:
+    """cv.json as the previous version wrote it: a plain dict, fold 1 scored."""
+    config = TrainConfig(folds=2, layers=(-2, -1))
+    scores = {"fold": 1, "n_images": 6, "val_with_duplicate_in_train": 0, "mean_iou": 0.5, "mean_dice": 0.6,
+              "mean_boundary_f": 0.4, "pooled_iou": 0.55}
+    return {"train_config": dataclasses.asdict(config), "status": status, "folds": [scores, None],
+            "summary": {"mean_iou": {"mean": 0.5, "std": 0.0}}}
+
+
+def _old_sweep(failed: bool = True) -> dict:
+    """sweep.json as the previous version wrote it (before failures were recorded: without ``failed``)."""
+    configs = [{"name": f"lr={lr}", "train_config": dataclasses.asdict(TrainConfig(lr=lr))} for lr in (0.001, 0.003)]
+    return {"fishseg_version": "0.1.0", "cache": {"path": "/data/toy.h5", "fingerprint": "abc", "images": 12},
+            "folds": 0, "grid": {"lr": [0.001, 0.003]}, "configs": configs,
+            **({"failed": {"lr=0.003": "loss is NaN"}} if failed else {})}
+
+
+def test_cv_and_sweep_records_read_and_write_back_what_the_previous_version_wrote(tmp_path: Path) -> None:
+    """Typed records keep the files byte for byte: read, written back, the text is the same; an older sweep.json
+    without failures reads as none failed, and a failure recorded into it adds only that."""
+    old, new = RunFolder(tmp_path / "old"), RunFolder(tmp_path / "new")
+    old.path.mkdir()
+    (old.path / "cv.json").write_text(_as_written(_old_cv()))
+    (old.path / "sweep.json").write_text(_as_written(_old_sweep()))
+    cv, sweep = old.read_cv(), old.read_sweep()
+    assert (cv.train_config.layers, cv.status, cv.scored, cv.summary["mean_iou"]["mean"]) == ((-2, -1), "finished", 1,
+                                                                                             0.5)
+    assert [entry.config.lr for entry in sweep.configs] == [0.001, 0.003] and sweep.failed == {"lr=0.003": "loss is NaN"}
+    new.path.mkdir()
+    new.write_cv(cv)
+    new.write_sweep(sweep)
+    assert (new.path / "cv.json").read_text() == (old.path / "cv.json").read_text()
+    assert (new.path / "sweep.json").read_text() == (old.path / "sweep.json").read_text()
+    (old.path / "sweep.json").write_text(_as_written(_old_sweep(failed=False)))
+    assert old.read_sweep().failed == {}
+    old.record_failed_config("lr=0.003", "loss is NaN")
+    assert (old.path / "sweep.json").read_text() == _as_written(_old_sweep())
+    assert old.config_failures(["lr=0.001", "lr=0.003"]) == {"lr=0.003": "loss is NaN"}
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("cv.json", [1, 2], "cv.json: not a fishseg cross-validation record (it needs train_config, status, folds)"),
+    ("cv.json", {**_old_cv(), "train_config": {"epochs": 0}}, "cv.json: not a fishseg cross-validation record "
+                                                              "(train_config: "),
+    ("cv.json", {**_old_cv(), "folds": [None]}, "cv.json: not a fishseg cross-validation record (folds needs 2 "
+                                                "entries, each an object or null)"),
+    ("sweep.json", {"cache": {}}, "sweep.json: not a fishseg sweep record (it needs cache, grid, configs)"),
+    ("sweep.json", {**_old_sweep(), "configs": [{"name": "x"}]}, "sweep.json: not a fishseg sweep record (cache, grid "
+                                                                "and failed need objects, configs a list"),
+    ("sweep.json", {**_old_sweep(), "configs": [{"name": "x", "train_config": {"decoder": "nope"}}]},
+     "sweep.json: not a fishseg sweep record (config x: "),
+])
+def test_a_damaged_cv_or_sweep_record_is_refused_in_one_line_naming_the_file(tmp_path: Path, name: str,
+                                                                             content: object, message: str) -> None:
+    (tmp_path / name).write_text(json.dumps(content))
+    with pytest.raises(FishsegError) as refused:
+        RunFolder(tmp_path).read_cv() if name == "cv.json" else RunFolder(tmp_path).read_sweep()
+    assert str(refused.value).startswith(f"{tmp_path / message}") and "\n" not in str(refused.value)
+    assert str(refused.value).endswith("; restore it, or use --overwrite or another --out")
+
+
+def test_a_running_cv_record_reads_interrupted_unless_its_lock_is_held(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path / "cv")
+    folder.path.mkdir()
+    (folder.path / "cv.json").write_text(_as_written(_old_cv(status="running")))
+    assert folder.read_cv().status == "interrupted"
+    with folder.lock():
+        assert folder.locked and folder.read_cv().status == "running"
+
+
+def test_a_run_folder_carries_its_path_and_says_what_it_holds(tmp_path: Path) -> None:
+    folder = RunFolder(str(tmp_path / "out"))
+    assert folder.path == tmp_path / "out" and str(folder) == str(tmp_path / "out")
+    assert (folder.kind, folder.keeps_a_run, folder.recorded_config(), folder.locked) == (None, False, None, False)
+    assert folder.fold(0) == RunFolder(tmp_path / "out" / "fold-1") and folder.runs() == [folder]
+    folder.path.mkdir()
+    (folder.path / "cv.json").write_text(_as_written(_old_cv()))
+    assert (folder.kind, folder.holds_cv, folder.holds_run, folder.holds_sweep) == ("cross-validation", True, False,
+                                                                                     False)
+    assert folder.runs() == [folder.fold(0), folder.fold(1)] and folder.recorded_config().folds == 2
+    assert folder.training_failure() is None
+    with pytest.raises(FishsegError, match=re.escape(f"{folder}: holds a cross-validation (cv.json), not a run;")):
+        folder.require_kind("run")
+    with pytest.raises(FishsegError, match=re.escape(f"{folder}: not a run folder (a cross-validation (cv.json))")):
+        folder.read_record()

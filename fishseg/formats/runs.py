@@ -1,5 +1,9 @@
 """The formats of a run folder, a cross-validation folder and a sweep folder: the one owner of each file.
 
+A folder is opened once as a ``RunFolder`` (from its path, which it carries): every file below is read and
+written through it. ``run.json``, ``cv.json`` and ``sweep.json`` read as the typed ``RunRecord``,
+``CrossValidationRecord`` and ``SweepRecord``, each refused in one line naming the file when it is not one.
+
 A run folder (``train --out RUN``):
 
 - ``run.json``: the ``RunRecord``. Written last after every epoch, it is the commit point: every file it
