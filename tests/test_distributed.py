@@ -140,8 +140,8 @@ def test_cross_validation_under_torchrun_scores_each_fold_once(tmp_path: Path) -
                       "--epochs", 2, "--batch-size", 4, "--seed", 1, "--cv", 2, "--device", "cpu")
     assert result.stdout.count("cross-validation") == 1
     two = json.loads((tmp_path / "two" / "cv.json").read_text())
-    assert [fold["n_images"] for fold in two["folds"]] == [fold["n_images"] for fold in single["folds"]]
-    for name, value in single["summary"].items():
+    assert [fold["n_images"] for fold in two["folds"]] == [fold["n_images"] for fold in single.folds]
+    for name, value in single.summary.items():
         assert two["summary"][name]["mean"] == pytest.approx(value["mean"], abs=1e-5)
 
 

@@ -59,9 +59,9 @@ def test_run_folder_records_config_split_history_and_checkpoints(toy_run: tuple[
     best_epoch = max(history["epochs"], key=lambda e: e["val_iou"])
     _, best = load_checkpoint(run_dir / run.checkpoints["best"].file)
     _, last = load_checkpoint(run_dir / run.checkpoints["last"].file)
-    assert (best["epoch"], best["val_iou"]) == (run.best_epoch, run.best_val_iou) == (
+    assert (best.epoch, best.val_iou) == (run.best_epoch, run.best_val_iou) == (
         best_epoch["epoch"], best_epoch["val_iou"])
-    assert last["epoch"] == TOY.epochs and best["cache_fingerprint"] == run.cache["fingerprint"]
+    assert last.epoch == TOY.epochs and best.cache_fingerprint == run.cache["fingerprint"]
 
 
 def test_same_seed_gives_the_same_history(toy_run: tuple[Path, Path, RunRecord], tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert (record["status"], record["epochs_done"]) == ("failed", 1) and record["failure"].startswith("loss is NaN")
     _, last = load_checkpoint(tmp_path / "run" / record["checkpoints"]["last"]["file"])
-    assert last["epoch"] == 1
+    assert last.epoch == 1
     assert len(RunFolder(tmp_path / "run").read_history(RunFolder(tmp_path / "run").read_record())["epochs"]) == 1
 
 
