@@ -25,7 +25,7 @@ from fishseg import __version__
 from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DECODER_NAMES, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, LOSSES,
                             PRECISIONS, SCHEDULES, SPLITS, VIEWS, ExtractConfig, TrainConfig, format_layers, shown)
 from fishseg.distributed import is_main_process, under_torchrun
-from fishseg.errors import FishsegError
+from fishseg.errors import FishsegError, Flag, render_flags
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 TRAIN_DEFAULTS = TrainConfig()
@@ -128,13 +128,54 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# click parameter names that are not the API's keyword for the same thing (every other name is: `compiled` is
+# --compile's, `folds` --cv's, `grid_file` --grid's, `stream` --stream/--in-memory's)
+API_KEYWORDS = {"cache_path": "cache", "run_dir": "run", "json_path": "json"}
+
+
+@functools.cache
+def option_flags() -> dict[str, Flag]:
+    """Each API keyword's flag, read from the commands' own options: the first long name, and the second name of
+    an on/off switch. A keyword means one thing in every command, so it has one flag."""
+    flags: dict[str, Flag] = {}
+    for cli_command in main.commands.values():
+        for param in cli_command.params:
+            if isinstance(param, click.Option):
+                longs = [name for name in param.opts if name.startswith("--")]
+                flag = Flag(longs[0], param.secondary_opts[0] if param.secondary_opts else None)
+                keyword = API_KEYWORDS.get(param.name, param.name)
+                if flags.setdefault(keyword, flag) != flag:
+                    raise AssertionError(f"{keyword}: {flags[keyword]} in one command, {flag} in another")
+    return flags
+
+
+def as_typed(message: str) -> str:
+    """A library message for the command line: its API keywords (`lr`, `overwrite=True`) as flags."""
+    return render_flags(message, option_flags())
+
+
+class _FlagsInLogs(logging.Filter):
+    """Renders the library's log messages for the command line, as ``as_typed`` does its errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = as_typed(record.getMessage()), None
+        return True
+
+
+FLAGS_IN_LOGS = _FlagsInLogs()
+
+
 def command(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Configure logging once, turn user errors into one-line messages, and stop on Ctrl-C or SIGTERM with
-    advice on what was kept (exit 130 or 143, as a shell reports a process ended by those signals)."""
+    """Configure logging once, turn user errors into one-line messages (options named as flags), and stop on
+    Ctrl-C or SIGTERM with advice on what was kept (exit 130 or 143, as a shell reports a process ended by
+    those signals)."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        for handler in logging.getLogger().handlers:
+            if FLAGS_IN_LOGS not in handler.filters:
+                handler.addFilter(FLAGS_IN_LOGS)
         try:
             if under_torchrun() and function.__name__ not in DISTRIBUTED_COMMANDS:
                 raise FishsegError(f"`{function.__name__}` runs in one process; start it without torchrun "
@@ -142,7 +183,7 @@ def command(function: Callable[..., Any]) -> Callable[..., Any]:
             with _sigterm_as_interrupt():
                 return function(*args, **kwargs)
         except FishsegError as error:
-            raise UserError(str(error)) from None
+            raise UserError(as_typed(str(error))) from None
         except KeyboardInterrupt as stop:
             if is_main_process():
                 click.echo(f"\nInterrupted. {_stop_advice(function.__name__, kwargs.get('out'))}", err=True)

@@ -123,8 +123,8 @@ def check_out(out_dir: Path, compared: Sequence[Path], entries: Sequence[Path], 
     nothing of it is lost). ``compared``: the folders as given; ``default``: ``out_dir`` was not typed."""
     if folder_kind(out_dir) == SWEEP_KIND and [folder.resolve() for folder in compared] == [out_dir.resolve()]:
         return
-    where, other = (f"{out_dir}, the default --out,", "pass --out DIR") if default else \
-        (f"--out {out_dir}:", "pass another --out")
+    where, other = (f"{out_dir}, the default `out`,", "pass `out`") if default else \
+        (f"`out={shown(str(out_dir))}`:", "pass another `out`")
     kind = folder_kind(out_dir)
     if kind is not None:
         raise FishsegError(f"{where} holds a {kind}, whose files a leaderboard of other folders would mix "
@@ -178,8 +178,8 @@ def _named_folder(folder: Path) -> tuple[list[Path], list[Unscored]]:
         return [], [Unscored(folder, recorded_config(folder), True, failed)]
     reason = _unscorable(folder)
     if reason is not None:
-        raise FishsegError(f"{folder}: {reason}; nothing to compare until it is further (resume it with "
-                           f"`train --resume`), or leave it out")
+        raise FishsegError(f"{folder}: {reason}; nothing to compare until it is further (resume it: "
+                           f"fishseg train with `resume=True`), or leave it out")
     return [folder], []
 
 
@@ -238,7 +238,7 @@ class _CacheOpener:
             path = self.cache_path or Path(record.cache["path"])
             if not path.is_file():
                 raise FishsegError(f"{run_dir}: not evaluated yet, and its cache {path} is not there to score it; "
-                                   f"pass --cache")
+                                   f"pass `cache`")
             self.cache = FeatureCache(path)
         return self.cache
 
@@ -357,11 +357,12 @@ def _leaderboard_entry(entry: Entry, fields: list[str], comparison: Any) -> Lead
 def _check_baseline(baseline: Path) -> None:
     """A --baseline is a run or cross-validation with scores: a failed one has none."""
     if not (holds_run(baseline) or holds_cv(baseline)):
-        raise FishsegError(f"--baseline {baseline}: not a run or cross-validation folder")
+        raise FishsegError(f"`baseline={shown(str(baseline))}`: not a run or cross-validation folder")
     failed = failure(baseline)
     if failed is not None:
-        raise FishsegError(f"--baseline {baseline}: its training failed, so it has no scores to compare with; pass "
-                           f"another --baseline, or none (the best entry is the reference). It failed: {failed}")
+        raise FishsegError(f"`baseline={shown(str(baseline))}`: its training failed, so it has no scores to compare "
+                           f"with; pass another `baseline`, or none (the best entry is the reference). It failed: "
+                           f"{failed}")
 
 
 def run_compare(folders: Sequence[Path], out_dir: Path | None = None, *, baseline: Path | None = None,
@@ -421,5 +422,5 @@ def _notes(entries: list[Entry], image_ids: list[str], unscored: list[Unscored])
     notes += [f"Without scores: {other.described}." for other in unscored]
     if any(other.failed for other in unscored):
         notes.append("A failed run is not resumed (it would fail the same way); a sweep skips its failed configs "
-                     "unless it runs with --retry-failed, which trains them again from the start.")
+                     "unless it runs with `retry_failed=True`, which trains them again from the start.")
     return notes

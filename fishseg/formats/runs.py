@@ -59,7 +59,7 @@ from fishseg.runtime import UNRECORDED, atomic_path, file_digest, make_output_di
 logger = logging.getLogger(__name__)
 
 RUN_FILE, SPLIT_FILE, HISTORY_FILE, LOCK_FILE = "run.json", "split.json", "history.json", ".lock"
-RESTORE_ADVICE = "restore it, or train again with --overwrite"  # for a run's file that is damaged or missing
+RESTORE_ADVICE = "restore it, or train again with `overwrite=True`"  # for a run's file that is damaged or missing
 HISTORY_JOURNAL = "history.jsonl"
 CHECKPOINT_DIR, REPORT_DIR = "checkpoints", "report"
 METRICS_FILE, PER_IMAGE_FILE = "metrics.json", "per_image.csv"  # a report's scores: what `compare` reads back
@@ -125,8 +125,8 @@ class RunRecord:
         if self.status == FAILED:
             raise FishsegError(f"{run_dir}: its training failed in epoch {self.epochs_done + 1} of "
                                f"{self.epochs_planned}: {self.failure}; a resume would repeat that (it continues "
-                               f"the run exactly as it went): train it again with other settings and --overwrite, "
-                               f"or into another --out")
+                               f"the run exactly as it went): train it again with other settings and "
+                               f"`overwrite=True`, or into another `out`")
 
     def to_json(self) -> dict[str, Any]:
         data = json.loads(json.dumps(dataclasses.asdict(self)))  # as it reads back (tuples become lists)
@@ -143,7 +143,7 @@ class RunRecord:
             return cls(**values)
         except (AttributeError, KeyError, TypeError, FishsegError) as error:
             raise FishsegError(f"{source}: not a fishseg run record ({error}); restore it, or replace the run "
-                               f"with --overwrite") from None
+                               f"with `overwrite=True`") from None
 
 
 def _now() -> str:
@@ -168,7 +168,7 @@ def read_record(run_dir: Path) -> RunRecord:
     if not holds_run(run_dir):
         kind = folder_kind(run_dir)
         holds = _holding(kind) if kind else f"no {RUN_FILE}"
-        raise FishsegError(f"{run_dir}: not a run folder ({holds}); pass the --out folder of `train`"
+        raise FishsegError(f"{run_dir}: not a run folder ({holds}); pass the `out` folder of fishseg train"
                            + (" (a fold-k or config folder inside it is one)" if kind else ""))
     record = RunRecord.from_json(read_json(run_dir / RUN_FILE), run_dir / RUN_FILE)
     _check_settings(run_dir, record)
@@ -191,7 +191,7 @@ def _check_settings(run_dir: Path, record: RunRecord) -> None:
         says = ", ".join(f"{name} {shown_setting(name, said[name])}" for name in differing)
         holds = ", ".join(f"{name} {shown_setting(name, held[name])}" for name in differing)
         raise FishsegError(f"{run_dir / RUN_FILE}: says {says} but {best.file} was trained with {holds}; restore "
-                           f"{RUN_FILE}, or train again with --overwrite")
+                           f"{RUN_FILE}, or train again with `overwrite=True`")
 
 
 def write_record(run_dir: Path, record: RunRecord) -> None:
@@ -213,11 +213,11 @@ def read_history(run_dir: Path, record: RunRecord) -> dict[str, Any]:
             return empty_history()
         raise FishsegError(f"{run_dir}: {HISTORY_FILE} is missing (and no {HISTORY_JOURNAL}), though {RUN_FILE} "
                            f"records {done} finished epochs; restore it (the run's curves and epoch log are drawn "
-                           f"from it), or train again with --overwrite")
+                           f"from it), or train again with `overwrite=True`")
     history = _joined(_journal_entries(path), path) if path.name == HISTORY_JOURNAL else read_json(path)
     problem = _history_problem(history, done)
     if problem:
-        raise FishsegError(f"{path}: not a fishseg history ({problem}); restore it, or train again with --overwrite")
+        raise FishsegError(f"{path}: not a fishseg history ({problem}); {RESTORE_ADVICE}")
     return {"epochs": history["epochs"][:done],
             "iterations": {split: [row for row in history["iterations"][split] if row["epoch"] <= done]
                            for split in SPLITS}}
@@ -268,8 +268,8 @@ def _joined(entries: list[Any], path: Path) -> dict[str, Any]:
     for entry in entries:
         if not (isinstance(entry, dict) and "epoch" in entry and isinstance(entry.get("iterations"), dict)
                 and all(isinstance(rows, list) for rows in entry["iterations"].values())):
-            raise FishsegError(f"{path}: not a fishseg history journal (a line is not an epoch's entry); restore "
-                               f"it, or train again with --overwrite")
+            raise FishsegError(f"{path}: not a fishseg history journal (a line is not an epoch's entry); "
+                               f"{RESTORE_ADVICE}")
         history["epochs"].append(entry["epoch"])
         for split, rows in entry["iterations"].items():
             history["iterations"].setdefault(split, []).extend(rows)
@@ -374,7 +374,7 @@ def load_run(run_dir: Path) -> tuple[RunRecord, nn.Module, dict[str, Any]]:
     record = read_record(run_dir)
     if "best" not in record.checkpoints:
         raise FishsegError(f"{run_dir}: no epoch has finished yet ({record.describe()}); "
-                           f"let training finish an epoch, or resume it with `train --resume`")
+                           f"let training finish an epoch, or resume it (fishseg train with `resume=True`)")
     if record.status == FAILED:
         logger.warning("%s: its training failed in epoch %d of %d (%s); using its best checkpoint, of epoch %d, "
                        "from before it failed", run_dir, record.epochs_done + 1, record.epochs_planned,
@@ -538,7 +538,7 @@ def training_failure(folder: Path) -> str | None:
 
 def check_resume_flags(resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
-        raise FishsegError("--resume and --overwrite exclude each other: continue the run, or replace it")
+        raise FishsegError("`resume=True` and `overwrite=True` exclude each other: continue the run, or replace it")
 
 
 def differing_fields(recorded: TrainConfig, requested: TrainConfig) -> list[str]:
@@ -562,7 +562,7 @@ def _read_folder_file(path: Path, keys: tuple[str, ...], kind: str) -> dict[str,
     data = read_json(path)
     if not isinstance(data, dict) or not set(keys) <= set(data):
         raise FishsegError(f"{path}: not a fishseg {kind} (it needs {', '.join(keys)}); restore it, or use "
-                           f"--overwrite or another --out")
+                           f"`overwrite=True` or another `out`")
     return data
 
 
@@ -602,7 +602,7 @@ def require_kind(folder: Path, wanted: str) -> None:
     never a sweep or a cross-validation by a run (their results would be orphaned and misread)."""
     kind = folder_kind(folder)
     if kind not in (None, wanted):
-        raise FishsegError(f"{folder}: holds {_holding(kind)}, not a {wanted}; use another --out, or remove the "
+        raise FishsegError(f"{folder}: holds {_holding(kind)}, not a {wanted}; use another `out`, or remove the "
                            f"folder first")
 
 
@@ -611,7 +611,7 @@ def require_no_kind(folder: Path, writes: str) -> None:
     sweep: their files would mix with the folder's own, and the folder's commands would misread them."""
     kind = folder_kind(folder)
     if kind is not None:
-        raise FishsegError(f"{folder}: holds {_holding(kind)}; write the {writes} into another --out")
+        raise FishsegError(f"{folder}: holds {_holding(kind)}; write the {writes} into another `out`")
 
 
 def read_sweep(sweep_dir: Path) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def plan_cross_validation(out_dir: Path, config: TrainConfig, cache: FeatureCach
         raise FishsegError(f"{out_dir}: another process is cross-validating into this folder; wait for it or "
                            f"stop it")
     if not holds_cv(out_dir) and resume:
-        raise FishsegError(f"{out_dir}: holds no cross-validation to resume; drop --resume to start one")
+        raise FishsegError(f"{out_dir}: holds no cross-validation to resume; leave `resume=True` out to start one")
     if holds_cv(out_dir) and not overwrite:
         _check_recorded(out_dir, config, resume)
     for fold in range(config.folds):
@@ -61,12 +61,12 @@ def _check_recorded(out_dir: Path, config: TrainConfig, resume: bool) -> None:
     if not resume:
         done = sum(1 for result in cv["folds"] if result)
         raise FishsegError(f"{out_dir}: already holds a {recorded.folds}-fold cross-validation ({cv['status']}, "
-                           f"{done} of {recorded.folds} folds scored); add --resume to continue it or --overwrite to "
-                           f"replace it")
+                           f"{done} of {recorded.folds} folds scored); pass `resume=True` to continue it or "
+                           f"`overwrite=True` to replace it")
     differing = differing_fields(recorded, config)
     if differing:
         raise FishsegError(f"{out_dir}: the cross-validation was run with other settings ({'; '.join(differing)}); "
-                           f"resume with its settings, or use another --out")
+                           f"resume with its settings, or pass another `out`")
 
 
 def run_cross_validation(cache_path: Path, out_dir: Path, config: TrainConfig, *, device: str = "auto",
@@ -94,7 +94,7 @@ def cross_validate(data: TrainingData, out_dir: Path, config: TrainConfig, *, ra
     with training_lock(out_dir) if ranks.main else contextlib.nullcontext():
         if overwrite and ranks.main:
             if holds_cv(out_dir):
-                logger.info("%s: replacing the cross-validation there (--overwrite)", out_dir)
+                logger.info("%s: replacing the cross-validation there (`overwrite=True`)", out_dir)
             for fold in range(config.folds):
                 clear_run(fold_dir(out_dir, fold))
             clear_run(out_dir)
