@@ -162,7 +162,18 @@ class _FlagsInLogs(logging.Filter):
         return True
 
 
-FLAGS_IN_LOGS = _FlagsInLogs()
+@contextlib.contextmanager
+def _flags_in_logs() -> Iterator[None]:
+    """While a command runs, the log handlers render keywords as flags; afterwards (the library called from
+    Python in the same process) they no longer do."""
+    rendering, handlers = _FlagsInLogs(), list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(rendering)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(rendering)
 
 
 def command(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -173,14 +184,11 @@ def command(function: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        for handler in logging.getLogger().handlers:
-            if FLAGS_IN_LOGS not in handler.filters:
-                handler.addFilter(FLAGS_IN_LOGS)
         try:
             if under_torchrun() and function.__name__ not in DISTRIBUTED_COMMANDS:
                 raise FishsegError(f"`{function.__name__}` runs in one process; start it without torchrun "
                                    f"(only {' and '.join(sorted(DISTRIBUTED_COMMANDS))} use several)")
-            with _sigterm_as_interrupt():
+            with _sigterm_as_interrupt(), _flags_in_logs():
                 return function(*args, **kwargs)
         except FishsegError as error:
             raise UserError(as_typed(str(error))) from None
@@ -477,7 +485,7 @@ def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, jobs:
     folds = folds if _given({"folds": folds}) else file_folds
     result = run_sweep(cache_path, out, grid, folds=folds, device=device, stream=stream, jobs=jobs,
                        retry_failed=retry_failed, confirm=functools.partial(_confirm_plan, yes=yes))
-    click.echo(result.closing_line())
+    click.echo(as_typed(result.closing_line()))
 
 
 def _interactive() -> bool:
@@ -492,7 +500,7 @@ def _confirm_plan(plan: Any, *, yes: bool) -> None:
     """Say what the sweep is about to train; above the threshold, ask (or, with no terminal, require --yes)."""
     from fishseg.training.sweep import CONFIRM_ABOVE
 
-    click.echo(plan.describe())
+    click.echo(as_typed(plan.describe()))
     if not plan.needs_confirmation or yes:
         return
     if not _interactive():

@@ -377,8 +377,8 @@ def _new_record(cache: FeatureCache, config: TrainConfig, train_idx: np.ndarray,
 def check_cache(cache: FeatureCache, config: TrainConfig) -> tuple[int, ...]:
     """The cached blocks the run reads; a block or the views it needs and the cache lacks are refused."""
     if config.augment == "views" and len(cache.views) == 1:
-        raise FishsegError(f"`augment='views'`: {cache.path} holds no views but the photo as it is; extract with "
-                           f"`views` (e.g. `views=('hflip', 'vflip', 'rot90')`)")
+        raise FishsegError(f"`augment='views'`: {cache.path} holds no views but the photo as it is; extract it "
+                           f"again with views, e.g. `views=('hflip', 'vflip', 'rot90')`")
     return cache.select_layers(config.layers)
 
 
