@@ -374,12 +374,12 @@ def test_extract_never_touches_a_file_that_is_not_a_cache_unless_told(tmp_path: 
     out.write_text("my notes")
     result = CliRunner().invoke(main, _extract(root, tiny_backbone))
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert (f"Error: {out}: exists and is not a fishseg cache, so extract will not touch it; choose another --out, "
-            f"or pass --overwrite to replace it") in result.output
+    assert (f"Error: {out}: exists and is not a fishseg cache, so fishseg extract will not touch it; choose "
+            f"another --out, or pass --overwrite to replace it") in result.output
     assert out.read_text() == "my notes"
     with caplog.at_level(logging.WARNING):
         run_extraction(root, out, tiny_extract_config(tiny_backbone), num_workers=0, device="cpu", overwrite=True)
-    assert f"{out} is not a fishseg cache; --overwrite replaces it" in caplog.text
+    assert f"{out} is not a fishseg cache; `overwrite=True` replaces it" in caplog.text
     with FeatureCache(out) as cache:
         assert len(cache) == 3
 

@@ -212,9 +212,9 @@ def test_layers_and_views_are_stored_side_by_side_and_read_by_name(tmp_path: Pat
         np.testing.assert_array_equal(cache.masks([1], "hflip"), masks[[1], :, ::-1])
         np.testing.assert_array_equal(cache.masks([1], "rot90"), np.rot90(masks[[1]], 1, axes=(1, 2)))
         with pytest.raises(FishsegError, match=r"the run needs layers 9 but .*c.h5 holds layers 6,12; extract with "
-                                               r"--layers 9"):
+                                               r"`layers=\(9,\)`"):
             cache.select_layers((9,))
-        with pytest.raises(FishsegError, match="holds views identity, hflip, rot90, not vflip; extract with --views"):
+        with pytest.raises(FishsegError, match="holds views identity, hflip, rot90, not vflip; extract with `views`"):
             cache.features([0], "vflip")
 
 

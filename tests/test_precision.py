@@ -52,7 +52,7 @@ def test_auto_on_a_gpu_the_build_cannot_run_falls_back_to_the_cpu_with_one_warni
 @pytest.mark.parametrize("name", ["cuda", "cuda:0"])
 def test_asking_for_a_gpu_the_build_cannot_run_is_refused(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     fake_gpu(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0))
-    with pytest.raises(FishsegError, match=r"Tesla P100.*6\.0.*sm_70\.\.sm_90.*--device cpu") as error:
+    with pytest.raises(FishsegError, match=r"Tesla P100.*6\.0.*sm_70\.\.sm_90.*`device='cpu'`") as error:
         resolve_device(name)
     assert "\n" not in str(error.value)
 

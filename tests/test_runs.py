@@ -639,4 +639,4 @@ def test_a_run_command_on_a_cv_or_sweep_folder_names_what_it_holds(kinds: dict[s
                                                                    holds: str) -> None:
     status, output = _invoke("evaluate", "--cache", kinds["cache"], "--run", kinds[target], "--device", "cpu")
     assert status == 2 and output == (f"Error: {kinds[target]}: not a run folder ({holds}); pass the --out folder of "
-                                      f"`train` (a fold-k or config folder inside it is one)\n"), output
+                                      f"fishseg train (a fold-k or config folder inside it is one)\n"), output
