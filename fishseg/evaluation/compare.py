@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fishseg.config import TrainConfig, value_text
+from fishseg.config import TrainConfig, shown, value_text
 from fishseg.errors import FishsegError
 from fishseg.evaluation.evaluate import METRICS_FILE, PER_IMAGE_FILE, evaluate_run
 from fishseg.evaluation.leaderboard import (LeaderboardEntry, UnscoredEntry, compared_folders, holds_leaderboard,
