@@ -40,7 +40,7 @@ class Flag:
 
 
 KEYWORD = re.compile(r"`([a-z_][a-z0-9_]*)(?:=([^`]*))?`")  # `name` or `name=value`, as messages write them
-_PLAIN = re.compile(r"[\w.,:/+-]+")  # a quoted value that reads the same unquoted on a command line
+_PLAIN = re.compile(r"[\w.,:/+=@%~-]+")  # a quoted value that reads the same unquoted on a command line
 
 
 def render_flags(message: str, flags: Mapping[str, Flag]) -> str:

@@ -263,7 +263,7 @@ CASES: list[tuple[str, Callable[[Context], list[str]], str]] = [
      r"image_size 64\)"),
     ("run from another cache", run_from_another_cache, r"run.json: made from cache .*pass the cache it was trained on"),
     ("not a run folder", lambda ctx: ctx.evaluate(ctx.evaluated[0], _mkdir(ctx.root)),
-     r"input: not a run folder \(no run.json\); pass the --out folder of `train`"),
+     r"input: not a run folder \(no run.json\); pass the --out folder of fishseg train"),
     ("run.json naming another decoder", lambda ctx: ctx.evaluate(ctx.evaluated[0], record_naming_another_decoder(ctx)),
      r"run/run.json: says decoder 'linear' but checkpoints/epoch-\d{4}.safetensors was trained with decoder "
      r"'seed-cnn'; restore run.json, or train again with --overwrite$"),

@@ -102,7 +102,7 @@ def test_explicit_precisions_and_their_refusals(monkeypatch: pytest.MonkeyPatch)
     cpu = torch.device("cpu")
     assert precision_policy(cpu) == Precision("auto", None, None)
     assert precision_policy(cpu, "bf16") == Precision("bf16", torch.bfloat16, torch.bfloat16)
-    with pytest.raises(FishsegError, match="fp16: needs a CUDA GPU"):
+    with pytest.raises(FishsegError, match="^`precision='fp16'`: needs a CUDA GPU"):
         precision_policy(cpu, "fp16")
     with pytest.raises(FishsegError, match="precision 'bogus': expected one of auto, fp32, bf16, fp16"):
         precision_policy(cpu, "bogus")
@@ -149,7 +149,7 @@ def test_resuming_an_extraction_at_another_precision_is_refused(tmp_path: Path) 
     manifest = {"batch_size": 2, "image_ids": ["a", "b", "c"], "precision": "fp32"}
     PartStore.open(tmp_path / "c.h5", manifest)
     with pytest.raises(FishsegError, match=r"started at precision fp32, this run would use bf16; resume with its "
-                                           r"--precision"):
+                                           r"`precision`"):
         PartStore.open(tmp_path / "c.h5", {**manifest, "precision": "bf16"})
     PartStore.open(tmp_path / "c.h5", {**manifest, "precision": "bf16"}, discard_other=True)  # --overwrite
 

@@ -141,7 +141,7 @@ def test_a_cross_validation_that_cannot_run_leaves_nothing_and_one_on_disk_is_de
     monkeypatch.undo()
     result = CliRunner().invoke(main, [*train, "--cv", "2"])
     assert result.exit_code == 2, result.output
-    assert (f"{out}: already holds a 3-fold cross-validation (interrupted, 1 of 3 folds scored); add --resume to "
+    assert (f"{out}: already holds a 3-fold cross-validation (interrupted, 1 of 3 folds scored); pass --resume to "
             f"continue it") in result.output
     assert CliRunner().invoke(main, [*train, "--resume"]).exit_code == 0
     cv = json.loads((out / "cv.json").read_text())

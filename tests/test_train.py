@@ -108,7 +108,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(train_module, "segment", poisoned_after_first_epoch)
     with pytest.raises(FishsegError, match="loss is NaN or infinite: the decoder diverged on finite features; "
-                                           "lower --lr"):
+                                           "lower `lr`"):
         run_training(cache, tmp_path / "run", TrainConfig(epochs=3, batch_size=4), device="cpu")
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert (record["status"], record["epochs_done"]) == ("failed", 1) and record["failure"].startswith("loss is NaN")
