@@ -185,8 +185,8 @@ def test_a_failed_batch_keeps_the_batches_before_it_and_writes_none_after(
     samples = discover_samples(data)
     samples[5].image_path.write_bytes(samples[5].image_path.read_bytes()[:200])  # truncated PNG, in batch [4, 6)
     out = tmp_path / "c.h5"
-    with pytest.raises(FishsegError, match=rf"{samples[5].image_id}: cannot read image .*\(pass `skip_bad=True` to leave "
-                                           rf"such images out; finished batches are kept\)"):
+    with pytest.raises(FishsegError, match=rf"{samples[5].image_id}: cannot read image .*\(pass `skip_bad=True` to "
+                                           rf"leave such images out; finished batches are kept\)"):
         run_extraction(data, out, tiny_extract_config(tiny_backbone), batch_size=2, num_workers=0, device="cpu")
     written = sorted(path.name for path in parts_dir(out).glob("*.npz"))
     assert written == ["00000000-00000002.npz", "00000002-00000004.npz"] and not out.exists()

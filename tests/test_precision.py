@@ -107,7 +107,8 @@ def test_explicit_precisions_and_their_refusals(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(FishsegError, match="precision 'bogus': expected one of auto, fp32, bf16, fp16"):
         precision_policy(cpu, "bogus")
     fake_gpu(monkeypatch, "Tesla T4", (7, 5))
-    with pytest.raises(FishsegError, match=r"^`precision='bf16'`: Tesla T4 \(compute capability 7\.5\) has no bf16 units"):
+    with pytest.raises(FishsegError, match=r"^`precision='bf16'`: Tesla T4 \(compute capability 7\.5\) has no "
+                                           r"bf16 units"):
         precision_policy(CUDA, "bf16")
     fake_gpu(monkeypatch, "NVIDIA A100", (8, 0))
     assert precision_policy(CUDA, "bf16").decoder_name == "bf16"

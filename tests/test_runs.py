@@ -621,8 +621,8 @@ def test_a_run_whose_training_failed_is_recorded_failed_and_not_resumed(tmp_path
     for flags in (["--resume"], []):
         status, output = _invoke("train", "--cache", cache, "--out", run, *flags, "--device", "cpu")
         assert status == 2 and output == (f"Error: {run}: its training failed in epoch {record.epochs_done + 1} of 3: "
-                                          f"{as_typed(record.failure)}; a resume would repeat that (it continues the run "
-                                          f"exactly as it went): train it again with other settings and "
+                                          f"{as_typed(record.failure)}; a resume would repeat that (it continues "
+                                          f"the run exactly as it went): train it again with other settings and "
                                           f"--overwrite, or into another --out\n"), output
     with caplog.at_level(logging.WARNING, logger="fishseg.formats.runs"):  # scored or used, it says what it is
         metrics = run_evaluation(cache, run, tmp_path / "report", device="cpu", report=False)

@@ -57,7 +57,8 @@ def test_folds_cover_every_image_once() -> None:
     groups, classes = np.repeat(np.arange(12), 3), np.repeat(np.arange(12) % 2, 3)
     for folds in (grouped_folds(groups, classes, 3, seed=0), random_folds(36, 3, seed=0)):
         assert sorted(np.concatenate([val for _, val in folds]).tolist()) == list(range(36))
-    with pytest.raises(FishsegError, match="12 groups of near-duplicates are too few for 20 grouped folds; use `folds=12` or fewer"):
+    with pytest.raises(FishsegError, match="12 groups of near-duplicates are too few for 20 grouped folds; "
+                                           "use `folds=12` or fewer"):
         grouped_folds(groups, classes, 20, seed=0)
 
 

@@ -120,8 +120,8 @@ def _fewer_folds(most: int, val_fraction: float | None) -> str:
 
 def random_folds(n_images: int, n_folds: int, seed: int) -> Folds:
     if n_images < n_folds:
-        raise FishsegError(f"{plural(n_images, 'image')}: too few for {n_folds} folds; use `folds={n_images}` or fewer, "
-                           f"or add images")
+        raise FishsegError(f"{plural(n_images, 'image')}: too few for {n_folds} folds; use `folds={n_images}` or "
+                           f"fewer, or add images")
     folds = KFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return [(np.sort(train), np.sort(val)) for train, val in folds.split(np.zeros(n_images))]
 

@@ -422,7 +422,8 @@ class PartStore:
         if recorded != manifest:
             if not discard_other:
                 require_same_precision(recorded.get("precision", UNRECORDED), manifest.get("precision", UNRECORDED),
-                                       directory, "resume with its `precision`, or pass `overwrite=True` to start again")
+                                       directory, "resume with its `precision`, or pass `overwrite=True` to start "
+                                                  "again")
                 changes = "; ".join(manifest_changes(recorded, manifest)) or "the images' order"
                 raise FishsegError(f"{directory}: an interrupted extraction of other images or settings ({changes}); "
                                    f"pass `overwrite=True` to discard it and start again")
