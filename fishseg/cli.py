@@ -25,7 +25,7 @@ from fishseg import __version__
 from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DECODER_NAMES, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, LOSSES,
                             PRECISIONS, SCHEDULES, SPLITS, VIEWS, ExtractConfig, TrainConfig, format_layers, shown)
 from fishseg.distributed import is_main_process, under_torchrun
-from fishseg.errors import FishsegError
+from fishseg.errors import FishsegError, Flag, render_flags
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 TRAIN_DEFAULTS = TrainConfig()
@@ -128,9 +128,58 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# click parameter names that are not the API's keyword for the same thing (every other name is: `compiled` is
+# --compile's, `folds` --cv's, `grid_file` --grid's, `stream` --stream/--in-memory's)
+API_KEYWORDS = {"cache_path": "cache", "run_dir": "run", "json_path": "json"}
+
+
+@functools.cache
+def option_flags() -> dict[str, Flag]:
+    """Each API keyword's flag, read from the commands' own options: the first long name, and the second name of
+    an on/off switch. A keyword means one thing in every command, so it has one flag."""
+    flags: dict[str, Flag] = {}
+    for cli_command in main.commands.values():
+        for param in cli_command.params:
+            if isinstance(param, click.Option):
+                longs = [name for name in param.opts if name.startswith("--")]
+                flag = Flag(longs[0], param.secondary_opts[0] if param.secondary_opts else None)
+                keyword = API_KEYWORDS.get(param.name, param.name)
+                if flags.setdefault(keyword, flag) != flag:
+                    raise AssertionError(f"{keyword}: {flags[keyword]} in one command, {flag} in another")
+    return flags
+
+
+def as_typed(message: str) -> str:
+    """A library message for the command line: its API keywords (`lr`, `overwrite=True`) as flags."""
+    return render_flags(message, option_flags())
+
+
+class _FlagsInLogs(logging.Filter):
+    """Renders the library's log messages for the command line, as ``as_typed`` does its errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = as_typed(record.getMessage()), None
+        return True
+
+
+@contextlib.contextmanager
+def _flags_in_logs() -> Iterator[None]:
+    """While a command runs, the log handlers render keywords as flags; afterwards (the library called from
+    Python in the same process) they no longer do."""
+    rendering, handlers = _FlagsInLogs(), list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(rendering)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(rendering)
+
+
 def command(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Configure logging once, turn user errors into one-line messages, and stop on Ctrl-C or SIGTERM with
-    advice on what was kept (exit 130 or 143, as a shell reports a process ended by those signals)."""
+    """Configure logging once, turn user errors into one-line messages (options named as flags), and stop on
+    Ctrl-C or SIGTERM with advice on what was kept (exit 130 or 143, as a shell reports a process ended by
+    those signals)."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -139,10 +188,10 @@ def command(function: Callable[..., Any]) -> Callable[..., Any]:
             if under_torchrun() and function.__name__ not in DISTRIBUTED_COMMANDS:
                 raise FishsegError(f"`{function.__name__}` runs in one process; start it without torchrun "
                                    f"(only {' and '.join(sorted(DISTRIBUTED_COMMANDS))} use several)")
-            with _sigterm_as_interrupt():
+            with _sigterm_as_interrupt(), _flags_in_logs():
                 return function(*args, **kwargs)
         except FishsegError as error:
-            raise UserError(str(error)) from None
+            raise UserError(as_typed(str(error))) from None
         except KeyboardInterrupt as stop:
             if is_main_process():
                 click.echo(f"\nInterrupted. {_stop_advice(function.__name__, kwargs.get('out'))}", err=True)
@@ -436,7 +485,7 @@ def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, jobs:
     folds = folds if _given({"folds": folds}) else file_folds
     result = run_sweep(cache_path, out, grid, folds=folds, device=device, stream=stream, jobs=jobs,
                        retry_failed=retry_failed, confirm=functools.partial(_confirm_plan, yes=yes))
-    click.echo(result.closing_line())
+    click.echo(as_typed(result.closing_line()))
 
 
 def _interactive() -> bool:
@@ -451,7 +500,7 @@ def _confirm_plan(plan: Any, *, yes: bool) -> None:
     """Say what the sweep is about to train; above the threshold, ask (or, with no terminal, require --yes)."""
     from fishseg.training.sweep import CONFIRM_ABOVE
 
-    click.echo(plan.describe())
+    click.echo(as_typed(plan.describe()))
     if not plan.needs_confirmation or yes:
         return
     if not _interactive():

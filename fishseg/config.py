@@ -143,7 +143,7 @@ def check_patch_multiple(image_size: int, patch: int) -> None:
         candidates = [size for size in (below, below + patch) if size > 0]
         distance = min(abs(size - image_size) for size in candidates)
         nearest = [size for size in candidates if abs(size - image_size) == distance]
-        raise FishsegError(f"--image-size {image_size}: not a multiple of the backbone's patch size {patch}; "
+        raise FishsegError(f"`image_size={image_size}`: not a multiple of the backbone's patch size {patch}; "
                            f"try {' or '.join(map(str, nearest))}")
 
 

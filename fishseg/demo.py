@@ -42,10 +42,10 @@ def _check_out(out: Path, overwrite: bool) -> bool:
     marker = generated_dataset(out / "data") / "Fish_Dataset" / "README.txt"
     if marker.is_file() and marker.read_text(errors="replace") == DATA_NOTE:
         if not overwrite:
-            raise FishsegError(f"{out}: holds an earlier demo ({listing}); pass --overwrite to replace it, or "
-                               f"choose another --out")
+            raise FishsegError(f"{out}: holds an earlier demo ({listing}); pass `overwrite=True` to replace it, "
+                               f"or choose another `out`")
         return True
-    raise FishsegError(f"{out}: holds {listing}, not a demo; choose another --out (a new or empty folder)")
+    raise FishsegError(f"{out}: holds {listing}, not a demo; choose another `out` (a new or empty folder)")
 
 
 def _run_demo(out: Path, backbone: str | None, classes: int, images_per_class: int, epochs: int, image_size: int,
@@ -53,7 +53,7 @@ def _run_demo(out: Path, backbone: str | None, classes: int, images_per_class: i
     data_root = write_demo_dataset(out / "data", classes=classes, images_per_class=images_per_class)
     if backbone is None:
         backbone = str(save_random_backbone(out / "backbone-random-init"))
-        logger.warning("no --backbone given: using a RANDOM-INIT DINOv3 ViT-S/16 saved at %s", backbone)
+        logger.warning("no `backbone` given: using a RANDOM-INIT DINOv3 ViT-S/16 saved at %s", backbone)
     cache = run_extraction(data_root, out / "cache.h5", ExtractConfig(backbone=backbone, image_size=image_size),
                            device=device, overwrite=overwrite)
     run_training(cache, out / "run", TrainConfig(epochs=epochs), device=device, overwrite=overwrite)

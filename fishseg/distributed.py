@@ -88,7 +88,8 @@ def session(device: torch.device) -> Iterator[tuple[Ranks, torch.device]]:
         gpus = torch.cuda.device_count()
         if local_rank >= gpus:
             raise FishsegError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE')} processes on this machine but "
-                               f"it has {gpus} GPUs; pass --nproc-per-node {gpus} (one process a GPU) or --device cpu")
+                               f"it has {gpus} GPUs; pass --nproc-per-node {gpus} (one process a GPU) or "
+                               f"`device='cpu'`")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     joined = dist.is_initialized()

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from fishseg.config import PRECISIONS, check_precision
+from fishseg.config import PRECISIONS, check_precision, shown
 from fishseg.errors import FishsegError
 
 __all__ = ["PRECISIONS", "UNRECORDED", "Precision", "active_precision", "atomic_path", "autocast",
@@ -68,11 +68,11 @@ def resolve_device(name: str) -> torch.device:
             logger.warning("using the CPU: %s", problem)
         return torch.device("cpu" if problem else "cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FishsegError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        raise FishsegError(f"`device={shown(name)}`: CUDA is not available on this machine; use `device='cpu'`")
     device = torch.device(name)
     problem = gpu_support_problem(device.index or 0) if device.type == "cuda" else None
     if problem:
-        raise FishsegError(f"--device {name}: {problem}; use --device cpu, or a torch build for this GPU")
+        raise FishsegError(f"`device={shown(name)}`: {problem}; use `device='cpu'`, or a torch build for this GPU")
     return device
 
 
@@ -114,12 +114,12 @@ def precision_policy(device: torch.device, requested: str = "auto") -> Precision
         return Precision(requested, None, None)
     if device.type != "cuda":
         if requested == "fp16":
-            raise FishsegError("--precision fp16: needs a CUDA GPU; use fp32 (or bf16) on the CPU")
+            raise FishsegError("`precision='fp16'`: needs a CUDA GPU; use 'fp32' (or 'bf16') on the CPU")
         return Precision(requested, torch.bfloat16, torch.bfloat16)
     major, minor = torch.cuda.get_device_capability(device)
     modern = major >= 8
     if requested == "bf16" and not modern:
-        raise FishsegError(f"--precision bf16: {torch.cuda.get_device_name(device)} (compute capability "
+        raise FishsegError(f"`precision='bf16'`: {torch.cuda.get_device_name(device)} (compute capability "
                            f"{major}.{minor}) has no bf16 units (they start at 8.0); use fp16 or auto")
     if requested == "fp16":
         return Precision(requested, torch.float16, torch.float16)
@@ -250,7 +250,7 @@ def make_output_dir(path: Path) -> Path:
         blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
         reason = (f"{blocker} is a file, not a folder" if blocker is not None
                   else f"{error.strerror or error} at {error.filename or path}")
-        raise FishsegError(f"{path}: cannot create the output folder: {reason}; choose another --out") from None
+        raise FishsegError(f"{path}: cannot create the output folder: {reason}; choose another `out`") from None
     return path
 
 

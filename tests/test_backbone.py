@@ -52,7 +52,8 @@ def test_missing_hub_model_offline_gives_advice_true_of_any_hub_id() -> None:
     with pytest.raises(FishsegError, match=r"cannot load backbone 'facebook/no-such-model': .* -- a Hub id loads from "
                                            r"the Hugging Face Hub \(a gated model, such as DINOv3, once its licence is "
                                            r"accepted there and `hf auth login` run\) or, offline, from the local "
-                                           r"Hugging Face cache; or pass --backbone DIR"):
+                                           r"Hugging Face cache; or pass as `backbone` a folder saved with "
+                                           r"save_pretrained$"):
         load_backbone("facebook/no-such-model", IMAGENET_MEAN, IMAGENET_STD, CPU)
 
 

@@ -263,7 +263,7 @@ CASES: list[tuple[str, Callable[[Context], list[str]], str]] = [
      r"image_size 64\)"),
     ("run from another cache", run_from_another_cache, r"run.json: made from cache .*pass the cache it was trained on"),
     ("not a run folder", lambda ctx: ctx.evaluate(ctx.evaluated[0], _mkdir(ctx.root)),
-     r"input: not a run folder \(no run.json\); pass the --out folder of `train`"),
+     r"input: not a run folder \(no run.json\); pass the --out folder of fishseg train"),
     ("run.json naming another decoder", lambda ctx: ctx.evaluate(ctx.evaluated[0], record_naming_another_decoder(ctx)),
      r"run/run.json: says decoder 'linear' but checkpoints/epoch-\d{4}.safetensors was trained with decoder "
      r"'seed-cnn'; restore run.json, or train again with --overwrite$"),
@@ -374,12 +374,12 @@ def test_extract_never_touches_a_file_that_is_not_a_cache_unless_told(tmp_path: 
     out.write_text("my notes")
     result = CliRunner().invoke(main, _extract(root, tiny_backbone))
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert (f"Error: {out}: exists and is not a fishseg cache, so extract will not touch it; choose another --out, "
-            f"or pass --overwrite to replace it") in result.output
+    assert (f"Error: {out}: exists and is not a fishseg cache, so fishseg extract will not touch it; choose "
+            f"another --out, or pass --overwrite to replace it") in result.output
     assert out.read_text() == "my notes"
     with caplog.at_level(logging.WARNING):
         run_extraction(root, out, tiny_extract_config(tiny_backbone), num_workers=0, device="cpu", overwrite=True)
-    assert f"{out} is not a fishseg cache; --overwrite replaces it" in caplog.text
+    assert f"{out} is not a fishseg cache; `overwrite=True` replaces it" in caplog.text
     with FeatureCache(out) as cache:
         assert len(cache) == 3
 

@@ -145,7 +145,7 @@ def test_part_store_resumes_a_matching_manifest_and_refuses_another(tmp_path: Pa
     np.testing.assert_array_equal(resumed.read(2, 3)["features"], np.ones((1, 4)))
     other = {"batch_size": 2, "image_ids": ["a", "b"]}
     with pytest.raises(FishsegError, match=r"c.h5.parts: an interrupted extraction of other images or settings \(1 "
-                                           r"image removed\); pass --overwrite"):
+                                           r"image removed\); pass `overwrite=True`"):
         PartStore.open(tmp_path / "c.h5", other)
     assert PartStore.open(tmp_path / "c.h5", other, discard_other=True).done() == []
     assert [p.name for p in (tmp_path / "c.h5.parts").iterdir()] == ["manifest.json"]
@@ -162,7 +162,7 @@ def test_an_interrupted_extraction_of_other_settings_names_what_differs(tmp_path
     with pytest.raises(FishsegError, match=r"c.h5.parts: an interrupted extraction of other images or settings "
                                            r"\(image_size 448 → 224; layers 12 → 6,12; views none → hflip; backbone name "
                                            r"vits16 → vitb16; backbone feature_dim 384 → 768; batch_size 8 → 16; 2 "
-                                           r"images added, 1 removed, 1 modified\); pass --overwrite to discard it"):
+                                           r"images added, 1 removed, 1 modified\); pass `overwrite=True` to discard it"):
         PartStore.open(tmp_path / "c.h5", other)
     with pytest.raises(FishsegError, match=r"other images or settings \(the images' order\)"):
         PartStore.open(tmp_path / "c.h5", {**manifest, "image_ids": ["c", "b", "a"]})
@@ -188,7 +188,7 @@ def test_a_format_2_cache_reads_as_one_layer_the_last_block_and_no_views(tmp_pat
         assert cache.select_layers(()) == cache.select_layers((-1,)) == (-1,)
         np.testing.assert_array_equal(cache.features([0], layers=(-1,)), cache.file["features"][:1])
         with pytest.raises(FishsegError, match=r"the run needs layers 12 but .*c.h5 holds layers -1; extract with "
-                                               r"--layers 12"):
+                                               r"`layers=\(12,\)`"):
             cache.select_layers((12,))
 
 
@@ -212,9 +212,9 @@ def test_layers_and_views_are_stored_side_by_side_and_read_by_name(tmp_path: Pat
         np.testing.assert_array_equal(cache.masks([1], "hflip"), masks[[1], :, ::-1])
         np.testing.assert_array_equal(cache.masks([1], "rot90"), np.rot90(masks[[1]], 1, axes=(1, 2)))
         with pytest.raises(FishsegError, match=r"the run needs layers 9 but .*c.h5 holds layers 6,12; extract with "
-                                               r"--layers 9"):
+                                               r"`layers=\(9,\)`"):
             cache.select_layers((9,))
-        with pytest.raises(FishsegError, match="holds views identity, hflip, rot90, not vflip; extract with --views"):
+        with pytest.raises(FishsegError, match="holds views identity, hflip, rot90, not vflip; extract with `views`"):
             cache.features([0], "vflip")
 
 

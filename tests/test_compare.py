@@ -206,7 +206,7 @@ def test_a_leaderboard_never_replaces_one_of_other_folders(runs: dict[str, Path]
     assert _invoke(*pair, "--device", "cpu")[0] == 0
     status, output = _invoke(runs["linear"], sweep, "--device", "cpu")
     assert status == 2 and "compare, the default --out, holds the leaderboard of other folders (" in output \
-        and "; pass --out DIR, or remove compare first" in output, output
+        and "; pass --out, or remove compare first" in output, output
     status, output = _invoke(runs["seed-cnn"], sweep, runs["linear"], "--device", "cpu")  # every entry of it, and more
     assert status == 0 and output.startswith("leaderboard of 3 entries: ") and output.endswith(
         "; written to compare\n"), output

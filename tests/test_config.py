@@ -86,7 +86,7 @@ def test_layers_read_back_as_a_tuple_and_resolve_against_the_block_count() -> No
 def test_an_image_size_off_the_patch_grid_suggests_the_nearest_multiples(size: int, patch: int,
                                                                           suggestion: str) -> None:
     check_patch_multiple(size - size % patch or patch, patch)
-    with pytest.raises(FishsegError, match=f"^--image-size {size}: not a multiple of the backbone's patch size "
+    with pytest.raises(FishsegError, match=f"^`image_size={size}`: not a multiple of the backbone's patch size "
                                            f"{patch}; try {suggestion}$"):
         check_patch_multiple(size, patch)
 

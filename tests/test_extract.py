@@ -67,7 +67,7 @@ def test_finished_cache_is_kept_when_up_to_date_and_refused_when_stale(tmp_path:
     first = next((data / "Fish_Dataset" / "Fish_Dataset" / "Hourse Mackerel" / "Hourse Mackerel").iterdir())
     os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
     with pytest.raises(FishsegError, match="c.h5: stale: 6 added, 0 removed, 1 modified images under the data root; "
-                                           "pass --overwrite"):
+                                           "pass `overwrite=True`"):
         run_extraction(data, out, config, num_workers=0, device="cpu")
     other = dataclasses.replace(config, preview_size=16)
     with pytest.raises(FishsegError, match=r"c.h5: extracted with other settings \(preview_size 32 → 16\)"):
@@ -122,14 +122,14 @@ def test_layers_and_views_hold_what_the_backbone_computes_for_each_transformed_p
         np.testing.assert_array_equal(cache.masks([7], "transpose")[0], mask.numpy().T)
         assert not np.allclose(cache.features([7], "hflip"), cache.features([7])[:, :, ::-1], atol=1e-2)
     with pytest.raises(FishsegError, match=r"c.h5: extracted with other settings \(views hflip,rot90,transpose → "
-                                           r"none\); pass --overwrite"):
+                                           r"none\); pass `overwrite=True`"):
         run_extraction(kaggle_root, out, dataclasses.replace(config, views=()), num_workers=0, device="cpu")
     with pytest.raises(FishsegError, match=r"c.h5: extracted with other settings \(layers -1,1 → 1,-1\)"):
         run_extraction(kaggle_root, out, dataclasses.replace(config, layers=(1, -1)), num_workers=0, device="cpu")
 
 
 @pytest.mark.parametrize("change, refusal", [
-    (dict(image_size=62), r"--image-size 62: not a multiple of the backbone's patch size 8; try 64$"),
+    (dict(image_size=62), r"`image_size=62`: not a multiple of the backbone's patch size 8; try 64$"),
     (dict(layers=(2,)), r"layers 2: the backbone has 1 block \(1 … 1, or -1 … -1 counting from the end\)$"),
     (dict(layers=(-2,)), r"layers -2: the backbone has 1 block"),
 ])
@@ -185,8 +185,8 @@ def test_a_failed_batch_keeps_the_batches_before_it_and_writes_none_after(
     samples = discover_samples(data)
     samples[5].image_path.write_bytes(samples[5].image_path.read_bytes()[:200])  # truncated PNG, in batch [4, 6)
     out = tmp_path / "c.h5"
-    with pytest.raises(FishsegError, match=rf"{samples[5].image_id}: cannot read image .*\(pass --skip-bad to leave "
-                                           rf"such images out; finished batches are kept\)"):
+    with pytest.raises(FishsegError, match=rf"{samples[5].image_id}: cannot read image .*\(pass `skip_bad=True` to "
+                                           rf"leave such images out; finished batches are kept\)"):
         run_extraction(data, out, tiny_extract_config(tiny_backbone), batch_size=2, num_workers=0, device="cpu")
     written = sorted(path.name for path in parts_dir(out).glob("*.npz"))
     assert written == ["00000000-00000002.npz", "00000002-00000004.npz"] and not out.exists()

@@ -52,7 +52,7 @@ def test_auto_on_a_gpu_the_build_cannot_run_falls_back_to_the_cpu_with_one_warni
 @pytest.mark.parametrize("name", ["cuda", "cuda:0"])
 def test_asking_for_a_gpu_the_build_cannot_run_is_refused(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     fake_gpu(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0))
-    with pytest.raises(FishsegError, match=r"Tesla P100.*6\.0.*sm_70\.\.sm_90.*--device cpu") as error:
+    with pytest.raises(FishsegError, match=r"Tesla P100.*6\.0.*sm_70\.\.sm_90.*`device='cpu'`") as error:
         resolve_device(name)
     assert "\n" not in str(error.value)
 
@@ -102,12 +102,13 @@ def test_explicit_precisions_and_their_refusals(monkeypatch: pytest.MonkeyPatch)
     cpu = torch.device("cpu")
     assert precision_policy(cpu) == Precision("auto", None, None)
     assert precision_policy(cpu, "bf16") == Precision("bf16", torch.bfloat16, torch.bfloat16)
-    with pytest.raises(FishsegError, match="fp16: needs a CUDA GPU"):
+    with pytest.raises(FishsegError, match="^`precision='fp16'`: needs a CUDA GPU"):
         precision_policy(cpu, "fp16")
     with pytest.raises(FishsegError, match="precision 'bogus': expected one of auto, fp32, bf16, fp16"):
         precision_policy(cpu, "bogus")
     fake_gpu(monkeypatch, "Tesla T4", (7, 5))
-    with pytest.raises(FishsegError, match=r"bf16: Tesla T4 \(compute capability 7\.5\) has no bf16 units"):
+    with pytest.raises(FishsegError, match=r"^`precision='bf16'`: Tesla T4 \(compute capability 7\.5\) has no "
+                                           r"bf16 units"):
         precision_policy(CUDA, "bf16")
     fake_gpu(monkeypatch, "NVIDIA A100", (8, 0))
     assert precision_policy(CUDA, "bf16").decoder_name == "bf16"
@@ -149,7 +150,7 @@ def test_resuming_an_extraction_at_another_precision_is_refused(tmp_path: Path) 
     manifest = {"batch_size": 2, "image_ids": ["a", "b", "c"], "precision": "fp32"}
     PartStore.open(tmp_path / "c.h5", manifest)
     with pytest.raises(FishsegError, match=r"started at precision fp32, this run would use bf16; resume with its "
-                                           r"--precision"):
+                                           r"`precision`"):
         PartStore.open(tmp_path / "c.h5", {**manifest, "precision": "bf16"})
     PartStore.open(tmp_path / "c.h5", {**manifest, "precision": "bf16"}, discard_other=True)  # --overwrite
 

@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from fishseg.cli import main
+from fishseg.cli import as_typed, main
 from fishseg.config import TrainConfig
 from fishseg.distributed import torchrun_command
 from fishseg.errors import FishsegError
@@ -179,7 +179,7 @@ def test_an_existing_run_is_never_overwritten_without_being_asked(reference: tup
     status, output = _invoke("train", "--cache", cache, "--out", run_dir, "--device", "cpu")
     assert status == 2
     assert re.fullmatch(rf"Error: {re.escape(str(run_dir))}: already holds a run \(finished, 6 of 6 epochs, best val "
-                        rf"IoU \d\.\d{{4}} at epoch \d\); add --resume to continue it or --overwrite to replace it\n",
+                        rf"IoU \d\.\d{{4}} at epoch \d\); pass --resume to continue it or --overwrite to replace it\n",
                         output)
     assert _snapshot(run_dir) == before
 
@@ -202,7 +202,7 @@ def test_resume_takes_the_runs_own_settings_and_a_finished_run_stays_as_it_is(re
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--resume"], "holds no run to resume; drop --resume to start one"),
+    (["--resume"], "holds no run to resume; leave --resume out to start one"),
     (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
 ])
 def test_resume_needs_a_run_and_excludes_overwrite(tmp_path: Path, flags: list[str], message: str) -> None:
@@ -618,8 +618,8 @@ def test_a_run_whose_training_failed_is_recorded_failed_and_not_resumed(tmp_path
     for flags in (["--resume"], []):
         status, output = _invoke("train", "--cache", cache, "--out", run, *flags, "--device", "cpu")
         assert status == 2 and output == (f"Error: {run}: its training failed in epoch {record.epochs_done + 1} of 3: "
-                                          f"{record.failure}; a resume would repeat that (it continues the run "
-                                          f"exactly as it went): train it again with other settings and "
+                                          f"{as_typed(record.failure)}; a resume would repeat that (it continues "
+                                          f"the run exactly as it went): train it again with other settings and "
                                           f"--overwrite, or into another --out\n"), output
     with caplog.at_level(logging.WARNING, logger="fishseg.formats.runs"):  # scored or used, it says what it is
         metrics = run_evaluation(cache, run, tmp_path / "report", device="cpu", report=False)
@@ -637,7 +637,7 @@ def test_a_run_command_on_a_cv_or_sweep_folder_names_what_it_holds(kinds: dict[s
                                                                    holds: str) -> None:
     status, output = _invoke("evaluate", "--cache", kinds["cache"], "--run", kinds[target], "--device", "cpu")
     assert status == 2 and output == (f"Error: {kinds[target]}: not a run folder ({holds}); pass the --out folder of "
-                                      f"`train` (a fold-k or config folder inside it is one)\n"), output
+                                      f"fishseg train (a fold-k or config folder inside it is one)\n"), output
 
 
 def _as_written(data: dict) -> str:

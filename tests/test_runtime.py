@@ -41,7 +41,7 @@ def test_make_output_dir_says_what_blocks_the_folder(tmp_path: Path) -> None:
     assert make_output_dir(tmp_path / "a" / "b").is_dir()
     (tmp_path / "file").write_text("")
     with pytest.raises(FishsegError, match=r"file/x/y: cannot create the output folder: .*/file is a file, not a "
-                                           r"folder; choose another --out"):
+                                           r"folder; choose another `out`$"):
         make_output_dir(tmp_path / "file" / "x" / "y")
     with pytest.raises(FishsegError, match=r"/file: cannot create the output folder: .*/file is a file"):
         make_output_dir(tmp_path / "file")

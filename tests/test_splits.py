@@ -57,7 +57,8 @@ def test_folds_cover_every_image_once() -> None:
     groups, classes = np.repeat(np.arange(12), 3), np.repeat(np.arange(12) % 2, 3)
     for folds in (grouped_folds(groups, classes, 3, seed=0), random_folds(36, 3, seed=0)):
         assert sorted(np.concatenate([val for _, val in folds]).tolist()) == list(range(36))
-    with pytest.raises(FishsegError, match="12 groups of near-duplicates are too few for 20 grouped folds; use --cv 12 or fewer"):
+    with pytest.raises(FishsegError, match="12 groups of near-duplicates are too few for 20 grouped folds; "
+                                           "use `folds=12` or fewer"):
         grouped_folds(groups, classes, 20, seed=0)
 
 
@@ -119,9 +120,9 @@ def test_a_refused_grouped_split_suggests_a_val_fraction_that_works(per_class: i
     groups, classes = np.arange(2 * per_class), np.repeat(["a", "b"], per_class)
     with pytest.raises(FishsegError) as refused:
         grouped_split(groups, classes, 0.1, seed=0)
-    suggested = re.search(r"use --val-fraction ([\d.]+) or more", str(refused.value))
+    suggested = re.search(r"use `val_fraction=([\d.]+)` or more", str(refused.value))
     if per_class == 1:  # no two folds: only another split method
-        assert suggested is None and "use --split random, or add images" in str(refused.value)
+        assert suggested is None and "use `split='random'`, or add images" in str(refused.value)
         return
     train, val = grouped_split(groups, classes, float(suggested.group(1)), seed=0)
     assert len(train) and len(val) and len(train) + len(val) == 2 * per_class
@@ -141,7 +142,7 @@ def test_a_cross_validation_that_cannot_run_leaves_nothing_and_one_on_disk_is_de
     monkeypatch.undo()
     result = CliRunner().invoke(main, [*train, "--cv", "2"])
     assert result.exit_code == 2, result.output
-    assert (f"{out}: already holds a 3-fold cross-validation (interrupted, 1 of 3 folds scored); add --resume to "
+    assert (f"{out}: already holds a 3-fold cross-validation (interrupted, 1 of 3 folds scored); pass --resume to "
             f"continue it") in result.output
     assert CliRunner().invoke(main, [*train, "--resume"]).exit_code == 0
     cv = json.loads((out / "cv.json").read_text())

@@ -108,7 +108,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(train_module, "segment", poisoned_after_first_epoch)
     with pytest.raises(FishsegError, match="loss is NaN or infinite: the decoder diverged on finite features; "
-                                           "lower --lr"):
+                                           "lower `lr`"):
         run_training(cache, tmp_path / "run", TrainConfig(epochs=3, batch_size=4), device="cpu")
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert (record["status"], record["epochs_done"]) == ("failed", 1) and record["failure"].startswith("loss is NaN")
@@ -200,8 +200,8 @@ def test_augment_views_sees_each_image_in_a_stored_view_drawn_from_the_seed(tmp_
 
 def test_a_run_needing_views_or_layers_the_cache_lacks_is_refused_before_training(tmp_path: Path) -> None:
     cache = write_toy_cache(tmp_path / "toy.h5", n_images=10)
-    with pytest.raises(FishsegError, match=r"--augment views: .*toy.h5 holds no views but the photo as it is; "
-                                           r"extract with --views"):
+    with pytest.raises(FishsegError, match=r"`augment='views'`: .*toy.h5 holds no views but the photo as it "
+                                           r"is; extract it again with views, e\.g\. `views=\("):
         run_training(cache, tmp_path / "run", TrainConfig(augment="views"), device="cpu")
     with pytest.raises(FishsegError, match=r"layers 2: the backbone has 1 block \(1 … 1"):
         run_training(cache, tmp_path / "run", TrainConfig(layers=(2,)), device="cpu")

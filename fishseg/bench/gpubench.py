@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from fishseg.bench.memory_probe import epoch_runner, time_cached_epochs
-from fishseg.config import IDENTITY, BackboneInfo, ExtractConfig, TrainConfig
+from fishseg.config import IDENTITY, BackboneInfo, ExtractConfig, TrainConfig, shown
 from fishseg.data.images import Sample
 from fishseg.data.synthetic import write_demo_dataset
-from fishseg.errors import FishsegError
+from fishseg.errors import FishsegError, Flag, render_flags
 from fishseg.evaluation.evaluate import run_evaluation
 from fishseg.features.extract import run_extraction
 from fishseg.formats.cache import CacheWriter
@@ -46,6 +46,7 @@ __all__ = ["GpuBenchConfig", "TINY_GPU_BENCH", "SWEEP_GRID", "run_gpu_benchmark"
 SWEEP_GRID = {"decoder": ("seed-cnn", "linear", "progressive"), "loss": ("bce", "bce+dice"), "lr": (1e-3, 3e-4)}
 RESULTS_FILE = "gpu-bench.json"
 WRITE_CHUNK = 512  # images generated on the device and written to HDF5 at once
+ARGUMENT_FLAGS = {"device": Flag("--device"), "out": Flag("--out")}  # keywords its messages name, as main takes them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,7 @@ TINY_GPU_BENCH = GpuBenchConfig(device="cpu", forward_batches=(2, 4), forward_im
 def require_cuda(device: str) -> None:
     """Asking for the GPU measures on a machine without CUDA is said plainly, before anything runs."""
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FishsegError(f"--device {device}: no CUDA device here (torch {torch.__version__}, CUDA build "
+        raise FishsegError(f"`device={shown(device)}`: no CUDA device here (torch {torch.__version__}, CUDA build "
                            f"{torch.version.cuda or 'none'}); the GPU measures need one, nothing was measured")
 
 
@@ -226,10 +227,10 @@ def run_gpu_benchmark(config: GpuBenchConfig, workdir: Path) -> dict[str, Any]:
 
 def _compile_line(compiled: dict[str, float] | None) -> str:
     if compiled is None:
-        return "G3 --compile                       not measured"
-    return (f"G3 --compile, {compiled['epochs']} epochs          {compiled['run_s']:8.2f} s against "
+        return "G3 torch.compile                   not measured"
+    return (f"G3 torch.compile, {compiled['epochs']} epochs      {compiled['run_s']:8.2f} s against "
             f"{compiled['plain_run_s']:.2f} s plain (first epoch {compiled['first_epoch_s']:.2f} s with the compile; "
-            f"keep --compile only where it is the smaller)")
+            f"keep compiling only where it is the smaller)")
 
 
 def format_gpu_table(results: dict[str, Any]) -> str:
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="fishseg-gpubench-") as scratch:  # the cache is ~7 GB: not in --out
             results = run_gpu_benchmark(config, Path(scratch))
     except FishsegError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise SystemExit(f"error: {render_flags(str(error), ARGUMENT_FLAGS)}") from None
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / RESULTS_FILE, results)
     print(format_gpu_table(results))

@@ -64,12 +64,12 @@ def groups_from_names(image_ids: list[str], pattern: str) -> np.ndarray:
     try:
         compiled = re.compile(pattern)
     except re.error as error:
-        raise FishsegError(f"--group-pattern {shown(pattern)}: not a regular expression ({error})") from None
+        raise FishsegError(f"`group_pattern={shown(pattern)}`: not a regular expression ({error})") from None
     keys = []
     for image_id in image_ids:
         found = compiled.search(image_id)
         if found is None:
-            raise FishsegError(f"--group-pattern {shown(pattern)}: no match in image id {image_id}")
+            raise FishsegError(f"`group_pattern={shown(pattern)}`: no match in image id {image_id}")
         keys.append(found.group(0))
     return np.unique(keys, return_inverse=True)[1]
 
@@ -97,7 +97,7 @@ def require_grouped_folds(groups: np.ndarray, classes: np.ndarray, n_folds: int,
     """Refuse, in one line, grouped folds that cannot be made: fewer groups than folds, or no class with as many
     images as folds (StratifiedGroupKFold's limit). ``val_fraction``: the folds are those of a train/val split.
     Cheap, so that a split is checked before anything is written."""
-    asked = (f"a grouped split of --val-fraction {shown(val_fraction)} ({n_folds} folds)" if val_fraction
+    asked = (f"a grouped split of `val_fraction={shown(val_fraction)}` ({n_folds} folds)" if val_fraction
              else f"{n_folds} grouped folds")
     n_groups = len(np.unique(groups))
     labels, counts = np.unique(classes, return_counts=True)
@@ -111,17 +111,17 @@ def require_grouped_folds(groups: np.ndarray, classes: np.ndarray, n_folds: int,
 
 
 def _fewer_folds(most: int, val_fraction: float | None) -> str:
-    """What to do when at most ``most`` folds can be made: the --cv or --val-fraction that makes that many."""
+    """What to do when at most ``most`` folds can be made: the ``folds`` or ``val_fraction`` that makes that many."""
     if most < 2:
-        return "use --split random, or add images"
-    fewer = f"--val-fraction {math.ceil(100 / most) / 100:g} or more" if val_fraction else f"--cv {most} or fewer"
-    return f"use {fewer}, --split random, or add images"
+        return "use `split='random'`, or add images"
+    fewer = f"`val_fraction={math.ceil(100 / most) / 100:g}` or more" if val_fraction else f"`folds={most}` or fewer"
+    return f"use {fewer}, `split='random'`, or add images"
 
 
 def random_folds(n_images: int, n_folds: int, seed: int) -> Folds:
     if n_images < n_folds:
-        raise FishsegError(f"{plural(n_images, 'image')}: too few for {n_folds} folds; use --cv {n_images} or fewer, "
-                           f"or add images")
+        raise FishsegError(f"{plural(n_images, 'image')}: too few for {n_folds} folds; use `folds={n_images}` or "
+                           f"fewer, or add images")
     folds = KFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return [(np.sort(train), np.sort(val)) for train, val in folds.split(np.zeros(n_images))]
 
@@ -129,7 +129,7 @@ def random_folds(n_images: int, n_folds: int, seed: int) -> Folds:
 def split_folds(val_fraction: float) -> int:
     """The number of folds whose first is a train/val split of about ``val_fraction`` validation."""
     if not 0.0 < val_fraction < 1.0:
-        raise FishsegError(f"--val-fraction {val_fraction}: must be between 0 and 1")
+        raise FishsegError(f"`val_fraction={shown(val_fraction)}`: must be between 0 and 1")
     return max(2, round(1 / val_fraction))
 
 
@@ -144,7 +144,7 @@ def grouped_split(groups: np.ndarray, classes: np.ndarray, val_fraction: float,
 def random_split(n_images: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic random train/val split of ``range(n_images)``; both parts sorted."""
     if not 0.0 < val_fraction < 1.0:
-        raise FishsegError(f"--val-fraction {val_fraction}: must be between 0 and 1")
+        raise FishsegError(f"`val_fraction={shown(val_fraction)}`: must be between 0 and 1")
     n_val = max(1, round(n_images * val_fraction))
     if n_val >= n_images:
         raise FishsegError(f"{plural(n_images, 'image')}: too few for a train/val split; add images")

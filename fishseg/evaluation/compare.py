@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fishseg.config import TrainConfig, value_text
+from fishseg.config import TrainConfig, shown, value_text
 from fishseg.errors import FishsegError
 from fishseg.evaluation.evaluate import METRICS_FILE, PER_IMAGE_FILE, evaluate_run
 from fishseg.evaluation.leaderboard import (LeaderboardEntry, UnscoredEntry, compared_folders, holds_leaderboard,
@@ -122,8 +122,8 @@ def check_out(out_dir: Path, compared: Sequence[Path], entries: Sequence[Path], 
     kind = RunFolder(out_dir).kind
     if kind == SWEEP_KIND and [folder.resolve() for folder in compared] == [out_dir.resolve()]:
         return
-    where, other = (f"{out_dir}, the default --out,", "pass --out DIR") if default else \
-        (f"--out {out_dir}:", "pass another --out")
+    where, other = (f"{out_dir}, the default `out`,", "pass `out`") if default else \
+        (f"`out={shown(str(out_dir))}`:", "pass another `out`")
     if kind is not None:
         raise FishsegError(f"{where} holds a {kind}, whose files a leaderboard of other folders would mix "
                            f"with or replace; {other}")
@@ -177,8 +177,8 @@ def _named_folder(folder: Path) -> tuple[list[Path], list[Unscored]]:
         return [], [Unscored(folder, RunFolder(folder).recorded_config(), True, failed)]
     reason = _unscorable(RunFolder(folder))
     if reason is not None:
-        raise FishsegError(f"{folder}: {reason}; nothing to compare until it is further (resume it with "
-                           f"`train --resume`), or leave it out")
+        raise FishsegError(f"{folder}: {reason}; nothing to compare until it is further (resume it: "
+                           f"fishseg train with `resume=True`), or leave it out")
     return [folder], []
 
 
@@ -238,7 +238,7 @@ class _CacheOpener:
             path = self.cache_path or Path(record.cache["path"])
             if not path.is_file():
                 raise FishsegError(f"{run_dir}: not evaluated yet, and its cache {path} is not there to score it; "
-                                   f"pass --cache")
+                                   f"pass `cache`")
             self.cache = FeatureCache(path)
         return self.cache
 
@@ -356,11 +356,12 @@ def _leaderboard_entry(entry: Entry, fields: list[str], comparison: Any) -> Lead
 def _check_baseline(baseline: Path) -> None:
     """A --baseline is a run or cross-validation with scores: a failed one has none."""
     if not (RunFolder(baseline).holds_run or RunFolder(baseline).holds_cv):
-        raise FishsegError(f"--baseline {baseline}: not a run or cross-validation folder")
+        raise FishsegError(f"`baseline={shown(str(baseline))}`: not a run or cross-validation folder")
     failed = failure(baseline)
     if failed is not None:
-        raise FishsegError(f"--baseline {baseline}: its training failed, so it has no scores to compare with; pass "
-                           f"another --baseline, or none (the best entry is the reference). It failed: {failed}")
+        raise FishsegError(f"`baseline={shown(str(baseline))}`: its training failed, so it has no scores to compare "
+                           f"with; pass another `baseline`, or none (the best entry is the reference). It failed: "
+                           f"{failed}")
 
 
 def run_compare(folders: Sequence[Path], out_dir: Path | None = None, *, baseline: Path | None = None,
@@ -420,5 +421,5 @@ def _notes(entries: list[Entry], image_ids: list[str], unscored: list[Unscored])
     notes += [f"Without scores: {other.described}." for other in unscored]
     if any(other.failed for other in unscored):
         notes.append("A failed run is not resumed (it would fail the same way); a sweep skips its failed configs "
-                     "unless it runs with --retry-failed, which trains them again from the start.")
+                     "unless it runs with `retry_failed=True`, which trains them again from the start.")
     return notes

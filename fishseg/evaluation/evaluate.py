@@ -232,8 +232,8 @@ def _check_report_folder(out_dir: Path, run_dir: Path) -> None:
     RunFolder(out_dir).require_no_kind("report")
     owner = out_dir.parent
     if out_dir.name == REPORT_DIR and RunFolder(owner).holds_run and owner.resolve() != run_dir.resolve():
-        raise FishsegError(f"{out_dir}: the report folder of another run ({owner}); leave --out out to write "
-                           f"{run_dir / REPORT_DIR}, or use another --out")
+        raise FishsegError(f"{out_dir}: the report folder of another run ({owner}); leave `out` out to write "
+                           f"{run_dir / REPORT_DIR}, or pass another `out`")
 
 
 def _write_per_image(path: Path, image_ids: list[str], classes: list[str], scores: dict[str, np.ndarray]) -> None:

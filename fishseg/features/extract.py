@@ -35,19 +35,19 @@ logger = logging.getLogger(__name__)
 
 def check_existing(out: Path, config: ExtractConfig, samples: list[Sample]) -> None:
     """Accept a finished cache made with ``config`` from exactly these files; otherwise say why not. Settings
-    the cache's backbone cannot take are refused first, so that --overwrite is advised only where it helps."""
+    the cache's backbone cannot take are refused first, so that overwriting is advised only where it helps."""
     with FeatureCache(out) as cache:
         if config.backbone == cache.config.backbone:
             check_settings(config, cache.backbone.patch_size, cache.num_blocks)
         if cache.config != config:
             changed = setting_changes(dataclasses.asdict(cache.config), dataclasses.asdict(config))
             raise FishsegError(f"{out}: extracted with other settings ({'; '.join(changed)}); "
-                               f"pass --overwrite to replace it")
+                               f"pass `overwrite=True` to replace it")
         changes = cache.staleness(samples)
     if any(changes.values()):
         raise FishsegError(f"{out}: stale: {changes['added']} added, {changes['removed']} removed, "
-                           f"{changes['modified']} modified images under the data root; pass --overwrite "
-                           f"to extract again")
+                           f"{changes['modified']} modified images under the data root; pass "
+                           f"`overwrite=True` to extract again")
 
 
 def check_settings(config: ExtractConfig, patch_size: int, num_blocks: int) -> None:
@@ -153,7 +153,7 @@ class _PartWriter:
                                       f"features for this image")
         failed = [error for error in errors if error]
         if failed and not self.skip_bad:
-            raise FishsegError(f"{failed[0]} (pass --skip-bad to leave such images out; finished batches "
+            raise FishsegError(f"{failed[0]} (pass `skip_bad=True` to leave such images out; finished batches "
                                f"are kept)")
         for error in failed:
             logger.warning("skipped: %s", error)
@@ -226,9 +226,9 @@ def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_s
     samples = discover_samples(data_root)
     if out.exists() and not is_cache(out):
         if not overwrite:
-            raise FishsegError(f"{out}: exists and is not a fishseg cache, so extract will not touch it; choose "
-                               f"another --out, or pass --overwrite to replace it")
-        logger.warning("%s is not a fishseg cache; --overwrite replaces it", out)
+            raise FishsegError(f"{out}: exists and is not a fishseg cache, so fishseg extract will not touch it; "
+                               f"choose another `out`, or pass `overwrite=True` to replace it")
+        logger.warning("%s is not a fishseg cache; `overwrite=True` replaces it", out)
     elif out.exists() and not overwrite:
         check_existing(out, config, samples)
         discard_parts(out)  # left behind by a run killed between finishing the cache and cleaning up

@@ -268,7 +268,7 @@ class FeatureCache:
         missing = [block for block in wanted if block not in self.layers]
         if missing:
             raise FishsegError(f"the run needs layers {format_layers(wanted)} but {self.path} holds layers "
-                               f"{format_layers(self.layers)}; extract with --layers {format_layers(wanted)}")
+                               f"{format_layers(self.layers)}; extract with `layers={wanted!r}`")
         return wanted
 
     def channels(self, layers: Sequence[int] | None) -> np.ndarray | None:
@@ -285,7 +285,7 @@ class FeatureCache:
         damaged cache into numbers."""
         if view not in self.views:
             raise FishsegError(f"{self.path}: holds views {', '.join(self.views)}, not {view}; extract with "
-                               f"--views to add it")
+                               f"`views` to add it")
         features = _take(self.file[feature_name(view)], indices)
         channels = self.channels(layers)
         if channels is not None:
@@ -294,7 +294,7 @@ class FeatureCache:
         if bad.size:
             ids = [self.image_ids[int(np.asarray(indices)[k])] for k in bad]
             raise FishsegError(f"{self.path}: features of {plural(len(ids), 'image')} hold NaN or inf "
-                               f"({named(ids)}); extract again with --overwrite")
+                               f"({named(ids)}); extract again with `overwrite=True`")
         return features
 
     def masks(self, indices: Sequence[int], view: str = IDENTITY) -> np.ndarray:
@@ -422,10 +422,11 @@ class PartStore:
         if recorded != manifest:
             if not discard_other:
                 require_same_precision(recorded.get("precision", UNRECORDED), manifest.get("precision", UNRECORDED),
-                                       directory, "resume with its --precision, or pass --overwrite to start again")
+                                       directory, "resume with its `precision`, or pass `overwrite=True` to start "
+                                                  "again")
                 changes = "; ".join(manifest_changes(recorded, manifest)) or "the images' order"
                 raise FishsegError(f"{directory}: an interrupted extraction of other images or settings ({changes}); "
-                                   f"pass --overwrite to discard it and start again")
+                                   f"pass `overwrite=True` to discard it and start again")
             discard_parts(path)
         if not (directory / cls.MANIFEST).exists():
             with disk_errors(directory):

@@ -70,7 +70,7 @@ __all__ = ["ANALYSIS_FILES", "CHECKPOINT_DIR", "CURVE_FILES", "CV_FILE", "CV_KIN
 logger = logging.getLogger(__name__)
 
 RUN_FILE, SPLIT_FILE, HISTORY_FILE, LOCK_FILE = "run.json", "split.json", "history.json", ".lock"
-RESTORE_ADVICE = "restore it, or train again with --overwrite"  # for a run's file that is damaged or missing
+RESTORE_ADVICE = "restore it, or train again with `overwrite=True`"  # for a run's file that is damaged or missing
 HISTORY_JOURNAL = "history.jsonl"
 CHECKPOINT_DIR, REPORT_DIR = "checkpoints", "report"
 METRICS_FILE, PER_IMAGE_FILE = "metrics.json", "per_image.csv"  # a report's scores: what `compare` reads back
@@ -136,8 +136,8 @@ class RunRecord:
         if self.status == FAILED:
             raise FishsegError(f"{run_dir}: its training failed in epoch {self.epochs_done + 1} of "
                                f"{self.epochs_planned}: {self.failure}; a resume would repeat that (it continues "
-                               f"the run exactly as it went): train it again with other settings and --overwrite, "
-                               f"or into another --out")
+                               f"the run exactly as it went): train it again with other settings and "
+                               f"`overwrite=True`, or into another `out`")
 
     def to_json(self) -> dict[str, Any]:
         data = json.loads(json.dumps(dataclasses.asdict(self)))  # as it reads back (tuples become lists)
@@ -154,7 +154,7 @@ class RunRecord:
             return cls(**values)
         except (AttributeError, KeyError, TypeError, FishsegError) as error:
             raise FishsegError(f"{source}: not a fishseg run record ({error}); restore it, or replace the run "
-                               f"with --overwrite") from None
+                               f"with `overwrite=True`") from None
 
 
 def _now() -> str:
@@ -163,7 +163,7 @@ def _now() -> str:
 
 def _not_a(path: Path, kind: str, problem: str) -> FishsegError:
     """The refusal of a folder's record file that is not one (cv.json, sweep.json)."""
-    return FishsegError(f"{path}: not a fishseg {kind} ({problem}); restore it, or use --overwrite or another --out")
+    return FishsegError(f"{path}: not a fishseg {kind} ({problem}); restore it, or use `overwrite=True` or another `out`")
 
 
 def _object_with(data: Any, keys: tuple[str, ...], path: Path, kind: str) -> dict[str, Any]:
@@ -332,7 +332,7 @@ class RunFolder:
         never a sweep or a cross-validation by a run (their results would be orphaned and misread)."""
         kind = self.kind
         if kind not in (None, wanted):
-            raise FishsegError(f"{self.path}: holds {_holding(kind)}, not a {wanted}; use another --out, or remove the "
+            raise FishsegError(f"{self.path}: holds {_holding(kind)}, not a {wanted}; use another `out`, or remove the "
                                f"folder first")
 
     def require_no_kind(self, writes: str) -> None:
@@ -340,7 +340,7 @@ class RunFolder:
         sweep: their files would mix with the folder's own, and the folder's commands would misread them."""
         kind = self.kind
         if kind is not None:
-            raise FishsegError(f"{self.path}: holds {_holding(kind)}; write the {writes} into another --out")
+            raise FishsegError(f"{self.path}: holds {_holding(kind)}; write the {writes} into another `out`")
 
     def fold(self, fold: int) -> RunFolder:
         """The run folder of 0-based ``fold`` of the cross-validation here."""
@@ -377,7 +377,7 @@ class RunFolder:
         if not self.holds_run:
             kind = self.kind
             holds = _holding(kind) if kind else f"no {RUN_FILE}"
-            raise FishsegError(f"{self.path}: not a run folder ({holds}); pass the --out folder of `train`"
+            raise FishsegError(f"{self.path}: not a run folder ({holds}); pass the `out` folder of fishseg train"
                                + (" (a fold-k or config folder inside it is one)" if kind else ""))
         record = RunRecord.from_json(read_json(self.path / RUN_FILE), self.path / RUN_FILE)
         self._check_settings(record)
@@ -399,7 +399,7 @@ class RunFolder:
             says = ", ".join(f"{name} {shown_setting(name, said[name])}" for name in differing)
             holds = ", ".join(f"{name} {shown_setting(name, held[name])}" for name in differing)
             raise FishsegError(f"{self.path / RUN_FILE}: says {says} but {best.file} was trained with {holds}; "
-                               f"restore {RUN_FILE}, or train again with --overwrite")
+                               f"restore {RUN_FILE}, or train again with `overwrite=True`")
 
     def write_record(self, record: RunRecord) -> None:
         write_json(self.path / RUN_FILE, record.to_json())
@@ -416,12 +416,12 @@ class RunFolder:
                 return empty_history()
             raise FishsegError(f"{self.path}: {HISTORY_FILE} is missing (and no {HISTORY_JOURNAL}), though "
                                f"{RUN_FILE} records {done} finished epochs; restore it (the run's curves and epoch "
-                               f"log are drawn from it), or train again with --overwrite")
+                               f"log are drawn from it), or train again with `overwrite=True`")
         history = _joined(_journal_entries(path), path) if path.name == HISTORY_JOURNAL else read_json(path)
         problem = _history_problem(history, done)
         if problem:
             raise FishsegError(f"{path}: not a fishseg history ({problem}); restore it, or train again with "
-                               f"--overwrite")
+                               f"`overwrite=True`")
         return {"epochs": history["epochs"][:done],
                 "iterations": {split: [row for row in history["iterations"][split] if row["epoch"] <= done]
                                for split in SPLITS}}
@@ -509,7 +509,7 @@ class RunFolder:
         record = self.read_record()
         if "best" not in record.checkpoints:
             raise FishsegError(f"{self.path}: no epoch has finished yet ({record.describe()}); "
-                               f"let training finish an epoch, or resume it with `train --resume`")
+                               f"let training finish an epoch, or resume it (fishseg train with `resume=True`)")
         if record.status == FAILED:
             logger.warning("%s: its training failed in epoch %d of %d (%s); using its best checkpoint, of epoch %d, "
                            "from before it failed", self.path, record.epochs_done + 1, record.epochs_planned,
@@ -723,8 +723,8 @@ def _joined(entries: list[Any], path: Path) -> dict[str, Any]:
     for entry in entries:
         if not (isinstance(entry, dict) and "epoch" in entry and isinstance(entry.get("iterations"), dict)
                 and all(isinstance(rows, list) for rows in entry["iterations"].values())):
-            raise FishsegError(f"{path}: not a fishseg history journal (a line is not an epoch's entry); restore "
-                               f"it, or train again with --overwrite")
+            raise FishsegError(f"{path}: not a fishseg history journal (a line is not an epoch's entry); "
+                               f"{RESTORE_ADVICE}")
         history["epochs"].append(entry["epoch"])
         for split, rows in entry["iterations"].items():
             history["iterations"].setdefault(split, []).extend(rows)
@@ -745,7 +745,7 @@ def empty_history() -> dict[str, Any]:
 
 def check_resume_flags(resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
-        raise FishsegError("--resume and --overwrite exclude each other: continue the run, or replace it")
+        raise FishsegError("`resume=True` and `overwrite=True` exclude each other: continue the run, or replace it")
 
 
 def differing_fields(recorded: TrainConfig, requested: TrainConfig) -> list[str]:

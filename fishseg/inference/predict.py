@@ -52,7 +52,7 @@ def check_backbone(loaded: BackboneInfo, trained: dict[str, Any]) -> None:
         differing = [f"same architecture, other weights ({_weights_kind(recorded)} → {_weights_kind(loaded)})"]
     if differing:
         raise FishsegError(f"backbone {loaded.name} differs from the one the run was trained on ({recorded.name}): "
-                           f"{'; '.join(differing)}; pass --backbone with the model its cache was extracted with")
+                           f"{'; '.join(differing)}; pass as `backbone` the model its cache was extracted with")
     if recorded.weights_sha256 is None:
         logger.warning("backbone %s: the run's cache did not record the weights of %s (made by an older fishseg), "
                        "so only the architecture could be checked", loaded.name, recorded.name)
@@ -140,11 +140,11 @@ def _earlier_predictions(out_dir: Path, overwrite: bool) -> list[str]:
     if others:
         raise FishsegError(f"{out_dir}: {plural(len(others), 'file')} in {'/, '.join(OUTPUT_DIRS)}/ that no "
                            f"{PREDICTIONS_CSV} lists (e.g. {others[0].relative_to(out_dir)}); predict writes "
-                           f"there: choose another --out, or move them away")
+                           f"there: choose another `out`, or move them away")
     if csv_path.is_file() and not overwrite:
         raise FishsegError(f"{out_dir}: holds earlier predictions ({PREDICTIONS_CSV}, {plural(len(names), 'mask')} "
-                           f"and overlay{'s' if len(names) != 1 else ''}); pass --overwrite to replace them, or "
-                           f"choose another --out")
+                           f"and overlay{'s' if len(names) != 1 else ''}); pass `overwrite=True` to replace them, "
+                           f"or choose another `out`")
     return names
 
 
@@ -154,11 +154,11 @@ def _listed_names(csv_path: Path) -> list[str]:
         with csv_path.open(newline="", encoding="utf-8") as handle:
             masks = [row["mask"] for row in csv.DictReader(handle)]
     except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError) as error:
-        raise FishsegError(f"{csv_path}: not a fishseg {PREDICTIONS_CSV} ({error}); choose another --out") from None
+        raise FishsegError(f"{csv_path}: not a fishseg {PREDICTIONS_CSV} ({error}); choose another `out`") from None
     names = [PurePosixPath(mask) for mask in masks if mask]
     strays = [str(path) for path in names if path.parent != PurePosixPath(OUTPUT_DIRS[0]) or path.suffix != ".png"]
     if strays:
-        raise FishsegError(f"{csv_path}: lists {strays[0]}, which is not a mask fishseg writes; choose another --out")
+        raise FishsegError(f"{csv_path}: lists {strays[0]}, which is not a mask fishseg writes; choose another `out`")
     return [path.stem for path in names]
 
 
@@ -217,7 +217,7 @@ def _predict_all(model: Backbone, decoder: torch.nn.Module, loader: torch.utils.
         for images, previews, errors in loader:
             failed = [error for error in errors if error]
             if failed and not skip_bad:
-                raise FishsegError(f"{failed[0]} (pass --skip-bad to leave such images out)")
+                raise FishsegError(f"{failed[0]} (pass `skip_bad=True` to leave such images out)")
             good = [k for k, error in enumerate(errors) if not error]
             probabilities = iter(_probabilities(model, decoder, images[good], previews[good], image_size, layers)
                                  if good else ())

@@ -85,7 +85,7 @@ def load_backbone(name: str, mean: tuple, std: tuple, device: torch.device) -> B
         raise FishsegError(
             f"cannot load backbone '{name}': {reason} -- a Hub id loads from the Hugging Face Hub (a gated model, "
             f"such as DINOv3, once its licence is accepted there and `hf auth login` run) or, offline, from the "
-            f"local Hugging Face cache; or pass --backbone DIR (a folder saved with save_pretrained)"
+            f"local Hugging Face cache; or pass as `backbone` a folder saved with save_pretrained"
         ) from None
     return Backbone(model, describe(model, name), mean, std, device)
 

@@ -44,7 +44,7 @@ def plan_cross_validation(out_dir: Path, config: TrainConfig, cache: FeatureCach
         raise FishsegError(f"{out_dir}: another process is cross-validating into this folder; wait for it or "
                            f"stop it")
     if not folder.holds_cv and resume:
-        raise FishsegError(f"{out_dir}: holds no cross-validation to resume; drop --resume to start one")
+        raise FishsegError(f"{out_dir}: holds no cross-validation to resume; leave `resume=True` out to start one")
     if folder.holds_cv and not overwrite:
         _check_recorded(folder, config, resume)
     for fold in range(config.folds):
@@ -60,12 +60,12 @@ def _check_recorded(folder: RunFolder, config: TrainConfig, resume: bool) -> Non
     recorded = cv.train_config
     if not resume:
         raise FishsegError(f"{folder}: already holds a {recorded.folds}-fold cross-validation ({cv.status}, "
-                           f"{cv.scored} of {recorded.folds} folds scored); add --resume to continue it or --overwrite to "
-                           f"replace it")
+                           f"{cv.scored} of {recorded.folds} folds scored); pass `resume=True` to continue it or "
+                           f"`overwrite=True` to replace it")
     differing = differing_fields(recorded, config)
     if differing:
         raise FishsegError(f"{folder}: the cross-validation was run with other settings ({'; '.join(differing)}); "
-                           f"resume with its settings, or use another --out")
+                           f"resume with its settings, or pass another `out`")
 
 
 def run_cross_validation(cache_path: Path, out_dir: Path, config: TrainConfig, *, device: str = "auto",
@@ -94,7 +94,7 @@ def cross_validate(data: TrainingData, out_dir: Path, config: TrainConfig, *, ra
     with folder.lock() if ranks.main else contextlib.nullcontext():
         if overwrite and ranks.main:
             if folder.holds_cv:
-                logger.info("%s: replacing the cross-validation there (--overwrite)", out_dir)
+                logger.info("%s: replacing the cross-validation there (`overwrite=True`)", out_dir)
             for fold in range(config.folds):
                 folder.fold(fold).clear()
             folder.clear()

@@ -61,7 +61,7 @@ VALIDATION_FIELDS = {  # TrainConfig fields that choose the validation images (t
     "val_fraction": "the fraction chooses the validation images",
     "group_pattern": "the groups choose the validation images of a grouped split",
 }
-SEED_ADVICE = ("; to see how much results vary with the validation images, use --cv K (mean ± std over K folds, "
+SEED_ADVICE = ("; to see how much results vary with the validation images, use `folds=K` (mean ± std over K folds, "
                "every image validated once)")
 
 
@@ -90,7 +90,7 @@ class SweepResult:
         share = (f" ({self.startup_seconds:.1f} s of it torch start-up), {self.inside_epochs:.0%} of the rest{slots} "
                  f"inside epochs" if self.trained else "")
         failed = (f"\n{plural(len(self.failed), 'config')} failed, listed without scores (a rerun skips them; "
-                  f"--retry-failed trains them again from the start):"
+                  f"`retry_failed=True` trains them again from the start):"
                   + "".join(f"\n  {name} — {why}" for name, why in self.failed.items()) if self.failed else "")
         now = f"{self.trained} trained now" + (f", {self.failed_now} of them failed" if self.failed_now else "")
         return (f"{plural(self.configs, 'config')} ({now}) in {self.wall_seconds:.1f} s{share}"
@@ -132,7 +132,7 @@ class SweepPlan:
         return self.to_train > CONFIRM_ABOVE
 
     def describe(self) -> str:
-        skipped = f", {self.failed} failed before (--retry-failed retries them)" if self.failed else ""
+        skipped = f", {self.failed} failed before (`retry_failed=True` retries them)" if self.failed else ""
         estimate = ("" if self.seconds is None else
                     f"; about {_duration(self.seconds)} of training, one config at a time (from {TIMED_STEPS} timed "
                     f"training steps per decoder, the median of repeated passes; validation, scoring and "
@@ -266,7 +266,7 @@ def _check_one_validation_set(grid: Grid, folds: int) -> None:
 def _unused_because(field: str, grid: Grid, folds: int) -> str | None:
     """Why a field that may choose the validation images is unused by every config of the grid, or None."""
     if field == "val_fraction" and folds:
-        return "with --cv the folds choose the validation images, not val_fraction"
+        return "with `folds` the folds choose the validation images, not val_fraction"
     if field == "group_pattern" and "grouped" not in grid.get("split", (TrainConfig.split,)):
         return "a random split ignores the groups"
     return None
@@ -309,7 +309,7 @@ def _check_folder(out_dir: Path, entry: SweepEntry, cache: FeatureCache) -> bool
         differing = differing_fields(record.train_config, entry.config)
         if differing:
             raise FishsegError(f"{folder}: holds a run of other settings than this sweep's config of that name "
-                               f"({'; '.join(differing)}); use another --out")
+                               f"({'; '.join(differing)}); use another `out`")
     plan_run(folder.path, entry.config, cache, **_continuation(folder))
     return folder.holds_run and folder.read_record().status == FINISHED
 
@@ -330,7 +330,7 @@ def _check_sweep_folder(out_dir: Path, cache: FeatureCache) -> None:
     if folder.holds_sweep:
         cache.require(dict(folder.read_sweep().cache), out_dir / SWEEP_FILE, folder.sweep_digests())
     elif holds_leaderboard(out_dir):  # of a `compare`: the sweep's own would replace it
-        raise FishsegError(f"{out_dir}: holds the leaderboard of a compare; use another --out, or remove it first")
+        raise FishsegError(f"{out_dir}: holds the leaderboard of a compare; use another `out`, or remove it first")
 
 
 def _check_layer_sets(layer_sets: Sequence[Sequence[int]], cache: FeatureCache) -> None:
@@ -355,7 +355,7 @@ def _check_same_grid(out_dir: Path, configs: list[SweepEntry]) -> None:
     if recorded != names:
         raise FishsegError(f"{out_dir}: holds a sweep of another grid ({plural(len(recorded), 'config')}: "
                            f"{', '.join(recorded[:3])}{', …' if len(recorded) > 3 else ''}); run that sweep again to "
-                           f"continue it, or use another --out (`fishseg compare` puts both sweeps side by side)")
+                           f"continue it, or use another `out` (`fishseg compare` puts both sweeps side by side)")
 
 
 @contextlib.contextmanager
@@ -380,7 +380,7 @@ def run_sweep(cache_path: Path, out_dir: Path, grid: Grid, *, folds: int = 0, de
     at a time on the one device, sharing the one copy of the cache. Configs that failed before are skipped
     unless ``retry_failed``."""
     if jobs < 1:
-        raise FishsegError(f"--jobs {jobs}: give 1 or more configs to train at a time")
+        raise FishsegError(f"`jobs={jobs}`: give 1 or more configs to train at a time")
     started = time.perf_counter()
     configs = expand_grid(grid, folds)
     torch_device = resolve_device(device)

@@ -265,7 +265,7 @@ def _non_finite_cause(split: Split, shards: list[torch.Tensor], views: ViewIds, 
     """Why the epoch's loss went non-finite, from the features of the first batch where it did."""
     first = next(k for k, value in enumerate(result.iteration_losses) if not math.isfinite(value))
     features = next(iter(split.batches([shards[first]], views)))[0]
-    return ("the decoder diverged on finite features; lower --lr" if ranks.all(torch.isfinite(features).all())
+    return ("the decoder diverged on finite features; lower `lr`" if ranks.all(torch.isfinite(features).all())
             else "the batch's features hold NaN or inf; extract the cache again")
 
 
@@ -374,8 +374,8 @@ def _new_record(cache: FeatureCache, config: TrainConfig, train_idx: np.ndarray,
 def check_cache(cache: FeatureCache, config: TrainConfig) -> tuple[int, ...]:
     """The cached blocks the run reads; a block or the views it needs and the cache lacks are refused."""
     if config.augment == "views" and len(cache.views) == 1:
-        raise FishsegError(f"--augment views: {cache.path} holds no views but the photo as it is; extract with "
-                           f"--views (e.g. hflip,vflip,rot90)")
+        raise FishsegError(f"`augment='views'`: {cache.path} holds no views but the photo as it is; extract it "
+                           f"again with views, e.g. `views=('hflip', 'vflip', 'rot90')`")
     return cache.select_layers(config.layers)
 
 
@@ -392,7 +392,7 @@ def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume:
     check_split(cache, config)
     if not folder.holds_run:
         if resume:
-            raise FishsegError(f"{out_dir}: holds no run to resume; drop --resume to start one")
+            raise FishsegError(f"{out_dir}: holds no run to resume; leave `resume=True` out to start one")
         return None
     if folder.locked:
         raise FishsegError(f"{out_dir}: another process is training into this folder; wait for it or stop it")
@@ -401,12 +401,12 @@ def plan_run(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume:
     record = folder.read_record()
     record.refuse_if_failed(out_dir)
     if not resume:
-        raise FishsegError(f"{out_dir}: already holds a run ({record.describe()}); add --resume to continue it "
-                           f"or --overwrite to replace it")
+        raise FishsegError(f"{out_dir}: already holds a run ({record.describe()}); pass `resume=True` to continue "
+                           f"it or `overwrite=True` to replace it")
     differing = differing_fields(record.train_config, config)
     if differing:
         raise FishsegError(f"{out_dir}: the run was trained with other settings ({'; '.join(differing)}); "
-                           f"resume with its settings, or train into another --out")
+                           f"resume with its settings, or train into another `out`")
     cache.require(record.cache, out_dir / RUN_FILE, folder.split_digests())
     return record
 
@@ -460,7 +460,7 @@ def train_run(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: 
     with folder.lock() if ranks.main else contextlib.nullcontext():
         if ranks.main and overwrite:
             if folder.holds_run:
-                logger.info("%s: replacing the run there (--overwrite)", out_dir)
+                logger.info("%s: replacing the run there (`overwrite=True`)", out_dir)
             folder.clear()
         elif ranks.main:
             folder.clear_report()  # a resumed run trains on: its report would describe the run as it was
@@ -534,14 +534,14 @@ def _train(data: TrainingData, folder: RunFolder, config: TrainConfig, ranks: Ra
     split = {"train": [cache.image_ids[i] for i in train_idx], "val": [cache.image_ids[i] for i in val_idx]}
     if previous is not None and folder.read_split(previous) != split:
         raise FishsegError(f"{folder.path / SPLIT_FILE}: differs from the split its settings give on {cache.path}; "
-                           f"the run cannot be resumed (train it again with --overwrite)")
+                           f"the run cannot be resumed (train it again with `overwrite=True`)")
     record = previous or _new_record(cache, config, train_idx, val_idx, groups)
     record = dataclasses.replace(record, status=RUNNING, features=data.describe(), device=str(device),
                                  processes=ranks.world, compiled=compiled,
                                  precision=active_precision(device).decoder_name,
                                  deterministic=torch.are_deterministic_algorithms_enabled())
     require_same_precision((previous or record).precision, record.precision, folder.path / RUN_FILE,
-                           "resume with its --precision, or train into another --out")
+                           "resume with its `precision`, or train into another `out`")
     if ranks.main:
         if previous is None:
             record = dataclasses.replace(record, split_sha256=folder.write_split(split["train"], split["val"],
