@@ -703,7 +703,7 @@ def test_a_damaged_cv_or_sweep_record_is_refused_in_one_line_naming_the_file(tmp
     with pytest.raises(FishsegError) as refused:
         RunFolder(tmp_path).read_cv() if name == "cv.json" else RunFolder(tmp_path).read_sweep()
     assert str(refused.value).startswith(f"{tmp_path / message}") and "\n" not in str(refused.value)
-    assert str(refused.value).endswith("; restore it, or use --overwrite or another --out")
+    assert str(refused.value).endswith("; restore it, or use `overwrite=True` or another `out`")
 
 
 def test_a_running_cv_record_reads_interrupted_unless_its_lock_is_held(tmp_path: Path) -> None:
