@@ -269,10 +269,10 @@ def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ran
             discard_parts(out)
         raise
     ranks.barrier()  # every shard is written
-    if not ranks.main:
-        return out
-    n_skipped = _assemble(store, out, config, backbone, samples, compression)
-    discard_parts(out)
-    logger.info("wrote %s (%s%s)", out, plural(len(samples) - n_skipped, "image"),
-                f", {n_skipped} skipped" if n_skipped else "")
+    if ranks.main:
+        n_skipped = _assemble(store, out, config, backbone, samples, compression)
+        discard_parts(out)
+        logger.info("wrote %s (%s%s)", out, plural(len(samples) - n_skipped, "image"),
+                    f", {n_skipped} skipped" if n_skipped else "")
+    ranks.barrier()  # the cache is whole before any process returns: each may read it (fishseg.extract's result)
     return out

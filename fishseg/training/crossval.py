@@ -74,7 +74,7 @@ def run_cross_validation(cache_path: Path, out_dir: Path, config: TrainConfig, *
                          compiled: bool = False) -> dict[str, Any]:
     """Train and score one run per fold of ``config.folds`` in ``out_dir/fold-k``; writes ``cv.json`` with
     mean ± std over folds. Under torchrun every fold trains on all ranks; rank 0 alone scores the folds and
-    writes cv.json (the other ranks return ``{}``)."""
+    writes cv.json, and every rank returns what it wrote."""
     with distributed.session(resolve_device(device)) as (ranks, torch_device), FeatureCache(cache_path) as cache:
         plan_cross_validation(out_dir, config, cache, resume=resume, overwrite=overwrite)
         data = TrainingData.open(cache, stream, ranks.local, guides=uses_image(config.decoder), device=torch_device)
@@ -121,11 +121,10 @@ def _cross_validate(data: TrainingData, out_dir: Path, config: TrainConfig, rank
                   resume=resume and holds_run(run_dir), on_epoch=on_epoch, compiled=compiled)
         if ranks.main:
             cv["folds"][fold] = _score_fold(data, run_dir, fold, device)
-    if not ranks.main:
-        return {}
-    cv.update(status=FINISHED, summary=_summary(cv["folds"]))
-    write_cv(out_dir, cv)
-    return cv
+    if ranks.main:
+        cv.update(status=FINISHED, summary=_summary(cv["folds"]))
+        write_cv(out_dir, cv)
+    return ranks.gather(cv)[0]  # rank 0's, which scored the folds, on every rank
 
 
 def _summary(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
