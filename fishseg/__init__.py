@@ -4,14 +4,12 @@ Every command is a function here: ``fishseg.extract``, ``train``, ``evaluate``, 
 ``probe``, ``predict``, ``demo``, each taking keywords named as the CLI's options and returning a typed result.
 """
 
-__version__ = "0.1.0"
-
-from fishseg.api import (SweepDeclined, compare, demo, evaluate, extract, predict,  # noqa: E402 (after the version)
-                         probe, sweep, train)
-from fishseg.config import ExtractConfig, TrainConfig  # noqa: E402
-from fishseg.errors import FishsegError  # noqa: E402
-from fishseg.results import (CrossValidationResult, EvaluationResult, ExtractResult,  # noqa: E402
-                             PredictionResult, ProbeResult, TrainResult)
+from fishseg.api import SweepDeclined, compare, demo, evaluate, extract, predict, probe, sweep, train
+from fishseg.config import ExtractConfig, TrainConfig
+from fishseg.errors import FishsegError
+from fishseg.results import (CrossValidationResult, EvaluationResult, ExtractResult, PredictionResult, ProbeResult,
+                             TrainResult)
+from fishseg.version import __version__
 
 __all__ = [
     "extract", "train", "evaluate", "sweep", "compare", "probe", "predict", "demo",

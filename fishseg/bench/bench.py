@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fishseg import __version__, api
+from fishseg import api
+from fishseg.version import __version__
 from fishseg.bench.call import torchrun_call
 from fishseg.bench.gpubench import GpuBenchConfig, format_gpu_table, require_cuda, run_gpu_benchmark
 from fishseg.bench.memory_probe import MB, measure_training, time_cached_epochs

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fishseg import __version__, distributed
+from fishseg import distributed
+from fishseg.version import __version__
 from fishseg.config import DEFAULT_COMPRESSION, IDENTITY, ExtractConfig, check_patch_multiple, resolve_layers
 from fishseg.data.images import ExtractionDataset, Sample, apply_view, discover_samples
 from fishseg.data.splits import near_duplicate_groups, thumbnails

@@ -50,7 +50,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from fishseg import __version__
+from fishseg.version import __version__
 from fishseg.config import LAST_BLOCK, TrainConfig, shown_setting
 from fishseg.errors import FishsegError
 from fishseg.models.decoders import load_checkpoint, read_checkpoint_meta, save_checkpoint

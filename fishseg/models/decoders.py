@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fishseg import __version__
+from fishseg.version import __version__
 from fishseg.errors import FishsegError
 
 CHECKPOINT_KEY = "fishseg"  # safetensors metadata entry holding the JSON description

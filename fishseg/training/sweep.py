@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fishseg import __version__
+from fishseg.version import __version__
 from fishseg.config import TrainConfig, format_layers, value_text
 from fishseg.errors import FishsegError
 from fishseg.evaluation.compare import Leaderboard, run_compare
