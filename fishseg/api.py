@@ -66,8 +66,8 @@ def extract(data_root: PathLike, out: PathLike, *, backbone: str = DEFAULT_BACKB
     process returns the same result."""
     from fishseg.features.extract import run_extraction
 
-    content = ExtractConfig(backbone=backbone, image_size=image_size, preview_size=preview_size,
-                            layers=tuple(layers), views=tuple(views))
+    content = ExtractConfig(backbone=backbone, image_size=image_size, preview_size=preview_size, layers=layers,
+                            views=views)  # (lists become tuples there)
     if config is not None and content != EXTRACT_DEFAULTS:
         raise TypeError("extract(): give the cache's content settings either as `config` or as keywords, not both")
     with _runtime(precision):
