@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from fishseg.evaluation.compare import Leaderboard
     from fishseg.training.sweep import SweepPlan, SweepResult
 
-__all__ = ["SweepDeclined", "compare", "demo", "evaluate", "extract", "predict", "probe", "sweep", "train"]
+__all__ = ["CrossValidationResult", "EvaluationResult", "ExtractResult", "PredictionResult", "ProbeResult",
+           "SweepDeclined", "TrainResult", "compare", "demo", "evaluate", "extract", "predict", "probe", "sweep",
+           "train"]
 
 PathLike = Union[str, os.PathLike]
 EXTRACT_DEFAULTS = ExtractConfig()

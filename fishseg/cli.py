@@ -22,11 +22,11 @@ from typing import Any, Callable, Iterator
 import click
 
 from fishseg import api
-from fishseg.version import __version__
 from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DECODER_NAMES, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, LOSSES,
                             PRECISIONS, SCHEDULES, SPLITS, VIEWS, ExtractConfig, TrainConfig, format_layers, shown)
 from fishseg.distributed import is_main_process, under_torchrun
 from fishseg.errors import FishsegError
+from fishseg.version import __version__
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 TRAIN_DEFAULTS = TrainConfig()

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from fishseg import api
-from fishseg.version import __version__
 from fishseg.bench.call import torchrun_call
 from fishseg.bench.gpubench import GpuBenchConfig, format_gpu_table, require_cuda, run_gpu_benchmark
 from fishseg.bench.memory_probe import MB, measure_training, time_cached_epochs
@@ -49,6 +48,7 @@ from fishseg.models.backbone import load_backbone, save_random_backbone
 from fishseg.models.decoders import build_decoder
 from fishseg.runtime import default_num_workers, read_json, resolve_device, timed
 from fishseg.training.train import InMemorySplit, decoder_step
+from fishseg.version import __version__
 
 EPOCH_REPEATS = 3  # cached epochs are cheap: report the best of three
 CPU = torch.device("cpu")  # timing work that runs off the device (file reads, other processes): no sync
