@@ -237,7 +237,7 @@ def demo(out: PathLike = "fishseg-demo", *, backbone: str | None = None, classes
          precision: str = "auto") -> EvaluationResult:
     """Generate a small fish dataset in ``out`` and run extract → train → evaluate on it (backbone None: a
     random-init ViT-S/16). ``out`` must be new, empty, or an earlier demo (replaced with ``overwrite=True``)."""
-    from fishseg.demo import run_demo
+    from fishseg.end_to_end import run_demo
 
     with _runtime(precision):
         return run_demo(Path(out), backbone=backbone, classes=classes, images_per_class=images_per_class,

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import fishseg
+import fishseg.end_to_end  # noqa: F401 (imported, a submodule must not replace an API function on the package)
 from fishseg.bench.call import main as call_main
 from fishseg.bench.call import torchrun_call
 from fishseg.cli import main
@@ -191,6 +192,7 @@ def test_demo_returns_the_evaluation(tmp_path: Path, tiny_backbone: Path) -> Non
     assert result.report == tmp_path / "demo" / "report" / "report.html" and result.report.is_file()
     assert result.metrics == json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
     assert result.n_images == 1 and result.random_init
+    assert all(callable(getattr(fishseg, name)) for name in fishseg.api.__all__)
 
 
 @pytest.fixture

@@ -1,4 +1,7 @@
-"""The end-to-end demo: generate fish photos → extract → train → evaluate → report, in one folder."""
+"""The end-to-end demo (`fishseg demo`, `fishseg.demo`): generate fish photos → extract → train → evaluate →
+report, in one folder.
+
+Not named `demo.py`: importing a submodule sets it on the package, where it would replace the function `fishseg.demo`."""
 
 from __future__ import annotations
 
