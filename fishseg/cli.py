@@ -1,8 +1,8 @@
 """Command line: ``fishseg extract|train|evaluate|demo`` and the three top-level scripts.
 
-Each command parses its options and calls one ``run_*`` function. A ``FishsegError`` becomes a
-one-line ``Error: ...`` and exit status 2; anything else is a bug and keeps its traceback.
-Stage modules are imported inside the commands so that ``--help`` answers without loading
+Each command parses its options, calls one ``fishseg.api`` function and prints from its result. A
+``FishsegError`` becomes a one-line ``Error: ...`` and exit status 2; anything else is a bug and keeps its
+traceback. The API imports the stage modules inside its functions, so that ``--help`` answers without loading
 transformers.
 """
 
@@ -21,11 +21,12 @@ from typing import Any, Callable, Iterator
 
 import click
 
-from fishseg import __version__
+from fishseg import api
 from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DECODER_NAMES, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, LOSSES,
                             PRECISIONS, SCHEDULES, SPLITS, VIEWS, ExtractConfig, TrainConfig, format_layers, shown)
 from fishseg.distributed import is_main_process, under_torchrun
 from fishseg.errors import FishsegError, Flag, render_flags
+from fishseg.version import __version__
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 TRAIN_DEFAULTS = TrainConfig()
@@ -212,37 +213,20 @@ def _stop_advice(command_name: str, out: Path | None) -> str:
 
 def device_option(function: Callable[..., Any]) -> Callable[..., Any]:
     """--device, and --precision, under which the command runs."""
-
-    @functools.wraps(function)
-    def under_precision(*args: Any, precision: str, **kwargs: Any) -> Any:
-        from fishseg.runtime import precision_scope
-
-        with precision_scope(precision):
-            return function(*args, **kwargs)
-
-    under_precision = click.option(
+    function = click.option(
         "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
         help="auto: fp32 on the CPU; bf16 on GPUs of compute capability 8.0+; below, an fp16 backbone and an "
-             "fp32 decoder. fp16 also trains the decoder in fp16 (with loss scaling).")(under_precision)
+             "fp32 decoder. fp16 also trains the decoder in fp16 (with loss scaling).")(function)
     return click.option("--device", type=DEVICES, default="auto", show_default=True,
                         help="auto uses CUDA when present and this torch build supports the GPU, else the CPU.")(
-        under_precision)
+        function)
 
 
 def deterministic_option(function: Callable[..., Any]) -> Callable[..., Any]:
     """--deterministic: the command runs with deterministic algorithms only."""
-
-    @functools.wraps(function)
-    def maybe_deterministic(*args: Any, deterministic: bool, **kwargs: Any) -> Any:
-        if deterministic:
-            from fishseg.runtime import make_deterministic
-
-            make_deterministic()
-        return function(*args, **kwargs)
-
     return click.option("--deterministic", is_flag=True,
                         help="Deterministic algorithms only, so that training repeats bit for bit on one machine "
-                             "(slower on GPUs; recorded in run.json).")(maybe_deterministic)
+                             "(slower on GPUs; recorded in run.json).")(function)
 
 
 def workers_option(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -281,20 +265,18 @@ input_dir = click.Path(file_okay=False, path_type=Path)
 @command
 def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_size: int, layers: tuple[int, ...],
             views: tuple[str, ...], batch_size: int | None, num_workers: int | None, compression: str, overwrite: bool,
-            skip_bad: bool, device: str) -> None:
+            skip_bad: bool, device: str, precision: str) -> None:
     """Run the frozen backbone once over every image and write patch features, masks and previews to one HDF5 cache.
 
     Resumable: stopped at any point, the same command continues where it stopped. Under
     `torchrun --nproc-per-node N` each process extracts a contiguous share of the images.
     """
-    from fishseg.features.extract import run_extraction
-
-    config = ExtractConfig(backbone=backbone, image_size=image_size, preview_size=preview_size, layers=layers,
-                           views=views)
-    run_extraction(data_root, out, config, batch_size=batch_size, num_workers=num_workers, device=device,
-                   compression=compression, overwrite=overwrite, skip_bad=skip_bad)
+    result = api.extract(data_root, out, backbone=backbone, image_size=image_size, preview_size=preview_size,
+                         layers=layers, views=views, batch_size=batch_size, num_workers=num_workers,
+                         compression=compression, overwrite=overwrite, skip_bad=skip_bad, device=device,
+                         precision=precision)
     if is_main_process():
-        click.echo(f"cache ready: {out}")
+        click.echo(f"cache ready: {result.cache}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,7 +318,6 @@ TRAIN_OPTIONS = (
     TrainOption("layers", Blocks(), "Cached blocks the decoder sees, concatenated on channels: 12, 6,9,12, -1 or all "
                                     "(every cached block).", separator="/", shown_default="all cached blocks"),
 )
-SWEEP_FIELDS = tuple(option.field for option in TRAIN_OPTIONS)
 
 
 def train_options(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -409,7 +390,7 @@ def stream_option(function: Callable[..., Any]) -> Callable[..., Any]:
 @deterministic_option
 @command
 def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool, compiled: bool, stream: bool | None,
-          device: str, **fields: Any) -> None:
+          device: str, precision: str, deterministic: bool, **fields: Any) -> None:
     """Train a decoder from the cached features only (no images, no backbone).
 
     A folder that already holds a run is never overwritten silently: add --resume to continue it
@@ -418,28 +399,21 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
     process computes a share of every batch (DDP); the run equals a one-process run up to
     floating-point order.
     """
-    from fishseg.formats.runs import RunFolder
     from fishseg.runtime import plural
-    from fishseg.training.crossval import run_cross_validation
-    from fishseg.training.train import run_training
 
     fields["folds"] = folds
-    recorded = RunFolder(out).recorded_config() if resume else None
-    config = dataclasses.replace(recorded, **_given(fields)) if recorded else TrainConfig(**fields)
-    if config.folds:
-        cv = run_cross_validation(cache_path, out, config, device=device, stream=stream, resume=resume,
-                                  overwrite=overwrite, compiled=compiled)
-        if is_main_process():
-            click.echo(f"{config.folds}-fold {config.split} cross-validation: " + ", ".join(
-                f"{name} {value['mean']:.4f} ± {value['std']:.4f}" for name, value in cv.summary.items()))
-            click.echo(f"written: {out}/cv.json")
+    result = api.train(cache_path, out, resume=resume, overwrite=overwrite, compiled=compiled, stream=stream,
+                       device=device, precision=precision, deterministic=deterministic, **_given(fields))
+    if not is_main_process():
         return
-    record = run_training(cache_path, out, config, device=device, stream=stream, resume=resume, overwrite=overwrite,
-                          compiled=compiled)
-    if is_main_process():
-        duplicates = plural(record.split["val_with_duplicate_in_train"], "val image")
-        click.echo(f"run {record.status}: {out} (best val IoU {record.best_val_iou:.4f} at epoch {record.best_epoch} "
-                   f"of {record.epochs_planned}; {duplicates} with a near-duplicate in train)")
+    if isinstance(result, api.CrossValidationResult):
+        click.echo(f"{result.folds}-fold {result.split} cross-validation: " + ", ".join(
+            f"{name} {mean:.4f} ± {std:.4f}" for name, (mean, std) in result.summary.items()))
+        click.echo(f"written: {result.out}/cv.json")
+        return
+    duplicates = plural(result.val_with_duplicate_in_train, "val image")
+    click.echo(f"run {result.status}: {result.out} (best val IoU {result.best_val_iou:.4f} at epoch "
+               f"{result.best_epoch} of {result.epochs_planned}; {duplicates} with a near-duplicate in train)")
 
 
 @click.command("sweep")
@@ -463,7 +437,7 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
 @deterministic_option
 @command
 def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, jobs: int, retry_failed: bool, yes: bool,
-          stream: bool | None, device: str, **lists: tuple | None) -> None:
+          stream: bool | None, device: str, precision: str, deterministic: bool, **lists: tuple | None) -> None:
     """Train every combination of the given values (the Cartesian product) over one cache, then compare them.
 
     Example: `fishseg sweep --cache C --out S --decoder seed-cnn,linear --lr 1e-3,3e-4 --epochs 20`
@@ -477,14 +451,15 @@ def sweep(cache_path: Path, out: Path, grid_file: Path | None, folds: int, jobs:
     long that takes; above 50 it asks first (or needs --yes). The leaderboard (see `fishseg
     compare`) is written into OUT at the end.
     """
-    from fishseg.training.sweep import read_grid_file, run_sweep
-
-    grid = read_grid_file(grid_file, SWEEP_FIELDS) if grid_file else {}
-    file_folds = grid.pop("folds", (0,))[0]
-    grid.update({field: values for field, values in lists.items() if values is not None})
-    folds = folds if _given({"folds": folds}) else file_folds
-    result = run_sweep(cache_path, out, grid, folds=folds, device=device, stream=stream, jobs=jobs,
-                       retry_failed=retry_failed, confirm=functools.partial(_confirm_plan, yes=yes))
+    try:
+        result = api.sweep(cache_path, out, grid_file=grid_file, folds=folds if _given({"folds": folds}) else None,
+                           jobs=jobs, retry_failed=retry_failed, yes=yes,
+                           confirm=functools.partial(_confirm_plan, yes=yes), stream=stream, device=device,
+                           precision=precision, deterministic=deterministic,
+                           **{field: values for field, values in lists.items() if values is not None})
+    except api.SweepDeclined:
+        click.echo("Sweep not started: nothing was written.")
+        raise click.exceptions.Exit(NOT_STARTED) from None
     click.echo(as_typed(result.closing_line()))
 
 
@@ -496,19 +471,17 @@ def _interactive() -> bool:
 NOT_STARTED = 1  # exit status of a sweep the user declined at the prompt (click's, for an aborted command)
 
 
-def _confirm_plan(plan: Any, *, yes: bool) -> None:
+def _confirm_plan(plan: Any, *, yes: bool) -> bool:
     """Say what the sweep is about to train; above the threshold, ask (or, with no terminal, require --yes)."""
     from fishseg.training.sweep import CONFIRM_ABOVE
 
     click.echo(as_typed(plan.describe()))
     if not plan.needs_confirmation or yes:
-        return
+        return True
     if not _interactive():
         raise FishsegError(f"{plan.to_train} configs to train, more than {CONFIRM_ABOVE}: add --yes to start them "
                            f"(there is no terminal to ask)")
-    if not _confirmed(f"Train {plan.to_train} configs?"):
-        click.echo("Sweep not started: nothing was written.")
-        raise click.exceptions.Exit(NOT_STARTED)
+    return _confirmed(f"Train {plan.to_train} configs?")
 
 
 def _confirmed(question: str) -> bool:
@@ -532,7 +505,7 @@ def _confirmed(question: str) -> bool:
 @device_option
 @command
 def compare(folders: tuple[Path, ...], baseline: Path | None, out: Path | None, cache_path: Path | None,
-            device: str) -> None:
+            device: str, precision: str) -> None:
     """Put runs side by side (a sweep folder counts as its runs, a --cv folder as one entry) and say which
     differences are real.
 
@@ -541,9 +514,7 @@ def compare(folders: tuple[Path, ...], baseline: Path | None, out: Path | None, 
     verdict. Runs must share one cache and the same validation images (cross-validations: the same
     folds). Writes leaderboard.csv, .md, .html and val_iou_curves.png.
     """
-    from fishseg.evaluation.compare import run_compare
-
-    board = run_compare(list(folders), out, baseline=baseline, cache_path=cache_path, device=device)
+    board = api.compare(folders, baseline=baseline, out=out, cache=cache_path, device=device, precision=precision)
     click.echo(board.summary())
 
 
@@ -555,13 +526,10 @@ def compare(folders: tuple[Path, ...], baseline: Path | None, out: Path | None, 
                    "run's report folder.")
 @device_option
 @command
-def evaluate(cache_path: Path, run_dir: Path, out: Path | None, device: str) -> None:
+def evaluate(cache_path: Path, run_dir: Path, out: Path | None, device: str, precision: str) -> None:
     """Score the run's best checkpoint on its validation split and write metrics and a report."""
-    from fishseg.evaluation.evaluate import run_evaluation
-
-    out = out or run_dir / "report"
-    metrics = run_evaluation(cache_path, run_dir, out, device=device)
-    click.echo(_summary(metrics, out))
+    result = api.evaluate(cache_path, run_dir, out=out, device=device, precision=precision)
+    click.echo(_summary(result.metrics, result.out))
 
 
 def _summary(metrics: dict[str, Any], out: Path) -> str:
@@ -590,26 +558,17 @@ def _summary(metrics: dict[str, Any], out: Path) -> str:
 def probe(cache_path: Path, split: str, group_pattern: str, val_fraction: float, seed: int,
           json_path: Path | None) -> None:
     """Species from mean-pooled cached features (logistic regression), on the split `train` would use."""
-    from fishseg.data.splits import split_indices
-    from fishseg.evaluation.probe import run_probe
-    from fishseg.formats.cache import FeatureCache
-    from fishseg.runtime import write_json
-
-    config = TrainConfig(val_fraction=val_fraction, seed=seed, split=split, group_pattern=group_pattern)
-    with FeatureCache(cache_path) as cache:
-        train_idx, val_idx, _ = split_indices(cache, config)
-        result = run_probe(cache, train_idx, val_idx)
-    if "skipped" in result:
-        click.echo(f"species probe skipped: {result['skipped']}")
-    else:
-        click.echo(f"species accuracy {result['accuracy']:.4f} on {result['n_val']} {split}-split validation images")
-        header = "true \\ predicted"
-        width = max(len(header), *(len(name) for name in result["classes"]))
-        click.echo(f"{header:>{width}}  " + " ".join(f"{k:>4}" for k in range(len(result["classes"]))))
-        for k, (name, row) in enumerate(zip(result["classes"], result["confusion"])):
-            click.echo(f"{name:>{width}}  " + " ".join(f"{count:>4}" for count in row) + f"   ({k})")
-    if json_path:
-        write_json(json_path, result)
+    result = api.probe(cache_path, split=split, group_pattern=group_pattern, val_fraction=val_fraction, seed=seed,
+                       json=json_path)
+    if result.skipped:
+        click.echo(f"species probe skipped: {result.skipped}")
+        return
+    click.echo(f"species accuracy {result.accuracy:.4f} on {result.n_val} {result.split}-split validation images")
+    header = "true \\ predicted"
+    width = max(len(header), *(len(name) for name in result.classes))
+    click.echo(f"{header:>{width}}  " + " ".join(f"{k:>4}" for k in range(len(result.classes))))
+    for k, (name, row) in enumerate(zip(result.classes, result.confusion)):
+        click.echo(f"{name:>{width}}  " + " ".join(f"{count:>4}" for count in row) + f"   ({k})")
 
 
 @click.command("predict")
@@ -626,20 +585,20 @@ def probe(cache_path: Path, split: str, group_pattern: str, val_fraction: float,
 @device_option
 @command
 def predict(inputs: tuple[Path, ...], run_dir: Path, out: Path, backbone: str | None, batch_size: int,
-            num_workers: int | None, skip_bad: bool, overwrite: bool, device: str) -> None:
+            num_workers: int | None, skip_bad: bool, overwrite: bool, device: str, precision: str) -> None:
     """Predict masks for images or folders of images (no masks needed), at each image's own resolution.
 
     The backbone must be the one the run's cache was extracted with: its architecture and a digest of its
     weights are checked.
     """
-    from fishseg.inference.predict import run_prediction
     from fishseg.runtime import plural
 
-    csv_path, skipped = run_prediction(run_dir, list(inputs), out, backbone=backbone, batch_size=batch_size,
-                                       num_workers=num_workers, device=device, skip_bad=skip_bad, overwrite=overwrite)
-    for error in skipped:
+    result = api.predict(inputs, run_dir, out, backbone=backbone, batch_size=batch_size, num_workers=num_workers,
+                         skip_bad=skip_bad, overwrite=overwrite, device=device, precision=precision)
+    for error in result.skipped:
         click.echo(f"skipped: {error}")
-    click.echo(f"predictions written: {csv_path}" + (f" ({plural(len(skipped), 'image')} skipped)" if skipped else ""))
+    click.echo(f"predictions written: {result.csv}"
+               + (f" ({plural(len(result.skipped), 'image')} skipped)" if result.skipped else ""))
 
 
 @click.command("demo")
@@ -655,18 +614,14 @@ def predict(inputs: tuple[Path, ...], run_dir: Path, out: Path, backbone: str | 
 @device_option
 @command
 def demo(out: Path, backbone: str | None, classes: int, images_per_class: int, epochs: int, image_size: int,
-         overwrite: bool, device: str) -> None:
+         overwrite: bool, device: str, precision: str) -> None:
     """Generate a small fish dataset and run extract → train → evaluate → report on it.
 
     OUT must be a new or empty folder, or an earlier demo with --overwrite.
     """
-    from fishseg.demo import run_demo
-    from fishseg.evaluation.evaluate import METRICS_FILE
-    from fishseg.runtime import read_json
-
-    report = run_demo(out, backbone=backbone, classes=classes, images_per_class=images_per_class, epochs=epochs,
-                      image_size=image_size, device=device, overwrite=overwrite)
-    click.echo(_summary(read_json(report.parent / METRICS_FILE), report))
+    result = api.demo(out, backbone=backbone, classes=classes, images_per_class=images_per_class, epochs=epochs,
+                      image_size=image_size, overwrite=overwrite, device=device, precision=precision)
+    click.echo(_summary(result.metrics, result.report))
 
 
 def _process_counts(value: str) -> tuple[int, ...]:
@@ -696,15 +651,16 @@ def _process_counts(value: str) -> tuple[int, ...]:
 @device_option
 @command
 def bench(images: int, image_size: int, batch_size: int, backbone: str | None, scale: int, num_workers: int | None,
-          processes: tuple[int, ...], sweep_epochs: int, json_path: Path | None, device: str) -> None:
+          processes: tuple[int, ...], sweep_epochs: int, json_path: Path | None, device: str, precision: str) -> None:
     """Measure forward and extraction throughput, cached vs reference-style epochs, memory, cache storage,
     torchrun scaling (with --processes) and the overhead of a sweep."""
     from fishseg.bench.bench import BenchConfig, format_table, run_benchmark
-    from fishseg.runtime import write_json
+    from fishseg.runtime import precision_scope, write_json
 
     config = BenchConfig(images=images, image_size=image_size, batch_size=batch_size, backbone=backbone, scale=scale,
                          device=device, num_workers=num_workers, processes=processes, sweep_epochs=sweep_epochs)
-    results = run_benchmark(config)
+    with precision_scope(precision):
+        results = run_benchmark(config)
     click.echo(format_table(results))
     if json_path:
         write_json(json_path, {"config": dataclasses.asdict(config), **results})

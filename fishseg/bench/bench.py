@@ -15,7 +15,8 @@
 9. (with ``--device cuda``) the GPU measures of ``fishseg.bench.gpubench`` at full size; without CUDA, asking for
    them stops with one line before anything runs.
 
-Usage: ``fishseg bench [--images 64] [--processes 1,2] [--json PATH]`` or ``python -m fishseg.bench.bench``.
+Usage: ``fishseg bench [--images 64] [--processes 1,2] [--json PATH]``. The stages run through the public API
+(``fishseg.api``); under torchrun, through ``fishseg.bench.call`` with the API's keywords.
 """
 
 from __future__ import annotations
@@ -32,23 +33,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from fishseg import __version__
+from fishseg import api
+from fishseg.bench.call import torchrun_call
 from fishseg.bench.gpubench import GpuBenchConfig, format_gpu_table, require_cuda, run_gpu_benchmark
 from fishseg.bench.memory_probe import MB, measure_training, time_cached_epochs
 from fishseg.config import COMPRESSIONS, ExtractConfig
 from fishseg.data.images import ExtractionDataset, Sample, discover_samples
 from fishseg.data.synthetic import SPECIES, write_demo_dataset
-from fishseg.distributed import torchrun_command
 from fishseg.errors import FishsegError
 from fishseg.evaluation.evaluate import run_evaluation
-from fishseg.features.extract import run_extraction
 from fishseg.formats.cache import CacheWriter, FeatureCache
 from fishseg.formats.runs import HISTORY_FILE
 from fishseg.models.backbone import load_backbone, save_random_backbone
 from fishseg.models.decoders import build_decoder
 from fishseg.runtime import default_num_workers, read_json, resolve_device, timed
-from fishseg.training.sweep import run_sweep
 from fishseg.training.train import InMemorySplit, decoder_step
+from fishseg.version import __version__
 
 EPOCH_REPEATS = 3  # cached epochs are cheap: report the best of three
 CPU = torch.device("cpu")  # timing work that runs off the device (file reads, other processes): no sync
@@ -156,20 +156,18 @@ def _run(command: list[Any]) -> None:
 
 
 def _scaling(data: Path, cache_path: Path, backbone: str, workdir: Path, config: BenchConfig) -> list[dict[str, Any]]:
-    """Measure 6: ``fishseg extract`` and ``fishseg train`` under torchrun with each process count, timed as
-    whole commands (start-up included)."""
-    workers = [] if config.num_workers is None else ["--num-workers", config.num_workers]
+    """Measure 6: ``fishseg.extract`` and ``fishseg.train`` under torchrun with each process count, timed as
+    whole processes (start-up included)."""
     rows = []
     for processes in config.processes:
-        launch = [*torchrun_command(processes), "-m", "fishseg"]
-        extraction = timed(lambda: _run([*launch, "extract", "--data-root", data, "--out",
-                                         workdir / f"scaling-{processes}.h5", "--backbone", backbone, "--image-size",
-                                         config.image_size, "--batch-size", config.batch_size, "--device",
-                                         config.device, *workers]), CPU)
+        extraction = timed(lambda: _run(torchrun_call(
+            processes, "extract", data_root=data, out=workdir / f"scaling-{processes}.h5", backbone=backbone,
+            image_size=config.image_size, batch_size=config.batch_size, num_workers=config.num_workers,
+            device=config.device)), CPU)
         run_dir = workdir / f"scaling-{processes}"
-        training = timed(lambda: _run([*launch, "train", "--cache", cache_path, "--out", run_dir, "--decoder",
-                                       config.decoder, "--epochs", SCALING_EPOCHS, "--batch-size", config.batch_size,
-                                       "--device", config.device]), CPU)
+        training = timed(lambda: _run(torchrun_call(
+            processes, "train", cache=cache_path, out=run_dir, decoder=config.decoder, epochs=SCALING_EPOCHS,
+            batch_size=config.batch_size, device=config.device)), CPU)
         epoch = min(row["seconds"] for row in read_json(run_dir / HISTORY_FILE)["epochs"][1:])
         rows.append({"processes": processes, "extraction_s": extraction,
                      "extraction_images_per_s": config.images / extraction, "training_s": training,
@@ -183,7 +181,7 @@ def _scaling(data: Path, cache_path: Path, backbone: str, workdir: Path, config:
 def _sweep_overhead(cache_path: Path, workdir: Path, config: BenchConfig) -> dict[str, Any]:
     """Measure 7: `fishseg sweep` of the 8 configs of SWEEP_GRID; the share of its wall time inside epochs."""
     grid = {**SWEEP_GRID, "epochs": (config.sweep_epochs,), "batch_size": (config.batch_size,)}
-    result = run_sweep(cache_path, workdir / "sweep", grid, device=config.device)
+    result = api.sweep(cache_path, workdir / "sweep", grid=grid, device=config.device)
     return {"configs": result.configs, "epochs_per_config": config.sweep_epochs, "wall_s": result.wall_seconds,
             "torch_startup_s": result.startup_seconds, "inside_epochs_s": result.epoch_seconds,
             "inside_epochs_share": result.inside_epochs}
@@ -195,7 +193,7 @@ def _evaluate(cache_path: Path, workdir: Path, config: BenchConfig) -> dict[str,
     scoring = timed(lambda: run_evaluation(cache_path, run_dir, workdir / "scores", device=config.device,
                                            report=False), CPU)
     started = time.perf_counter()
-    images = run_evaluation(cache_path, run_dir, workdir / "report", device=config.device)["n_images"]
+    images = api.evaluate(cache_path, run_dir, out=workdir / "report", device=config.device).n_images
     return {"images": images, "scores_s": scoring, "with_report_s": time.perf_counter() - started}
 
 
@@ -227,8 +225,8 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> dict[str,
         decoded = torch.stack([dataset[i][0] for i in range(len(samples))])
         forward = _forward_throughput(backbone, decoded, config.batch_size, device)
         cache_path = workdir / "cache.h5"
-        extraction_seconds = timed(lambda: run_extraction(
-            data, cache_path, extract_config, batch_size=config.batch_size, num_workers=config.num_workers,
+        extraction_seconds = timed(lambda: api.extract(
+            data, cache_path, config=extract_config, batch_size=config.batch_size, num_workers=config.num_workers,
             device=config.device, overwrite=True), device)
         reference = _reference_epoch(backbone, samples, config, device)
         cached = _cached_epoch(cache_path, config, device)
@@ -301,9 +299,3 @@ def _scaling_lines(rows: list[dict[str, Any]]) -> list[str]:
                      f"{row['extraction_images_per_s_ratio']:>6.2f}× {row['epoch_s']:>11.2f} "
                      f"{row['epoch_images_per_s']:>7.1f} {row['epoch_images_per_s_ratio']:>6.2f}×")
     return lines
-
-
-if __name__ == "__main__":
-    from fishseg.cli import bench
-
-    bench(prog_name="python -m fishseg.bench.bench")

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fishseg import __version__, distributed
+from fishseg import distributed
+from fishseg.version import __version__
 from fishseg.config import DEFAULT_COMPRESSION, IDENTITY, ExtractConfig, check_patch_multiple, resolve_layers
 from fishseg.data.images import ExtractionDataset, Sample, apply_view, discover_samples
 from fishseg.data.splits import near_duplicate_groups, thumbnails
@@ -269,10 +270,10 @@ def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ran
             discard_parts(out)
         raise
     ranks.barrier()  # every shard is written
-    if not ranks.main:
-        return out
-    n_skipped = _assemble(store, out, config, backbone, samples, compression)
-    discard_parts(out)
-    logger.info("wrote %s (%s%s)", out, plural(len(samples) - n_skipped, "image"),
-                f", {n_skipped} skipped" if n_skipped else "")
+    if ranks.main:
+        n_skipped = _assemble(store, out, config, backbone, samples, compression)
+        discard_parts(out)
+        logger.info("wrote %s (%s%s)", out, plural(len(samples) - n_skipped, "image"),
+                    f", {n_skipped} skipped" if n_skipped else "")
+    ranks.barrier()  # the cache is whole before any process returns: each may read it (fishseg.extract's result)
     return out

@@ -50,7 +50,7 @@ import h5py
 import numpy as np
 import torch
 
-from fishseg import __version__
+from fishseg.version import __version__
 from fishseg.config import (COMPRESSIONS, DEFAULT_COMPRESSION, IDENTITY, LAST_BLOCK, BackboneInfo, ExtractConfig,
                             fingerprint, format_layers, from_json, resolve_layers, to_json, value_text)
 from fishseg.data.images import Sample, apply_view

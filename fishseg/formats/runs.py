@@ -54,7 +54,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from fishseg import __version__
+from fishseg.version import __version__
 from fishseg.config import TrainConfig, shown_setting
 from fishseg.errors import FishsegError
 from fishseg.models.decoders import CheckpointMeta, load_checkpoint, read_checkpoint_meta, save_checkpoint

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fishseg import __version__
+from fishseg.version import __version__
 from fishseg.config import LAST_BLOCK
 from fishseg.errors import FishsegError
 

@@ -70,10 +70,10 @@ def _check_recorded(folder: RunFolder, config: TrainConfig, resume: bool) -> Non
 
 def run_cross_validation(cache_path: Path, out_dir: Path, config: TrainConfig, *, device: str = "auto",
                          stream: bool | None = None, resume: bool = False, overwrite: bool = False,
-                         compiled: bool = False) -> CrossValidationRecord | None:
+                         compiled: bool = False) -> CrossValidationRecord:
     """Train and score one run per fold of ``config.folds`` in ``out_dir/fold-k``; writes ``cv.json`` with
     mean ± std over folds. Under torchrun every fold trains on all ranks; rank 0 alone scores the folds and
-    writes cv.json (the other ranks return None)."""
+    writes cv.json, and every rank returns what it wrote."""
     with distributed.session(resolve_device(device)) as (ranks, torch_device), FeatureCache(cache_path) as cache:
         plan_cross_validation(out_dir, config, cache, resume=resume, overwrite=overwrite)
         data = TrainingData.open(cache, stream, ranks.local, guides=uses_image(config.decoder), device=torch_device)
@@ -83,7 +83,7 @@ def run_cross_validation(cache_path: Path, out_dir: Path, config: TrainConfig, *
 
 def cross_validate(data: TrainingData, out_dir: Path, config: TrainConfig, *, ranks: Ranks = Ranks(),
                    device: torch.device = torch.device("cpu"), resume: bool = False, overwrite: bool = False,
-                   on_epoch: EpochCallback | None = None, compiled: bool = False) -> CrossValidationRecord | None:
+                   on_epoch: EpochCallback | None = None, compiled: bool = False) -> CrossValidationRecord:
     """Cross-validate from already opened data (a sweep shares it between configs). The folder is locked while
     it runs; stopped before any fold kept an epoch, it is left as it was before (cv.json removed, and the folder
     when this call created it)."""
@@ -109,7 +109,7 @@ def cross_validate(data: TrainingData, out_dir: Path, config: TrainConfig, *, ra
 
 
 def _cross_validate(data: TrainingData, folder: RunFolder, config: TrainConfig, ranks: Ranks, device: torch.device,
-                    resume: bool, on_epoch: EpochCallback | None, compiled: bool) -> CrossValidationRecord | None:
+                    resume: bool, on_epoch: EpochCallback | None, compiled: bool) -> CrossValidationRecord:
     cv = CrossValidationRecord.start(config)
     for fold in range(config.folds):
         run = folder.fold(fold)
@@ -120,11 +120,10 @@ def _cross_validate(data: TrainingData, folder: RunFolder, config: TrainConfig, 
                   resume=resume and run.holds_run, on_epoch=on_epoch, compiled=compiled)
         if ranks.main:
             cv = cv.with_fold(fold, _score_fold(data, run, fold, device))
-    if not ranks.main:
-        return None
-    cv = dataclasses.replace(cv, status=FINISHED, summary=_summary(cv.folds))
-    folder.write_cv(cv)
-    return cv
+    if ranks.main:
+        cv = dataclasses.replace(cv, status=FINISHED, summary=_summary(cv.folds))
+        folder.write_cv(cv)
+    return ranks.gather(cv)[0]  # rank 0's, which scored the folds, on every rank
 
 
 def _summary(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:

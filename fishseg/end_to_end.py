@@ -1,4 +1,7 @@
-"""The end-to-end demo: generate fish photos → extract → train → evaluate → report, in one folder."""
+"""The end-to-end demo (`fishseg demo`, `fishseg.demo`): generate fish photos → extract → train → evaluate →
+report, in one folder.
+
+Not named `demo.py`: importing a submodule sets it on the package, where it would replace the function `fishseg.demo`."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from fishseg.evaluation.evaluate import run_evaluation
 from fishseg.evaluation.report import REPORT_HTML
 from fishseg.features.extract import run_extraction
 from fishseg.models.backbone import save_random_backbone
+from fishseg.results import EvaluationResult
 from fishseg.runtime import removed_on_error
 from fishseg.training.train import run_training
 
@@ -20,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 
 def run_demo(out: Path, *, backbone: str | None = None, classes: int = 3, images_per_class: int = 12,
-             epochs: int = 20, image_size: int = 448, device: str = "auto", overwrite: bool = False) -> Path:
-    """Run the whole pipeline on generated data under ``out``; returns the report path.
+             epochs: int = 20, image_size: int = 448, device: str = "auto", overwrite: bool = False) -> EvaluationResult:
+    """Run the whole pipeline on generated data under ``out``; returns the evaluation (report in ``out/report``).
 
     ``out`` must be new, empty, or (with ``overwrite``) an earlier demo, whose data, cache, run and report are
     then replaced; anything else in it (a sweep of the demo cache, say) is left alone."""
@@ -49,7 +53,7 @@ def _check_out(out: Path, overwrite: bool) -> bool:
 
 
 def _run_demo(out: Path, backbone: str | None, classes: int, images_per_class: int, epochs: int, image_size: int,
-              device: str, overwrite: bool) -> Path:
+              device: str, overwrite: bool) -> EvaluationResult:
     data_root = write_demo_dataset(out / "data", classes=classes, images_per_class=images_per_class)
     if backbone is None:
         backbone = str(save_random_backbone(out / "backbone-random-init"))
@@ -57,5 +61,5 @@ def _run_demo(out: Path, backbone: str | None, classes: int, images_per_class: i
     cache = run_extraction(data_root, out / "cache.h5", ExtractConfig(backbone=backbone, image_size=image_size),
                            device=device, overwrite=overwrite)
     run_training(cache, out / "run", TrainConfig(epochs=epochs), device=device, overwrite=overwrite)
-    run_evaluation(cache, out / "run", out / "report", device=device)
-    return out / "report" / REPORT_HTML
+    metrics = run_evaluation(cache, out / "run", out / "report", device=device)
+    return EvaluationResult.of(out / "report", out / "report" / REPORT_HTML, metrics)

@@ -1,0 +1,244 @@
+"""The public Python API: every fishseg command as one function of keywords that returns a typed result.
+
+``fishseg extract|train|evaluate|sweep|compare|probe|predict|demo`` parse their options and call these, so
+whatever the CLI does (resume with the run's own settings, cross-validation, refusals that keep runs safe),
+``import fishseg`` does too. Keywords are named as the CLI's options (``image_size`` for ``--image-size``);
+paths may be ``str`` or ``Path``. ``precision`` and ``deterministic`` apply inside the call only. Stage modules
+are imported inside the functions, so that ``import fishseg`` (and ``fishseg --help``) does not load
+transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Union
+
+from fishseg.config import DEFAULT_BACKBONE, DEFAULT_COMPRESSION, ExtractConfig, TrainConfig
+from fishseg.errors import FishsegError
+from fishseg.results import (CrossValidationResult, EvaluationResult, ExtractResult, PredictionResult, ProbeResult,
+                             TrainResult)
+
+if TYPE_CHECKING:
+    from fishseg.evaluation.compare import Leaderboard
+    from fishseg.training.sweep import SweepPlan, SweepResult
+
+__all__ = ["CrossValidationResult", "EvaluationResult", "ExtractResult", "PredictionResult", "ProbeResult",
+           "SweepDeclined", "TrainResult", "compare", "demo", "evaluate", "extract", "predict", "probe", "sweep",
+           "train"]
+
+PathLike = Union[str, os.PathLike]
+EXTRACT_DEFAULTS = ExtractConfig()
+TRAIN_FIELDS = tuple(field.name for field in dataclasses.fields(TrainConfig) if field.name != "fold")
+SWEEP_FIELDS = tuple(field for field in TRAIN_FIELDS if field != "folds")  # sweep takes folds as its own keyword
+
+logger = logging.getLogger(__name__)
+
+
+class SweepDeclined(FishsegError):
+    """The sweep's ``confirm`` callback answered no: nothing was written."""
+
+
+@contextlib.contextmanager
+def _runtime(precision: str, deterministic: bool = False) -> Iterator[None]:
+    """The call runs under ``precision`` (one of config.PRECISIONS) and, with ``deterministic``, with
+    deterministic algorithms only (which stays so for the rest of the process: torch has no scope for it)."""
+    from fishseg.runtime import make_deterministic, precision_scope
+
+    with precision_scope(precision):
+        if deterministic:
+            make_deterministic()
+        yield
+
+
+def extract(data_root: PathLike, out: PathLike, *, backbone: str = DEFAULT_BACKBONE,
+            image_size: int = EXTRACT_DEFAULTS.image_size, preview_size: int = EXTRACT_DEFAULTS.preview_size,
+            layers: Sequence[int] = EXTRACT_DEFAULTS.layers, views: Sequence[str] = (), batch_size: int | None = None,
+            num_workers: int | None = None, compression: str = DEFAULT_COMPRESSION, overwrite: bool = False,
+            skip_bad: bool = False, device: str = "auto", precision: str = "auto",
+            config: ExtractConfig | None = None) -> ExtractResult:
+    """Run the frozen backbone once over every image under ``data_root`` and write the HDF5 cache ``out``.
+
+    ``config`` gives the content settings (backbone, image_size, preview_size, layers, views, normalisation) at
+    once, in place of those keywords. A finished cache is kept when up to date and refused when stale (replace it
+    with ``overwrite=True``); an interrupted one resumes. Under torchrun each process extracts a share, and every
+    process returns the same result."""
+    from fishseg.features.extract import run_extraction
+
+    content = ExtractConfig(backbone=backbone, image_size=image_size, preview_size=preview_size, layers=layers,
+                            views=views)  # (lists become tuples there)
+    if config is not None and content != EXTRACT_DEFAULTS:
+        raise TypeError("extract(): give the cache's content settings either as `config` or as keywords, not both")
+    with _runtime(precision):
+        cache = run_extraction(Path(data_root), Path(out), config or content, batch_size=batch_size,
+                               num_workers=num_workers, device=device, compression=compression, overwrite=overwrite,
+                               skip_bad=skip_bad)
+    return ExtractResult.read(cache)
+
+
+def train(cache: PathLike, out: PathLike, *, config: TrainConfig | None = None, resume: bool = False,
+          overwrite: bool = False, compiled: bool = False, stream: bool | None = None, device: str = "auto",
+          precision: str = "auto", deterministic: bool = False,
+          **fields: Any) -> TrainResult | CrossValidationResult:
+    """Train a decoder on the cached features into the run folder ``out``; with ``folds=K`` (K >= 2), a K-fold
+    cross-validation into ``out/fold-k`` and ``out/cv.json``.
+
+    ``fields`` are TrainConfig fields (``decoder``, ``epochs``, ``lr``, ``folds``, …); ``config`` gives them all at
+    once (fields given beside it replace its values). With ``resume=True`` the run's recorded settings are taken
+    and only the fields given must agree with them (a disagreeing one is refused, as is ``epochs`` below those
+    done). A folder holding a run is never replaced without ``overwrite=True``. ``stream``: read batches from the
+    file (True) or hold the features in memory (False); None chooses by free memory. Under torchrun every process
+    returns the same result."""
+    from fishseg.formats.runs import RunFolder
+    from fishseg.training.crossval import run_cross_validation
+    from fishseg.training.train import run_training
+
+    _check_keywords("train", fields, TRAIN_FIELDS)
+    given = {**({} if config is None else _fields(config)), **fields}
+    out = Path(out)
+    recorded = RunFolder(out).recorded_config() if resume else None
+    config = dataclasses.replace(recorded, **given) if recorded else TrainConfig(**given)
+    options = dict(device=device, stream=stream, resume=resume, overwrite=overwrite, compiled=compiled)
+    with _runtime(precision, deterministic):
+        if config.folds:
+            return CrossValidationResult.from_cv(out, run_cross_validation(Path(cache), out, config, **options))
+        return TrainResult.of(out, run_training(Path(cache), out, config, **options))
+
+
+def _fields(config: TrainConfig) -> dict[str, Any]:
+    """The fields of ``config`` a caller can give (``fold`` is the cross-validation's own)."""
+    return {name: getattr(config, name) for name in TRAIN_FIELDS}
+
+
+def _check_keywords(function: str, given: Mapping[str, Any], known: Sequence[str]) -> None:
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise TypeError(f"{function}() got unexpected keyword{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(unknown)}; TrainConfig fields are {', '.join(known)}")
+
+
+def evaluate(cache: PathLike, run: PathLike, *, out: PathLike | None = None, device: str = "auto",
+             precision: str = "auto") -> EvaluationResult:
+    """Score the run's best checkpoint on its validation images; write metrics.json, per_image.csv and the report
+    into ``out`` (default: ``run/report``)."""
+    from fishseg.evaluation.evaluate import run_evaluation
+    from fishseg.evaluation.report import REPORT_HTML
+    from fishseg.formats.runs import REPORT_DIR
+
+    run = Path(run)
+    out = Path(out) if out is not None else run / REPORT_DIR
+    with _runtime(precision):
+        metrics = run_evaluation(Path(cache), run, out, device=device)
+    return EvaluationResult.of(out, out / REPORT_HTML, metrics)
+
+
+def sweep(cache: PathLike, out: PathLike, *, grid: Mapping[str, Any] | None = None, grid_file: PathLike | None = None,
+          folds: int | None = None, jobs: int = 1, retry_failed: bool = False, yes: bool = False,
+          confirm: Callable[[SweepPlan], bool] | None = None, stream: bool | None = None, device: str = "auto",
+          precision: str = "auto", deterministic: bool = False, **lists: Any) -> SweepResult:
+    """Train every combination of the values given (the Cartesian product) into ``out``, then compare them.
+
+    Values come from ``grid_file`` (TOML), then ``grid`` (field → values), then ``lists`` (``lr=[1e-3, 3e-4]``),
+    each replacing the earlier's values of a field; one value stands for a list of one (``layers`` takes a list
+    of block tuples). ``folds``: each config is a K-fold cross-validation (None: the grid file's ``cv``, else 0).
+    ``confirm`` sees the plan before anything is written; above 50 configs to train, without ``yes=True``, its
+    answer decides (False raises SweepDeclined), and without ``confirm`` the sweep is refused."""
+    from fishseg.training.sweep import read_grid_file, run_sweep
+
+    for keywords in (lists, grid or {}):
+        _check_keywords("sweep", keywords, SWEEP_FIELDS)
+    values = read_grid_file(Path(grid_file), SWEEP_FIELDS) if grid_file is not None else {}
+    file_folds = values.pop("folds", (0,))[0]
+    values.update({field: _values(value) for field, value in {**(grid or {}), **lists}.items()})
+    with _runtime(precision, deterministic):
+        return run_sweep(Path(cache), Path(out), values, folds=file_folds if folds is None else folds, device=device,
+                         stream=stream, jobs=jobs, retry_failed=retry_failed, confirm=_confirmation(yes, confirm))
+
+
+def _values(value: Any) -> tuple:
+    """A sweep's values of one field: a list or tuple is the values, anything else one value."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def _confirmation(yes: bool, confirm: Callable[[SweepPlan], bool] | None) -> Callable[[SweepPlan], None]:
+    """What the sweep does with its plan: show it (to ``confirm``, else the log) and, above the threshold
+    without ``yes``, start only on a yes."""
+    from fishseg.training.sweep import CONFIRM_ABOVE
+
+    def check(plan: SweepPlan) -> None:
+        answer = confirm(plan) if confirm is not None else logger.info("%s", plan.describe())
+        if not plan.needs_confirmation or yes:
+            return
+        if confirm is None:
+            raise FishsegError(f"{plan.to_train} configs to train, more than {CONFIRM_ABOVE}: pass `yes=True` to "
+                               f"start them, or a `confirm` callback that asks")
+        if not answer:
+            raise SweepDeclined(f"sweep not started ({plan.to_train} configs to train, declined): nothing was "
+                                f"written")
+
+    return check
+
+
+def compare(folders: PathLike | Sequence[PathLike], *, baseline: PathLike | None = None, out: PathLike | None = None,
+            cache: PathLike | None = None, device: str = "auto", precision: str = "auto") -> Leaderboard:
+    """Put runs, cross-validations and sweeps side by side, paired image by image with the best (or
+    ``baseline``), and write the leaderboard into ``out`` (default: the sweep folder when it is the only folder
+    given, else ./compare). ``cache`` scores runs not evaluated yet (default: the path the runs recorded)."""
+    from fishseg.evaluation.compare import run_compare
+
+    paths = [Path(folders)] if isinstance(folders, (str, os.PathLike)) else [Path(folder) for folder in folders]
+    with _runtime(precision):
+        return run_compare(paths, _path(out), baseline=_path(baseline), cache_path=_path(cache), device=device)
+
+
+def _path(value: PathLike | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def probe(cache: PathLike, *, split: str = TrainConfig.split, group_pattern: str = "",
+          val_fraction: float = TrainConfig.val_fraction, seed: int = TrainConfig.seed,
+          json: PathLike | None = None) -> ProbeResult:
+    """Species from mean-pooled cached features (logistic regression), fitted and scored on the split that
+    ``train`` would use with these settings; with ``json``, also written there."""
+    from fishseg.data.splits import split_indices
+    from fishseg.evaluation.probe import run_probe
+    from fishseg.formats.cache import FeatureCache
+    from fishseg.runtime import write_json
+
+    config = TrainConfig(val_fraction=val_fraction, seed=seed, split=split, group_pattern=group_pattern)
+    with FeatureCache(Path(cache)) as features:
+        train_idx, val_idx, _ = split_indices(features, config)
+        result = run_probe(features, train_idx, val_idx)
+    if json is not None:
+        write_json(Path(json), result)
+    return ProbeResult.of(split, result, _path(json))
+
+
+def predict(inputs: PathLike | Sequence[PathLike], run: PathLike, out: PathLike, *, backbone: str | None = None,
+            batch_size: int = 8, num_workers: int | None = None, skip_bad: bool = False, overwrite: bool = False,
+            device: str = "auto", precision: str = "auto") -> PredictionResult:
+    """Predict a mask for every image in ``inputs`` (files or folders) at its own size into ``out`` (masks/,
+    overlays/, predictions.csv). ``backbone`` defaults to the run's; its weights are checked against the run's."""
+    from fishseg.inference.predict import run_prediction
+
+    paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(path) for path in inputs]
+    with _runtime(precision):
+        csv_path, skipped = run_prediction(Path(run), paths, Path(out), backbone=backbone, batch_size=batch_size,
+                                           num_workers=num_workers, device=device, skip_bad=skip_bad,
+                                           overwrite=overwrite)
+    return PredictionResult.of(Path(out), csv_path, skipped)
+
+
+def demo(out: PathLike = "fishseg-demo", *, backbone: str | None = None, classes: int = 3, images_per_class: int = 12,
+         epochs: int = 20, image_size: int = EXTRACT_DEFAULTS.image_size, overwrite: bool = False, device: str = "auto",
+         precision: str = "auto") -> EvaluationResult:
+    """Generate a small fish dataset in ``out`` and run extract → train → evaluate on it (backbone None: a
+    random-init ViT-S/16). ``out`` must be new, empty, or an earlier demo (replaced with ``overwrite=True``)."""
+    from fishseg.end_to_end import run_demo
+
+    with _runtime(precision):
+        return run_demo(Path(out), backbone=backbone, classes=classes, images_per_class=images_per_class,
+                        epochs=epochs, image_size=image_size, device=device, overwrite=overwrite)
