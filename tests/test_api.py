@@ -17,7 +17,7 @@ from fishseg.bench.call import main as call_main
 from fishseg.bench.call import torchrun_call
 from fishseg.cli import main
 from fishseg.formats.cache import FeatureCache
-from fishseg.formats.runs import read_cv, read_record
+from fishseg.formats.runs import RunFolder
 from fishseg.training.crossval import CV_METRICS
 from tests.helpers import TINY_IMAGE_SIZE, interrupt_at_pass, write_toy_cache
 
@@ -57,7 +57,7 @@ def test_extract_returns_the_cache_it_wrote(tmp_path: Path, kaggle_root: Path, t
 
 
 def test_train_returns_the_record_it_wrote(trained: fishseg.TrainResult) -> None:
-    record = read_record(trained.out)
+    record = RunFolder(trained.out).read_record()
     assert isinstance(trained.out, Path) and trained.record == record
     assert (trained.status, trained.epochs_planned, trained.best_epoch) == ("finished", 2, record.best_epoch)
     assert 0 <= trained.best_val_iou == record.best_val_iou and 1 <= trained.best_epoch <= 2
@@ -89,7 +89,7 @@ def stopped(toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     with pytest.raises(KeyboardInterrupt):
         fishseg.train(toy, tmp_path / "stopped", epochs=3, lr=3e-3, augment="flips", **FAST)
     monkeypatch.undo()
-    assert read_record(tmp_path / "stopped").epochs_done == 1
+    assert RunFolder(tmp_path / "stopped").read_record().epochs_done == 1
     return tmp_path / "stopped"
 
 
@@ -103,7 +103,7 @@ def test_resume_through_the_api_equals_the_clis(toy: Path, stopped: Path, tmp_pa
     assert cli.exit_code == 0, cli.output
     assert cli.output.startswith(f"run finished: {by_cli} (best val IoU {result.best_val_iou:.4f} at epoch "
                                  f"{result.best_epoch} of 3;")
-    by_api, by_shell = result.record, read_record(by_cli)
+    by_api, by_shell = result.record, RunFolder(by_cli).read_record()
     assert by_api.train_config == by_shell.train_config == fishseg.TrainConfig(epochs=3, lr=3e-3, augment="flips",
                                                                                 batch_size=4)
     assert (by_api.epochs_done, by_api.best_epoch, by_api.best_val_iou) == (
@@ -118,13 +118,13 @@ def test_resume_needs_a_run(toy: Path, tmp_path: Path) -> None:
 
 def test_cross_validation_returns_the_folds_and_their_summary(toy: Path, tmp_path: Path) -> None:
     result = fishseg.train(toy, str(tmp_path / "cv"), folds=2, epochs=1, **FAST)
-    cv = read_cv(tmp_path / "cv")
+    cv = RunFolder(tmp_path / "cv").read_cv()
     assert isinstance(result, fishseg.CrossValidationResult)
     assert (result.out, result.folds, result.split) == (tmp_path / "cv", 2, "random")
     assert result.runs == (tmp_path / "cv" / "fold-1", tmp_path / "cv" / "fold-2")
     assert all((run / "run.json").is_file() for run in result.runs)
     assert set(result.summary) == set(CV_METRICS)
-    assert result.summary["mean_iou"] == (cv["summary"]["mean_iou"]["mean"], cv["summary"]["mean_iou"]["std"])
+    assert result.summary["mean_iou"] == (cv.summary["mean_iou"]["mean"], cv.summary["mean_iou"]["std"])
     assert fishseg.CrossValidationResult.read(tmp_path / "cv") == result
 
 
@@ -164,7 +164,7 @@ def test_sweep_merges_the_grid_file_the_grid_and_the_lists(toy: Path, tmp_path: 
     assert (result.configs, result.trained, result.failed_now) == (2, 2, 0)
     assert sorted(path.name for path in (tmp_path / "sweep").iterdir() if path.is_dir()) == [
         "decoder=linear", "decoder=seed-cnn"]
-    assert read_record(tmp_path / "sweep" / "decoder=linear").train_config == fishseg.TrainConfig(
+    assert RunFolder(tmp_path / "sweep" / "decoder=linear").read_record().train_config == fishseg.TrainConfig(
         decoder="linear", epochs=1, lr=3e-3, batch_size=4)
     board = fishseg.compare(str(tmp_path / "sweep"), out=str(tmp_path / "board"), device="cpu")
     assert isinstance(board, fishseg.Leaderboard) and board.out_dir == tmp_path / "board"
@@ -215,6 +215,6 @@ def test_the_benchmark_runs_the_api_in_torchrun_with_keywords_as_json(toy: Path,
     assert json.loads(command[-1]) == {"cache": str(toy), "out": str(tmp_path / "run"), "epochs": 1,
                                        "batch_size": 4, "device": "cpu"}
     call_main(command[-2:])  # what each torchrun process runs
-    assert read_record(tmp_path / "run").status == "finished"
+    assert RunFolder(tmp_path / "run").read_record().status == "finished"
     with pytest.raises(ValueError, match="evaluate: not one of extract, train"):
         torchrun_call(2, "evaluate")
