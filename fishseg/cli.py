@@ -586,11 +586,12 @@ def predict(inputs: tuple[Path, ...], run_dir: Path, out: Path, backbone: str | 
     from fishseg.inference.predict import run_prediction
     from fishseg.runtime import plural
 
-    csv_path, skipped = run_prediction(run_dir, list(inputs), out, backbone=backbone, batch_size=batch_size,
-                                       num_workers=num_workers, device=device, skip_bad=skip_bad, overwrite=overwrite)
-    for error in skipped:
+    result = run_prediction(run_dir, list(inputs), out, backbone=backbone, batch_size=batch_size,
+                            num_workers=num_workers, device=device, skip_bad=skip_bad, overwrite=overwrite)
+    for error in result.skipped:
         click.echo(f"skipped: {error}")
-    click.echo(f"predictions written: {csv_path}" + (f" ({plural(len(skipped), 'image')} skipped)" if skipped else ""))
+    click.echo(f"predictions written: {result.csv}"
+               + (f" ({plural(len(result.skipped), 'image')} skipped)" if result.skipped else ""))
 
 
 @click.command("demo")
