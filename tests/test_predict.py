@@ -24,7 +24,7 @@ from fishseg.inference.predict import run_prediction
 from fishseg.inference.segmenter import OVERLAY_ALPHA, OVERLAY_COLOUR, full_size, tint
 from fishseg.models.backbone import save_random_backbone
 from fishseg.models.decoders import segment
-from fishseg.runtime import read_json, write_json
+from fishseg.runtime import precision_scope, read_json, write_json
 from fishseg.training.train import run_training
 from tests.helpers import SMALL_PHOTO, TINY_LAYOUT
 
@@ -228,3 +228,10 @@ def test_a_failed_prediction_into_an_existing_folder_leaves_no_unlisted_files(ti
     result = _predict(tiny_run, [*photos, broken], out, "--batch-size", "2")  # the first batch is written
     assert result.exit_code == 2 and "--skip-bad" in result.output
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_predict_runs_under_the_active_precision(tiny_run: Path, kaggle_root: Path, tmp_path: Path) -> None:
+    """The precision asked for around run_prediction (the CLI's --precision) reaches its Segmenter."""
+    with precision_scope("fp16"), pytest.raises(FishsegError, match="fp16: needs a CUDA GPU"):
+        run_prediction(tiny_run, [kaggle_root], tmp_path / "out", num_workers=0, device="cpu")
+    assert not (tmp_path / "out").exists()
