@@ -1,9 +1,10 @@
-"""Predict masks for new images with a trained run: backbone + decoder, masks at each image's size.
+"""Predict masks for new images with a trained run, into files: a file writer on top of inference.segmenter.
 
-Writes ``masks/NAME.png`` (0/255, the image's own resolution), ``overlays/NAME.png`` and
-``predictions.csv`` into the output folder; names come from the input file names only, so nothing is
-written outside it. The CSV lists every mask written, and is how a later ``--overwrite`` knows which
-files are fishseg's: rows and files always agree, and no other file is touched.
+A Segmenter computes each image's mask at its own size (what ``segmenter(image)`` returns in memory); this
+writes ``masks/NAME.png`` (0/255), ``overlays/NAME.png`` and ``predictions.csv`` into the output folder. Names
+come from the input file names only, so nothing is written outside it. The CSV lists every mask written, and is
+how a later ``--overwrite`` knows which files are fishseg's: rows and files always agree, and no other file is
+touched.
 """
 
 from __future__ import annotations
