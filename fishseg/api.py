@@ -226,10 +226,8 @@ def predict(inputs: PathLike | Sequence[PathLike], run: PathLike, out: PathLike,
 
     paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(path) for path in inputs]
     with _runtime(precision):
-        csv_path, skipped = run_prediction(Path(run), paths, Path(out), backbone=backbone, batch_size=batch_size,
-                                           num_workers=num_workers, device=device, skip_bad=skip_bad,
-                                           overwrite=overwrite)
-    return PredictionResult.of(Path(out), csv_path, skipped)
+        return run_prediction(Path(run), paths, Path(out), backbone=backbone, batch_size=batch_size,
+                              num_workers=num_workers, device=device, skip_bad=skip_bad, overwrite=overwrite)
 
 
 def demo(out: PathLike = "fishseg-demo", *, backbone: str | None = None, classes: int = 3, images_per_class: int = 12,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from fishseg.formats.cache import FeatureCache
 from fishseg.formats.runs import CrossValidationRecord, RunFolder, RunRecord
@@ -109,11 +109,11 @@ class ProbeResult:
 
 @dataclasses.dataclass(frozen=True)
 class PredictionResult:
-    out: Path  # the predictions folder: masks/, overlays/ and predictions.csv
-    csv: Path  # predictions.csv: one row per input image
-    masks: tuple[Path, ...]  # masks/NAME.png, 0/255 at each image's own size
-    skipped: tuple[str, ...]  # why each unreadable image was left out (skip_bad=True)
+    """What a prediction wrote into the folder ``out``: ``csv`` (predictions.csv, a row per image), ``masks``
+    (masks/NAME.png, 0/255 at each image's own size, each with overlays/NAME.png), and the one-line errors of the
+    images left out (``skip_bad``)."""
 
-    @classmethod
-    def of(cls, out: Path, csv: Path, skipped: Sequence[str]) -> PredictionResult:
-        return cls(out, csv, tuple(sorted((out / "masks").glob("*.png"))), tuple(skipped))
+    out: Path
+    csv: Path
+    masks: tuple[Path, ...]
+    skipped: tuple[str, ...]

@@ -26,8 +26,8 @@ from fishseg.errors import FishsegError
 __all__ = ["PRECISIONS", "UNRECORDED", "Precision", "active_precision", "atomic_path", "autocast",
            "available_memory", "backward_step", "ddp_no_buffer_sync", "default_num_workers", "file_digest",
            "gpu_support_problem", "make_deterministic", "make_output_dir", "plural", "precision_policy",
-           "precision_scope", "read_json", "removed_on_error", "require_same_precision", "resolve_device",
-           "timed", "write_json"]
+           "precision_scope", "read_json", "removed_on_error", "require_same_precision", "requested_precision",
+           "resolve_device", "timed", "write_json"]
 
 logger = logging.getLogger(__name__)
 UNRECORDED = "unrecorded"  # the precision of a cache or run written before fishseg recorded it
@@ -140,9 +140,14 @@ def precision_scope(requested: str) -> Iterator[None]:
         _REQUESTED.reset(token)
 
 
+def requested_precision() -> str:
+    """The precision the innermost ``precision_scope`` asks for (``auto`` outside any)."""
+    return _REQUESTED.get()
+
+
 def active_precision(device: torch.device) -> Precision:
     """The policy for ``device`` under the innermost ``precision_scope``."""
-    return precision_policy(device, _REQUESTED.get())
+    return precision_policy(device, requested_precision())
 
 
 def autocast(device: torch.device, part: str) -> contextlib.AbstractContextManager:

@@ -12,7 +12,7 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 import fishseg.evaluation.evaluate as evaluate_module
-import fishseg.inference.predict as predict_module
+import fishseg.inference.segmenter as segmenter_module
 from fishseg.cli import main
 from fishseg.config import TrainConfig
 from fishseg.data.images import discover_samples, read_mask
@@ -20,10 +20,11 @@ from fishseg.errors import FishsegError
 from fishseg.evaluation.evaluate import run_evaluation
 from fishseg.formats.cache import FeatureCache
 from fishseg.formats.runs import RunFolder
-from fishseg.inference.predict import OVERLAY_ALPHA, OVERLAY_COLOUR, full_size, run_prediction, tint
+from fishseg.inference.predict import run_prediction
+from fishseg.inference.segmenter import OVERLAY_ALPHA, OVERLAY_COLOUR, full_size, tint
 from fishseg.models.backbone import save_random_backbone
 from fishseg.models.decoders import segment
-from fishseg.runtime import read_json, write_json
+from fishseg.runtime import precision_scope, read_json, write_json
 from fishseg.training.train import run_training
 from tests.helpers import SMALL_PHOTO, TINY_LAYOUT
 
@@ -39,9 +40,10 @@ def test_predict_round_trip_gives_masks_at_input_size_close_to_the_truth(trained
                                                                         tmp_path: Path) -> None:
     samples = discover_samples(kaggle_root)
     folders = sorted({s.image_path.parent for s in samples})  # the species' image folders, not their GT folders
-    csv_path, skipped = run_prediction(trained_run, folders, tmp_path, num_workers=0, device="cpu")
-    assert skipped == []
-    rows = list(csv.DictReader(csv_path.open()))
+    result = run_prediction(trained_run, folders, tmp_path, num_workers=0, device="cpu")
+    assert result.skipped == () and result.csv == tmp_path / "predictions.csv"
+    rows = list(csv.DictReader(result.csv.open()))
+    assert result.masks == tuple(tmp_path / row["mask"] for row in rows)
     assert [Path(r["file"]) for r in rows] == [s.image_path for s in samples]
     ious = []
     for row, sample in zip(rows, samples):
@@ -88,7 +90,7 @@ def test_a_guided_run_evaluates_and_predicts_with_the_photo_as_its_guide(tiny_ca
         return segment(decoder, features, size, image)
 
     monkeypatch.setattr(evaluate_module, "segment", recording)
-    monkeypatch.setattr(predict_module, "segment", recording)
+    monkeypatch.setattr(segmenter_module, "segment", recording)
     metrics = run_evaluation(tiny_cache, run, tmp_path / "report", device="cpu")
     assert metrics["n_images"] == len(RunFolder(run).read_split()["val"]) and 0 <= metrics["mean_boundary_f"] <= 1
     assert (tmp_path / "report" / "report.html").is_file()
@@ -99,9 +101,9 @@ def test_a_guided_run_evaluates_and_predicts_with_the_photo_as_its_guide(tiny_ca
         preview = torch.from_numpy(cache.previews(cache.indices_of([sample.image_id], run)))
     assert torch.equal(guides[0], cached)  # the validation images in one batch, each with its preview
     guides.clear()
-    csv_path, _ = run_prediction(run, [sample.image_path], tmp_path / "out", num_workers=0, device="cpu")
+    [mask] = run_prediction(run, [sample.image_path], tmp_path / "out", num_workers=0, device="cpu").masks
     assert len(guides) == 1 and torch.equal(guides[0], preview)
-    assert (tmp_path / "out" / list(csv.DictReader(csv_path.open()))[0]["mask"]).is_file()
+    assert mask.is_file()
 
 
 def test_predict_refuses_a_different_backbone(trained_run: Path, kaggle_root: Path, tmp_path: Path) -> None:
@@ -226,3 +228,10 @@ def test_a_failed_prediction_into_an_existing_folder_leaves_no_unlisted_files(ti
     result = _predict(tiny_run, [*photos, broken], out, "--batch-size", "2")  # the first batch is written
     assert result.exit_code == 2 and "--skip-bad" in result.output
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_predict_runs_under_the_active_precision(tiny_run: Path, kaggle_root: Path, tmp_path: Path) -> None:
+    """The precision asked for around run_prediction (the CLI's --precision) reaches its Segmenter."""
+    with precision_scope("fp16"), pytest.raises(FishsegError, match="fp16: needs a CUDA GPU"):
+        run_prediction(tiny_run, [kaggle_root], tmp_path / "out", num_workers=0, device="cpu")
+    assert not (tmp_path / "out").exists()

@@ -145,7 +145,11 @@ def _open(path: Path) -> Image.Image:
 
 def read_rgb(path: Path) -> Image.Image:
     """Decode any image mode to 8-bit RGB; 16-bit and 32-bit grayscale are scaled to 0..255."""
-    image = _open(path)
+    return as_rgb(_open(path))
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """Any image mode as 8-bit RGB, as ``read_rgb`` decodes files: 16-bit and 32-bit grayscale scaled to 0..255."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         values = np.asarray(image, dtype=np.float64)
         scale = 257.0 if values.max() > 255 else 1.0
@@ -157,6 +161,12 @@ def read_mask(path: Path) -> Image.Image:
     """Decode a mask to mode ``L`` with values 0 (background) and 1 (foreground: non-zero in L)."""
     foreground = np.asarray(_open(path).convert("L")) > 0
     return Image.fromarray(foreground.astype(np.uint8), mode="L")
+
+
+def prediction_inputs(image: Image.Image, image_size: int, preview_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a trained decoder is given for an RGB photo: the backbone's input (uint8 3×S×S) and the preview
+    (uint8 P×P×3) made as extraction makes the cache's, the guide of a decoder that uses the image."""
+    return model_input(image, image_size), resized_rgb(image, preview_size)
 
 
 def model_input(image: Image.Image, size: int) -> torch.Tensor:
@@ -214,7 +224,7 @@ class ImageDataset(torch.utils.data.Dataset):
         except FishsegError as error:
             return (torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8),
                     torch.zeros(self.preview_size, self.preview_size, 3, dtype=torch.uint8), str(error))
-        return model_input(image, self.image_size), resized_rgb(image, self.preview_size), ""
+        return (*prediction_inputs(image, self.image_size, self.preview_size), "")
 
 
 class ExtractionDataset(torch.utils.data.Dataset):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -19,9 +20,11 @@ from transformers import (AutoModel, Dinov2Config, Dinov2Model, Dinov2WithRegist
                           DINOv3ViTConfig, DINOv3ViTModel, PreTrainedModel)
 from transformers.utils import logging as transformers_logging
 
-from fishseg.config import LAST_BLOCK, BackboneInfo, resolve_layers
+from fishseg.config import LAST_BLOCK, BackboneInfo, from_json, resolve_layers
 from fishseg.errors import FishsegError
 from fishseg.runtime import autocast
+
+logger = logging.getLogger(__name__)
 
 RANDOM_INIT_FLAG = "fishseg_random_init"  # set in config.json of checkpoints made by save_random_backbone
 VITS16_LAYOUT = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
@@ -131,6 +134,30 @@ def describe(model: PreTrainedModel, name: str) -> BackboneInfo:
         mlp="gated" if gated else "plain",
         weights_sha256=weights_digest(model),
     )
+
+
+def check_backbone(loaded: BackboneInfo, trained: dict[str, Any]) -> None:
+    """Refuse a backbone other than the one the run was trained on: another architecture, or the same one with
+    other weights. A run whose cache did not record the weights (older caches) is checked as far as it can be,
+    with a warning that the weights were not."""
+    recorded = from_json(BackboneInfo, json.dumps(trained))
+    differing = [f"{name} {value} → {loaded.architecture[name]}" for name, value in recorded.architecture.items()
+                 if value is not None and value != loaded.architecture[name]]
+    if not differing and recorded.weights_sha256 is not None and recorded.weights_sha256 != loaded.weights_sha256:
+        differing = [f"same architecture, other weights (sha256 {recorded.weights_sha256[:8]}… → "
+                     f"{loaded.weights_sha256[:8]}…)"]
+    if not differing and recorded.random_init != loaded.random_init:
+        differing = [f"same architecture, other weights ({_weights_kind(recorded)} → {_weights_kind(loaded)})"]
+    if differing:
+        raise FishsegError(f"backbone {loaded.name} differs from the one the run was trained on ({recorded.name}): "
+                           f"{'; '.join(differing)}; pass as `backbone` the model its cache was extracted with")
+    if recorded.weights_sha256 is None:
+        logger.warning("backbone %s: the run's cache did not record the weights of %s (made by an older fishseg), "
+                       "so only the architecture could be checked", loaded.name, recorded.name)
+
+
+def _weights_kind(info: BackboneInfo) -> str:
+    return "random-init" if info.random_init else "pretrained"
 
 
 def weights_digest(model: nn.Module) -> str:
