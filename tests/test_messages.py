@@ -49,10 +49,13 @@ def test_no_library_message_names_a_flag() -> None:
     assert set(ALLOWED) <= found  # an allowance nothing needs any more is removed
 
 
+API_ONLY = {"`config`", "`confirm`"}  # keywords of fishseg.api alone: the CLI never passes them wrongly
+
+
 def test_every_keyword_a_library_message_names_has_a_flag() -> None:
     flags = option_flags()
     named = [(name, line, match.group(0)) for name, line, text in _library_strings()
-             for match in KEYWORD.finditer(text)]
+             for match in KEYWORD.finditer(text) if match.group(0) not in API_ONLY]
     assert {keyword for *_, keyword in named} >= {"`lr`", "`overwrite=True`", "`resume=True`", "`skip_bad=True`"}
     unrenderable = [f"{name}:{line}: {keyword}" for name, line, keyword in named
                     if render_flags(keyword, flags) == keyword]
