@@ -35,12 +35,16 @@ FAMILIES = {
     "dinov2": DINOV2_LAYOUT,
     "dinov2_with_registers": {**DINOV2_LAYOUT, "num_register_tokens": 4},
 }
+QUICK = {("dinov3_vit", name) for name in DECODER_NAMES} | {("dinov2", "seed-cnn"), ("dinov2_with_registers", "guided")}
+COMBINATIONS = [pytest.param(family, decoder, id=f"{family}-{decoder}",
+                             marks=() if (family, decoder) in QUICK else pytest.mark.slow)
+                for family in FAMILIES for decoder in DECODER_NAMES]  # each family and each decoder quick; all in CI
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module")
 def family_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                  kaggle_root: Path) -> Path:
-    """A cache extracted with a tiny random-init backbone of each family (one per family for the module)."""
+    """A cache extracted with a tiny random-init backbone of the family (made once a family for the module)."""
     folder = tmp_path_factory.mktemp(request.param)
     backbone = save_random_backbone(folder / "backbone", family=request.param, **FAMILIES[request.param])
     return run_extraction(kaggle_root, folder / "cache.h5", tiny_extract_config(backbone), num_workers=0, device="cpu")
@@ -65,7 +69,7 @@ def _torch_probabilities(run: Path, images: torch.Tensor) -> np.ndarray:
     return torch.sigmoid(logits).numpy()
 
 
-@pytest.mark.parametrize("decoder", DECODER_NAMES)
+@pytest.mark.parametrize("family_cache, decoder", COMBINATIONS, indirect=["family_cache"])
 def test_onnxruntime_gives_torchs_probabilities_and_masks(family_cache: Path, decoder: str, tmp_path: Path) -> None:
     run = _train(family_cache, tmp_path / "run", decoder)
     out = tmp_path / "model.onnx"
