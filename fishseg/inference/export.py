@@ -15,6 +15,7 @@ DINOv3's RoPE and SDPA attention as they run in eager mode. The batch axis is dy
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import warnings
 from pathlib import Path
@@ -128,10 +129,9 @@ def export_onnx(run: str | Path, out: str | Path, *, backbone: str | None = None
 
 
 def _require_onnx() -> Any:
-    """The ``onnx`` module; onnx and onnxscript (the dynamo exporter's) are an optional extra."""
+    """The ``onnx`` module; onnx and onnxscript (which the dynamo exporter imports) are an optional extra."""
     try:
-        import onnx
-        import onnxscript  # noqa: F401  (torch.onnx.export(dynamo=True) imports it)
+        onnx, _ = (importlib.import_module(name) for name in ("onnx", "onnxscript"))
     except ImportError as error:
         raise FishsegError(f"export needs {error.name}, which is not installed: {INSTALL_HINT}") from None
     return onnx
