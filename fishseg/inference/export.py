@@ -14,12 +14,14 @@ DINOv3's RoPE and SDPA attention as they run in eager mode. The batch axis is dy
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
+import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +31,11 @@ from fishseg import __version__
 from fishseg.config import ExtractConfig, from_json
 from fishseg.errors import FishsegError
 from fishseg.evaluation.metrics import THRESHOLD
-from fishseg.formats.runs import checkpoint_layers, load_run
+from fishseg.formats.runs import RunRecord, checkpoint_layers, load_run
 from fishseg.inference.predict import check_backbone
 from fishseg.models.backbone import Backbone, load_backbone
 from fishseg.models.decoders import segment, uses_image
-from fishseg.runtime import atomic_path
+from fishseg.runtime import atomic_path, precision_scope
 
 __all__ = ["INPUT_NAME", "MIN_OPSET", "OUTPUT_NAME", "ExportResult", "TensorSpec", "export_onnx"]
 
@@ -41,6 +43,7 @@ INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 MIN_OPSET = 18  # the first with Resize(antialias=1), which the guided decoder's guide needs
 PROTOBUF_LIMIT = 2 * 1024 ** 3  # one .onnx file holds at most 2 GB (a protobuf message)
 INSTALL_HINT = "pip install fishseg[export]"
+EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,15 +161,31 @@ def _trace(module: _Exported, side: int, opset: int | None) -> Any:
     be specialised)."""
     example = torch.zeros(2, 3, side, side, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's own deprecation notes, not the user's concern
+    with _quiet_exporter(), precision_scope("fp32"):  # no autocast casts in the graph, whatever the caller's
         program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset, verbose=False,
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     dynamic_shapes={"images": {0: batch}})
     return program.model_proto
 
 
-def _metadata(record: Any, decoder_name: str) -> dict[str, str]:
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter's own notes (deprecations, optimiser passes, torchvision absent) are not the user's concern:
+    warnings and its loggers below ERROR are silenced while it runs."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            for logger in loggers:
+                logger.setLevel(logging.ERROR)
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def _metadata(record: RunRecord, decoder_name: str) -> dict[str, str]:
     """The model's metadata_props: where it came from (configs, backbone, version) and how to read its output."""
     return {
         "fishseg_version": __version__,
