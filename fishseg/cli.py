@@ -667,11 +667,33 @@ def bench(images: int, image_size: int, batch_size: int, backbone: str | None, s
         click.echo(f"results written: {json_path}")
 
 
+@click.command("export")
+@click.option("--run", "run_dir", required=True, type=input_dir, help="Run folder from `train`.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The .onnx file to write (backbone + decoder as one graph).")
+@click.option("--backbone", default=None, help="Hub id or local folder [default: the one the run was trained on].")
+@click.option("--opset", default=None, type=click.IntRange(18), help="ONNX opset [default: the exporter's].")
+@click.option("--overwrite", is_flag=True, help="Replace the file already at --out (refused without).")
+@command
+def export(run_dir: Path, out: Path, backbone: str | None, opset: int | None, overwrite: bool) -> None:
+    """Export the run's best decoder and its backbone as one ONNX graph that runs without fishseg or torch.
+
+    Input: uint8 RGB images N×3×S×S at the run's image size (normalised inside the graph); output: fish
+    probabilities N×1×S×S float32 (mask: > 0.5). The run's configs, backbone and fishseg version are in the
+    model's metadata. See docs/export.md.
+    """
+    from fishseg.inference.export import export_onnx
+
+    result = export_onnx(run_dir, out, backbone=backbone, opset=opset, overwrite=overwrite)
+    click.echo(f"input  {result.input.describe()}\noutput {result.output.describe()}\n"
+               f"model written: {result.path} ({result.size_bytes / 1024 ** 2:.1f} MiB, opset {result.opset})")
+
+
 @click.group()
 @click.version_option(__version__)
 def main() -> None:
     """fishseg: fish segmentation from frozen DINOv3 features cached once in HDF5."""
 
 
-for _command in (extract, train, sweep, compare, evaluate, predict, probe, demo, bench):
+for _command in (extract, train, sweep, compare, evaluate, predict, probe, demo, bench, export):
     main.add_command(_command)

@@ -1,0 +1,206 @@
+"""Export a trained run as one ONNX graph (backbone + decoder) that runs without fishseg, torch or transformers.
+
+The graph takes uint8 RGB images N×3×S×S at the run's image size S (the photo resized to S×S, as
+``predict`` resizes it) and returns float32 fish probabilities N×1×S×S; threshold them at 0.5 for the
+mask. Normalisation (÷255, the run's mean and std) happens inside the graph, so a deployment feeds
+raw pixels and cannot get it wrong. A decoder that uses the photo as a guide (``guided``) gets its
+P×P preview from the input itself, inside the graph (antialiased bilinear resize, rounded to uint8),
+where ``predict`` resizes the original photo to P×P: the two guides may differ by a unit here and there.
+
+Exported with torch's dynamo exporter (``torch.onnx.export(dynamo=True)``): the TorchScript exporter
+cannot translate the antialiased resize that the guided decoder uses, and the dynamo exporter traces
+DINOv3's RoPE and SDPA attention as they run in eager mode. The batch axis is dynamic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fishseg import __version__
+from fishseg.config import ExtractConfig, from_json
+from fishseg.errors import FishsegError
+from fishseg.evaluation.metrics import THRESHOLD
+from fishseg.formats.runs import RunRecord, checkpoint_layers, load_run
+from fishseg.inference.predict import check_backbone
+from fishseg.models.backbone import Backbone, load_backbone
+from fishseg.models.decoders import segment, uses_image
+from fishseg.runtime import atomic_path, precision_scope
+
+__all__ = ["INPUT_NAME", "MIN_OPSET", "OUTPUT_NAME", "ExportResult", "TensorSpec", "export_onnx"]
+
+INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+MIN_OPSET = 18  # the first with Resize(antialias=1), which the guided decoder's guide needs
+PROTOBUF_LIMIT = 2 * 1024 ** 3  # one .onnx file holds at most 2 GB (a protobuf message)
+INSTALL_HINT = "pip install fishseg[export]"
+EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of the exported graph: its name, shape ("N" is the dynamic batch) and element type."""
+
+    name: str
+    shape: tuple[str | int, ...]
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(side == "N" or (isinstance(side, int) and side > 0) for side in self.shape):
+            raise ValueError(f"not a tensor spec: {self}")
+
+    def describe(self) -> str:
+        """E.g. "images: N×3×448×448 uint8"."""
+        return f"{self.name}: {'×'.join(map(str, self.shape))} {self.dtype}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """What ``export_onnx`` wrote: the file, its input and output, and the metadata it carries."""
+
+    path: Path
+    image_size: int
+    input: TensorSpec
+    output: TensorSpec
+    opset: int
+    metadata: dict[str, str]  # the model's metadata_props, as written
+    size_bytes: int
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1 or self.size_bytes < 1 or self.opset < MIN_OPSET:
+            raise ValueError(f"not an export result: {self}")
+
+
+class _Exported(nn.Module):
+    """uint8 images N×3×S×S → fish probabilities N×1×S×S float32: the backbone and ``segment``, as predict runs
+    them, with the guide of a decoder that uses the photo resized from the input inside the graph."""
+
+    def __init__(self, backbone: Backbone, decoder: nn.Module, layers: tuple[int, ...], config: ExtractConfig) -> None:
+        super().__init__()
+        self.model, self.decoder = backbone.model, decoder  # registered, so that their weights are the graph's
+        self.backbone, self.layers, self.config = backbone, layers, config
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(images, self.layers)
+        guides = self._guides(images) if uses_image(self.decoder) else None
+        return torch.sigmoid(segment(self.decoder, features, self.config.image_size, guides))[:, None]
+
+    def _guides(self, images: torch.Tensor) -> torch.Tensor:
+        """N×3×S×S uint8 → the preview N×P×P×3, uint8 values (as float32) like the cache's previews."""
+        side = (self.config.preview_size,) * 2
+        pixels = F.interpolate(images.float(), size=side, mode="bilinear", align_corners=False, antialias=True)
+        return pixels.round().clamp(0, 255).permute(0, 2, 3, 1)
+
+
+def export_onnx(run: str | Path, out: str | Path, *, backbone: str | None = None, opset: int | None = None,
+                overwrite: bool = False) -> ExportResult:
+    """Write the run's best decoder and its backbone as one ONNX graph to ``out`` (see the module docstring).
+
+    ``backbone`` loads the backbone from elsewhere (a local folder of the same weights); it is checked against
+    the run's, as predict checks it. Traced on the CPU in float32, whatever device trained the run.
+    """
+    onnx = _require_onnx()
+    run, out = Path(run), Path(out)
+    _refuse_target(out, overwrite)
+    if opset is not None and opset < MIN_OPSET:
+        raise FishsegError(f"opset {opset}: the exported graph needs ONNX opset {MIN_OPSET} or newer "
+                           f"(an antialiased Resize); pass `opset` >= {MIN_OPSET}, or leave it out")
+    record, decoder, meta = load_run(run)
+    config = from_json(ExtractConfig, json.dumps(record.extract_config))
+    model = load_backbone(backbone or record.backbone["name"], config.mean, config.std, torch.device("cpu"))
+    check_backbone(model.info, record.backbone)
+    _refuse_oversize(model, decoder)
+    module = _Exported(model, decoder.eval().cpu(), checkpoint_layers(meta), config).eval()
+    proto = _trace(module, config.image_size, opset)
+    metadata = _metadata(record, decoder_name=meta["decoder"])
+    onnx.helper.set_model_props(proto, metadata)
+    with atomic_path(out) as tmp:
+        onnx.save_model(proto, str(tmp))
+    side = config.image_size
+    return ExportResult(path=out, image_size=side, input=TensorSpec(INPUT_NAME, ("N", 3, side, side), "uint8"),
+                        output=TensorSpec(OUTPUT_NAME, ("N", 1, side, side), "float32"),
+                        opset=_opset_of(proto), metadata=metadata, size_bytes=out.stat().st_size)
+
+
+def _require_onnx() -> Any:
+    """The ``onnx`` module; onnx and onnxscript (which the dynamo exporter imports) are an optional extra."""
+    try:
+        onnx, _ = (importlib.import_module(name) for name in ("onnx", "onnxscript"))
+    except ImportError as error:
+        raise FishsegError(f"export needs {error.name}, which is not installed: {INSTALL_HINT}") from None
+    return onnx
+
+
+def _refuse_target(out: Path, overwrite: bool) -> None:
+    if out.is_dir():
+        raise FishsegError(f"{out}: is a folder; `out` is the .onnx file to write, e.g. {out / 'model.onnx'}")
+    if out.exists() and not overwrite:
+        raise FishsegError(f"{out}: exists; pass `overwrite=True` to replace it, or choose another `out`")
+
+
+def _refuse_oversize(model: Backbone, decoder: nn.Module) -> None:
+    """A graph over 2 GB cannot be one .onnx file (ViT-H+ and 7B in float32): say so before tracing it."""
+    size = sum(tensor.numel() * tensor.element_size() for part in (model.model, decoder) for tensor in
+               [*part.parameters(), *part.buffers()])
+    if size >= PROTOBUF_LIMIT:
+        raise FishsegError(f"backbone {model.info.name}: its weights take {size / 1024 ** 3:.1f} GB, over the 2 GB "
+                           f"that one .onnx file holds; export a run on a smaller backbone (up to ViT-L)")
+
+
+def _trace(module: _Exported, side: int, opset: int | None) -> Any:
+    """The module as an ONNX ModelProto with a dynamic batch axis (traced with a batch of 2: a batch of 1 would
+    be specialised)."""
+    example = torch.zeros(2, 3, side, side, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1)
+    with _quiet_exporter(), precision_scope("fp32"):  # no autocast casts in the graph, whatever the caller's
+        program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset, verbose=False,
+                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    dynamic_shapes={"images": {0: batch}})
+    return program.model_proto
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter's own notes (deprecations, optimiser passes, torchvision absent) are not the user's concern:
+    warnings and its loggers below ERROR are silenced while it runs."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            for logger in loggers:
+                logger.setLevel(logging.ERROR)
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def _metadata(record: RunRecord, decoder_name: str) -> dict[str, str]:
+    """The model's metadata_props: where it came from (configs, backbone, version) and how to read its output."""
+    return {
+        "fishseg_version": __version__,
+        "fishseg_backbone": record.backbone["name"],
+        "fishseg_backbone_info": json.dumps(record.backbone),
+        "fishseg_decoder": decoder_name,
+        "fishseg_train_config": json.dumps(dataclasses.asdict(record.train_config)),
+        "fishseg_extract_config": json.dumps(record.extract_config),
+        "fishseg_best_epoch": str(record.best_epoch),
+        "fishseg_best_val_iou": f"{record.best_val_iou:.6f}",
+        "fishseg_input": "images: N×3×S×S uint8 RGB, the photo resized to S×S (bilinear); normalised inside",
+        "fishseg_output": "probabilities: N×1×S×S float32 fish probability",
+        "fishseg_threshold": str(THRESHOLD),
+    }
+
+
+def _opset_of(proto: Any) -> int:
+    return next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
