@@ -1,10 +1,13 @@
 """fishseg: fish segmentation from frozen, cached self-supervised features.
 
 Every command is a function here: ``fishseg.extract``, ``train``, ``evaluate``, ``sweep``, ``compare``,
-``probe``, ``predict``, ``demo``, each taking keywords named as the CLI's options and returning a typed result.
+``probe``, ``predict``, ``export``, ``demo``, each taking keywords named as the CLI's options and returning a typed
+result; ``Segmenter`` turns photos into masks in memory.
 """
 
-from fishseg.api import SweepDeclined, compare, demo, evaluate, extract, predict, probe, sweep, train
+import importlib
+
+from fishseg.api import SweepDeclined, compare, demo, evaluate, export, extract, predict, probe, sweep, train
 from fishseg.config import ExtractConfig, TrainConfig
 from fishseg.errors import FishsegError
 from fishseg.results import (CrossValidationResult, EvaluationResult, ExtractResult, PredictionResult, ProbeResult,
@@ -12,21 +15,22 @@ from fishseg.results import (CrossValidationResult, EvaluationResult, ExtractRes
 from fishseg.version import __version__
 
 __all__ = [
-    "extract", "train", "evaluate", "sweep", "compare", "probe", "predict", "demo",
+    "extract", "train", "evaluate", "sweep", "compare", "probe", "predict", "export", "demo", "Segmenter",
+    "Segmentation",
     "ExtractConfig", "TrainConfig",
     "ExtractResult", "TrainResult", "CrossValidationResult", "EvaluationResult", "ProbeResult", "PredictionResult",
-    "SweepResult", "Leaderboard", "SweepDeclined", "FishsegError", "__version__",
+    "ExportResult", "SweepResult", "Leaderboard", "SweepDeclined", "FishsegError", "__version__",
 ]
 
 
+LAZY = {  # name → module: imported when first asked for (they load torch, transformers or matplotlib)
+    "Segmenter": "fishseg.inference.segmenter", "Segmentation": "fishseg.inference.segmenter",
+    "ExportResult": "fishseg.inference.export", "SweepResult": "fishseg.training.sweep",
+    "Leaderboard": "fishseg.evaluation.compare",
+}
+
+
 def __getattr__(name: str) -> object:
-    """``SweepResult`` and ``Leaderboard``, imported when first asked for (their modules load matplotlib)."""
-    if name == "SweepResult":
-        from fishseg.training.sweep import SweepResult
-
-        return SweepResult
-    if name == "Leaderboard":
-        from fishseg.evaluation.compare import Leaderboard
-
-        return Leaderboard
+    if name in LAZY:
+        return getattr(importlib.import_module(LAZY[name]), name)
     raise AttributeError(f"module 'fishseg' has no attribute {name!r}")

@@ -24,11 +24,12 @@ from fishseg.results import (CrossValidationResult, EvaluationResult, ExtractRes
 
 if TYPE_CHECKING:
     from fishseg.evaluation.compare import Leaderboard
+    from fishseg.inference.export import ExportResult
     from fishseg.training.sweep import SweepPlan, SweepResult
 
 __all__ = ["CrossValidationResult", "EvaluationResult", "ExtractResult", "PredictionResult", "ProbeResult",
-           "SweepDeclined", "TrainResult", "compare", "demo", "evaluate", "extract", "predict", "probe", "sweep",
-           "train"]
+           "SweepDeclined", "TrainResult", "compare", "demo", "evaluate", "export", "extract", "predict", "probe",
+           "sweep", "train"]
 
 PathLike = Union[str, os.PathLike]
 EXTRACT_DEFAULTS = ExtractConfig()
@@ -228,6 +229,15 @@ def predict(inputs: PathLike | Sequence[PathLike], run: PathLike, out: PathLike,
     with _runtime(precision):
         return run_prediction(Path(run), paths, Path(out), backbone=backbone, batch_size=batch_size,
                               num_workers=num_workers, device=device, skip_bad=skip_bad, overwrite=overwrite)
+
+
+def export(run: PathLike, out: PathLike, *, backbone: str | None = None, opset: int | None = None,
+           overwrite: bool = False) -> ExportResult:
+    """Write the run's best decoder and its backbone as one ONNX graph ``out`` (uint8 N×3×S×S images in, fish
+    probabilities N×1×S×S out, normalisation inside; docs/export.md). Needs ``pip install fishseg[export]``."""
+    from fishseg.inference.export import export_onnx
+
+    return export_onnx(run, out, backbone=backbone, opset=opset, overwrite=overwrite)
 
 
 def demo(out: PathLike = "fishseg-demo", *, backbone: str | None = None, classes: int = 3, images_per_class: int = 12,

@@ -682,9 +682,7 @@ def export(run_dir: Path, out: Path, backbone: str | None, opset: int | None, ov
     probabilities N×1×S×S float32 (mask: > 0.5). The run's configs, backbone and fishseg version are in the
     model's metadata. See docs/export.md.
     """
-    from fishseg.inference.export import export_onnx
-
-    result = export_onnx(run_dir, out, backbone=backbone, opset=opset, overwrite=overwrite)
+    result = api.export(run_dir, out, backbone=backbone, opset=opset, overwrite=overwrite)
     click.echo(f"input  {result.input.describe()}\noutput {result.output.describe()}\n"
                f"model written: {result.path} ({result.size_bytes / 1024 ** 2:.1f} MiB, opset {result.opset})")
 

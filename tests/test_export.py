@@ -19,7 +19,7 @@ from fishseg.data.images import resized_rgb
 from fishseg.errors import FishsegError
 from fishseg.evaluation.metrics import THRESHOLD
 from fishseg.features.extract import run_extraction
-from fishseg.formats.runs import checkpoint_layers, load_run
+from fishseg.formats.runs import RunFolder
 from fishseg.inference.export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from fishseg.models.backbone import load_backbone, save_random_backbone
 from fishseg.models.decoders import segment, uses_image
@@ -58,13 +58,13 @@ def _train(cache: Path, out: Path, decoder: str) -> Path:
 def _torch_probabilities(run: Path, images: torch.Tensor) -> np.ndarray:
     """N×S×S probabilities as predict computes them: the run's backbone and decoder, the guide resized from the
     photo (here the S×S input) with PIL."""
-    record, decoder, meta = load_run(run)
+    record, decoder, meta = RunFolder(run).load()
     config = record.extract_config
     backbone = load_backbone(record.backbone["name"], tuple(config["mean"]), tuple(config["std"]), torch.device("cpu"))
     previews = torch.stack([resized_rgb(Image.fromarray(image.permute(1, 2, 0).numpy()), config["preview_size"])
                             for image in images])
     with torch.inference_mode():
-        logits = segment(decoder.eval(), backbone(images, checkpoint_layers(meta)), config["image_size"],
+        logits = segment(decoder.eval(), backbone(images, meta.layers), config["image_size"],
                          previews if uses_image(decoder) else None)
     return torch.sigmoid(logits).numpy()
 

@@ -27,15 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fishseg import __version__
 from fishseg.config import ExtractConfig, from_json
 from fishseg.errors import FishsegError
 from fishseg.evaluation.metrics import THRESHOLD
-from fishseg.formats.runs import RunRecord, checkpoint_layers, load_run
-from fishseg.inference.predict import check_backbone
-from fishseg.models.backbone import Backbone, load_backbone
+from fishseg.formats.runs import RunFolder, RunRecord
+from fishseg.models.backbone import Backbone, check_backbone, load_backbone
 from fishseg.models.decoders import segment, uses_image
 from fishseg.runtime import atomic_path, precision_scope
+from fishseg.version import __version__
 
 __all__ = ["INPUT_NAME", "MIN_OPSET", "OUTPUT_NAME", "ExportResult", "TensorSpec", "export_onnx"]
 
@@ -114,14 +113,14 @@ def export_onnx(run: str | Path, out: str | Path, *, backbone: str | None = None
     if opset is not None and opset < MIN_OPSET:
         raise FishsegError(f"opset {opset}: the exported graph needs ONNX opset {MIN_OPSET} or newer "
                            f"(an antialiased Resize); pass `opset` >= {MIN_OPSET}, or leave it out")
-    record, decoder, meta = load_run(run)
+    record, decoder, meta = RunFolder(run).load()
     config = from_json(ExtractConfig, json.dumps(record.extract_config))
     model = load_backbone(backbone or record.backbone["name"], config.mean, config.std, torch.device("cpu"))
     check_backbone(model.info, record.backbone)
     _refuse_oversize(model, decoder)
-    module = _Exported(model, decoder.eval().cpu(), checkpoint_layers(meta), config).eval()
+    module = _Exported(model, decoder.eval().cpu(), meta.layers, config).eval()
     proto = _trace(module, config.image_size, opset)
-    metadata = _metadata(record, decoder_name=meta["decoder"])
+    metadata = _metadata(record, decoder_name=meta.decoder)
     onnx.helper.set_model_props(proto, metadata)
     with atomic_path(out) as tmp:
         onnx.save_model(proto, str(tmp))
