@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Union
 
-from fishseg.config import DEFAULT_BACKBONE, DEFAULT_COMPRESSION, ExtractConfig, TrainConfig
+from fishseg.config import DEFAULT_BACKBONE, DEFAULT_COMPRESSION, DemoConfig, ExtractConfig, TrainConfig
 from fishseg.errors import FishsegError
 from fishseg.results import (CrossValidationResult, EvaluationResult, ExtractResult, PredictionResult, ProbeResult,
                              TrainResult)
@@ -73,8 +73,9 @@ def extract(data_root: PathLike, out: PathLike, *, backbone: str = DEFAULT_BACKB
                             views=views)  # (lists become tuples there)
     if config is not None and content != EXTRACT_DEFAULTS:
         raise TypeError("extract(): give the cache's content settings either as `config` or as keywords, not both")
+    _require_type(config, ExtractConfig, "config")
     with _runtime(precision):
-        cache = run_extraction(Path(data_root), Path(out), config or content, batch_size=batch_size,
+        cache = run_extraction(_path(data_root, "data_root"), _path(out, "out"), config or content, batch_size=batch_size,
                                num_workers=num_workers, device=device, compression=compression, overwrite=overwrite,
                                skip_bad=skip_bad)
     return ExtractResult.read(cache)
@@ -98,20 +99,27 @@ def train(cache: PathLike, out: PathLike, *, config: TrainConfig | None = None, 
     from fishseg.training.train import run_training
 
     _check_keywords("train", fields, TRAIN_FIELDS)
+    _require_type(config, TrainConfig, "config")
     given = {**({} if config is None else _fields(config)), **fields}
-    out = Path(out)
+    cache, out = _path(cache, "cache"), _path(out, "out")
     recorded = RunFolder(out).recorded_config() if resume else None
     config = dataclasses.replace(recorded, **given) if recorded else TrainConfig(**given)
     options = dict(device=device, stream=stream, resume=resume, overwrite=overwrite, compiled=compiled)
     with _runtime(precision, deterministic):
         if config.folds:
-            return CrossValidationResult.from_cv(out, run_cross_validation(Path(cache), out, config, **options))
-        return TrainResult.of(out, run_training(Path(cache), out, config, **options))
+            return CrossValidationResult.from_cv(out, run_cross_validation(cache, out, config, **options))
+        return TrainResult.of(out, run_training(cache, out, config, **options))
 
 
 def _fields(config: TrainConfig) -> dict[str, Any]:
     """The fields of ``config`` a caller can give (``fold`` is the cross-validation's own)."""
     return {name: getattr(config, name) for name in TRAIN_FIELDS}
+
+
+def _require_type(value: Any, expected: type, keyword: str) -> None:
+    """A ``keyword`` given (not None) must be an ``expected``: anything else is a programming error."""
+    if value is not None and not isinstance(value, expected):
+        raise TypeError(f"`{keyword}` must be {expected.__name__} or None, not {type(value).__name__}")
 
 
 def _check_keywords(function: str, given: Mapping[str, Any], known: Sequence[str]) -> None:
@@ -129,10 +137,10 @@ def evaluate(cache: PathLike, run: PathLike, *, out: PathLike | None = None, dev
     from fishseg.evaluation.report import REPORT_HTML
     from fishseg.formats.runs import REPORT_DIR
 
-    run = Path(run)
-    out = Path(out) if out is not None else run / REPORT_DIR
+    run = _path(run, "run")
+    out = _path(out, "out") if out is not None else run / REPORT_DIR
     with _runtime(precision):
-        metrics = run_evaluation(Path(cache), run, out, device=device)
+        metrics = run_evaluation(_path(cache, "cache"), run, out, device=device)
     return EvaluationResult.of(out, out / REPORT_HTML, metrics)
 
 
@@ -151,16 +159,19 @@ def sweep(cache: PathLike, out: PathLike, *, grid: Mapping[str, Any] | None = No
 
     for keywords in (lists, grid or {}):
         _check_keywords("sweep", keywords, SWEEP_FIELDS)
-    values = read_grid_file(Path(grid_file), SWEEP_FIELDS) if grid_file is not None else {}
+    values = read_grid_file(_path(grid_file, "grid_file"), SWEEP_FIELDS) if grid_file is not None else {}
     file_folds = values.pop("folds", (0,))[0]
-    values.update({field: _values(value) for field, value in {**(grid or {}), **lists}.items()})
+    values.update({field: _values(field, value) for field, value in {**(grid or {}), **lists}.items()})
     with _runtime(precision, deterministic):
-        return run_sweep(Path(cache), Path(out), values, folds=file_folds if folds is None else folds, device=device,
+        return run_sweep(_path(cache, "cache"), _path(out, "out"), values, folds=file_folds if folds is None else folds, device=device,
                          stream=stream, jobs=jobs, retry_failed=retry_failed, confirm=_confirmation(yes, confirm))
 
 
-def _values(value: Any) -> tuple:
-    """A sweep's values of one field: a list or tuple is the values, anything else one value."""
+def _values(field: str, value: Any) -> tuple:
+    """A sweep's values of one field: a list or tuple is the values (refused empty), anything else one value."""
+    if isinstance(value, (list, tuple)) and not value:
+        raise FishsegError(f"`{field}`: an empty list of values; give at least one, or leave `{field}` out for its "
+                           f"default")
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
@@ -190,13 +201,31 @@ def compare(folders: PathLike | Sequence[PathLike], *, baseline: PathLike | None
     given, else ./compare). ``cache`` scores runs not evaluated yet (default: the path the runs recorded)."""
     from fishseg.evaluation.compare import run_compare
 
-    paths = [Path(folders)] if isinstance(folders, (str, os.PathLike)) else [Path(folder) for folder in folders]
+    paths = _paths(folders, "folders", "run, cross-validation or sweep folder")
     with _runtime(precision):
-        return run_compare(paths, _path(out), baseline=_path(baseline), cache_path=_path(cache), device=device)
+        return run_compare(paths, _optional_path(out, "out"), baseline=_optional_path(baseline, "baseline"),
+                           cache_path=_optional_path(cache, "cache"), device=device)
 
 
-def _path(value: PathLike | None) -> Path | None:
-    return None if value is None else Path(value)
+def _path(value: Any, keyword: str) -> Path:
+    """``value`` as a Path: a str or os.PathLike, anything else is a programming error (a TypeError, as Python's
+    own functions raise)."""
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise TypeError(f"`{keyword}` must be a path (str or os.PathLike), not {type(value).__name__}")
+
+
+def _optional_path(value: Any, keyword: str) -> Path | None:
+    return None if value is None else _path(value, keyword)
+
+
+def _paths(value: Any, keyword: str, each: str) -> list[Path]:
+    """One path, or a list or tuple of them (refused empty: ``each`` says what one is)."""
+    if not isinstance(value, (list, tuple)):
+        return [_path(value, keyword)]
+    if not value:
+        raise FishsegError(f"`{keyword}`: an empty list; give at least one {each}")
+    return [_path(item, keyword) for item in value]
 
 
 def probe(cache: PathLike, *, split: str = TrainConfig.split, group_pattern: str = "",
@@ -210,12 +239,13 @@ def probe(cache: PathLike, *, split: str = TrainConfig.split, group_pattern: str
     from fishseg.runtime import write_json
 
     config = TrainConfig(val_fraction=val_fraction, seed=seed, split=split, group_pattern=group_pattern)
-    with FeatureCache(Path(cache)) as features:
+    json = _optional_path(json, "json")
+    with FeatureCache(_path(cache, "cache")) as features:
         train_idx, val_idx, _ = split_indices(features, config)
         result = run_probe(features, train_idx, val_idx)
     if json is not None:
-        write_json(Path(json), result)
-    return ProbeResult.of(split, result, _path(json))
+        write_json(json, result)
+    return ProbeResult.of(split, result, json)
 
 
 def predict(inputs: PathLike | Sequence[PathLike], run: PathLike, out: PathLike, *, backbone: str | None = None,
@@ -225,9 +255,9 @@ def predict(inputs: PathLike | Sequence[PathLike], run: PathLike, out: PathLike,
     overlays/, predictions.csv). ``backbone`` defaults to the run's; its weights are checked against the run's."""
     from fishseg.inference.predict import run_prediction
 
-    paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(path) for path in inputs]
+    paths = _paths(inputs, "inputs", "image or folder of images")
     with _runtime(precision):
-        return run_prediction(Path(run), paths, Path(out), backbone=backbone, batch_size=batch_size,
+        return run_prediction(_path(run, "run"), paths, _path(out, "out"), backbone=backbone, batch_size=batch_size,
                               num_workers=num_workers, device=device, skip_bad=skip_bad, overwrite=overwrite)
 
 
@@ -237,7 +267,7 @@ def export(run: PathLike, out: PathLike, *, backbone: str | None = None, opset: 
     probabilities N×1×S×S out, normalisation inside; docs/export.md). Needs ``pip install fishseg[export]``."""
     from fishseg.inference.export import export_onnx
 
-    return export_onnx(run, out, backbone=backbone, opset=opset, overwrite=overwrite)
+    return export_onnx(_path(run, "run"), _path(out, "out"), backbone=backbone, opset=opset, overwrite=overwrite)
 
 
 def demo(out: PathLike = "fishseg-demo", *, backbone: str | None = None, classes: int = 3, images_per_class: int = 12,
@@ -247,6 +277,6 @@ def demo(out: PathLike = "fishseg-demo", *, backbone: str | None = None, classes
     random-init ViT-S/16). ``out`` must be new, empty, or an earlier demo (replaced with ``overwrite=True``)."""
     from fishseg.end_to_end import run_demo
 
+    config = DemoConfig(classes=classes, images_per_class=images_per_class, epochs=epochs, image_size=image_size)
     with _runtime(precision):
-        return run_demo(Path(out), backbone=backbone, classes=classes, images_per_class=images_per_class,
-                        epochs=epochs, image_size=image_size, device=device, overwrite=overwrite)
+        return run_demo(_path(out, "out"), config, backbone=backbone, device=device, overwrite=overwrite)

@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterator
 import click
 
 from fishseg import api
-from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DECODER_NAMES, DEFAULT_BACKBONE, DEFAULT_COMPRESSION, LOSSES,
-                            PRECISIONS, SCHEDULES, SPLITS, VIEWS, ExtractConfig, TrainConfig, format_layers, shown)
+from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DECODER_NAMES, DEFAULT_BACKBONE, DEFAULT_COMPRESSION,
+                            DEMO_MIN_IMAGES, DEMO_SPECIES, LOSSES, PRECISIONS, SCHEDULES, SPLITS, VIEWS, ExtractConfig,
+                            TrainConfig, format_layers, shown)
 from fishseg.distributed import is_main_process, under_torchrun
 from fishseg.errors import FishsegError, Flag, render_flags
 from fishseg.version import __version__
@@ -605,8 +606,8 @@ def predict(inputs: tuple[Path, ...], run_dir: Path, out: Path, backbone: str | 
 @click.option("--out", default=Path("fishseg-demo"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
 @click.option("--backbone", default=None, help="Hub id or local model folder [default: a random-init ViT-S/16].")
-@click.option("--classes", default=3, show_default=True, type=click.IntRange(1, 4))
-@click.option("--images-per-class", default=12, show_default=True, type=click.IntRange(2))
+@click.option("--classes", default=3, show_default=True, type=click.IntRange(1, DEMO_SPECIES))
+@click.option("--images-per-class", default=12, show_default=True, type=click.IntRange(DEMO_MIN_IMAGES))
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--image-size", default=EXTRACT_DEFAULTS.image_size, show_default=True, type=click.IntRange(16))
 @click.option("--overwrite", is_flag=True,

@@ -29,6 +29,8 @@ VIEWS = ("hflip", "vflip", "rot90", "rot180", "rot270", "transpose")  # extra vi
 LAST_BLOCK = (-1,)  # the default layers: the backbone's last block
 SPLITS = ("random", "grouped")
 DECODER_NAMES = ("linear", "seed-cnn", "progressive", "guided")  # the keys of fishseg.models.decoders.DECODERS
+DEMO_SPECIES = 4  # species the demo generator draws (fishseg.data.synthetic.SPECIES): `classes` is 1 to this
+DEMO_MIN_IMAGES = 2  # per species in the demo: one to train on and one to validate on, at the least
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what --precision asks for; fishseg.runtime.precision_policy decides
 
 
@@ -81,6 +83,11 @@ def check_precision(value: Any) -> None:
     """Precision is a runtime choice like the device (``auto`` differs by GPU), so it lives in no config: the
     precision actually used is recorded in the cache and the run instead."""
     _choice(value, "precision", PRECISIONS)
+
+
+def check_compression(value: Any) -> None:
+    """Compression is a storage choice of the cache file, not of its content, so it lives in no config either."""
+    _choice(value, "compression", COMPRESSIONS)
 
 
 def _as_tuple(config: Any, field: str) -> tuple:
@@ -244,6 +251,23 @@ class TrainConfig:
         _integer(self.warmup_epochs, "warmup_epochs", 0)
         _choice(self.augment, "augment", AUGMENTATIONS)
         _block_indices(self, "layers", allow_empty=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """What ``fishseg demo`` generates and trains, checked before anything is written."""
+
+    classes: int = 3  # species generated, the first of DEMO_SPECIES
+    images_per_class: int = 12
+    epochs: int = 20
+    image_size: int = 448
+
+    def __post_init__(self) -> None:
+        _require(_whole(self.classes) and 1 <= self.classes <= DEMO_SPECIES, "classes", self.classes,
+                 f"a whole number from 1 to {DEMO_SPECIES}")
+        _integer(self.images_per_class, "images_per_class", DEMO_MIN_IMAGES)
+        _integer(self.epochs, "epochs", 1)
+        _integer(self.image_size, "image_size", 1)
 
 
 Config = TypeVar("Config", ExtractConfig, BackboneInfo, TrainConfig)

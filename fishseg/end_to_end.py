@@ -9,7 +9,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from fishseg.config import ExtractConfig, TrainConfig
+from fishseg.config import DemoConfig, ExtractConfig, TrainConfig
 from fishseg.data.synthetic import DATA_NOTE, generated_dataset, write_demo_dataset
 from fishseg.errors import FishsegError
 from fishseg.evaluation.evaluate import run_evaluation
@@ -23,8 +23,8 @@ from fishseg.training.train import run_training
 logger = logging.getLogger(__name__)
 
 
-def run_demo(out: Path, *, backbone: str | None = None, classes: int = 3, images_per_class: int = 12,
-             epochs: int = 20, image_size: int = 448, device: str = "auto", overwrite: bool = False) -> EvaluationResult:
+def run_demo(out: Path, config: DemoConfig, *, backbone: str | None = None, device: str = "auto",
+             overwrite: bool = False) -> EvaluationResult:
     """Run the whole pipeline on generated data under ``out``; returns the evaluation (report in ``out/report``).
 
     ``out`` must be new, empty, or (with ``overwrite``) an earlier demo, whose data, cache, run and report are
@@ -33,12 +33,14 @@ def run_demo(out: Path, *, backbone: str | None = None, classes: int = 3, images
     with removed_on_error(out):
         if earlier:
             shutil.rmtree(generated_dataset(out / "data"), ignore_errors=True)  # another --classes leaves no strays
-        return _run_demo(out, backbone, classes, images_per_class, epochs, image_size, device, overwrite)
+        return _run_demo(out, config, backbone, device, overwrite)
 
 
 def _check_out(out: Path, overwrite: bool) -> bool:
     """Whether ``out`` holds an earlier demo to replace; refused, before anything is written: an earlier demo
     without ``overwrite``, and a folder holding anything else."""
+    if out.exists() and not out.is_dir():
+        raise FishsegError(f"{out}: is a file; `out` is the demo's folder (a new or empty one)")
     contents = sorted(f"{path.name}/" if path.is_dir() else path.name for path in out.iterdir()) if out.is_dir() else []
     if not contents:
         return False
@@ -52,14 +54,13 @@ def _check_out(out: Path, overwrite: bool) -> bool:
     raise FishsegError(f"{out}: holds {listing}, not a demo; choose another `out` (a new or empty folder)")
 
 
-def _run_demo(out: Path, backbone: str | None, classes: int, images_per_class: int, epochs: int, image_size: int,
-              device: str, overwrite: bool) -> EvaluationResult:
-    data_root = write_demo_dataset(out / "data", classes=classes, images_per_class=images_per_class)
+def _run_demo(out: Path, config: DemoConfig, backbone: str | None, device: str, overwrite: bool) -> EvaluationResult:
+    data_root = write_demo_dataset(out / "data", classes=config.classes, images_per_class=config.images_per_class)
     if backbone is None:
         backbone = str(save_random_backbone(out / "backbone-random-init"))
         logger.warning("no `backbone` given: using a RANDOM-INIT DINOv3 ViT-S/16 saved at %s", backbone)
-    cache = run_extraction(data_root, out / "cache.h5", ExtractConfig(backbone=backbone, image_size=image_size),
+    cache = run_extraction(data_root, out / "cache.h5", ExtractConfig(backbone=backbone, image_size=config.image_size),
                            device=device, overwrite=overwrite)
-    run_training(cache, out / "run", TrainConfig(epochs=epochs), device=device, overwrite=overwrite)
+    run_training(cache, out / "run", TrainConfig(epochs=config.epochs), device=device, overwrite=overwrite)
     metrics = run_evaluation(cache, out / "run", out / "report", device=device)
     return EvaluationResult.of(out / "report", out / "report" / REPORT_HTML, metrics)

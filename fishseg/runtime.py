@@ -278,6 +278,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
 
     A crash or an exception leaves the previous ``final`` (if any) untouched and no temp file.
     """
+    if final.is_dir():
+        raise FishsegError(f"{final}: is a folder; give the path of the file to write, not a folder")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, unlike mkstemp's 0600

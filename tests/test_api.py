@@ -16,6 +16,8 @@ import fishseg.end_to_end  # noqa: F401 (imported, a submodule must not replace 
 from fishseg.bench.call import main as call_main
 from fishseg.bench.call import torchrun_call
 from fishseg.cli import main
+from fishseg.config import TrainConfig
+from fishseg.data.synthetic import SPECIES
 from fishseg.formats.cache import FeatureCache
 from fishseg.formats.runs import RunFolder
 from fishseg.training.crossval import CV_METRICS
@@ -218,3 +220,89 @@ def test_the_benchmark_runs_the_api_in_torchrun_with_keywords_as_json(toy: Path,
     assert RunFolder(tmp_path / "run").read_record().status == "finished"
     with pytest.raises(ValueError, match="evaluate: not one of extract, train"):
         torchrun_call(2, "evaluate")
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*"))
+
+
+def test_demo_refuses_bad_settings_before_writing_anything(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    for settings, message in [(dict(out=tmp_path / "notes.txt"), "notes.txt: is a file; `out` is the demo's folder"),
+                              (dict(classes=0), "classes 0: expected a whole number from 1 to 4"),
+                              (dict(classes=5), "classes 5: expected a whole number from 1 to 4"),
+                              (dict(images_per_class=1), "images_per_class 1: expected a whole number >= 2"),
+                              (dict(epochs=0), "epochs 0: expected a whole number >= 1")]:
+        with pytest.raises(fishseg.FishsegError, match=message):
+            fishseg.demo(**{"out": tmp_path / "demo", **settings}, device="cpu")
+    assert _listing(tmp_path) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+    assert fishseg.config.DEMO_SPECIES == len(SPECIES)  # the CLI's --classes range is the generator's species
+    cli = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--classes", "5"])
+    assert cli.exit_code == 2 and "1<=x<=4" in cli.output
+
+
+def test_extract_refuses_a_folder_out_and_an_unknown_compression_up_front(
+        tmp_path: Path, kaggle_root: Path, tiny_backbone: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_work(*_: object) -> None:
+        raise AssertionError("refused after the work had started")
+
+    monkeypatch.setattr("fishseg.features.extract.discover_samples", no_work)
+    (tmp_path / "run").mkdir()
+    for out, options, message in [(tmp_path / "run", dict(overwrite=True),
+                                   r"run: is a folder; `out` is the \.h5 file to write, e\.g\. .*cache\.h5"),
+                                  (tmp_path / "cache.h5", dict(compression="bogus"),
+                                   "compression 'bogus': expected one of none, lzf, gzip")]:
+        with pytest.raises(fishseg.FishsegError, match=message):
+            fishseg.extract(kaggle_root, out, backbone=str(tiny_backbone), device="cpu", **options)
+    assert _listing(tmp_path) == ["run"]
+
+
+def test_sweep_refuses_an_empty_list_of_values_before_writing(toy: Path, tmp_path: Path) -> None:
+    for values in (dict(lr=[]), dict(grid={"lr": ()})):
+        with pytest.raises(fishseg.FishsegError, match="^`lr`: an empty list of values; give at least one"):
+            fishseg.sweep(toy, tmp_path / "sweep", epochs=1, **values, **FAST)
+    assert _listing(tmp_path) == []
+
+
+def test_probe_json_into_a_folder_names_the_folder(toy: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(fishseg.FishsegError, match=r"out: is a folder; give the path of the file to write"):
+        fishseg.probe(toy, json=tmp_path / "out")
+    assert _listing(tmp_path) == ["out"]
+
+
+def test_a_folder_given_as_the_cache_is_called_a_folder(trained: fishseg.TrainResult, tmp_path: Path) -> None:
+    run = trained.out
+    for call in (lambda: fishseg.train(run, tmp_path / "new", epochs=1, **FAST),
+                 lambda: fishseg.evaluate(run, run, out=tmp_path / "report", device="cpu"),
+                 lambda: fishseg.probe(run)):
+        with pytest.raises(fishseg.FishsegError, match=r"run: is a folder holding a run, not a cache; `cache` is the "
+                                                       r"\.h5 file that fishseg extract wrote"):
+            call()
+    with pytest.raises(fishseg.FishsegError, match=r": is a folder, not a cache;"):
+        fishseg.probe(tmp_path)
+    assert _listing(tmp_path) == []
+
+
+def test_wrong_types_are_type_errors_naming_the_keyword(toy: Path, tmp_path: Path) -> None:
+    for call, message in [(lambda: fishseg.extract(123, tmp_path / "c.h5"), "`data_root` must be a path"),
+                          (lambda: fishseg.train(5, tmp_path / "run"), "`cache` must be a path"),
+                          (lambda: fishseg.train(toy, None), r"`out` must be a path \(str or os.PathLike\), not "
+                                                             r"NoneType"),
+                          (lambda: fishseg.train(toy, tmp_path / "run", config={"epochs": 1}),
+                           r"^`config` must be TrainConfig or None, not dict$"),
+                          (lambda: fishseg.extract(toy, tmp_path / "c.h5", config=TrainConfig()),
+                           "`config` must be ExtractConfig or None, not TrainConfig"),
+                          (lambda: fishseg.compare([toy, 7]), "`folders` must be a path"),
+                          (lambda: fishseg.probe(toy, json=1), "`json` must be a path")]:
+        with pytest.raises(TypeError, match=message):
+            call()
+    assert _listing(tmp_path) == []
+
+
+def test_empty_inputs_are_refused_naming_the_keyword(tiny_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(fishseg.FishsegError, match="^`folders`: an empty list; give at least one run"):
+        fishseg.compare([], out=tmp_path / "board")
+    with pytest.raises(fishseg.FishsegError, match="^`inputs`: an empty list; give at least one image or folder"):
+        fishseg.predict([], tiny_run, tmp_path / "out", device="cpu")
+    assert _listing(tmp_path) == []

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from fishseg import distributed
 from fishseg.version import __version__
-from fishseg.config import DEFAULT_COMPRESSION, IDENTITY, ExtractConfig, check_patch_multiple, resolve_layers
+from fishseg.config import (DEFAULT_COMPRESSION, IDENTITY, ExtractConfig, check_compression, check_patch_multiple,
+                            resolve_layers)
 from fishseg.data.images import ExtractionDataset, Sample, apply_view, discover_samples
 from fishseg.data.splits import near_duplicate_groups, thumbnails
 from fishseg.distributed import Ranks
@@ -223,6 +224,9 @@ def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_s
     unless ``overwrite``; an interrupted extraction into ``out`` is resumed. ``batch_size`` and ``num_workers``
     None: chosen for the device (``runtime.default_batch_size``, ``runtime.default_num_workers``).
     """
+    check_compression(compression)
+    if out.is_dir():
+        raise FishsegError(f"{out}: is a folder; `out` is the .h5 file to write, e.g. {out / 'cache.h5'}")
     config = dataclasses.replace(config, backbone=backbone_reference(config.backbone))
     samples = discover_samples(data_root)
     if out.exists() and not is_cache(out):

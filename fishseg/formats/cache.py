@@ -51,10 +51,11 @@ import numpy as np
 import torch
 
 from fishseg.version import __version__
-from fishseg.config import (COMPRESSIONS, DEFAULT_COMPRESSION, IDENTITY, LAST_BLOCK, BackboneInfo, ExtractConfig,
+from fishseg.config import (DEFAULT_COMPRESSION, IDENTITY, LAST_BLOCK, BackboneInfo, ExtractConfig, check_compression,
                             fingerprint, format_layers, from_json, resolve_layers, to_json, value_text)
 from fishseg.data.images import Sample, apply_view
 from fishseg.errors import FishsegError
+from fishseg.formats.runs import RunFolder
 from fishseg.runtime import UNRECORDED, atomic_path, plural, read_json, require_same_precision, write_json
 
 FORMAT_VERSION = 4  # 2: sources, skipped_ids/_reasons and groups added; 3: several layers, views; 4: content digests
@@ -114,8 +115,7 @@ class CacheWriter:
     def __init__(self, path: Path, config: ExtractConfig, backbone: BackboneInfo, samples: Sequence[Sample],
                  compression: str = DEFAULT_COMPRESSION, skipped: Sequence[tuple[str, str]] = (),
                  groups: np.ndarray | None = None, num_blocks: int = 1) -> None:
-        if compression not in COMPRESSIONS:
-            raise FishsegError(f"unknown compression '{compression}'; choose one of {', '.join(COMPRESSIONS)}")
+        check_compression(compression)
         self.compression = None if compression == "none" else compression
         self.path = path
         self.partial = path.with_name(path.name + ".partial")
@@ -527,6 +527,10 @@ def is_cache(path: Path) -> bool:
 
 
 def _open_checked(path: Path) -> h5py.File:
+    if path.is_dir():
+        kind = RunFolder(path).kind
+        raise FishsegError(f"{path}: is a folder{f' holding a {kind}' if kind else ''}, not a cache; `cache` is the "
+                           f".h5 file that fishseg extract wrote")
     if not path.is_file():  # a file at the final path is whole: it is renamed there when complete
         progress = incomplete_extraction(path)
         if progress is not None:
