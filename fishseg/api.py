@@ -75,9 +75,9 @@ def extract(data_root: PathLike, out: PathLike, *, backbone: str = DEFAULT_BACKB
         raise TypeError("extract(): give the cache's content settings either as `config` or as keywords, not both")
     _require_type(config, ExtractConfig, "config")
     with _runtime(precision):
-        cache = run_extraction(_path(data_root, "data_root"), _path(out, "out"), config or content, batch_size=batch_size,
-                               num_workers=num_workers, device=device, compression=compression, overwrite=overwrite,
-                               skip_bad=skip_bad)
+        cache = run_extraction(_path(data_root, "data_root"), _path(out, "out"), config or content,
+                               batch_size=batch_size, num_workers=num_workers, device=device, compression=compression,
+                               overwrite=overwrite, skip_bad=skip_bad)
     return ExtractResult.read(cache)
 
 
@@ -163,8 +163,9 @@ def sweep(cache: PathLike, out: PathLike, *, grid: Mapping[str, Any] | None = No
     file_folds = values.pop("folds", (0,))[0]
     values.update({field: _values(field, value) for field, value in {**(grid or {}), **lists}.items()})
     with _runtime(precision, deterministic):
-        return run_sweep(_path(cache, "cache"), _path(out, "out"), values, folds=file_folds if folds is None else folds, device=device,
-                         stream=stream, jobs=jobs, retry_failed=retry_failed, confirm=_confirmation(yes, confirm))
+        return run_sweep(_path(cache, "cache"), _path(out, "out"), values,
+                         folds=file_folds if folds is None else folds, device=device, stream=stream, jobs=jobs,
+                         retry_failed=retry_failed, confirm=_confirmation(yes, confirm))
 
 
 def _values(field: str, value: Any) -> tuple:
