@@ -22,8 +22,8 @@ from fishseg.evaluation.metrics import (BOUNDARY_TOLERANCE, REFERENCE_BATCH, THR
 from fishseg.evaluation.probe import run_probe
 from fishseg.evaluation.report import Example, ReportData, gallery_positions, write_report
 from fishseg.formats.cache import FeatureCache
-from fishseg.formats.runs import (METRICS_FILE, PER_IMAGE_FILE, REPORT_DIR, REPORT_FILES, RUN_FILE, SPLIT_FILE, RunFolder,
-                                  RunRecord)
+from fishseg.formats.runs import (METRICS_FILE, PER_IMAGE_FILE, REPORT_DIR, REPORT_FILES, RUN_FILE, SPLIT_FILE,
+                                  RunFolder, RunRecord)
 from fishseg.models.decoders import segment, uses_image
 from fishseg.runtime import atomic_path, autocast, make_output_dir, read_json, resolve_device, write_json
 
