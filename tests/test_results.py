@@ -34,3 +34,10 @@ def test_a_real_results_repr_is_short_and_leaves_the_big_fields_out(evaluated: t
         assert len(text) < 400 and "metrics=" not in text and "record=" not in text, text
     assert f"mean_iou={metrics['mean_iou']!r}" in repr(evaluation)
     assert f"best_epoch={trained.best_epoch}" in repr(trained)
+
+
+def test_the_segmenters_own_docstring_says_what_it_takes_and_returns() -> None:
+    doc = fishseg.Segmenter.__doc__ or ""
+    for essential in ("from_run", "PIL image", "H×W×3 uint8", "result.mask", "result.probabilities", "batch_size"):
+        assert essential in doc, essential
+    assert "module's docstring" not in doc
