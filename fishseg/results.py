@@ -19,11 +19,17 @@ __all__ = ["CrossValidationResult", "EvaluationResult", "ExtractResult", "Predic
 
 @dataclasses.dataclass(frozen=True)
 class ExtractResult:
-    cache: Path  # the finished HDF5 cache
-    images: int  # images stored in it
-    skipped: tuple[str, ...]  # "image id: why" of the images left out (skip_bad=True)
-    backbone: str  # its name as recorded in the cache
-    random_init: bool  # True: the features carry no pretrained knowledge
+    """What ``fishseg.extract`` returns: the feature cache it finished.
+
+    ``cache``: the HDF5 cache's path; ``images``: the images stored in it; ``skipped``: "image id: why" of the
+    images left out (``skip_bad=True``); ``backbone``: the backbone's name as the cache records it;
+    ``random_init``: True when the backbone was random-init, so the features carry no pretrained knowledge."""
+
+    cache: Path
+    images: int
+    skipped: tuple[str, ...] = dataclasses.field(repr=False)
+    backbone: str
+    random_init: bool
 
     @classmethod
     def read(cls, path: Path) -> ExtractResult:
@@ -34,12 +40,19 @@ class ExtractResult:
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    out: Path  # the run folder: run.json, split.json, history.json, checkpoints
-    status: str  # "finished" or "failed" (record.failure says why)
+    """What ``fishseg.train`` returns for one run (``folds`` unset): the run folder it trained into.
+
+    ``out``: the run folder (run.json, split.json, history.json, checkpoints/); ``status``: "finished" or "failed"
+    (``record.failure`` says why); ``best_val_iou`` and ``best_epoch``: the epoch with the best validation IoU,
+    whose checkpoint evaluate, predict and export use; ``epochs_planned``: the run's epochs; ``record``: run.json
+    as written (settings, cache, split sizes, checkpoints), left out of ``repr``."""
+
+    out: Path
+    status: str
     best_val_iou: float
     best_epoch: int
     epochs_planned: int
-    record: RunRecord  # run.json as written
+    record: RunRecord = dataclasses.field(repr=False)
 
     @classmethod
     def of(cls, out: Path, record: RunRecord) -> TrainResult:
@@ -53,11 +66,17 @@ class TrainResult:
 
 @dataclasses.dataclass(frozen=True)
 class CrossValidationResult:
-    out: Path  # the cross-validation folder: cv.json and fold-k/ run folders
+    """What ``fishseg.train`` returns with ``folds=K``: the K-fold cross-validation it trained.
+
+    ``out``: the cross-validation folder (cv.json and one run folder ``fold-k`` per fold); ``folds``: K;
+    ``split``: how the folds were drawn ("random" or "grouped"); ``summary``: metric → (mean, std) over the
+    folds; ``runs``: the folds' run folders, in order (left out of ``repr``)."""
+
+    out: Path
     folds: int
-    split: str  # the split method of the folds ("random" or "grouped")
-    summary: Mapping[str, tuple[float, float]]  # metric → (mean, std) over the folds
-    runs: tuple[Path, ...]  # one run folder per fold
+    split: str
+    summary: Mapping[str, tuple[float, float]]
+    runs: tuple[Path, ...] = dataclasses.field(repr=False)
 
     @classmethod
     def from_cv(cls, out: Path, cv: CrossValidationRecord) -> CrossValidationResult:
@@ -73,14 +92,23 @@ class CrossValidationResult:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationResult:
-    out: Path  # the report folder: metrics.json, per_image.csv, report.html and figures
-    report: Path  # report.html
-    metrics: Mapping[str, Any]  # metrics.json as written
-    n_images: int  # validation images scored
+    """What ``fishseg.evaluate`` (and ``fishseg.demo``) returns: the run's best checkpoint scored on its
+    validation images.
+
+    ``out``: the report folder (metrics.json, per_image.csv, report.html, figures); ``report``: report.html;
+    ``metrics``: metrics.json as written (every number of the report; left out of ``repr``); ``n_images``: the
+    validation images scored; ``mean_iou`` and ``mean_dice``: per image at threshold 0.5, averaged;
+    ``reference_batch_iou``: the reference notebook's batch-averaged IoU, to compare with it; ``random_init``:
+    True when the backbone was random-init, so the numbers say nothing about its features."""
+
+    out: Path
+    report: Path
+    metrics: Mapping[str, Any] = dataclasses.field(repr=False)
+    n_images: int
     mean_iou: float
     mean_dice: float
-    reference_batch_iou: float  # the reference notebook's batch-averaged IoU, for comparison with it
-    random_init: bool  # True: the backbone was random-init, so the numbers say nothing about its features
+    reference_batch_iou: float
+    random_init: bool
 
     @classmethod
     def of(cls, out: Path, report: Path, metrics: Mapping[str, Any]) -> EvaluationResult:
@@ -90,14 +118,21 @@ class EvaluationResult:
 
 @dataclasses.dataclass(frozen=True)
 class ProbeResult:
-    split: str  # the split the probe was fitted and scored on
-    accuracy: float | None  # species accuracy on the validation images; None when skipped
+    """What ``fishseg.probe`` returns: how well a linear classifier on the cached features tells the species apart.
+
+    ``split``: the split it was fitted (``n_train`` images) and scored (``n_val`` images) on; ``accuracy``: species
+    accuracy on the validation images (None when skipped); ``classes``: the species, in the order of
+    ``confusion`` (rows: true species, columns: predicted; both left out of ``repr``); ``skipped``: why the probe
+    did not run ("" when it did); ``json``: where the result was also written (None: nowhere)."""
+
+    split: str
+    accuracy: float | None
     n_train: int
     n_val: int
-    classes: tuple[str, ...]  # species, in the order of the confusion matrix
-    confusion: tuple[tuple[int, ...], ...]  # rows: true species, columns: predicted
-    skipped: str = ""  # why the probe did not run ("" when it did)
-    json: Path | None = None  # where the result was also written
+    classes: tuple[str, ...] = dataclasses.field(repr=False)
+    confusion: tuple[tuple[int, ...], ...] = dataclasses.field(repr=False)
+    skipped: str = ""
+    json: Path | None = None
 
     @classmethod
     def of(cls, split: str, result: Mapping[str, Any], json_path: Path | None) -> ProbeResult:
@@ -109,11 +144,13 @@ class ProbeResult:
 
 @dataclasses.dataclass(frozen=True)
 class PredictionResult:
-    """What a prediction wrote into the folder ``out``: ``csv`` (predictions.csv, a row per image), ``masks``
-    (masks/NAME.png, 0/255 at each image's own size, each with overlays/NAME.png), and the one-line errors of the
-    images left out (``skip_bad``)."""
+    """What ``fishseg.predict`` returns: what it wrote into the folder ``out``.
+
+    ``csv``: predictions.csv, a row per image; ``masks``: masks/NAME.png, 0/255 at each image's own size, each with
+    overlays/NAME.png (left out of ``repr``); ``skipped``: the one-line errors of the images left out
+    (``skip_bad=True``)."""
 
     out: Path
     csv: Path
-    masks: tuple[Path, ...]
+    masks: tuple[Path, ...] = dataclasses.field(repr=False)
     skipped: tuple[str, ...]

@@ -2,12 +2,19 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+import fishseg
+from fishseg.cli import main
+from fishseg.errors import FishsegError
+from fishseg.evaluation.evaluate import run_evaluation
 from fishseg.formats.cache import FeatureCache
 from fishseg.models.decoders import load_checkpoint
 
@@ -79,3 +86,37 @@ def test_richer_metrics_are_the_means_of_the_per_image_rows(evaluated: tuple[Pat
     for metric in ("precision", "recall", "boundary_f"):
         assert metrics[f"mean_{metric}"] == pytest.approx(np.mean([float(r[metric]) for r in rows]), abs=1e-6)
     assert metrics["boundary_tolerance_px"] == 2
+
+
+def test_evaluate_refuses_a_folder_of_other_files_and_names_out(evaluated: tuple[Path, Path, dict],
+                                                                tmp_path: Path) -> None:
+    """A user's folder (here, predictions) is not a report's: nothing is written into it, API or CLI."""
+    cache, run_dir, _ = evaluated
+    photos = tmp_path / "predictions"
+    photos.mkdir()
+    (photos / "predictions.csv").write_text("image,fish_fraction\n")
+    with pytest.raises(FishsegError, match=rf"^{re.escape(str(photos))}: not empty and not a report folder; pass an "
+                                           r"empty or new folder as `out`"):
+        fishseg.evaluate(cache, run_dir, out=photos, device="cpu")
+    result = CliRunner().invoke(main, ["evaluate", "--cache", str(cache), "--run", str(run_dir), "--out", str(photos),
+                                       "--device", "cpu"])
+    assert result.exit_code == 2 and result.output.startswith(
+        f"Error: {photos}: not empty and not a report folder; pass an empty or new folder as --out"), result.output
+    assert [path.name for path in photos.iterdir()] == ["predictions.csv"]
+
+
+def test_evaluate_replaces_its_own_report_but_not_another_runs(evaluated: tuple[Path, Path, dict],
+                                                               tmp_path: Path) -> None:
+    cache, run_dir, metrics = evaluated
+    assert metrics["run"] == str(run_dir.resolve())
+    report = tmp_path / "report"
+    run_evaluation(cache, run_dir, report, device="cpu", report=False)
+    (report / "per_image.csv").write_text("stale")
+    assert run_evaluation(cache, run_dir, report, device="cpu", report=False)["mean_iou"] == metrics["mean_iou"]
+    assert (report / "per_image.csv").read_text() != "stale"
+    other = Path(shutil.copytree(run_dir, tmp_path / "other"))
+    written = (report / "metrics.json").read_bytes()
+    with pytest.raises(FishsegError, match=rf"^{re.escape(str(report))}: the report folder of another run "
+                                           rf"\({re.escape(str(run_dir.resolve()))}\); pass another `out`"):
+        run_evaluation(cache, other, report, device="cpu", report=False)
+    assert (report / "metrics.json").read_bytes() == written

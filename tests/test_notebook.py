@@ -77,5 +77,6 @@ def test_notebook_says_its_backbone_is_random_init_and_shows_figures(
     notebook, _ = executed
     printed = "".join(output.text for output in _outputs(notebook, "stream"))
     assert "RANDOM-INIT" in printed and "reference" in printed  # the backbone named; the verdicts listed
+    assert "IProgress not found" not in printed  # tqdm's notice without ipywidgets, silenced in the first cell
     images = [output for output in _outputs(notebook, "display_data") if "image/png" in output.data]
     assert len(images) >= 5  # the compare curves, three report figures, the overlay

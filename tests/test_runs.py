@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -730,3 +731,44 @@ def test_a_run_folder_carries_its_path_and_says_what_it_holds(tmp_path: Path) ->
         folder.require_kind("run")
     with pytest.raises(FishsegError, match=re.escape(f"{folder}: not a run folder (a cross-validation (cv.json))")):
         folder.read_record()
+
+
+def test_the_lock_file_goes_when_the_lock_is_released_and_a_stale_one_is_no_lock(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path / "run")
+    with folder.lock():
+        assert (folder.path / ".lock").is_file() and folder.locked
+        with pytest.raises(FishsegError, match=rf"^{re.escape(str(folder.path))}: another process is training"):
+            with folder.lock():
+                pass
+        assert folder.locked
+    assert not (folder.path / ".lock").exists() and not folder.locked
+    (folder.path / ".lock").write_bytes(b"")  # as a killed trainer leaves it
+    assert not folder.locked
+    with folder.lock():
+        assert folder.locked
+    assert not (folder.path / ".lock").exists()
+
+
+def test_a_lock_taken_on_a_removed_lock_file_is_taken_again_on_the_new_one(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trainer that opened the file just before the holder released and removed it must not hold a lock that
+    excludes nobody: it takes the lock again on the file now at the path."""
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    stale = folder.path / ".lock"
+    stale.write_bytes(b"")
+    opened = []
+    real_open = open
+
+    def open_then_lose_the_race(path: object, mode: str = "r", *args: object) -> object:
+        handle = real_open(path, mode, *args)
+        if path == stale and not opened:
+            opened.append(os.fstat(handle.fileno()).st_ino)
+            stale.unlink()  # the holder releases and removes it...
+            stale.write_bytes(b"")  # ...and the next trainer makes it anew
+        return handle
+
+    monkeypatch.setattr("builtins.open", open_then_lose_the_race)
+    with folder.lock():
+        monkeypatch.undo()
+        assert folder.locked and os.stat(stale).st_ino != opened[0]

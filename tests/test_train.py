@@ -42,7 +42,7 @@ def test_training_learns_a_learnable_toy_set(toy_run: tuple[Path, Path, RunRecor
 def test_run_folder_records_config_split_history_and_checkpoints(toy_run: tuple[Path, Path, RunRecord]) -> None:
     _, run_dir, run = toy_run
     files = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
-    assert files == {".lock", "history.json", "run.json", "split.json", "checkpoints/epoch-0008.safetensors",
+    assert files == {"history.json", "run.json", "split.json", "checkpoints/epoch-0008.safetensors",
                      f"checkpoints/epoch-{run.best_epoch:04d}.safetensors"}  # the best and the last epoch only
     recorded = json.loads((run_dir / "run.json").read_text())
     assert recorded == run.to_json() and RunRecord.from_json(recorded, run_dir / "run.json") == run

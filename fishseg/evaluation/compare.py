@@ -89,10 +89,18 @@ class Unscored:
 
 @dataclasses.dataclass(frozen=True)
 class Leaderboard:
+    """What ``fishseg.compare`` returns (and ``SweepResult.leaderboard``): runs side by side, written into
+    ``out_dir`` (leaderboard.csv, .md, .html, .json and val_iou_curves.png).
+
+    ``entries``: one per run or cross-validation, best mean IoU first, each with its paired comparison to the
+    reference (left out of ``repr``); ``reference``: the name of the entry the others are compared with (the
+    ``baseline``, else the best); ``unscored``: entries listed without scores (failed, or not trained far enough)
+    and why. ``summary()`` says it in one line."""
+
     out_dir: Path
-    entries: list[LeaderboardEntry]  # best first
+    entries: list[LeaderboardEntry] = dataclasses.field(repr=False)
     reference: str
-    unscored: tuple[Unscored, ...] = ()
+    unscored: tuple[Unscored, ...] = dataclasses.field(default=(), repr=False)
 
     def summary(self) -> str:
         best = self.entries[0]

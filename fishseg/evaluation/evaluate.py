@@ -22,9 +22,10 @@ from fishseg.evaluation.metrics import (BOUNDARY_TOLERANCE, REFERENCE_BATCH, THR
 from fishseg.evaluation.probe import run_probe
 from fishseg.evaluation.report import Example, ReportData, gallery_positions, write_report
 from fishseg.formats.cache import FeatureCache
-from fishseg.formats.runs import METRICS_FILE, PER_IMAGE_FILE, REPORT_DIR, RUN_FILE, SPLIT_FILE, RunFolder, RunRecord
+from fishseg.formats.runs import (METRICS_FILE, PER_IMAGE_FILE, REPORT_DIR, REPORT_FILES, RUN_FILE, SPLIT_FILE,
+                                  RunFolder, RunRecord)
 from fishseg.models.decoders import segment, uses_image
-from fishseg.runtime import atomic_path, autocast, make_output_dir, resolve_device, write_json
+from fishseg.runtime import atomic_path, autocast, make_output_dir, read_json, resolve_device, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def evaluate_run(cache: FeatureCache, run_dir: Path, device: torch.device, *, ba
               **{name: raw[name] for name in ("precision", "recall", "boundary_f")}}
     classes = [cache.class_names[k] for k in cache.class_index[val_idx]]
     metrics = {
-        "backbone": cache.backbone.name, "random_init": cache.backbone.random_init,
+        "run": str(run_dir.resolve()), "backbone": cache.backbone.name, "random_init": cache.backbone.random_init,
         "cache_fingerprint": cache.fingerprint, "checkpoint": best.file, "checkpoint_sha256": best.sha256,
         "epoch": checkpoint.epoch, "run_status": record.status, "epochs_done": record.epochs_done,
         "epochs_planned": record.epochs_planned, "threshold": THRESHOLD, "boundary_tolerance_px": BOUNDARY_TOLERANCE,
@@ -227,13 +228,30 @@ def run_evaluation(cache_path: Path, run_dir: Path, out_dir: Path | None = None,
 
 
 def _check_report_folder(out_dir: Path, run_dir: Path) -> None:
-    """A report goes into its own folder: never into a run, cross-validation or sweep folder, nor into the report
-    folder of another run (whose report it would replace)."""
+    """A report goes into its own folder: never into a run, cross-validation or sweep folder, nor into a folder
+    holding other files (whose files it would mix with), nor into the report of another run (which it would
+    replace). The run's own report (``RUN/report``, or one whose metrics.json names the run) is replaced."""
     RunFolder(out_dir).require_no_kind("report")
+    if out_dir.resolve() == (run_dir / REPORT_DIR).resolve() or not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not any((out_dir / name).is_file() for name in REPORT_FILES):
+        raise FishsegError(f"{out_dir}: not empty and not a report folder; pass an empty or new folder as `out`, "
+                           f"or leave `out` out to write {run_dir / REPORT_DIR}")
+    owner = _report_owner(out_dir)
+    if owner is not None and owner != run_dir.resolve():
+        raise FishsegError(f"{out_dir}: the report folder of another run ({owner}); pass another `out`, or leave "
+                           f"`out` out to write {run_dir / REPORT_DIR}")
+
+
+def _report_owner(out_dir: Path) -> Path | None:
+    """The run a report folder describes: the one its metrics.json names, else (a report of an earlier version)
+    the run folder it lies in as ``report/``; None when neither tells."""
+    metrics = read_json(out_dir / METRICS_FILE) if (out_dir / METRICS_FILE).is_file() else {}
+    recorded = metrics.get("run") if isinstance(metrics, dict) else None
+    if isinstance(recorded, str):
+        return Path(recorded)
     owner = out_dir.parent
-    if out_dir.name == REPORT_DIR and RunFolder(owner).holds_run and owner.resolve() != run_dir.resolve():
-        raise FishsegError(f"{out_dir}: the report folder of another run ({owner}); leave `out` out to write "
-                           f"{run_dir / REPORT_DIR}, or pass another `out`")
+    return owner.resolve() if out_dir.name == REPORT_DIR and RunFolder(owner).holds_run else None
 
 
 def _write_per_image(path: Path, image_ids: list[str], classes: list[str], scores: dict[str, np.ndarray]) -> None:

@@ -22,8 +22,9 @@ A run folder (``train --out RUN``):
   holds the run's settings, which ``RunFolder.read_record`` checks the record's against.
 - ``checkpoints/epoch-NNNN.resume.safetensors``: AdamW moments, scheduler position and RNG states of the
   last epoch (tensors in safetensors, the rest JSON; no pickle), until the run finishes.
-- ``.lock``: held (``flock``) by the process training into the folder; the kernel drops it when that
-  process dies, which is how a reader tells a killed run (``running`` in the record) from a live one.
+- ``.lock``: held (``flock``) by the process training into the folder, and removed when it stops; the kernel drops
+  the lock when that process dies (leaving the file), which is how a reader tells a killed run (``running`` in the
+  record) from a live one.
 - ``report/``: what ``evaluate`` writes (``REPORT_FILES``: the scores, pages and figures, drawn by
   ``fishseg.evaluation.report``); removed when the run is replaced or trains on, since it would describe another run.
 
@@ -47,7 +48,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO, Iterator, Mapping, Sequence
 
 import safetensors
 import safetensors.torch
@@ -615,9 +616,11 @@ class RunFolder:
     @property
     def locked(self) -> bool:
         """Whether a live process holds the folder's training lock."""
-        if not (self.path / LOCK_FILE).exists():
+        try:
+            handle = open(self.path / LOCK_FILE, "rb")
+        except FileNotFoundError:
             return False
-        with open(self.path / LOCK_FILE, "a+b") as handle:
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -627,17 +630,17 @@ class RunFolder:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the folder's lock while training into it; a second trainer is refused, not interleaved."""
-        handle = open(make_output_dir(self.path) / LOCK_FILE, "a+b")
+        """Hold the folder's lock while training into it; a second trainer is refused, not interleaved. The lock
+        file goes when the lock is released (a killed holder leaves it, harmless: nobody holds it)."""
+        path = make_output_dir(self.path) / LOCK_FILE
+        handle = _take_lock(path)
         try:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise FishsegError(f"{self.path}: another process is training into this folder; wait for it or "
-                                   f"stop it first") from None
             yield
         finally:
+            path.unlink(missing_ok=True)  # still held: a trainer that opened this file finds it gone, and retries
             handle.close()
+
+    # Cross-validation and sweep records
 
     # Cross-validation and sweep records
 
@@ -746,6 +749,24 @@ def empty_history() -> dict[str, Any]:
 def check_resume_flags(resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise FishsegError("`resume=True` and `overwrite=True` exclude each other: continue the run, or replace it")
+
+
+def _take_lock(path: Path) -> BinaryIO:
+    """The open lock file ``path``, flocked. A holder removes the file as it releases it: a lock taken on a file
+    that is no longer at ``path`` (removed, or made anew by the next trainer) locks nothing, so it is taken again
+    on the file that is."""
+    while True:
+        handle = open(path, "a+b")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise FishsegError(f"{path.parent}: another process is training into this folder; wait for it or stop it "
+                               f"first") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        handle.close()
 
 
 def differing_fields(recorded: TrainConfig, requested: TrainConfig) -> list[str]:

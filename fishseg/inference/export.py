@@ -64,14 +64,19 @@ class TensorSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ExportResult:
-    """What ``export_onnx`` wrote: the file, its input and output, and the metadata it carries."""
+    """What ``fishseg.export`` returns: the ONNX file it wrote, its input and output, and the metadata it carries.
+
+    ``path``: the .onnx file (``size_bytes`` long); ``image_size``: S of the uint8 N×3×S×S images it takes;
+    ``input`` and ``output``: name, shape ("N": any batch) and element type of each; ``opset``: the ONNX opset;
+    ``metadata``: the model's metadata_props as written (where it came from, how to read its output; left out of
+    ``repr``)."""
 
     path: Path
     image_size: int
     input: TensorSpec
     output: TensorSpec
     opset: int
-    metadata: dict[str, str]  # the model's metadata_props, as written
+    metadata: dict[str, str] = dataclasses.field(repr=False)
     size_bytes: int
 
     def __post_init__(self) -> None:

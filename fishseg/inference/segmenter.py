@@ -122,8 +122,18 @@ class Segmentation:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Segmenter:
-    """A trained decoder on its frozen backbone, loaded once: call it on a photo, or a list of them (see the
-    module's docstring). ``from_run`` builds one from a run folder."""
+    """A trained decoder on its frozen backbone, loaded once: photos in, masks out.
+
+        segmenter = fishseg.Segmenter.from_run("runs/progressive")  # backbone=, device=, precision=, batch_size=
+        result = segmenter("photo.jpg")
+        result.mask           # H×W bool at the photo's own size: fish where the probability exceeds 0.5
+        result.probabilities  # H×W float32 in [0, 1]
+
+    A photo is a path (str or Path; EXIF orientation applied, any mode converted to RGB), a PIL image (any mode,
+    converted to RGB, not rotated) or an H×W×3 uint8 RGB array (grayscale, RGBA and float arrays are refused, the
+    message saying how to convert them). A call on one photo returns one ``Segmentation``; on a list, a list of
+    them in order, the photos going through the backbone ``batch_size`` at a time (default 8). The results equal
+    what ``fishseg.predict`` writes for the same photos."""
 
     backbone: Backbone = dataclasses.field(repr=False)
     decoder: nn.Module = dataclasses.field(repr=False)  # in eval mode, on the backbone's device

@@ -67,15 +67,24 @@ SEED_ADVICE = ("; to see how much results vary with the validation images, use `
 
 @dataclasses.dataclass(frozen=True)
 class SweepResult:
+    """What ``fishseg.sweep`` returns: the grid trained into the sweep folder, and its leaderboard.
+
+    ``configs``: the grid's configs; ``trained``: those trained in this call, failed ones included (the others
+    were finished or had failed before); ``wall_seconds``: this call's time, ``startup_seconds`` of it torch's
+    one-time imports; ``epoch_seconds``: time inside epochs, summed over the jobs; ``leaderboard``: every config
+    side by side (``Leaderboard``; left out of ``repr``); ``jobs``: configs trained at a time; ``failed``: config →
+    why its training failed, in this call or before (left out of ``repr``); ``failed_now``: of the configs
+    trained in this call, those that failed."""
+
     configs: int
-    trained: int  # configs that trained in this session, failed ones included (the others were finished or failed)
+    trained: int
     wall_seconds: float
-    startup_seconds: float  # of the wall time, torch's one-time lazy imports (any training process pays them)
-    epoch_seconds: float  # spent inside epochs, summed over the jobs
-    leaderboard: Leaderboard
-    jobs: int = 1  # configs trained at a time
-    failed: Mapping[str, str] = dataclasses.field(default_factory=dict)  # config → why, this session's or before
-    failed_now: int = 0  # of the configs trained in this session, those that failed
+    startup_seconds: float
+    epoch_seconds: float
+    leaderboard: Leaderboard = dataclasses.field(repr=False)
+    jobs: int = 1
+    failed: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    failed_now: int = 0
 
     @property
     def inside_epochs(self) -> float:
