@@ -90,9 +90,10 @@ def train(cache: PathLike, out: PathLike, *, config: TrainConfig | None = None, 
 
     ``fields`` are TrainConfig fields (``decoder``, ``epochs``, ``lr``, ``folds``, …); ``config`` gives them all at
     once (fields given beside it replace its values). With ``resume=True`` the run's recorded settings are taken
-    and only the fields given must agree with them (a disagreeing one is refused, as is ``epochs`` below those
-    done). A folder holding a run is never replaced without ``overwrite=True``. ``stream``: read batches from the
-    file (True) or hold the features in memory (False); None chooses by free memory. Under torchrun every process
+    and only the fields given must agree with them (a disagreeing one is refused, ``epochs`` included: a resume
+    finishes the run's own plan; to train longer, train again with ``overwrite=True`` or into another ``out``).
+    A folder holding a run is never replaced without ``overwrite=True``. ``stream``: read batches from the file
+    (True) or hold the features in memory (False); None chooses by free memory. Under torchrun every process
     returns the same result."""
     from fishseg.formats.runs import RunFolder
     from fishseg.training.crossval import run_cross_validation
