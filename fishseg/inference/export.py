@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fishseg.config import ExtractConfig, from_json
 from fishseg.errors import FishsegError
 from fishseg.evaluation.metrics import THRESHOLD
-from fishseg.formats.runs import RunFolder, RunRecord
-from fishseg.models.backbone import Backbone, check_backbone, load_backbone
-from fishseg.models.decoders import segment, uses_image
+from fishseg.formats.runs import RunRecord
+from fishseg.inference.segmenter import Segmenter
+from fishseg.models.backbone import Backbone
+from fishseg.models.decoders import uses_image
 from fishseg.runtime import atomic_path, precision_scope
 from fishseg.version import __version__
 
@@ -85,22 +85,21 @@ class ExportResult:
 
 
 class _Exported(nn.Module):
-    """uint8 images N×3×S×S → fish probabilities N×1×S×S float32: the backbone and ``segment``, as predict runs
-    them, with the guide of a decoder that uses the photo resized from the input inside the graph."""
+    """uint8 images N×3×S×S → fish probabilities N×1×S×S float32: the Segmenter's forward, as predict runs it,
+    with the guide of a decoder that uses the photo resized from the input inside the graph."""
 
-    def __init__(self, backbone: Backbone, decoder: nn.Module, layers: tuple[int, ...], config: ExtractConfig) -> None:
+    def __init__(self, segmenter: Segmenter) -> None:
         super().__init__()
-        self.model, self.decoder = backbone.model, decoder  # registered, so that their weights are the graph's
-        self.backbone, self.layers, self.config = backbone, layers, config
+        self.model, self.decoder = segmenter.backbone.model, segmenter.decoder  # registered: the graph's weights
+        self.segmenter = segmenter
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(images, self.layers)
         guides = self._guides(images) if uses_image(self.decoder) else None
-        return torch.sigmoid(segment(self.decoder, features, self.config.image_size, guides))[:, None]
+        return self.segmenter.forward(images, guides)[:, None]
 
     def _guides(self, images: torch.Tensor) -> torch.Tensor:
         """N×3×S×S uint8 → the preview N×P×P×3, uint8 values (as float32) like the cache's previews."""
-        side = (self.config.preview_size,) * 2
+        side = (self.segmenter.preview_size,) * 2
         pixels = F.interpolate(images.float(), size=side, mode="bilinear", align_corners=False, antialias=True)
         return pixels.round().clamp(0, 255).permute(0, 2, 3, 1)
 
@@ -118,18 +117,14 @@ def export_onnx(run: str | Path, out: str | Path, *, backbone: str | None = None
     if opset is not None and opset < MIN_OPSET:
         raise FishsegError(f"opset {opset}: the exported graph needs ONNX opset {MIN_OPSET} or newer "
                            f"(an antialiased Resize); pass `opset` >= {MIN_OPSET}, or leave it out")
-    record, decoder, meta = RunFolder(run).load()
-    config = from_json(ExtractConfig, json.dumps(record.extract_config))
-    model = load_backbone(backbone or record.backbone["name"], config.mean, config.std, torch.device("cpu"))
-    check_backbone(model.info, record.backbone)
-    _refuse_oversize(model, decoder)
-    module = _Exported(model, decoder.eval().cpu(), meta.layers, config).eval()
-    proto = _trace(module, config.image_size, opset)
-    metadata = _metadata(record, decoder_name=meta.decoder)
+    segmenter = Segmenter.from_run(run, backbone, "cpu", precision="fp32")
+    _refuse_oversize(segmenter.backbone, segmenter.decoder)
+    proto = _trace(_Exported(segmenter).eval(), segmenter.image_size, opset)
+    metadata = _metadata(segmenter.record)
     onnx.helper.set_model_props(proto, metadata)
     with atomic_path(out) as tmp:
         onnx.save_model(proto, str(tmp))
-    side = config.image_size
+    side = segmenter.image_size
     return ExportResult(path=out, image_size=side, input=TensorSpec(INPUT_NAME, ("N", 3, side, side), "uint8"),
                         output=TensorSpec(OUTPUT_NAME, ("N", 1, side, side), "float32"),
                         opset=_opset_of(proto), metadata=metadata, size_bytes=out.stat().st_size)
@@ -189,13 +184,13 @@ def _quiet_exporter() -> Iterator[None]:
                 logger.setLevel(level)
 
 
-def _metadata(record: RunRecord, decoder_name: str) -> dict[str, str]:
+def _metadata(record: RunRecord) -> dict[str, str]:
     """The model's metadata_props: where it came from (configs, backbone, version) and how to read its output."""
     return {
         "fishseg_version": __version__,
         "fishseg_backbone": record.backbone["name"],
         "fishseg_backbone_info": json.dumps(record.backbone),
-        "fishseg_decoder": decoder_name,
+        "fishseg_decoder": record.train_config.decoder,
         "fishseg_train_config": json.dumps(dataclasses.asdict(record.train_config)),
         "fishseg_extract_config": json.dumps(record.extract_config),
         "fishseg_best_epoch": str(record.best_epoch),

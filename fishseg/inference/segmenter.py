@@ -34,7 +34,7 @@ from fishseg.config import LAST_BLOCK, ExtractConfig, check_precision, from_json
 from fishseg.data.images import as_rgb, prediction_inputs, read_rgb
 from fishseg.errors import FishsegError
 from fishseg.evaluation.metrics import THRESHOLD
-from fishseg.formats.runs import RunFolder
+from fishseg.formats.runs import RunFolder, RunRecord
 from fishseg.models.backbone import Backbone, check_backbone, load_backbone
 from fishseg.models.decoders import segment, uses_image
 from fishseg.runtime import autocast, precision_policy, precision_scope, resolve_device
@@ -139,6 +139,7 @@ class Segmenter:
     decoder: nn.Module = dataclasses.field(repr=False)  # in eval mode, on the backbone's device
     image_size: int  # S: photos are resized to S×S for the backbone, as the run's cache was extracted
     preview_size: int  # P: the size of the guide photo a decoder that uses the image reads
+    record: RunRecord = dataclasses.field(repr=False)  # the run's run.json: where the decoder came from
     layers: tuple[int, ...] = LAST_BLOCK  # the backbone blocks the decoder reads
     precision: str = "auto"  # one of config.PRECISIONS, as fishseg.predict takes it
     batch_size: int = 8  # photos a backbone pass when called on a list
@@ -159,7 +160,7 @@ class Segmenter:
         precision_policy(torch_device, precision)  # refused here rather than at the first photo
         model = load_backbone(backbone or record.backbone["name"], config.mean, config.std, torch_device)
         check_backbone(model.info, record.backbone)
-        return cls(model, decoder.eval().to(torch_device), config.image_size, config.preview_size,
+        return cls(model, decoder.eval().to(torch_device), config.image_size, config.preview_size, record,
                    meta.layers, precision, batch_size)
 
     @property
@@ -186,8 +187,14 @@ class Segmenter:
         B×P×P×3 (as data.images.prediction_inputs makes them): the forward pass every prediction goes through."""
         guides = previews.to(self.device) if uses_image(self.decoder) else None
         with precision_scope(self.precision), torch.inference_mode(), autocast(self.device, "decoder"):
-            features = self.backbone(images, self.layers)
-            return torch.sigmoid(segment(self.decoder, features, self.image_size, guides).float())
+            return self.forward(images, guides)
+
+    def forward(self, images: torch.Tensor, guides: torch.Tensor | None) -> torch.Tensor:
+        """B×S×S float32 fish probabilities of uint8 images B×3×S×S, a decoder that uses the image reading its
+        guides B×P×P×3 (None for the others): backbone, decoder, sigmoid, under the caller's precision and grad
+        mode (``probability_maps`` for predictions, the exporter's trace for the ONNX graph)."""
+        features = self.backbone(images, self.layers)
+        return torch.sigmoid(segment(self.decoder, features, self.image_size, guides).float())
 
 
 def _photo(image: ImageInput) -> Image.Image:
