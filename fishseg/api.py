@@ -183,13 +183,13 @@ def _confirmation(yes: bool, confirm: Callable[[SweepPlan], bool] | None) -> Cal
     from fishseg.training.sweep import CONFIRM_ABOVE
 
     def check(plan: SweepPlan) -> None:
-        answer = confirm(plan) if confirm is not None else logger.info("%s", plan.describe())
-        if not plan.needs_confirmation or yes:
-            return
+        must_agree = plan.needs_confirmation and not yes
         if confirm is None:
-            raise FishsegError(f"{plan.to_train} configs to train, more than {CONFIRM_ABOVE}: pass `yes=True` to "
-                               f"start them, or a `confirm` callback that asks")
-        if not answer:
+            logger.info("%s", plan.describe())
+            if must_agree:
+                raise FishsegError(f"{plan.to_train} configs to train, more than {CONFIRM_ABOVE}: pass `yes=True` "
+                                   f"to start them, or a `confirm` callback that asks")
+        elif not confirm(plan) and must_agree:
             raise SweepDeclined(f"sweep not started ({plan.to_train} configs to train, declined): nothing was "
                                 f"written")
 
