@@ -21,7 +21,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 COMPRESSIONS = ("none", "lzf", "gzip")  # HDF5 filters for the features; a storage choice, not content
 DEFAULT_COMPRESSION = "none"  # chosen by `fishseg bench` (README "Performance")
-LOSSES = ("bce", "dice", "bce+dice")
+LOSSES = ("bce", "dice", "bce+dice", "ce", "ce+dice")  # bce*: binary caches; ce*: caches with classes; dice: both
+BINARY_LOSSES = ("bce", "dice", "bce+dice")
+MULTICLASS_LOSSES = ("ce", "dice", "ce+dice")
+CLASS_WEIGHTS = ("none", "balanced")  # balanced: inverse pixel frequency from the cache's counts
 SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("none", "flips", "views")
 IDENTITY = "identity"  # the photo as it is: the view every cache holds
@@ -31,6 +34,8 @@ SPLITS = ("random", "grouped")
 DECODER_NAMES = ("linear", "seed-cnn", "progressive", "guided")  # the keys of fishseg.models.decoders.DECODERS
 DEMO_SPECIES = 4  # species the demo generator draws (fishseg.data.synthetic.SPECIES): `classes` is 1 to this
 DEMO_MIN_IMAGES = 2  # per species in the demo: one to train on and one to validate on, at the least
+MASK_FORMATS = ("binary", "index", "rgb", "species")  # how extraction reads masks; README "Mask formats"
+MAX_CLASSES = 256  # masks are stored as uint8 class indices (fishseg.classes.MAX_CLASSES)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what --precision asks for; fishseg.runtime.precision_policy decides
 
 
@@ -165,6 +170,13 @@ class ExtractConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     layers: tuple[int, ...] = LAST_BLOCK  # blocks whose patch tokens (after the final norm) are stored
     views: tuple[str, ...] = ()  # transformed photos whose features are stored too, from VIEWS
+    # Pixel classes (README "Mask formats"): "binary" masks (non-zero = fish), "index" (a pixel's value is its
+    # class), "rgb" (a pixel's colour is its class's entry in ``colours``) or "species" (binary masks whose fish
+    # pixels take the class of the image's species folder). ``classes``: the names, index = mask value, 0 = the
+    # background; () for binary.
+    mask_format: str = "binary"
+    classes: tuple[str, ...] = ()
+    colours: tuple[tuple[int, int, int], ...] = ()  # with "rgb": each class's colour in the masks, in class order
 
     def __post_init__(self) -> None:
         _require(isinstance(self.backbone, str) and bool(self.backbone), "backbone", self.backbone,
@@ -179,6 +191,28 @@ class ExtractConfig:
         _block_indices(self, "layers", allow_empty=False)
         for view in _as_tuple(self, "views"):
             _choice(view, "views", VIEWS)
+        self._check_classes()
+
+    def _check_classes(self) -> None:
+        _choice(self.mask_format, "mask_format", MASK_FORMATS)
+        names = _as_tuple(self, "classes")
+        colours = tuple(tuple(colour) if isinstance(colour, (list, tuple)) else colour for colour in self.colours)
+        object.__setattr__(self, "colours", colours)
+        if self.mask_format == "binary":
+            _require(not names and not colours, "classes", names, "none with binary masks (mask_format 'binary')")
+            return
+        _require(2 <= len(names) <= MAX_CLASSES, "classes", names, f"2 to {MAX_CLASSES} class names")
+        for name in names:
+            _require(isinstance(name, str) and name.strip() == name and bool(name), "classes", name,
+                     "a non-empty name without leading or trailing spaces")
+        if self.mask_format != "rgb":
+            _require(not colours, "colours", colours, "none unless mask_format is 'rgb'")
+            return
+        _require(len(colours) == len(names), "colours", colours, f"one colour for each of the {len(names)} classes")
+        for colour in colours:
+            _require(isinstance(colour, tuple) and len(colour) == 3 and all(_whole(v) and 0 <= v <= 255 for v in colour),
+                     "colours", colour, "3 whole numbers 0 … 255 (R, G, B)")
+        _require(len(set(colours)) == len(colours), "colours", colours, "a different colour for each class")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,11 +254,12 @@ class TrainConfig:
     group_pattern: str = ""  # regex whose match in an image id names its group; "" = the cache's near-duplicate groups
     folds: int = 0  # K of K-fold cross-validation; 0 = one train/val split
     fold: int = 0  # which fold this run validates on, when folds > 0
-    loss: str = "bce"  # "bce" (the reference's), "dice" (soft Dice) or "bce+dice"
+    loss: str = "bce"  # binary: "bce" (the reference's), "dice" (soft Dice), "bce+dice"; classes: "ce", "dice", "ce+dice"
     schedule: str = "constant"  # learning rate: "constant" or "cosine" (linear warm-up, then cosine to 0)
     warmup_epochs: int = 1  # with schedule "cosine"
     augment: str = "none"  # "none", "flips" (of the cached grid and mask) or "views" (one stored view per image)
     layers: tuple[int, ...] = ()  # cached blocks the decoder sees, concatenated on channels; () = all cached
+    class_weights: str = "none"  # with classes: "balanced" weighs each class's pixels by inverse frequency
 
     def __post_init__(self) -> None:
         """Every field is checked here, so the Python API refuses what the CLI refuses (no fall-through)."""
@@ -251,6 +286,7 @@ class TrainConfig:
         _integer(self.warmup_epochs, "warmup_epochs", 0)
         _choice(self.augment, "augment", AUGMENTATIONS)
         _block_indices(self, "layers", allow_empty=True)
+        _choice(self.class_weights, "class_weights", CLASS_WEIGHTS)
 
 
 @dataclasses.dataclass(frozen=True)

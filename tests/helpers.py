@@ -29,11 +29,14 @@ def tiny_extract_config(backbone: Path) -> ExtractConfig:
 
 
 def write_toy_cache(path: Path, n_images: int = 24, *, seed: int = 0, image_size: int = 32, grid: int = 8,
-                    dim: int = 16, views: tuple[str, ...] = ()) -> Path:
+                    dim: int = 16, views: tuple[str, ...] = (), classes: tuple[str, ...] = ()) -> Path:
     """A learnable cache: feature channel 0 is the mask at grid resolution plus noise, the rest noise; each of
-    ``views`` holds the grids seen in that view."""
+    ``views`` holds the grids seen in that view. With ``classes`` (names, the background first) the masks hold
+    class indices: image i a rectangle of class 1 + i mod (C - 1) and a smaller one of the next class, and
+    feature channel k the mask of class k at grid resolution."""
     rng = np.random.default_rng(seed)
-    config = ExtractConfig(backbone="toy", image_size=image_size, preview_size=8, views=views)
+    config = ExtractConfig(backbone="toy", image_size=image_size, preview_size=8, views=views,
+                           mask_format="index" if classes else "binary", classes=classes)
     info = BackboneInfo("toy", "toy", image_size // grid, dim, 0, True)
     samples = [Sample(f"class{i % 2}/{i:03d}.png", Path("unused"), Path("unused"), f"class{i % 2}")
                for i in range(n_images)]
@@ -41,10 +44,14 @@ def write_toy_cache(path: Path, n_images: int = 24, *, seed: int = 0, image_size
     for i in range(n_images):
         top, left = rng.integers(0, image_size // 2, size=2)
         height, width = rng.integers(image_size // 4, image_size // 2, size=2)
-        masks[i, top:top + height, left:left + width] = 1
-    coarse = masks.reshape(n_images, grid, image_size // grid, grid, image_size // grid).mean((2, 4))
+        masks[i, top:top + height, left:left + width] = 1 + i % (len(classes) - 1) if classes else 1
+        if classes:
+            row, col = rng.integers(0, image_size - image_size // 4, size=2)
+            masks[i, row:row + image_size // 4, col:col + image_size // 4] = 1 + (i + 1) % (len(classes) - 1)
     features = rng.normal(0, 0.3, (n_images, grid, grid, dim))
-    features[..., 0] += 2 * coarse - 1
+    for k in range(1, max(len(classes), 2)):
+        coarse = (masks == k).reshape(n_images, grid, image_size // grid, grid, image_size // grid).mean((2, 4))
+        features[..., k - 1] += 2 * coarse - 1
     previews = rng.integers(0, 255, (n_images, 8, 8, 3), dtype=np.uint8)
     features = features.astype(np.float16)
     seen = {view: apply_view(torch.from_numpy(features), view, (1, 2)).numpy() for view in views}

@@ -4,6 +4,9 @@ All scores are per image (B×H×W boolean masks in, B scores out) and averaged o
 the caller. An image whose prediction and truth are both empty scores 1: nothing to find,
 nothing found. Otherwise an empty prediction has precision 0 and an empty truth recall 0 (as
 scikit-learn's ``zero_division=0``).
+
+With several classes every score starts from confusion matrices (rows: true class, columns: predicted
+class, as scikit-learn's ``confusion_matrix``): per image B×C×C, summed over images for the dataset.
 """
 
 from __future__ import annotations
@@ -98,6 +101,35 @@ def boundary_f_per_image(pred: torch.Tensor, target: torch.Tensor, tolerance: in
     recall = _ratio(_within(target_edge, pred_edge, tolerance).flatten(1).sum(1).double(), target_count, both_empty)
     return torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
                        torch.zeros_like(precision))
+
+
+def confusion_matrices(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-image confusion matrices B×C×C (int64) of class-index maps B×H×W: entry [b, t, p] counts image b's
+    pixels of true class t predicted as p."""
+    pred, target = pred.long().flatten(1), target.long().flatten(1)
+    rows = torch.arange(len(pred), device=pred.device)[:, None] * num_classes * num_classes
+    cells = (rows + target * num_classes + pred).flatten()
+    counts = torch.bincount(cells, minlength=len(pred) * num_classes * num_classes)
+    return counts.view(len(pred), num_classes, num_classes)
+
+
+def class_counts(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Intersection, predicted area and true area of each class (…×C, float64) from confusion matrices …×C×C."""
+    confusion = confusion.double()
+    return confusion.diagonal(dim1=-2, dim2=-1), confusion.sum(-2), confusion.sum(-1)
+
+
+def class_iou(confusion: torch.Tensor) -> torch.Tensor:
+    """IoU of each class (…×C) from confusion matrices …×C×C; 1 where the class is neither true nor predicted."""
+    return _iou(*class_counts(confusion))
+
+
+def mean_iou_per_image(confusion: torch.Tensor) -> torch.Tensor:
+    """Per-image mIoU (B) from B×C×C: the mean IoU over the classes present in the image's truth or prediction
+    (a class absent from both says nothing about the image)."""
+    _, pred_area, target_area = class_counts(confusion)
+    present = (pred_area + target_area) > 0
+    return (class_iou(confusion) * present).sum(-1) / present.sum(-1).clamp(min=1)
 
 
 def pixel_counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,8 @@ Datasets (N images, grid h×w, feature dim D, L stored blocks, image size S, pre
   the ``layers`` attribute), one chunk per image, optionally lzf or gzip compressed
 * ``views/NAME``  N×h×w×L·D float16 like ``features``, of the photo seen in view NAME (flipped or rotated
   before the backbone); its masks are ``masks`` seen in the same view, so they are not stored
-* ``masks``       N×S×S uint8 in {0, 1}, one chunk per image, lzf-compressed
+* ``masks``       N×S×S uint8: class indices (binary: {0, 1}), one chunk per image, lzf-compressed
+* ``class_pixels`` C int64: mask pixels of each pixel class over all images (older caches lack it)
 * ``previews``    N×P×P×3 uint8 RGB, one chunk per image, lzf-compressed
 * ``image_ids``   N utf-8 strings: image paths relative to the data root
 * ``class_names`` C utf-8 strings; ``class_index`` N int16 indices into them
@@ -22,7 +23,8 @@ backbone, the image ids and their digests: two caches of equal fingerprint hold 
 ``extract_config`` and ``backbone`` (JSON), and for people reading the file with h5dump:
 ``backbone_id``, ``random_init``, ``image_size``, ``patch_size``, ``feature_dim``, ``grid_size``,
 ``normalisation``, ``layers`` (stored blocks, 1 … ``num_blocks``), ``num_blocks`` and ``views``
-("identity" and the extra views, comma-separated), ``precision`` (the backbone's: fp32, bf16 or fp16; caches
+("identity" and the extra views, comma-separated), ``pixel_classes`` (JSON: names and colours; absent in
+older caches, which read as binary), ``precision`` (the backbone's: fp32, bf16 or fp16; caches
 written before it was recorded read as "unrecorded"). Format 2 caches (one block, the last, and no views)
 read as that special case of format 3. Format 2 and 3 caches recorded no digests: their content reads as
 unrecorded, and their fingerprint (of settings, backbone and image ids only) as stored, so that runs made from
@@ -51,6 +53,7 @@ import numpy as np
 import torch
 
 from fishseg.version import __version__
+from fishseg.classes import Classes
 from fishseg.config import (DEFAULT_COMPRESSION, IDENTITY, LAST_BLOCK, BackboneInfo, ExtractConfig, check_compression,
                             fingerprint, format_layers, from_json, resolve_layers, to_json, value_text)
 from fishseg.data.images import Sample, apply_view
@@ -65,6 +68,13 @@ DATASETS = ("features", "masks", "previews", "image_ids", "class_names", "class_
 STRING = h5py.string_dtype("utf-8")
 DIGEST = h5py.string_dtype("ascii", 32)  # hex digits of a 16-byte BLAKE2b digest
 MAX_NAMED = 5  # image ids named in an error before "and N more"
+
+
+def pixel_classes(config: ExtractConfig) -> Classes:
+    """The pixel classes a cache of ``config`` holds: binary unless it was extracted with classes."""
+    if config.mask_format == "binary":
+        return Classes()
+    return Classes.several(config.classes, config.colours)
 
 
 def feature_name(view: str) -> str:
@@ -128,6 +138,8 @@ class CacheWriter:
         self.layers = resolve_layers(config.layers, num_blocks)
         self.views = (IDENTITY, *config.views)
         self.digests = [""] * len(samples)  # set by ``write``, image by image
+        self.classes = pixel_classes(config)
+        self.class_pixels = np.zeros(len(self.classes), np.int64)
         self.file: h5py.File | None = None
 
     def __enter__(self) -> CacheWriter:
@@ -172,6 +184,7 @@ class CacheWriter:
             "layers": np.array(self.layers, dtype=np.int64),
             "num_blocks": self.num_blocks,
             "views": ",".join(self.views),
+            "pixel_classes": json.dumps({"names": self.classes.names, "colours": self.classes.colours}),
         })
 
     def write(self, start: int, features: np.ndarray, masks: np.ndarray, previews: np.ndarray,
@@ -183,6 +196,9 @@ class CacheWriter:
             raise ValueError(f"write() needs the features of views {', '.join(self.views)}, got {', '.join(given)}")
         grids = [np.asarray(given[view], np.float16) for view in self.views]  # as stored, so digests are of it
         masks = np.asarray(masks, np.uint8)
+        if masks.size and int(masks.max()) >= len(self.classes):
+            raise ValueError(f"mask value {int(masks.max())} is not a class index below {len(self.classes)}")
+        self.class_pixels += np.bincount(masks.ravel(), minlength=len(self.classes))
         stop = start + len(masks)
         for view, array in zip(self.views, grids):
             self.file[feature_name(view)][start:stop] = array
@@ -197,6 +213,7 @@ class CacheWriter:
         if unwritten:
             raise ValueError(f"{self.partial}: {plural(unwritten, 'image')} never written")
         self.file.create_dataset("digests", data=self.digests, dtype=DIGEST)
+        self.file.create_dataset("class_pixels", data=self.class_pixels)
         image_ids = [sample.image_id for sample in self.samples]
         self.file.attrs["fingerprint"] = cache_fingerprint(self.config, self.backbone, image_ids, self.digests)
 
@@ -238,6 +255,10 @@ class FeatureCache:
         # Image id → content digest; caches before format 4 did not record content (None: unrecorded).
         self.digests: dict[str, str] | None = (dict(zip(self.image_ids, self.file["digests"].asstr()[:]))
                                                if "digests" in self.file else None)
+        self.classes: Classes = pixel_classes(self.config)
+        # Mask pixels per class over every image; older caches did not count them (None).
+        self.class_pixels: np.ndarray | None = (self.file["class_pixels"][:].astype(np.int64)
+                                                if "class_pixels" in self.file else None)
 
     def __len__(self) -> int:
         return len(self.image_ids)

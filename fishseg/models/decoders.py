@@ -1,7 +1,7 @@
 """Decoders over cached patch grids, their registry, and the checkpoint format.
 
-A decoder maps features B×D×h×w to logits B×1×h'×w' (the grid, or finer); ``segment`` upsamples
-them to the mask size. A decoder whose class sets ``uses_image = True`` also takes the photo as a
+A decoder maps features B×D×h×w to logits B×K×h'×w' (the grid, or finer; K = 1 for binary masks, one
+channel per class otherwise); ``segment`` upsamples them to the mask size. A decoder whose class sets ``uses_image = True`` also takes the photo as a
 guide, float RGB B×3×P×P in [0, 1] (the cache's previews, or the input photo resized alike in
 ``predict``); every other decoder is called with the features alone.
 A checkpoint is one safetensors file: the weights plus JSON metadata from which the decoder is
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fishseg.version import __version__
+from fishseg.classes import Classes
 from fishseg.config import LAST_BLOCK
 from fishseg.errors import FishsegError
 
@@ -62,12 +63,12 @@ def upsample(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class SeedCNN(nn.Module):
     """The reference decoder: Conv3×3→128+BN+ReLU, Conv3×3→64+BN+ReLU, Conv1×1→1."""
 
-    def __init__(self, in_dim: int) -> None:
+    def __init__(self, in_dim: int, channels: int = 1) -> None:
         super().__init__()
         self.layers = nn.Sequential(
             nn.Conv2d(in_dim, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
             nn.Conv2d(128, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-            nn.Conv2d(64, 1, 1),
+            nn.Conv2d(64, channels, 1),
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -77,9 +78,9 @@ class SeedCNN(nn.Module):
 class LinearProbe(nn.Module):
     """A 1×1 convolution: the standard frozen-feature baseline (one logit per patch, no context)."""
 
-    def __init__(self, in_dim: int) -> None:
+    def __init__(self, in_dim: int, channels: int = 1) -> None:
         super().__init__()
-        self.classifier = nn.Conv2d(in_dim, 1, 1)
+        self.classifier = nn.Conv2d(in_dim, channels, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(features)
@@ -98,12 +99,12 @@ class ProgressiveDecoder(nn.Module):
 
     WIDTHS = (96, 64, 32, 16, 8)
 
-    def __init__(self, in_dim: int) -> None:
+    def __init__(self, in_dim: int, channels: int = 1) -> None:
         super().__init__()
         self.reduce = nn.Sequential(nn.Conv2d(in_dim, self.WIDTHS[0], 1), nn.BatchNorm2d(self.WIDTHS[0]),
                                     nn.ReLU(inplace=True))
         self.up = nn.Sequential(*(_up_block(a, b) for a, b in zip(self.WIDTHS, self.WIDTHS[1:])))
-        self.head = nn.Conv2d(self.WIDTHS[-1], 1, 1)
+        self.head = nn.Conv2d(self.WIDTHS[-1], channels, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.up(self.reduce(features)))
@@ -124,17 +125,17 @@ class GuidedDecoder(nn.Module):
     WIDTHS = (64, 32, 16, 16)  # trunk output, then each ×2 step
     GUIDE_CHANNELS = 16  # image features concatenated at each step
 
-    def __init__(self, in_dim: int) -> None:
+    def __init__(self, in_dim: int, channels: int = 1) -> None:
         super().__init__()
         self.trunk = nn.Sequential(_conv_block(in_dim, 128), _conv_block(128, self.WIDTHS[0]))
-        self.coarse = nn.Conv2d(self.WIDTHS[0], 1, 1)
+        self.coarse = nn.Conv2d(self.WIDTHS[0], channels, 1)
         self.guides = nn.ModuleList(_conv_block(3, self.GUIDE_CHANNELS) for _ in self.WIDTHS[1:])
-        self.steps = nn.ModuleList(_conv_block(a + self.GUIDE_CHANNELS + 1, b)
+        self.steps = nn.ModuleList(_conv_block(a + self.GUIDE_CHANNELS + channels, b)
                                    for a, b in zip(self.WIDTHS, self.WIDTHS[1:]))
-        self.head = nn.Conv2d(self.WIDTHS[-1], 1, 1)
+        self.head = nn.Conv2d(self.WIDTHS[-1], channels, 1)
 
     def forward(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Features B×D×h×w and the guide B×3×P×P (any P) → logits B×1×8h×8w."""
+        """Features B×D×h×w and the guide B×3×P×P (any P) → logits B×K×8h×8w."""
         hidden = self.trunk(features)
         logits = self.coarse(hidden)
         for guide, step in zip(self.guides, self.steps):
@@ -146,7 +147,7 @@ class GuidedDecoder(nn.Module):
         return logits + self.head(hidden)
 
 
-DECODERS: dict[str, Callable[[int], nn.Module]] = {
+DECODERS: dict[str, Callable[[int, int], nn.Module]] = {  # (feature channels, output channels) → decoder
     "linear": LinearProbe,
     "seed-cnn": SeedCNN,
     "progressive": ProgressiveDecoder,
@@ -154,10 +155,11 @@ DECODERS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-def build_decoder(name: str, in_dim: int) -> nn.Module:
+def build_decoder(name: str, in_dim: int, channels: int = 1) -> nn.Module:
+    """Decoder ``name`` reading ``in_dim`` feature channels, with ``channels`` outputs (Classes.channels)."""
     if name not in DECODERS:
         raise FishsegError(f"unknown decoder '{name}'; choose one of {', '.join(DECODERS)}")
-    return DECODERS[name](in_dim)
+    return DECODERS[name](in_dim, channels)
 
 
 def uses_image(decoder: nn.Module | str) -> bool:
@@ -171,7 +173,8 @@ def uses_image(decoder: nn.Module | str) -> bool:
 def segment(decoder: nn.Module, features: torch.Tensor, size: int, image: torch.Tensor | None = None) -> torch.Tensor:
     """Float16/32 features B×h×w×D (and, for a decoder that ``uses_image``, the guide photo as uint8 RGB
     B×P×P×3) → float32 logits B×size×size (bilinear upsampling of whatever resolution the decoder
-    returns: the patch grid, or finer)."""
+    returns: the patch grid, or finer); a decoder with one output per class (several classes) gives
+    B×C×size×size."""
     grid = features.permute(0, 3, 1, 2).float()
     if uses_image(decoder):
         assert image is not None, "this decoder needs the guide photo (uint8 B×P×P×3)"
@@ -181,7 +184,7 @@ def segment(decoder: nn.Module, features: torch.Tensor, size: int, image: torch.
     logits = logits.float()
     if logits.shape[-2:] != (size, size):
         logits = upsample(logits, (size, size))
-    return logits[:, 0]
+    return logits[:, 0] if logits.shape[1] == 1 else logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +199,15 @@ class CheckpointMeta:
     val_iou: float | None = None  # after its epoch
     epoch: int | None = None
     fishseg_version: str = __version__  # that wrote it
+    classes: tuple[str, ...] | None = None  # with several classes, their names (class 0 the background); None: binary
+    colours: tuple[tuple[int, int, int], ...] | None = None  # with several classes, their colours
+
+    @property
+    def pixel_classes(self) -> Classes:
+        """What the decoder's outputs mean: binary (one channel) unless the checkpoint names its classes."""
+        if self.classes is None:
+            return Classes()
+        return Classes.several(tuple(self.classes), tuple(map(tuple, self.colours or ())))
 
     def to_json(self) -> dict[str, Any]:
         """The fields that are set, in the order fishseg has always written them."""
@@ -243,6 +255,6 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, CheckpointMeta]:
     meta = read_checkpoint_meta(path)
     with _readable(path):
         state = safetensors.torch.load_file(str(path))
-        decoder = build_decoder(meta.decoder, meta.in_dim)
+        decoder = build_decoder(meta.decoder, meta.in_dim, meta.pixel_classes.channels)
         decoder.load_state_dict(state)
     return decoder, meta
