@@ -94,7 +94,8 @@ def train(cache: PathLike, out: PathLike, *, config: TrainConfig | None = None, 
     finishes the run's own plan; to train longer, train again with ``overwrite=True`` or into another ``out``).
     A folder holding a run is never replaced without ``overwrite=True``. ``stream``: read batches from the file
     (True) or hold the features in memory (False); None chooses by free memory. Under torchrun every process
-    returns the same result."""
+    returns the same result. ``loss`` defaults to the cache's kind: bce for binary masks, ce for a cache with
+    classes (a ``config`` whose loss is TrainConfig's default counts as choosing none)."""
     from fishseg.formats.runs import RunFolder
     from fishseg.training.crossval import run_cross_validation
     from fishseg.training.train import run_training
@@ -104,12 +105,24 @@ def train(cache: PathLike, out: PathLike, *, config: TrainConfig | None = None, 
     given = {**({} if config is None else _fields(config)), **fields}
     cache, out = _path(cache, "cache"), _path(out, "out")
     recorded = RunFolder(out).recorded_config() if resume else None
+    chose_loss = "loss" in fields or (config is not None and config.loss != TrainConfig.loss)
     config = dataclasses.replace(recorded, **given) if recorded else TrainConfig(**given)
+    if recorded is None and not chose_loss:
+        config = dataclasses.replace(config, loss=_cache_loss(cache))  # the cache's kind decides
     options = dict(device=device, stream=stream, resume=resume, overwrite=overwrite, compiled=compiled)
     with _runtime(precision, deterministic):
         if config.folds:
             return CrossValidationResult.from_cv(out, run_cross_validation(cache, out, config, **options))
         return TrainResult.of(out, run_training(cache, out, config, **options))
+
+
+def _cache_loss(cache: Path) -> str:
+    """The loss a run on ``cache`` trains with unless told otherwise (bce for binary, ce with classes)."""
+    from fishseg.formats.cache import FeatureCache
+    from fishseg.training.losses import default_loss
+
+    with FeatureCache(cache) as opened:
+        return default_loss(opened.classes)
 
 
 def _fields(config: TrainConfig) -> dict[str, Any]:
