@@ -168,7 +168,8 @@ def sweep(cache: PathLike, out: PathLike, *, grid: Mapping[str, Any] | None = No
     each replacing the earlier's values of a field; one value stands for a list of one (``layers`` takes a list
     of block tuples). ``folds``: each config is a K-fold cross-validation (None: the grid file's ``cv``, else 0).
     ``confirm`` sees the plan before anything is written; above 50 configs to train, without ``yes=True``, its
-    answer decides (False raises SweepDeclined), and without ``confirm`` the sweep is refused."""
+    answer decides (False raises SweepDeclined), and without ``confirm`` the sweep is refused. ``loss`` defaults to
+    the cache's kind, as for ``train``."""
     from fishseg.training.sweep import read_grid_file, run_sweep
 
     for keywords in (lists, grid or {}):
@@ -176,6 +177,9 @@ def sweep(cache: PathLike, out: PathLike, *, grid: Mapping[str, Any] | None = No
     values = read_grid_file(_path(grid_file, "grid_file"), SWEEP_FIELDS) if grid_file is not None else {}
     file_folds = values.pop("folds", (0,))[0]
     values.update({field: _values(field, value) for field, value in {**(grid or {}), **lists}.items()})
+    loss = None if "loss" in values else _cache_loss(_path(cache, "cache"))
+    if loss not in (None, TrainConfig.loss):
+        values["loss"] = (loss,)  # no loss swept: the cache's kind decides (ce with classes)
     with _runtime(precision, deterministic):
         return run_sweep(_path(cache, "cache"), _path(out, "out"), values,
                          folds=file_folds if folds is None else folds, device=device, stream=stream, jobs=jobs,
