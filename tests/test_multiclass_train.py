@@ -28,6 +28,7 @@ from fishseg.models.decoders import build_decoder, load_checkpoint, read_checkpo
 from fishseg.training.losses import balanced_weights, class_losses, default_loss
 from fishseg.training.train import Objective, TrainingData, run_epoch
 from tests.helpers import write_toy_cache
+from tests.test_distributed import torchrun
 
 CLASSES = ("background", "a", "b")
 QUICK = dict(epochs=8, batch_size=4, lr=3e-3, seed=1, device="cpu")
@@ -243,3 +244,18 @@ def test_a_grouped_split_falls_back_to_the_image_class_when_no_pixel_class_domin
         assert np.bincount(dominant_classes(opened)).max() < 3  # too few for 3 stratified folds
         folds = [split_indices(opened, TrainConfig(split="grouped", folds=3, fold=fold))[1] for fold in range(3)]
     assert sorted(np.concatenate(folds).tolist()) == list(range(6))  # by species folder (3 images each) instead
+
+
+def test_torchrun_training_on_classes_equals_a_single_process_run(tmp_path: Path) -> None:
+    """Each rank's confusion matrix joins the others': the validation mIoU is the one-process run's."""
+    # 31 images: 25 train in batches of 4, so the last batch holds one image and rank 0 sits it out.
+    cache = write_toy_cache(tmp_path / "toy.h5", n_images=31, classes=CLASSES)
+    options = ["--decoder", "linear", "--epochs", 2, "--batch-size", 4, "--lr", 3e-3, "--seed", 1, "--loss", "ce+dice",
+               "--class-weights", "balanced", "--device", "cpu"]
+    single = CliRunner().invoke(main, ["train", "--cache", str(cache), "--out", str(tmp_path / "one"),
+                                       *map(str, options)])
+    assert single.exit_code == 0, single.output
+    torchrun("train_decoder.py", "--cache", cache, "--out", tmp_path / "two", *options, "--stream")
+    one, two = (json.loads((tmp_path / name / "history.json").read_text())["epochs"] for name in ("one", "two"))
+    for key in ("train_loss", "train_iou", "val_loss", "val_iou"):
+        assert [row[key] for row in two] == pytest.approx([row[key] for row in one], rel=1e-5, abs=1e-6)
