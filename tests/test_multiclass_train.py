@@ -133,8 +133,8 @@ def test_an_epoch_pools_the_confusion_of_its_batches(classes_cache: Path) -> Non
     (False, {"loss": "bce"}, r"holds 3 classes: background, a, b; `loss='bce'` is for binary masks; use one of "
                              r"ce, dice, ce\+dice"),
     (False, {"loss": "bce+dice"}, "is for binary masks"),
-    (True, {"loss": "ce"}, r"holds binary masks; `loss='ce'` needs a cache extracted with classes"),
-    (True, {"loss": "ce+dice"}, "needs a cache extracted with classes"),
+    (True, {"loss": "ce"}, r"holds binary masks; `loss='ce'` needs a cache extracted with pixel classes"),
+    (True, {"loss": "ce+dice"}, "needs a cache extracted with pixel classes"),
     (True, {"class_weights": "balanced"}, "holds binary masks; `class_weights='balanced'` weighs several classes"),
 ])
 def test_a_loss_or_weights_that_do_not_fit_the_cache_are_refused(binary: bool, options: dict, refusal: str,

@@ -122,7 +122,7 @@ def check_objective(cache: FeatureCache, config: TrainConfig) -> None:
     classes = cache.classes
     if classes.binary and config.loss not in BINARY_LOSSES:
         raise FishsegError(f"{cache.path}: holds binary masks; `loss={shown(config.loss)}` needs a cache extracted "
-                           f"with classes (`extract --classes`); use one of {', '.join(BINARY_LOSSES)}")
+                           f"with pixel classes; use one of {', '.join(BINARY_LOSSES)}")
     if not classes.binary and config.loss not in MULTICLASS_LOSSES:
         raise FishsegError(f"{cache.path}: holds {classes.describe()}; `loss={shown(config.loss)}` is for binary "
                            f"masks; use one of {', '.join(MULTICLASS_LOSSES)}")
