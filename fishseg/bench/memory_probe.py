@@ -28,7 +28,8 @@ def _status_mb(field: str) -> float:
 
 
 def epoch_runner(split: InMemorySplit | StreamedSplit, feature_dim: int, batch_size: int, decoder_name: str,
-                 device: torch.device, *, compiled: bool = False, objective: Objective = Objective()) -> Callable[[], None]:
+                 device: torch.device, *, compiled: bool = False,
+                 objective: Objective = Objective()) -> Callable[[], None]:
     """One training epoch over ``split`` as a call (AdamW at 1e-3, seed 0), each call continuing with the same
     decoder (through ``torch.compile`` when ``compiled``) and optimizer; ``objective``: the pixel classes and
     loss (binary BCE by default)."""
