@@ -91,12 +91,18 @@ class Segmentation:
                              f"{mask.shape} and {probabilities.dtype} {probabilities.shape}")
         if self.labels is None and self.classes.binary:
             object.__setattr__(self, "labels", mask.astype(np.uint8))
+        self._check_classes()
+
+    def _check_classes(self) -> None:
+        """H×W uint8 labels; C×S×S float32 coarse probabilities with several classes, none for binary."""
         labels, coarse = self.labels, self.coarse
-        if labels is None or labels.dtype != np.uint8 or labels.shape != mask.shape:
-            raise ValueError(f"expected H×W uint8 labels of the mask's shape {mask.shape}, got "
+        if labels is None or labels.dtype != np.uint8 or labels.shape != self.mask.shape:
+            raise ValueError(f"expected H×W uint8 labels of the mask's shape {self.mask.shape}, got "
                              f"{'none' if labels is None else f'{labels.dtype} {labels.shape}'}")
-        if (coarse is None) != self.classes.binary or (coarse is not None and (
-                coarse.ndim != 3 or coarse.shape[0] != len(self.classes) or coarse.dtype != np.float32)):
+        expected = (coarse is None) if self.classes.binary else (
+            coarse is not None and coarse.ndim == 3 and coarse.shape[0] == len(self.classes)
+            and coarse.dtype == np.float32)
+        if not expected:
             raise ValueError(f"expected C×S×S float32 class probabilities (C = {len(self.classes)}) for several "
                              f"classes and none for binary, got {None if coarse is None else coarse.shape}")
 
