@@ -132,6 +132,13 @@ def mean_iou_per_image(confusion: torch.Tensor) -> torch.Tensor:
     return (class_iou(confusion) * present).sum(-1) / present.sum(-1).clamp(min=1)
 
 
+def dataset_mean_iou(confusion: torch.Tensor) -> float:
+    """The dataset mIoU (the standard one): confusion matrices …×C×C (per image, or already summed) pooled over
+    the dataset, each class's IoU of the pooled pixels, averaged over the classes present in truth or prediction."""
+    pooled = confusion.reshape(-1, *confusion.shape[-2:]).sum(0)
+    return float(mean_iou_per_image(pooled))
+
+
 def pixel_counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Intersection and union pixel counts per image, to pool over a dataset: pooled IoU = Σ|P∩T| / Σ|P∪T|."""
     intersection, pred_area, target_area = _counts(pred, target)
