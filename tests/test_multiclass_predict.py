@@ -15,12 +15,16 @@ import torch
 from PIL import Image
 
 from fishseg.classes import Classes
+from fishseg.config import TrainConfig
+from fishseg.data.images import Sample
 from fishseg.drawing import LEGEND_BACKGROUND, OVERLAY_ALPHA, label_image, legend, tint_classes, with_legend
+from fishseg.formats.cache import CacheWriter, FeatureCache
 from fishseg.formats.runs import RunFolder
 from fishseg.inference.predict import CSV_HEADER, csv_header, run_prediction
 from fishseg.inference.segmenter import Segmentation, Segmenter
 from fishseg.models.decoders import build_decoder
 from fishseg.results import PredictionResult
+from fishseg.training.train import run_training
 from tests.helpers import TINY_IMAGE_SIZE
 
 CLASSES = Classes.several(("background", "cod", "haddock", "reef"))
@@ -43,6 +47,27 @@ def classes_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     record.checkpoints["best"] = record.checkpoints["last"] = folder.write_checkpoint(record.best_epoch, decoder, meta)
     folder.write_record(record)
     return run
+
+
+@pytest.fixture(scope="module")
+def species_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run trained on ``tiny_cache`` made a cache of species classes (each image's fish pixels of its species'
+    class, as ``extract --classes species`` stores them): train's own run folder and checkpoint, whose backbone
+    loads for predict."""
+    folder = tmp_path_factory.mktemp("species")
+    with FeatureCache(tiny_cache) as cache:
+        everything = range(len(cache))
+        species = ("background", *cache.class_names)
+        config = dataclasses.replace(cache.config, mask_format="species", classes=species)
+        samples = [Sample(image_id, Path("unused"), Path("unused"), cache.class_names[k])
+                   for image_id, k in zip(cache.image_ids, cache.class_index)]
+        masks = cache.masks(everything) * (1 + cache.class_index[:, None, None]).astype(np.uint8)
+        with CacheWriter(folder / "species.h5", config, cache.backbone, samples, groups=cache.groups,
+                         num_blocks=cache.num_blocks) as writer:
+            writer.write(0, cache.features(everything), masks, cache.previews(everything))
+    run_training(folder / "species.h5", folder / "run", TrainConfig(epochs=3, batch_size=4, lr=3e-3, loss="ce"),
+                 device="cpu")
+    return folder / "run"
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +168,24 @@ def test_the_segmenter_knows_its_classes_and_gives_a_softmax_over_them(segmenter
 def _rows(result: PredictionResult) -> list[dict[str, str]]:
     with result.csv.open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+def test_a_run_trained_on_species_classes_predicts_label_pngs_of_its_classes(species_run: Path, kaggle_root: Path,
+                                                                            tmp_path: Path) -> None:
+    photos = sorted(path for path in kaggle_root.rglob("*.png") if " GT" not in str(path))
+    result = run_prediction(species_run, photos, tmp_path / "out", num_workers=0, device="cpu")
+    segmenter = Segmenter.from_run(species_run, device="cpu")
+    assert segmenter.classes.names == ("background", *sorted({photo.parent.name for photo in photos}))
+    with result.csv.open(newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle))
+    assert header == csv_header(segmenter.classes) and "area_px:background" in header
+    seen = set()
+    for mask, photo in zip(result.masks, photos):
+        labels = np.asarray(Image.open(mask))
+        assert Image.open(mask).mode == "P" and set(np.unique(labels)) <= set(range(len(segmenter.classes)))
+        np.testing.assert_array_equal(labels, segmenter(photo).labels)
+        seen |= set(np.unique(labels).tolist())
+    assert 0 in seen and len(seen) >= 2  # background and fish of some species (a random backbone: not which)
 
 
 def test_predict_writes_label_pngs_with_the_class_palette(predicted: PredictionResult, segmenter: Segmenter,
