@@ -271,7 +271,8 @@ def predict(inputs: PathLike | Sequence[PathLike], run: PathLike, out: PathLike,
             batch_size: int = 8, num_workers: int | None = None, skip_bad: bool = False, overwrite: bool = False,
             device: str = "auto", precision: str = "auto") -> PredictionResult:
     """Predict a mask for every image in ``inputs`` (files or folders) at its own size into ``out`` (masks/,
-    overlays/, predictions.csv). ``backbone`` defaults to the run's; its weights are checked against the run's."""
+    overlays/, predictions.csv; a run with several classes writes label PNGs, overlays with a legend and an area
+    column per class). ``backbone`` defaults to the run's; its weights are checked against the run's."""
     from fishseg.inference.predict import run_prediction
 
     paths = _paths(inputs, "inputs", "image or folder of images")
@@ -283,7 +284,8 @@ def predict(inputs: PathLike | Sequence[PathLike], run: PathLike, out: PathLike,
 def export(run: PathLike, out: PathLike, *, backbone: str | None = None, opset: int | None = None,
            overwrite: bool = False) -> ExportResult:
     """Write the run's best decoder and its backbone as one ONNX graph ``out`` (uint8 N×3×S×S images in, fish
-    probabilities N×1×S×S out, normalisation inside; docs/export.md). Needs ``pip install fishseg[export]``."""
+    probabilities N×1×S×S out, or class probabilities N×C×S×S for a run with several classes; normalisation
+    inside; docs/export.md). Needs ``pip install fishseg[export]``."""
     from fishseg.inference.export import export_onnx
 
     return export_onnx(_path(run, "run"), _path(out, "out"), backbone=backbone, opset=opset, overwrite=overwrite)

@@ -684,10 +684,13 @@ def export(run_dir: Path, out: Path, backbone: str | None, opset: int | None, ov
     """Export the run's best decoder and its backbone as one ONNX graph that runs without fishseg or torch.
 
     Input: uint8 RGB images N×3×S×S at the run's image size (normalised inside the graph); output: fish
-    probabilities N×1×S×S float32 (mask: > 0.5). The run's configs, backbone and fishseg version are in the
-    model's metadata. See docs/export.md.
+    probabilities N×1×S×S float32 (mask: > 0.5), or for a run with several classes the class probabilities
+    N×C×S×S (class: the arg max). The run's configs, backbone, classes and fishseg version are in the model's
+    metadata. See docs/export.md.
     """
     result = api.export(run_dir, out, backbone=backbone, opset=opset, overwrite=overwrite)
+    if not result.classes.binary:
+        click.echo(f"classes {result.classes.describe()}")
     click.echo(f"input  {result.input.describe()}\noutput {result.output.describe()}\n"
                f"model written: {result.path} ({result.size_bytes / 1024 ** 2:.1f} MiB, opset {result.opset})")
 

@@ -146,7 +146,8 @@ class ProbeResult:
 class PredictionResult:
     """What ``fishseg.predict`` returns: what it wrote into the folder ``out``.
 
-    ``csv``: predictions.csv, a row per image; ``masks``: masks/NAME.png, 0/255 at each image's own size, each with
+    ``csv``: predictions.csv, a row per image; ``masks``: masks/NAME.png, 0/255 at each image's own size (a run with
+    several classes: mode "P", the class indices as values and the class colours as palette), each with
     overlays/NAME.png (left out of ``repr``); ``skipped``: the one-line errors of the images left out
     (``skip_bad=True``)."""
 

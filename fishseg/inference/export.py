@@ -2,7 +2,8 @@
 
 The graph takes uint8 RGB images N×3×S×S at the run's image size S (the photo resized to S×S, as
 ``predict`` resizes it) and returns float32 fish probabilities N×1×S×S; threshold them at 0.5 for the
-mask. Normalisation (÷255, the run's mean and std) happens inside the graph, so a deployment feeds
+mask. A run with several classes returns the class probabilities N×C×S×S instead (the softmax over the C
+classes; a pixel's class is their arg max), and its metadata names the classes and their colours. Normalisation (÷255, the run's mean and std) happens inside the graph, so a deployment feeds
 raw pixels and cannot get it wrong. A decoder that uses the photo as a guide (``guided``) gets its
 P×P preview from the input itself, inside the graph (antialiased bilinear resize, rounded to uint8),
 where ``predict`` resizes the original photo to P×P: the two guides may differ by a unit here and there.
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fishseg.classes import Classes
 from fishseg.errors import FishsegError
 from fishseg.evaluation.metrics import THRESHOLD
 from fishseg.formats.runs import RunRecord
@@ -69,7 +71,8 @@ class ExportResult:
     ``path``: the .onnx file (``size_bytes`` long); ``image_size``: S of the uint8 N×3×S×S images it takes;
     ``input`` and ``output``: name, shape ("N": any batch) and element type of each; ``opset``: the ONNX opset;
     ``metadata``: the model's metadata_props as written (where it came from, how to read its output; left out of
-    ``repr``)."""
+    ``repr``); ``classes``: what the output's channels mean (binary: one channel, the fish probability; several
+    classes: channel k is class k's probability)."""
 
     path: Path
     image_size: int
@@ -78,15 +81,18 @@ class ExportResult:
     opset: int
     metadata: dict[str, str] = dataclasses.field(repr=False)
     size_bytes: int
+    classes: Classes = Classes()
 
     def __post_init__(self) -> None:
-        if self.image_size < 1 or self.size_bytes < 1 or self.opset < MIN_OPSET:
+        if (self.image_size < 1 or self.size_bytes < 1 or self.opset < MIN_OPSET
+                or self.output.shape[1] != self.classes.channels):
             raise ValueError(f"not an export result: {self}")
 
 
 class _Exported(nn.Module):
-    """uint8 images N×3×S×S → fish probabilities N×1×S×S float32: the Segmenter's forward, as predict runs it,
-    with the guide of a decoder that uses the photo resized from the input inside the graph."""
+    """uint8 images N×3×S×S → fish probabilities N×1×S×S float32 (several classes: class probabilities
+    N×C×S×S): the Segmenter's forward, as predict runs it, with the guide of a decoder that uses the photo
+    resized from the input inside the graph."""
 
     def __init__(self, segmenter: Segmenter) -> None:
         super().__init__()
@@ -95,7 +101,8 @@ class _Exported(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         guides = self._guides(images) if uses_image(self.decoder) else None
-        return self.segmenter.forward(images, guides)[:, None]
+        probabilities = self.segmenter.forward(images, guides)
+        return probabilities[:, None] if self.segmenter.classes.binary else probabilities
 
     def _guides(self, images: torch.Tensor) -> torch.Tensor:
         """N×3×S×S uint8 → the preview N×P×P×3, uint8 values (as float32) like the cache's previews."""
@@ -120,14 +127,14 @@ def export_onnx(run: str | Path, out: str | Path, *, backbone: str | None = None
     segmenter = Segmenter.from_run(run, backbone, "cpu", precision="fp32")
     _refuse_oversize(segmenter.backbone, segmenter.decoder)
     proto = _trace(_Exported(segmenter).eval(), segmenter.image_size, opset)
-    metadata = _metadata(segmenter.record)
+    metadata = _metadata(segmenter.record, segmenter.classes)
     onnx.helper.set_model_props(proto, metadata)
     with atomic_path(out) as tmp:
         onnx.save_model(proto, str(tmp))
-    side = segmenter.image_size
+    side, classes = segmenter.image_size, segmenter.classes
     return ExportResult(path=out, image_size=side, input=TensorSpec(INPUT_NAME, ("N", 3, side, side), "uint8"),
-                        output=TensorSpec(OUTPUT_NAME, ("N", 1, side, side), "float32"),
-                        opset=_opset_of(proto), metadata=metadata, size_bytes=out.stat().st_size)
+                        output=TensorSpec(OUTPUT_NAME, ("N", classes.channels, side, side), "float32"),
+                        opset=_opset_of(proto), metadata=metadata, size_bytes=out.stat().st_size, classes=classes)
 
 
 def _require_onnx() -> Any:
@@ -184,9 +191,10 @@ def _quiet_exporter() -> Iterator[None]:
                 logger.setLevel(level)
 
 
-def _metadata(record: RunRecord) -> dict[str, str]:
-    """The model's metadata_props: where it came from (configs, backbone, version) and how to read its output."""
-    return {
+def _metadata(record: RunRecord, classes: Classes) -> dict[str, str]:
+    """The model's metadata_props: where it came from (configs, backbone, version) and how to read its output
+    (several classes: the class names and colours, as JSON lists, in channel order)."""
+    common = {
         "fishseg_version": __version__,
         "fishseg_backbone": record.backbone["name"],
         "fishseg_backbone_info": json.dumps(record.backbone),
@@ -196,9 +204,14 @@ def _metadata(record: RunRecord) -> dict[str, str]:
         "fishseg_best_epoch": str(record.best_epoch),
         "fishseg_best_val_iou": f"{record.best_val_iou:.6f}",
         "fishseg_input": "images: N×3×S×S uint8 RGB, the photo resized to S×S (bilinear); normalised inside",
-        "fishseg_output": "probabilities: N×1×S×S float32 fish probability",
-        "fishseg_threshold": str(THRESHOLD),
     }
+    if classes.binary:
+        return {**common, "fishseg_output": "probabilities: N×1×S×S float32 fish probability",
+                "fishseg_threshold": str(THRESHOLD)}
+    return {**common, "fishseg_output": f"probabilities: N×{len(classes)}×S×S float32, the probability of each "
+                                        f"class (softmax over the classes); a pixel's class is the arg max",
+            "fishseg_classes": json.dumps(list(classes.names)),
+            "fishseg_colours": json.dumps([list(colour) for colour in classes.colours])}
 
 
 def _opset_of(proto: Any) -> int:

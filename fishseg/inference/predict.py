@@ -1,10 +1,12 @@
 """Predict masks for new images with a trained run, into files: a file writer on top of inference.segmenter.
 
 A Segmenter computes each image's mask at its own size (what ``segmenter(image)`` returns in memory); this
-writes ``masks/NAME.png`` (0/255), ``overlays/NAME.png`` and ``predictions.csv`` into the output folder. Names
-come from the input file names only, so nothing is written outside it. The CSV lists every mask written, and is
-how a later ``--overwrite`` knows which files are fishseg's: rows and files always agree, and no other file is
-touched.
+writes ``masks/NAME.png`` (0/255), ``overlays/NAME.png`` and ``predictions.csv`` into the output folder. A run
+with several classes writes label PNGs instead (mode "P": the class indices as values, the class colours as
+palette), overlays coloured by class with a legend beside the photo, and an ``area_px:<class>`` column per class
+in the CSV. Names come from the input file names only, so nothing is written outside it. The CSV lists every mask
+written, and is how a later ``--overwrite`` knows which files are fishseg's: rows and files always agree, and no
+other file is touched.
 """
 
 from __future__ import annotations
@@ -13,25 +15,34 @@ import csv
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
+from fishseg.classes import Classes
 from fishseg.data.images import ImageDataset, collect_images, read_rgb
+from fishseg.drawing import overlay
 from fishseg.errors import FishsegError
 from fishseg.formats.runs import RunFolder
-from fishseg.inference.segmenter import Segmentation, Segmenter, tint
+from fishseg.inference.segmenter import Segmentation, Segmenter
 from fishseg.results import PredictionResult
 from fishseg.runtime import (atomic_path, default_num_workers, make_output_dir, plural, removed_on_error,
                              requested_precision)
 
-__all__ = ["CSV_HEADER", "OUTPUT_DIRS", "PREDICTIONS_CSV", "run_prediction"]
+__all__ = ["AREA_COLUMN", "CSV_HEADER", "OUTPUT_DIRS", "PREDICTIONS_CSV", "csv_header", "run_prediction"]
 
 PREDICTIONS_CSV = "predictions.csv"
 OUTPUT_DIRS = ("masks", "overlays")  # each holds NAME.png for every image predicted
 CSV_HEADER = ["file", "mask", "width", "height", "foreground_fraction", "area_px", "bbox_x0", "bbox_y0", "bbox_x1",
               "bbox_y1", "mean_probability", "error"]
+AREA_COLUMN = "area_px:{}"  # several classes: a column of each class's pixels, before "error"
+
+
+def csv_header(classes: Classes) -> list[str]:
+    """predictions.csv's columns: CSV_HEADER for a binary run; with several classes, an area column per class
+    (AREA_COLUMN, the background's included) before "error"."""
+    if classes.binary:
+        return CSV_HEADER
+    return [*CSV_HEADER[:-1], *(AREA_COLUMN.format(name) for name in classes.names), CSV_HEADER[-1]]
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
@@ -46,24 +57,27 @@ def _unique_names(paths: list[Path]) -> list[str]:
 
 def _cells(segmentation: Segmentation) -> list[Any]:
     """CSV cells: width, height, foreground fraction, area, bounding box (x0 y0 x1 y1, inclusive), mean
-    probability over the predicted fish (empty cells when nothing was found)."""
+    probability over the predicted fish (empty cells when nothing was found); with several classes, then each
+    class's area."""
     width, height = segmentation.size
+    areas = [] if segmentation.classes.binary else list(segmentation.area_px_by_class.values())
     if segmentation.bbox is None:
-        return [width, height, "0.000000", 0, "", "", "", "", ""]
+        return [width, height, "0.000000", 0, "", "", "", "", "", *areas]
     return [width, height, f"{segmentation.fish_fraction:.6f}", segmentation.area_px, *segmentation.bbox,
-            f"{segmentation.mean_probability:.6f}"]
+            f"{segmentation.mean_probability:.6f}", *areas]
 
 
-def _write_outputs(out_dir: Path, name: str, source: Path, probability: torch.Tensor) -> tuple[Path, list[Any]]:
-    """Mask and overlay PNGs of one photo at its own size, from its S×S probabilities; returns the mask's path
-    and the photo's CSV cells after the file name."""
+def _write_outputs(out_dir: Path, name: str, source: Path, probability: torch.Tensor,
+                   classes: Classes) -> tuple[Path, list[Any]]:
+    """Mask and overlay PNGs of one photo at its own size, from its S×S probabilities (several classes: C×S×S);
+    returns the mask's path and the photo's CSV cells after the file name."""
     photo = read_rgb(source)
-    segmentation = Segmentation.upsampled(probability, photo.size)
+    segmentation = Segmentation.upsampled(probability, photo.size, classes)
     masks, overlays = _outputs(out_dir, name)
     with atomic_path(masks) as tmp:
-        Image.fromarray(segmentation.mask * np.uint8(255)).save(tmp, format="PNG")
+        segmentation.mask_image().save(tmp, format="PNG")
     with atomic_path(overlays) as tmp:
-        tint(photo, segmentation.mask).save(tmp, format="PNG")
+        overlay(photo, segmentation.labels, classes).save(tmp, format="PNG")  # drawn on the photo: no copy
     return masks, [masks.relative_to(out_dir).as_posix(), *_cells(segmentation), ""]
 
 
@@ -136,7 +150,7 @@ def run_prediction(run_dir: Path, inputs: list[Path], out_dir: Path, *, backbone
         try:
             rows, masks, skipped = _predict_all(segmenter, paths, names, out_dir, num_workers, skip_bad)
             with atomic_path(out_dir / PREDICTIONS_CSV) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
-                csv.writer(handle).writerows([CSV_HEADER, *rows])
+                csv.writer(handle).writerows([csv_header(segmenter.classes), *rows])
         except BaseException:  # Ctrl-C too: nothing resumes a prediction, and files no CSV lists block the next one
             _remove_outputs(out_dir, names)
             raise
@@ -153,6 +167,7 @@ def _predict_all(segmenter: Segmenter, paths: list[Path], names: list[str], out_
                                          batch_size=segmenter.batch_size, num_workers=workers,
                                          pin_memory=segmenter.device.type == "cuda")
     rows, masks, skipped, start = [], [], [], 0
+    columns = len(csv_header(segmenter.classes))
     with tqdm(total=len(paths), unit="img", desc="predict", dynamic_ncols=True) as progress:
         for images, previews, errors in loader:
             failed = [error for error in errors if error]
@@ -162,9 +177,9 @@ def _predict_all(segmenter: Segmenter, paths: list[Path], names: list[str], out_
             probabilities = iter(segmenter.probability_maps(images[good], previews[good]) if good else ())
             for source, name, error in zip(paths[start:], names[start:], errors):
                 if error:
-                    rows.append([str(source), *[""] * (len(CSV_HEADER) - 2), error])
+                    rows.append([str(source), *[""] * (columns - 2), error])
                     continue
-                mask, cells = _write_outputs(out_dir, name, source, next(probabilities))
+                mask, cells = _write_outputs(out_dir, name, source, next(probabilities), segmenter.classes)
                 rows.append([str(source), *cells])
                 masks.append(mask)
             skipped += failed

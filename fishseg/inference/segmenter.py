@@ -4,11 +4,14 @@
     result = segmenter("photo.jpg")  # a path, a PIL image or an H×W×3 uint8 array; a list of them gives a list
     result.mask                      # H×W bool, the photo's own size
     result.probabilities             # H×W float32 in [0, 1]
+    result.labels                    # H×W uint8 class indices (a run with several classes: which class is where)
+    result.class_probabilities       # C×H×W float32, summing to 1 over the classes
 
 It returns exactly what ``fishseg predict`` writes, predict being a file writer on top of it: the photo resized to
 the run's image size as extraction resized it (and its preview made as the cache's, for a decoder that uses the
 image), the decoder's probabilities upsampled bilinearly to the photo's size in steps of 1/255, and the fish where
-the probability exceeds evaluation.metrics.THRESHOLD.
+the probability exceeds evaluation.metrics.THRESHOLD. A run with several classes (``extract --classes``) gives each
+class's probability (the softmax over the classes) upsampled bilinearly, and each pixel's class is their arg max.
 
 Inputs. A path (str or Path) is read as predict reads files: EXIF orientation applied, any mode converted to RGB
 (16-bit grayscale scaled). A PIL image of any mode is converted the same way, as it is (no EXIF rotation: the mask
@@ -20,6 +23,7 @@ to convert them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -30,8 +34,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from fishseg.classes import Classes
 from fishseg.config import LAST_BLOCK, ExtractConfig, check_precision, from_json, shown
 from fishseg.data.images import as_rgb, prediction_inputs, read_rgb
+from fishseg.drawing import OVERLAY_ALPHA, OVERLAY_COLOUR, label_image, overlay, tint
 from fishseg.errors import FishsegError
 from fishseg.evaluation.metrics import THRESHOLD
 from fishseg.formats.runs import RunFolder, RunRecord
@@ -39,10 +45,10 @@ from fishseg.models.backbone import Backbone, check_backbone, load_backbone
 from fishseg.models.decoders import segment, uses_image
 from fishseg.runtime import autocast, precision_policy, precision_scope, resolve_device
 
-__all__ = ["OVERLAY_ALPHA", "OVERLAY_COLOUR", "ImageInput", "Segmentation", "Segmenter", "full_size", "tint"]
+__all__ = ["OVERLAY_ALPHA", "OVERLAY_COLOUR", "ImageInput", "Segmentation", "Segmenter", "bilinear", "full_size",
+           "tint"]  # OVERLAY_* and tint: fishseg.drawing's, named here as before
 
 ImageInput = Union[Image.Image, str, os.PathLike, np.ndarray]  # one photo, as Segmenter takes it
-OVERLAY_COLOUR, OVERLAY_ALPHA = (46, 204, 64), 0.45
 
 
 def full_size(probability: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -54,20 +60,28 @@ def full_size(probability: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(low).resize(size, Image.Resampling.BILINEAR))
 
 
-def tint(photo: Image.Image, mask: np.ndarray) -> Image.Image:
-    """Tint the fish (H×W bool ``mask``) on the RGB ``photo`` in place (Pillow blends the colour in: no full-size
-    float copy)."""
-    photo.paste(OVERLAY_COLOUR, mask=Image.fromarray(mask * np.uint8(round(OVERLAY_ALPHA * 255))))
-    return photo
+def bilinear(probability: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """S×S float32 probabilities → H×W float32 at the photo's (width, height), bilinear (PIL's, as full_size)."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(probability, np.float32)).resize(
+        size, Image.Resampling.BILINEAR))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Segmentation:
-    """One photo's prediction at the photo's own size: ``probabilities`` H×W float32 in [0, 1] (steps of 1/255)
-    and ``mask`` H×W bool, the fish: the pixels whose probability exceeds THRESHOLD."""
+    """One photo's prediction at the photo's own size.
+
+    Binary runs: ``probabilities`` H×W float32 in [0, 1] (steps of 1/255) and ``mask`` H×W bool, the fish: the
+    pixels whose probability exceeds THRESHOLD. Several classes: ``labels`` H×W uint8, each pixel's class index
+    (the arg max of ``class_probabilities``, C×H×W float32 summing to 1 over C, each class's probabilities
+    upsampled bilinearly from the decoder's softmax); ``mask`` is then every pixel not of the background (class
+    0) and ``probabilities`` one minus the background's probability. Every segmentation has ``classes``,
+    ``labels``, ``class_probabilities`` and ``area_px_by_class`` (binary: background and fish)."""
 
     mask: np.ndarray
     probabilities: np.ndarray
+    classes: Classes = Classes()  # what the labels mean
+    labels: np.ndarray | None = dataclasses.field(default=None, repr=False)  # H×W uint8; None (binary): the mask
+    coarse: np.ndarray | None = dataclasses.field(default=None, repr=False)  # several classes: C×S×S probabilities
 
     def __post_init__(self) -> None:
         mask, probabilities = self.mask, self.probabilities
@@ -75,21 +89,62 @@ class Segmentation:
                 and mask.shape == probabilities.shape):
             raise ValueError(f"expected an H×W bool mask and H×W float32 probabilities, got {mask.dtype} "
                              f"{mask.shape} and {probabilities.dtype} {probabilities.shape}")
+        if self.labels is None and self.classes.binary:
+            object.__setattr__(self, "labels", mask.astype(np.uint8))
+        self._check_classes()
+
+    def _check_classes(self) -> None:
+        """H×W uint8 labels; C×S×S float32 coarse probabilities with several classes, none for binary."""
+        labels, coarse = self.labels, self.coarse
+        if labels is None or labels.dtype != np.uint8 or labels.shape != self.mask.shape:
+            raise ValueError(f"expected H×W uint8 labels of the mask's shape {self.mask.shape}, got "
+                             f"{'none' if labels is None else f'{labels.dtype} {labels.shape}'}")
+        expected = (coarse is None) if self.classes.binary else (
+            coarse is not None and coarse.ndim == 3 and coarse.shape[0] == len(self.classes)
+            and coarse.dtype == np.float32)
+        if not expected:
+            raise ValueError(f"expected C×S×S float32 class probabilities (C = {len(self.classes)}) for several "
+                             f"classes and none for binary, got {None if coarse is None else coarse.shape}")
 
     @classmethod
-    def upsampled(cls, probability: torch.Tensor, size: tuple[int, int]) -> Segmentation:
-        """From the decoder's S×S probabilities, upsampled to the photo's ``size`` (width, height)."""
-        levels = full_size(probability, size)
-        return cls(levels > THRESHOLD * 255, levels.astype(np.float32) / np.float32(255))
+    def upsampled(cls, probability: torch.Tensor, size: tuple[int, int], classes: Classes = Classes()
+                  ) -> Segmentation:
+        """From the decoder's S×S probabilities (several classes: C×S×S), upsampled to the photo's ``size``
+        (width, height)."""
+        if classes.binary:
+            levels = full_size(probability, size)
+            return cls(levels > THRESHOLD * 255, levels.astype(np.float32) / np.float32(255))
+        coarse = probability.float().cpu().numpy()
+        background = bilinear(coarse[0], size)
+        best, labels = background.copy(), np.zeros(background.shape, np.uint8)
+        for index, channel in enumerate(coarse[1:], start=1):  # one class at a time: two H×W floats, not C
+            upsampled = bilinear(channel, size)
+            labels[upsampled > best] = index  # ties keep the lower index, as argmax does
+            np.maximum(best, upsampled, out=best)
+        return cls(labels > 0, 1 - background, classes, labels, coarse)
 
     @property
     def size(self) -> tuple[int, int]:
         """(width, height), as PIL gives a photo's size."""
         return self.mask.shape[1], self.mask.shape[0]
 
+    @functools.cached_property
+    def class_probabilities(self) -> np.ndarray:
+        """C×H×W float32: each class's probability at each pixel, summing to 1 over C (binary: background, fish).
+        Made when first asked for: C floats a photo pixel."""
+        if self.classes.binary:
+            return np.stack([1 - self.probabilities, self.probabilities])
+        return np.stack([bilinear(channel, self.size) for channel in self.coarse])
+
+    @property
+    def area_px_by_class(self) -> dict[str, int]:
+        """Pixels of each class, by class name, in class order (summing to the photo's pixels)."""
+        counts = np.bincount(self.labels.ravel(), minlength=len(self.classes))
+        return {name: int(count) for name, count in zip(self.classes.names, counts)}
+
     @property
     def area_px(self) -> int:
-        """Fish pixels."""
+        """Fish pixels (several classes: the pixels of every class but the background)."""
         return int(self.mask.sum())
 
     @property
@@ -110,14 +165,21 @@ class Segmentation:
         """The mean probability over the fish; None when no fish was found."""
         return float(self.probabilities[self.mask].mean(dtype=np.float64)) if self.mask.any() else None
 
+    def mask_image(self) -> Image.Image:
+        """The mask as predict writes masks/NAME.png: binary, mode "L" 0/255; several classes, mode "P" with
+        the class indices as values and the class colours as palette (drawing.label_image)."""
+        if self.classes.binary:
+            return Image.fromarray(self.mask * np.uint8(255))
+        return label_image(self.labels, self.classes)
+
     def overlay(self, image: ImageInput) -> Image.Image:
-        """A copy of ``image`` (the photo this was made from, as Segmenter takes it) with the fish tinted, as
-        predict's overlays/NAME.png."""
+        """A copy of ``image`` (the photo this was made from, as Segmenter takes it) with the fish tinted (several
+        classes: each class in its colour, with a legend beside the photo), as predict's overlays/NAME.png."""
         photo = _photo(image)
         if photo.size != self.size:
             raise FishsegError(f"overlay: the image is {photo.width}×{photo.height} but the mask "
                                f"{self.size[0]}×{self.size[1]}; pass the image this segmentation was made from")
-        return tint(photo.copy(), self.mask)
+        return overlay(photo.copy(), self.labels, self.classes)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -128,6 +190,7 @@ class Segmenter:
         result = segmenter("photo.jpg")
         result.mask           # H×W bool at the photo's own size: fish where the probability exceeds 0.5
         result.probabilities  # H×W float32 in [0, 1]
+        result.labels         # H×W uint8 class indices, of segmenter.classes (several classes: the arg max)
 
     A photo is a path (str or Path; EXIF orientation applied, any mode converted to RGB), a PIL image (any mode,
     converted to RGB, not rotated) or an H×W×3 uint8 RGB array (grayscale, RGBA and float arrays are refused, the
@@ -143,6 +206,7 @@ class Segmenter:
     layers: tuple[int, ...] = LAST_BLOCK  # the backbone blocks the decoder reads
     precision: str = "auto"  # one of config.PRECISIONS, as fishseg.predict takes it
     batch_size: int = 8  # photos a backbone pass when called on a list
+    classes: Classes = Classes()  # what the decoder's outputs mean: binary, or one channel per class
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -161,7 +225,7 @@ class Segmenter:
         model = load_backbone(backbone or record.backbone["name"], config.mean, config.std, torch_device)
         check_backbone(model.info, record.backbone)
         return cls(model, decoder.eval().to(torch_device), config.image_size, config.preview_size, record,
-                   meta.layers, precision, batch_size)
+                   meta.layers, precision, batch_size, meta.pixel_classes)
 
     @property
     def device(self) -> torch.device:
@@ -179,22 +243,25 @@ class Segmenter:
         """RGB photos of any sizes → their Segmentations, in one backbone pass."""
         images, previews = (torch.stack(part) for part in zip(
             *(prediction_inputs(photo, self.image_size, self.preview_size) for photo in photos)))
-        return [Segmentation.upsampled(probability, photo.size)
+        return [Segmentation.upsampled(probability, photo.size, self.classes)
                 for probability, photo in zip(self.probability_maps(images, previews), photos)]
 
     def probability_maps(self, images: torch.Tensor, previews: torch.Tensor) -> torch.Tensor:
-        """B×S×S float32 fish probabilities at the run's image size, of uint8 images B×3×S×S and their previews
-        B×P×P×3 (as data.images.prediction_inputs makes them): the forward pass every prediction goes through."""
+        """B×S×S float32 fish probabilities (several classes: B×C×S×S class probabilities) at the run's image
+        size, of uint8 images B×3×S×S and their previews B×P×P×3 (as data.images.prediction_inputs makes them):
+        the forward pass every prediction goes through."""
         guides = previews.to(self.device) if uses_image(self.decoder) else None
         with precision_scope(self.precision), torch.inference_mode(), autocast(self.device, "decoder"):
             return self.forward(images, guides)
 
     def forward(self, images: torch.Tensor, guides: torch.Tensor | None) -> torch.Tensor:
-        """B×S×S float32 fish probabilities of uint8 images B×3×S×S, a decoder that uses the image reading its
-        guides B×P×P×3 (None for the others): backbone, decoder, sigmoid, under the caller's precision and grad
-        mode (``probability_maps`` for predictions, the exporter's trace for the ONNX graph)."""
+        """B×S×S float32 fish probabilities of uint8 images B×3×S×S (several classes: B×C×S×S, the softmax over
+        the classes), a decoder that uses the image reading its guides B×P×P×3 (None for the others): backbone,
+        decoder, sigmoid or softmax, under the caller's precision and grad mode (``probability_maps`` for
+        predictions, the exporter's trace for the ONNX graph)."""
         features = self.backbone(images, self.layers)
-        return torch.sigmoid(segment(self.decoder, features, self.image_size, guides).float())
+        logits = segment(self.decoder, features, self.image_size, guides).float()
+        return torch.sigmoid(logits) if self.classes.binary else self.classes.probabilities(logits)
 
 
 def _photo(image: ImageInput) -> Image.Image:
