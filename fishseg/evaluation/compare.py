@@ -41,6 +41,7 @@ class RunScores:
     per_image: dict[str, np.ndarray]  # SCORES → N
     pooled_iou: float
     val_iou_curve: list[float]
+    class_ious: dict[str, float]  # several pixel classes: each class's IoU over the validation images; {} for binary
 
 
 @dataclasses.dataclass
@@ -64,6 +65,12 @@ class Entry:
 
     def fold_means(self, name: str) -> list[float]:
         return [float(run.per_image[name].mean()) for run in self.runs]
+
+    def class_ious(self) -> dict[str, float]:
+        """Each pixel class's IoU, the mean over folds where the class was scored ({} for binary runs)."""
+        names = dict.fromkeys(name for run in self.runs for name in run.class_ious)
+        return {name: float(np.mean([run.class_ious[name] for run in self.runs if name in run.class_ious]))
+                for name in names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,16 +269,25 @@ def _run_scores(run: RunFolder, opener: _CacheOpener, device: Any) -> RunScores:
     curve = [row["val_iou"] for row in run.read_history(record)["epochs"]]
     saved = _saved_scores(run.path / REPORT_DIR, record)
     if saved is not None:
-        image_ids, per_image, pooled = saved
-        return RunScores(record, image_ids, per_image, pooled, curve)
+        image_ids, per_image, metrics = saved
+        return RunScores(record, image_ids, per_image, float(metrics["pooled_iou"]), curve, _class_ious(metrics))
     cache = opener.get(record, run.path)
     evaluation = evaluate_run(cache, run.path, device, full=False)
     return RunScores(record, evaluation.val_ids, {name: evaluation.scores[name] for name in SCORES},
-                     evaluation.metrics["pooled_iou"], curve)
+                     evaluation.metrics["pooled_iou"], curve, _class_ious(evaluation.metrics))
 
 
-def _saved_scores(report_dir: Path, record: RunRecord) -> tuple[list[str], dict[str, np.ndarray], float] | None:
-    """Per-image scores of an evaluation of the run's current best checkpoint on its own cache, or None."""
+def _class_ious(metrics: dict[str, Any]) -> dict[str, float]:
+    """Per-class IoU over the validation images from an evaluation's metrics ({} for a binary run); a class
+    neither in the truth nor predicted anywhere has none."""
+    per_class = metrics.get("pixel_classes", {}).get("per_class", {})
+    return {name: float(scores["iou"]) for name, scores in per_class.items() if scores.get("iou") is not None}
+
+
+def _saved_scores(report_dir: Path,
+                  record: RunRecord) -> tuple[list[str], dict[str, np.ndarray], dict[str, Any]] | None:
+    """Per-image scores and metrics of an evaluation of the run's current best checkpoint on its own cache, or
+    None."""
     if not (report_dir / METRICS_FILE).is_file() or not (report_dir / PER_IMAGE_FILE).is_file():
         return None
     metrics = read_json(report_dir / METRICS_FILE)
@@ -282,7 +298,7 @@ def _saved_scores(report_dir: Path, record: RunRecord) -> tuple[list[str], dict[
     with (report_dir / PER_IMAGE_FILE).open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     per_image = {name: np.array([float(row[name]) for row in rows]) for name in SCORES}
-    return [row["image_id"] for row in rows], per_image, float(metrics["pooled_iou"])
+    return [row["image_id"] for row in rows], per_image, metrics
 
 
 def _load_entry(name: str, folder: Path, opener: _CacheOpener, device: Any) -> Entry:
@@ -358,7 +374,8 @@ def _leaderboard_entry(entry: Entry, fields: list[str], comparison: Any) -> Lead
         pooled_iou=float(np.mean([run.pooled_iou for run in entry.runs])),
         folds=len(entry.runs) if entry.is_cv else 0, epochs=min(record.epochs_done for record in records),
         epochs_planned=records[0].epochs_planned, train_seconds=sum(record.train_seconds for record in records),
-        val_iou_curve=np.mean([curve[:length] for curve in curves], axis=0).tolist(), comparison=comparison)
+        val_iou_curve=np.mean([curve[:length] for curve in curves], axis=0).tolist(), comparison=comparison,
+        class_ious=entry.class_ious())
 
 
 def _check_baseline(baseline: Path) -> None:
@@ -421,6 +438,11 @@ def _notes(entries: list[Entry], image_ids: list[str], unscored: list[Unscored])
     notes = [f"{plural(len(entries), 'entry', 'entries')} on cache {record.cache['path']} (fingerprint "
              f"{record.cache['fingerprint']}), {plural(len(image_ids), 'validation image')} paired"
              + (f" over {plural(len(entries[0].runs), 'fold')}" if entries[0].is_cv else "")]
+    classes = entries[0].class_ious()
+    if classes:
+        notes.append(f"Several pixel classes ({', '.join(classes)}): an image's score is its mIoU (the mean IoU of "
+                     f"the classes in its truth or prediction), paired image by image; pooled mIoU and IoU <class>: "
+                     f"each class's IoU over all validation images (then averaged over classes).")
     if record.backbone.get("random_init"):
         notes.append("The backbone is RANDOM-INIT: these numbers measure the pipeline, not DINOv3 features.")
     unfinished = [entry.name for entry in entries if any(run.record.status != "finished" for run in entry.runs)]

@@ -62,6 +62,8 @@ class LeaderboardEntry:
     train_seconds: float
     val_iou_curve: Sequence[float]  # mean validation IoU per epoch (mean over folds for CV)
     comparison: PairedComparison | None  # None for the reference entry
+    # Several pixel classes: each class's IoU over the validation images (mean over folds); {} for binary
+    class_ious: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +95,7 @@ def write_leaderboard(out_dir: Path, entries: Sequence[LeaderboardEntry], *, ref
     """
     entries = _checked(entries, reference, unscored)
     fields = _field_columns([*entries, *unscored])
-    png = _png_bytes(_curves_figure(entries, reference))
+    png = _png_bytes(_curves_figure(entries, reference, _score_name(entries)))
     header, rows = _table(entries, unscored, fields, reference)
     contents = {"csv": _csv_text(entries, unscored, fields, reference).encode(), "png": png,
                 "md": _markdown(header, rows, reference, notes).encode(),
@@ -140,6 +142,16 @@ def _field_columns(entries: Sequence[LeaderboardEntry | UnscoredEntry]) -> dict[
     return {field: f"config_{field}" if field in ("name", *METRIC_COLUMNS) else field for field in fields}
 
 
+def _class_names(entries: Sequence[LeaderboardEntry]) -> list[str]:
+    """The pixel classes whose IoU the table shows, in class order ([] for binary runs)."""
+    return list(dict.fromkeys(name for entry in entries for name in entry.class_ious))
+
+
+def _score_name(entries: Sequence[LeaderboardEntry]) -> str:
+    """What a per-image score is: IoU (binary) or the image's mIoU (several classes)."""
+    return "mIoU" if _class_names(entries) else "IoU"
+
+
 def _verdict(entry: LeaderboardEntry, reference: str) -> str:
     if entry.comparison is not None:
         return entry.comparison.verdict
@@ -150,7 +162,10 @@ def _csv_text(entries: list[LeaderboardEntry], unscored: Sequence[UnscoredEntry]
               reference: str) -> str:
     """One row per entry; floats in full precision (``repr``), empty cells where not applicable."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["name", *fields.values(), *METRIC_COLUMNS])
+    classes = [f"iou:{name}" for name in _class_names(entries)]
+    split = METRIC_COLUMNS.index("pooled_iou") + 1
+    columns = [*METRIC_COLUMNS[:split], *classes, *METRIC_COLUMNS[split:]]
+    writer = csv.DictWriter(buffer, fieldnames=["name", *fields.values(), *columns])
     writer.writeheader()
     for entry in entries:
         c = entry.comparison
@@ -158,6 +173,7 @@ def _csv_text(entries: list[LeaderboardEntry], unscored: Sequence[UnscoredEntry]
             "name": entry.name, **{column: entry.differing.get(field, "") for field, column in fields.items()},
             "mean_iou": entry.mean_iou, "mean_iou_std": "" if entry.mean_iou_std is None else entry.mean_iou_std,
             "mean_dice": entry.mean_dice, "boundary_f": entry.boundary_f, "pooled_iou": entry.pooled_iou,
+            **{f"iou:{name}": value for name, value in entry.class_ious.items()},
             "folds": entry.folds, "epochs": entry.epochs, "epochs_planned": entry.epochs_planned,
             "train_seconds": entry.train_seconds,
             **({} if c is None else {"diff_vs_reference": c.mean_difference, "ci_low": c.ci_low,
@@ -172,12 +188,16 @@ def _csv_text(entries: list[LeaderboardEntry], unscored: Sequence[UnscoredEntry]
 def _table(entries: list[LeaderboardEntry], unscored: Sequence[UnscoredEntry], fields: dict[str, str],
            reference: str) -> tuple[list[str], list[list[Cell]]]:
     """Header and rows shared by the Markdown and the HTML table (an unscored entry: a dash for each number)."""
-    header = ["name", *fields.values(), "mean IoU", "Dice", "boundary F", "pooled IoU", "epochs", "training (s)",
-              f"Δ IoU vs {reference} [95% CI]", "p", "p Holm", "verdict"]
-    rows = [[Cell(entry.name), *(Cell(entry.differing.get(field, "")) for field in fields), *_score_cells(entry),
-             *_comparison_cells(entry.comparison), _verdict_cell(_verdict(entry, reference))] for entry in entries]
+    score, classes = _score_name(entries), _class_names(entries)
+    header = ["name", *fields.values(), f"mean {score}", "Dice", "boundary F", f"pooled {score}",
+              *(f"IoU {name}" for name in classes), "epochs", "training (s)", f"Δ {score} vs {reference} [95% CI]",
+              "p", "p Holm", "verdict"]
+    rows = [[Cell(entry.name), *(Cell(entry.differing.get(field, "")) for field in fields),
+             *_score_cells(entry, classes), *_comparison_cells(entry.comparison),
+             _verdict_cell(_verdict(entry, reference))] for entry in entries]
     rows += [[Cell(other.name), *(Cell(other.differing.get(field, "")) for field in fields),
-              *[Cell("—", css="num")] * 9, Cell(other.verdict, css="verdict unscored")] for other in unscored]
+              *[Cell("—", css="num")] * (9 + len(classes)), Cell(other.verdict, css="verdict unscored")]
+             for other in unscored]
     return header, rows
 
 
@@ -189,13 +209,15 @@ def _verdict_cell(verdict: str) -> Cell:
     return Cell(verdict, css=f"verdict {verdict}" if verdict in ("better", "worse") else "verdict")
 
 
-def _score_cells(entry: LeaderboardEntry) -> list[Cell]:
+def _score_cells(entry: LeaderboardEntry, classes: Sequence[str]) -> list[Cell]:
     std = "" if entry.mean_iou_std is None else f" ± {fmt(entry.mean_iou_std)}"
     done = str(entry.epochs) if entry.epochs == entry.epochs_planned else f"{entry.epochs} of {entry.epochs_planned}"
+    per_class = [_number(fmt(entry.class_ious[name]), f"iou:{name}", entry.class_ious[name])
+                 if name in entry.class_ious else Cell("—", css="num") for name in classes]
     return [_number(fmt(entry.mean_iou) + std, "mean_iou", entry.mean_iou),
             _number(fmt(entry.mean_dice), "mean_dice", entry.mean_dice),
             _number(fmt(entry.boundary_f), "boundary_f", entry.boundary_f),
-            _number(fmt(entry.pooled_iou), "pooled_iou", entry.pooled_iou),
+            _number(fmt(entry.pooled_iou), "pooled_iou", entry.pooled_iou), *per_class,
             _number(done, "epochs", entry.epochs),
             _number(f"{entry.train_seconds:.1f}", "train_seconds", entry.train_seconds)]
 
@@ -246,8 +268,9 @@ def _html(header: list[str], rows: list[list[Cell]], reference: str, notes: Sequ
 """
 
 
-def _curves_figure(entries: list[LeaderboardEntry], reference: str) -> Figure:
-    """Validation IoU per epoch, one line per entry (the reference thick and black), legend outside."""
+def _curves_figure(entries: list[LeaderboardEntry], reference: str, score: str) -> Figure:
+    """Validation ``score`` (IoU, or mIoU with several classes) per epoch, one line per entry (the reference thick
+    and black), legend outside."""
     figure = Figure(figsize=(11, max(4.5, 1.0 + 0.2 * len(entries))), layout="constrained")
     axes = figure.subplots()
     styles = (dict(color=f"C{index % 10}", ls=LINE_STYLES[index // 10 % len(LINE_STYLES)], lw=1.5)
@@ -258,8 +281,8 @@ def _curves_figure(entries: list[LeaderboardEntry], reference: str) -> Figure:
                   label=f"{entry.name} (reference)" if is_reference else entry.name,
                   **(REFERENCE_LINE if is_reference else next(styles)))
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set(title="Validation IoU per epoch (mean over folds for cross-validation)", xlabel="epoch",
-             ylabel="mean validation IoU")
+    axes.set(title=f"Validation {score} per epoch (mean over folds for cross-validation)", xlabel="epoch",
+             ylabel=f"mean validation {score}")
     axes.grid(alpha=0.3)
     figure.legend(loc="outside right upper", fontsize=8 if len(entries) > 12 else 10)
     return figure
