@@ -9,10 +9,9 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, jaccard_score, precision_score, recall_score
 
-from fishseg.evaluation.metrics import (boundary_f_per_image, class_boundary_f, class_dice, class_iou,
-                                        class_precision, class_recall, confusion_matrices, mean_iou_per_image,
-                                        normalized_confusion, pixel_accuracy, pooled_miou, present_classes,
-                                        species_accuracy)
+from fishseg.evaluation.metrics import (boundary_f_per_image, class_boundary_f, class_dice, class_iou, class_precision,
+                                        class_recall, confusion_matrices, dataset_mean_iou, mean_iou_per_image,
+                                        normalized_confusion, pixel_accuracy, present_classes, species_accuracy)
 
 CLASSES = 5  # class 4 never occurs: absent from truth and prediction
 
@@ -42,8 +41,9 @@ def test_confusion_matrices_are_scikit_learns_image_by_image_and_pooled() -> Non
                                                                          labels=range(CLASSES)))
     pooled = confusion_matrix(target.ravel(), pred.ravel(), labels=range(CLASSES))
     np.testing.assert_array_equal(confusion.sum(0), pooled)
-    np.testing.assert_allclose(normalized_confusion(confusion.sum(0))[:4], pooled[:4] / pooled[:4].sum(1, keepdims=True))
-    assert normalized_confusion(confusion.sum(0))[4].tolist() == [0.0] * CLASSES  # no true pixel: a row of zeros
+    normalized = normalized_confusion(confusion.sum(0))
+    np.testing.assert_allclose(normalized[:4], pooled[:4] / pooled[:4].sum(1, keepdims=True))
+    assert normalized[4].tolist() == [0.0] * CLASSES  # no true pixel: a row of zeros
     assert pixel_accuracy(confusion) == pytest.approx((target == pred).mean())
 
 
@@ -66,9 +66,9 @@ def test_per_class_scores_are_scikit_learns(image: int | None) -> None:
 def test_the_two_mious_average_over_the_present_classes() -> None:
     target, pred = _label_maps()
     confusion = _confusion(target, pred)
-    assert pooled_miou(confusion) == pytest.approx(jaccard_score(target.ravel(), pred.ravel(), labels=[0, 1, 2, 3],
-                                                                 average="macro"))
-    assert pooled_miou(confusion) == pooled_miou(confusion.sum(0)) == pooled_miou(confusion.view(2, 3, CLASSES, CLASSES))
+    miou = dataset_mean_iou(confusion)
+    assert miou == pytest.approx(jaccard_score(target.ravel(), pred.ravel(), labels=[0, 1, 2, 3], average="macro"))
+    assert miou == dataset_mean_iou(confusion.sum(0)) == dataset_mean_iou(confusion.view(2, 3, CLASSES, CLASSES))
     per_image = [jaccard_score(t.ravel(), p.ravel(), labels=sorted(set(t.ravel()) | set(p.ravel())), average="macro")
                  for t, p in zip(target, pred)]
     np.testing.assert_allclose(mean_iou_per_image(confusion), per_image)
@@ -77,7 +77,7 @@ def test_the_two_mious_average_over_the_present_classes() -> None:
 def test_one_class_everywhere_scores_one_and_a_total_miss_zero() -> None:
     zeros, ones = torch.zeros(1, 4, 4, dtype=torch.long), torch.ones(1, 4, 4, dtype=torch.long)
     assert mean_iou_per_image(confusion_matrices(ones, ones, 3)).item() == 1.0
-    assert pooled_miou(confusion_matrices(zeros, ones, 3)) == 0.0
+    assert dataset_mean_iou(confusion_matrices(zeros, ones, 3)) == 0.0
 
 
 def test_boundary_f_per_class_is_the_binary_score_of_each_class() -> None:

@@ -21,9 +21,9 @@ from fishseg.classes import Classes
 from fishseg.errors import FishsegError
 from fishseg.evaluation.metrics import (BOUNDARY_TOLERANCE, REFERENCE_BATCH, THRESHOLD, THRESHOLDS, batch_pooled_iou,
                                         boundary_f_per_image, class_boundary_f, class_counts, class_dice, class_iou,
-                                        class_precision, class_recall, confusion_matrices, mean_iou_per_image,
-                                        mean_over_present, normalized_confusion, pixel_accuracy, pixel_counts,
-                                        pooled_miou, precision_per_image, present_classes, recall_per_image,
+                                        class_precision, class_recall, confusion_matrices, dataset_mean_iou,
+                                        mean_iou_per_image, mean_over_present, normalized_confusion, pixel_accuracy,
+                                        pixel_counts, precision_per_image, present_classes, recall_per_image,
                                         species_accuracy, summarize, sweep_thresholds)
 from fishseg.evaluation.probe import run_probe
 from fishseg.evaluation.report import Example, ReportData, gallery_positions, write_report
@@ -168,7 +168,7 @@ def summarize_pixel_classes(confusion: torch.Tensor, boundary_f: torch.Tensor, c
                         "true_pixels": int(true[k]), "predicted_pixels": int(predicted[k])}
                  for k, name in enumerate(classes.names)}
     summary = {"names": list(classes.names), "colours": [list(colour) for colour in classes.colours],
-               "miou": pooled_miou(confusion), "miou_per_image": float(mean_iou_per_image(confusion).mean()),
+               "miou": dataset_mean_iou(confusion), "miou_per_image": float(mean_iou_per_image(confusion).mean()),
                "pixel_accuracy": pixel_accuracy(confusion), "per_class": per_class,
                "confusion": normalized_confusion(pooled).tolist(), "confusion_counts": pooled.tolist()}
     return {**summary, "species_accuracy": species_accuracy(confusion)} if species else summary
@@ -208,7 +208,7 @@ def _score_classes(decoder: torch.nn.Module, source: ScoringSource, indices: np.
     per_class = {"iou": class_iou(confusion), "dice": class_dice(confusion), "precision": class_precision(confusion),
                  "recall": class_recall(confusion), "boundary_f": boundary_f}
     per_image = {name: mean_over_present(values, present).numpy() for name, values in per_class.items()}
-    dataset = {"pooled_iou": pooled_miou(confusion),
+    dataset = {"pooled_iou": dataset_mean_iou(confusion),
                "pixel_classes": summarize_pixel_classes(confusion, boundary_f, classes, species=species)}
     class_ious = torch.where(present, per_class["iou"], torch.nan).numpy()
     return _Scores(per_image, dataset, class_ious)
@@ -249,7 +249,8 @@ class Evaluation:
     metrics: dict[str, Any]  # what metrics.json holds
     layers: tuple[int, ...]  # the cached blocks the decoder reads
     pixel_classes: Classes = Classes()  # what the decoder's outputs mean
-    class_ious: np.ndarray | None = None  # several classes: IoU per image and class (N×C, NaN: neither true nor predicted)
+    class_ious: np.ndarray | None = None  # several classes: IoU per image and class (N×C; NaN: neither true nor
+    # predicted in the image)
 
 
 def evaluate_run(cache: FeatureCache, run_dir: Path, device: torch.device, *, batch_size: int = 16,

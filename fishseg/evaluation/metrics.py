@@ -8,7 +8,7 @@ scikit-learn's ``zero_division=0``).
 With several classes every score starts from confusion matrices (rows: true class, columns: predicted
 class, as scikit-learn's ``confusion_matrix``): per image B×C×C, summed over images for the dataset. Per
 class: IoU, Dice, precision, recall as above, a class being "prediction" and "truth" one-hot. Two mIoUs:
-``pooled_miou`` (the standard, "dataset mIoU": per-class IoU over all pixels of the split, then averaged) and
+``dataset_mean_iou`` (the standard: per-class IoU over all pixels of the split, then averaged) and
 ``mean_iou_per_image`` (each image's mIoU, averaged over images by the caller); both average over the
 classes present (in truth or prediction) of what they cover, since a class absent from both says nothing.
 """
@@ -129,7 +129,8 @@ def class_iou(confusion: torch.Tensor) -> torch.Tensor:
 
 
 def class_dice(confusion: torch.Tensor) -> torch.Tensor:
-    """Dice of each class (…×C) from confusion matrices …×C×C; 1 where the class is neither true nor predicted."""
+    """Dice of each class (…×C) from confusion matrices …×C×C; 1 where the class is neither true nor
+    predicted."""
     return _dice(*class_counts(confusion))
 
 
@@ -165,7 +166,7 @@ def mean_iou_per_image(confusion: torch.Tensor) -> torch.Tensor:
     return mean_over_present(class_iou(confusion), present_classes(confusion))
 
 
-def pooled_miou(confusion: torch.Tensor) -> float:
+def dataset_mean_iou(confusion: torch.Tensor) -> float:
     """Dataset mIoU, the standard one (metrics.json's ``miou``): confusion matrices …×C×C (per image, per batch,
     or already summed) are summed into one, each class's IoU is taken over all those pixels, and the IoUs are
     averaged over the classes present in truth or prediction. Large regions weigh more than in the per-image
@@ -194,8 +195,8 @@ def class_boundary_f(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 
 def dominant_class(areas: torch.Tensor) -> torch.Tensor:
-    """Per image (…), the non-background class (index ≥ 1) with the most pixels in ``areas`` …×C (int64); -1 where
-    there is no non-background pixel."""
+    """Per image (…), the non-background class (index ≥ 1) with the most pixels in ``areas`` …×C (int64); -1
+    where there is no non-background pixel."""
     foreground = areas[..., 1:]
     return torch.where(foreground.sum(-1) > 0, foreground.argmax(-1) + 1, -1)
 

@@ -221,8 +221,9 @@ def _pixel_confusion_figure(pixel: dict[str, Any]) -> Figure:
     """metrics.json's ``pixel_classes`` confusion, each row (a true class) normalised to its pixels."""
     confusion = np.array(pixel["confusion"])
     return _matrix_figure(pixel["names"], confusion, [f"{share:.2f}" for share in confusion.ravel()], "class",
-                          f"Pixel classes (rows: true class, normalised)\npixel accuracy {fmt(pixel['pixel_accuracy'])},"
-                          f" dataset mIoU {fmt(pixel['miou'])}", dict(label="share of the true class's pixels"),
+                          f"Pixel classes (rows: true class, normalised)\npixel accuracy "
+                          f"{fmt(pixel['pixel_accuracy'])}, dataset mIoU {fmt(pixel['miou'])}",
+                          dict(label="share of the true class's pixels"),
                           dict(vmin=0.0, vmax=1.0))
 
 
@@ -442,7 +443,8 @@ def _class_rows(metrics: dict[str, Any], classes: Classes) -> list[tuple[str, st
     pixel = metrics["pixel_classes"]
     rows = [
         ("pixel classes", classes.describe(), None),
-        ("dataset mIoU (per-class IoU over all pixels, averaged over classes)", fmt(pixel["miou"]), "pixel_classes.miou"),
+        ("dataset mIoU (per-class IoU over all pixels, averaged over classes)", fmt(pixel["miou"]),
+         "pixel_classes.miou"),
         ("per-image mIoU (mean over images)", fmt(pixel["miou_per_image"]), "pixel_classes.miou_per_image"),
         ("pixel accuracy", fmt(pixel["pixel_accuracy"]), "pixel_classes.pixel_accuracy"),
         ("median per-image mIoU", fmt(metrics["median_iou"]), "median_iou"),
@@ -492,7 +494,8 @@ def _tables(data: ReportData) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Title → (header, rows) of the tables both pages show: the pixel classes (several classes only), the image
     classes and the epochs."""
     pixel = data.metrics.get("pixel_classes")
-    per_class, epochs = ([_worded(cell, data.classes) for cell in header] for header in (PER_CLASS_HEADER, EPOCH_HEADER))
+    per_class, epochs = ([_worded(cell, data.classes) for cell in header]
+                         for header in (PER_CLASS_HEADER, EPOCH_HEADER))
     return {**({"Pixel classes": (PIXEL_CLASS_HEADER, pixel_class_rows(pixel))} if pixel else {}),
             "Per class": (per_class, per_class_rows(data.metrics)), "Epochs": (epochs, epoch_rows(data.history))}
 
