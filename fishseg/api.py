@@ -94,7 +94,8 @@ def train(cache: PathLike, out: PathLike, *, config: TrainConfig | None = None, 
     finishes the run's own plan; to train longer, train again with ``overwrite=True`` or into another ``out``).
     A folder holding a run is never replaced without ``overwrite=True``. ``stream``: read batches from the file
     (True) or hold the features in memory (False); None chooses by free memory. Under torchrun every process
-    returns the same result."""
+    returns the same result. ``loss`` defaults to the cache's kind: bce for binary masks, ce for a cache with
+    classes (a ``config`` whose loss is TrainConfig's default counts as choosing none)."""
     from fishseg.formats.runs import RunFolder
     from fishseg.training.crossval import run_cross_validation
     from fishseg.training.train import run_training
@@ -104,12 +105,24 @@ def train(cache: PathLike, out: PathLike, *, config: TrainConfig | None = None, 
     given = {**({} if config is None else _fields(config)), **fields}
     cache, out = _path(cache, "cache"), _path(out, "out")
     recorded = RunFolder(out).recorded_config() if resume else None
+    chose_loss = "loss" in fields or (config is not None and config.loss != TrainConfig.loss)
     config = dataclasses.replace(recorded, **given) if recorded else TrainConfig(**given)
+    if recorded is None and not chose_loss:
+        config = dataclasses.replace(config, loss=_cache_loss(cache))  # the cache's kind decides
     options = dict(device=device, stream=stream, resume=resume, overwrite=overwrite, compiled=compiled)
     with _runtime(precision, deterministic):
         if config.folds:
             return CrossValidationResult.from_cv(out, run_cross_validation(cache, out, config, **options))
         return TrainResult.of(out, run_training(cache, out, config, **options))
+
+
+def _cache_loss(cache: Path) -> str:
+    """The loss a run on ``cache`` trains with unless told otherwise (bce for binary, ce with classes)."""
+    from fishseg.formats.cache import FeatureCache
+    from fishseg.training.losses import default_loss
+
+    with FeatureCache(cache) as opened:
+        return default_loss(opened.classes)
 
 
 def _fields(config: TrainConfig) -> dict[str, Any]:
@@ -156,7 +169,8 @@ def sweep(cache: PathLike, out: PathLike, *, grid: Mapping[str, Any] | None = No
     each replacing the earlier's values of a field; one value stands for a list of one (``layers`` takes a list
     of block tuples). ``folds``: each config is a K-fold cross-validation (None: the grid file's ``cv``, else 0).
     ``confirm`` sees the plan before anything is written; above 50 configs to train, without ``yes=True``, its
-    answer decides (False raises SweepDeclined), and without ``confirm`` the sweep is refused."""
+    answer decides (False raises SweepDeclined), and without ``confirm`` the sweep is refused. ``loss`` defaults to
+    the cache's kind, as for ``train``."""
     from fishseg.training.sweep import read_grid_file, run_sweep
 
     for keywords in (lists, grid or {}):
@@ -164,6 +178,9 @@ def sweep(cache: PathLike, out: PathLike, *, grid: Mapping[str, Any] | None = No
     values = read_grid_file(_path(grid_file, "grid_file"), SWEEP_FIELDS) if grid_file is not None else {}
     file_folds = values.pop("folds", (0,))[0]
     values.update({field: _values(field, value) for field, value in {**(grid or {}), **lists}.items()})
+    loss = None if "loss" in values else _cache_loss(_path(cache, "cache"))
+    if loss not in (None, TrainConfig.loss):
+        values["loss"] = (loss,)  # no loss swept: the cache's kind decides (ce with classes)
     with _runtime(precision, deterministic):
         return run_sweep(_path(cache, "cache"), _path(out, "out"), values,
                          folds=file_folds if folds is None else folds, device=device, stream=stream, jobs=jobs,

@@ -22,9 +22,9 @@ from typing import Any, Callable, Iterator
 import click
 
 from fishseg import api
-from fishseg.config import (AUGMENTATIONS, COMPRESSIONS, DECODER_NAMES, DEFAULT_BACKBONE, DEFAULT_COMPRESSION,
-                            DEMO_MIN_IMAGES, DEMO_SPECIES, LOSSES, PRECISIONS, SCHEDULES, SPLITS, VIEWS, ExtractConfig,
-                            TrainConfig, format_layers, shown)
+from fishseg.config import (AUGMENTATIONS, CLASS_WEIGHTS, COMPRESSIONS, DECODER_NAMES, DEFAULT_BACKBONE,
+                            DEFAULT_COMPRESSION, DEMO_MIN_IMAGES, DEMO_SPECIES, LOSSES, PRECISIONS, SCHEDULES, SPLITS,
+                            VIEWS, ExtractConfig, TrainConfig, format_layers, shown)
 from fishseg.distributed import is_main_process, under_torchrun
 from fishseg.errors import FishsegError, Flag, render_flags
 from fishseg.version import __version__
@@ -309,13 +309,17 @@ TRAIN_OPTIONS = (
                 "random reproduces the reference; grouped keeps near-duplicates on one side (see README)."),
     TrainOption("group_pattern", click.STRING, "Regex whose match in an image id names its group.", listable=False,
                 shown_default="the cache's near-duplicate groups"),
-    TrainOption("loss", click.Choice(LOSSES)),
+    TrainOption("loss", click.Choice(LOSSES), "Binary masks: bce, dice (soft Dice) or bce+dice; a cache with classes: "
+                                              "ce (cross-entropy), dice (multi-class soft Dice) or ce+dice.",
+                shown_default="bce; ce for a cache with classes"),
     TrainOption("schedule", click.Choice(SCHEDULES), "cosine: linear warm-up over --warmup-epochs, then cosine "
                                                      "decay to 0."),
     TrainOption("warmup_epochs", click.IntRange(0)),
     TrainOption("augment", click.Choice(AUGMENTATIONS),
                 "flips: random flips and 90° rotations of the cached grid, mask (and guided's preview), per batch; "
                 "views: each image in one of the views the cache stores (extract --views), drawn per epoch."),
+    TrainOption("class_weights", click.Choice(CLASS_WEIGHTS),
+                "With classes: balanced weighs each class's pixels by its inverse frequency in the cache."),
     TrainOption("layers", Blocks(), "Cached blocks the decoder sees, concatenated on channels: 12, 6,9,12, -1 or all "
                                     "(every cached block).", separator="/", shown_default="all cached blocks"),
 )

@@ -38,6 +38,13 @@ def test_every_measure_is_reported(results: dict) -> None:
     assert results["scaling"] == []
 
 
+def test_an_epoch_with_ten_classes_is_measured_beside_the_binary_one(results: dict) -> None:
+    assert results["cached_epoch_classes_s"] > 0
+    assert results["classes_vs_binary_epoch"] == pytest.approx(results["cached_epoch_classes_s"]
+                                                                / results["cached_epoch_s"])
+    assert "cached epoch, 10 pixel classes" in format_table(results)
+
+
 def test_memory_is_measured_for_both_modes_at_two_cache_sizes(results: dict) -> None:
     assert [(row["features"], row["images"]) for row in results["memory"]] == [
         ("in memory", 4), ("streamed", 4), ("in memory", 8), ("streamed", 8)]

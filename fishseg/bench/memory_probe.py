@@ -15,7 +15,7 @@ import torch
 from fishseg.formats.cache import FeatureCache
 from fishseg.models.decoders import build_decoder
 from fishseg.runtime import resolve_device, timed
-from fishseg.training.train import InMemorySplit, StreamedSplit, run_epoch
+from fishseg.training.train import InMemorySplit, Objective, StreamedSplit, run_epoch
 
 MB = 1024 * 1024
 
@@ -28,20 +28,22 @@ def _status_mb(field: str) -> float:
 
 
 def epoch_runner(split: InMemorySplit | StreamedSplit, feature_dim: int, batch_size: int, decoder_name: str,
-                 device: torch.device, *, compiled: bool = False) -> Callable[[], None]:
+                 device: torch.device, *, compiled: bool = False,
+                 objective: Objective = Objective()) -> Callable[[], None]:
     """One training epoch over ``split`` as a call (AdamW at 1e-3, seed 0), each call continuing with the same
-    decoder (through ``torch.compile`` when ``compiled``) and optimizer."""
-    decoder = build_decoder(decoder_name, feature_dim).to(device)
+    decoder (through ``torch.compile`` when ``compiled``) and optimizer; ``objective``: the pixel classes and
+    loss (binary BCE by default)."""
+    decoder = build_decoder(decoder_name, feature_dim, objective.classes.channels).to(device)
     model = torch.compile(decoder) if compiled else decoder
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
-    return lambda: run_epoch(model, split, batch_size, device, optimizer, generator)
+    return lambda: run_epoch(model, split, batch_size, device, optimizer, generator, objective=objective)
 
 
 def time_cached_epochs(split: InMemorySplit | StreamedSplit, feature_dim: int, batch_size: int, decoder_name: str,
-                       device: torch.device, repeats: int = 1) -> float:
+                       device: torch.device, repeats: int = 1, objective: Objective = Objective()) -> float:
     """Seconds of one training epoch over ``split`` after a warm-up epoch, the best of ``repeats``."""
-    epoch = epoch_runner(split, feature_dim, batch_size, decoder_name, device)
+    epoch = epoch_runner(split, feature_dim, batch_size, decoder_name, device, objective=objective)
     epoch()  # warm-up
     return timed(epoch, device, repeats)
 

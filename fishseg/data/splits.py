@@ -2,7 +2,7 @@
 
 A grouped split keeps every near-duplicate group (or every group a name pattern gives) on one side, so
 validation never scores an image whose twin was trained on; folds are stratified by class where the
-groups allow.
+groups allow: the image's class (species folder) for binary masks, with pixel classes the image's dominant one.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import scipy.sparse.csgraph
 from PIL import Image
 from sklearn.model_selection import KFold, StratifiedGroupKFold
 
+from fishseg.classes import Classes
 from fishseg.config import TrainConfig, shown
 from fishseg.errors import FishsegError
 from fishseg.runtime import plural
 
 DUPLICATE_SIDE = 16  # thumbnail side for near-duplicate search
 DUPLICATE_THRESHOLD = 0.9  # cosine similarity of normalised thumbnails that makes two images near-duplicates
+MASK_CHUNK = 64  # masks read at a time to find each image's dominant class
 
 
 def thumbnails(previews: np.ndarray, side: int = DUPLICATE_SIDE) -> np.ndarray:
@@ -153,25 +155,31 @@ def random_split(n_images: int, val_fraction: float, seed: int) -> tuple[np.ndar
 
 
 class Labelled(Protocol):
-    """What a split reads of a dataset (a ``FeatureCache`` is one): image ids, near-duplicate groups, classes."""
+    """What a split reads of a dataset (a ``FeatureCache`` is one): image ids, near-duplicate groups, classes, and
+    with pixel classes the masks (uint8 class indices B×S×S)."""
 
     image_ids: Sequence[str]
     groups: np.ndarray
     class_names: Sequence[str]
     class_index: np.ndarray
+    classes: Classes
 
     def __len__(self) -> int: ...
+
+    def masks(self, indices: Sequence[int]) -> np.ndarray: ...
 
 
 def split_indices(cache: Labelled, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train and val indices for ``config`` (split method, fold), and the groups they respect or leak."""
-    groups, classes = _split_groups(cache, config), _image_classes(cache)
-    if config.folds:
-        folds = (grouped_folds(groups, classes, config.folds, config.seed) if config.split == "grouped"
-                 else random_folds(len(cache), config.folds, config.seed))
-        return (*folds[config.fold], groups)
+    groups = _split_groups(cache, config)
     if config.split == "grouped":
+        n_folds = config.folds or split_folds(config.val_fraction)
+        classes = _strata(cache, n_folds)
+        if config.folds:
+            return (*grouped_folds(groups, classes, config.folds, config.seed)[config.fold], groups)
         return (*grouped_split(groups, classes, config.val_fraction, config.seed), groups)
+    if config.folds:
+        return (*random_folds(len(cache), config.folds, config.seed)[config.fold], groups)
     return (*random_split(len(cache), config.val_fraction, config.seed), groups)
 
 
@@ -182,14 +190,35 @@ def check_split(cache: Labelled, config: TrainConfig) -> None:
         split_indices(cache, config)
         return
     val_fraction = None if config.folds else config.val_fraction  # folds of a --cv, or of one train/val split
-    require_grouped_folds(_split_groups(cache, config), _image_classes(cache),
-                          config.folds or split_folds(config.val_fraction), val_fraction)
+    n_folds = config.folds or split_folds(config.val_fraction)
+    require_grouped_folds(_split_groups(cache, config), _strata(cache, n_folds), n_folds, val_fraction)
 
 
 def _split_groups(cache: Labelled, config: TrainConfig) -> np.ndarray:
     return groups_from_names(cache.image_ids, config.group_pattern) if config.group_pattern else cache.groups
 
 
-def _image_classes(cache: Labelled) -> np.ndarray:
-    """Each image's class name: what a grouped split stratifies by and its messages name."""
-    return np.asarray(cache.class_names)[cache.class_index]
+def dominant_classes(cache: Labelled) -> np.ndarray:
+    """Each image's dominant pixel class (N class indices): the class other than the background with the most
+    pixels in its mask (the lowest index on a tie), 0 for an image of background only."""
+    n_classes = len(cache.classes)
+    dominant = np.zeros(len(cache), np.int64)
+    for start in range(0, len(cache), MASK_CHUNK):
+        rows = np.arange(start, min(len(cache), start + MASK_CHUNK))
+        masks = cache.masks(rows).reshape(len(rows), -1).astype(np.int64)
+        offsets = np.arange(len(rows))[:, None] * n_classes
+        counts = np.bincount((masks + offsets).ravel(), minlength=len(rows) * n_classes).reshape(len(rows), -1)
+        foreground = counts[:, 1:]
+        dominant[rows] = np.where(foreground.max(1) > 0, foreground.argmax(1) + 1, 0)
+    return dominant
+
+
+def _strata(cache: Labelled, n_folds: int) -> np.ndarray:
+    """What a grouped split into ``n_folds`` stratifies by, and its messages name, per image: with pixel classes
+    the dominant class's name, where some class dominates at least ``n_folds`` images; else (and for binary
+    masks) the image's class (its species folder)."""
+    folders = np.asarray(cache.class_names)[cache.class_index]
+    if cache.classes.binary:
+        return folders
+    dominant = np.asarray(cache.classes.names)[dominant_classes(cache)]
+    return dominant if np.unique(dominant, return_counts=True)[1].max() >= n_folds else folders

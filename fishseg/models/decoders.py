@@ -223,7 +223,9 @@ class CheckpointMeta:
         known = {field.name for field in dataclasses.fields(cls)}
         values = {key: value for key, value in data.items() if key in known}
         meta = cls(**{**values, "decoder": str(data["decoder"]), "in_dim": int(data["in_dim"])})
-        return dataclasses.replace(meta, layers=tuple(meta.layers))
+        return dataclasses.replace(meta, layers=tuple(meta.layers),
+                                   classes=None if meta.classes is None else tuple(meta.classes),
+                                   colours=None if meta.colours is None else tuple(map(tuple, meta.colours)))
 
 
 def save_checkpoint(path: Path, decoder: nn.Module, meta: CheckpointMeta) -> None:

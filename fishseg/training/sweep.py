@@ -40,8 +40,8 @@ from fishseg.formats.runs import (FINISHED, REPORT_DIR, SWEEP_FILE, SWEEP_KIND, 
 from fishseg.models.decoders import build_decoder, uses_image
 from fishseg.runtime import make_output_dir, plural, resolve_device
 from fishseg.training.crossval import cross_validate, plan_cross_validation
-from fishseg.training.train import (EpochCallback, TrainingData, check_cache, fused_option, plan_run, run_epoch,
-                                    train_run)
+from fishseg.training.train import (EpochCallback, Objective, TrainingData, check_cache, fused_option, plan_run,
+                                    run_epoch, train_run)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -179,11 +179,12 @@ def seconds_per_image(data: TrainingData, config: TrainConfig, device: torch.dev
     count = min(len(data.cache), TIMED_STEPS * config.batch_size)
     split = data.split(np.arange(count), layers, guides=uses_image(config.decoder))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        decoder = build_decoder(config.decoder, len(layers) * data.cache.backbone.feature_dim).to(device)
+        decoder = build_decoder(config.decoder, len(layers) * data.cache.backbone.feature_dim,
+                                data.cache.classes.channels).to(device)
         optimizer = torch.optim.AdamW(decoder.parameters(), lr=0.0, **fused_option(device))
         generator = torch.Generator().manual_seed(0)
         train_pass = functools.partial(run_epoch, decoder, split, config.batch_size, device, optimizer, generator,
-                                       loss=config.loss)
+                                       objective=Objective.of(data.cache, config))
         train_pass()
         return float(np.median(timed_passes(train_pass))) / count
 

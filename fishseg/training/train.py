@@ -20,22 +20,24 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fishseg import distributed
-from fishseg.config import IDENTITY, TrainConfig, to_json
+from fishseg.classes import Classes
+from fishseg.config import BINARY_LOSSES, IDENTITY, MULTICLASS_LOSSES, TrainConfig, shown, to_json
 from fishseg.data.images import apply_view
 from fishseg.data.splits import check_split, duplicates_across, split_indices
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError, TrainingFailed
-from fishseg.evaluation.metrics import binarize, iou_per_image
+from fishseg.evaluation.metrics import (binarize, confusion_matrices, dataset_mean_iou, iou_per_image,
+                                        mean_iou_per_image)
 from fishseg.formats.cache import FeatureCache
 from fishseg.formats.runs import (FAILED, FINISHED, INTERRUPTED, RUN_FILE, RUN_KIND, RUNNING, SPLIT_FILE, RunFolder,
                                   RunRecord, check_resume_flags, differing_fields, history_entry)
 from fishseg.models.decoders import CheckpointMeta, build_decoder, load_checkpoint, segment, uses_image
 from fishseg.runtime import (active_precision, autocast, available_memory, backward_step, require_same_precision,
                              resolve_device)
+from fishseg.training.losses import balanced_weights, class_losses, image_losses
 from fishseg.training.resident import HeldSource, ResidentViews, fits_on_device, resident_bytes, upload
 
 logger = logging.getLogger(__name__)
@@ -45,18 +47,22 @@ TABLE_HEADER = f"{'epoch':>5} {'train loss':>10} {'train IoU':>9} {'val loss':>9
 
 @dataclasses.dataclass
 class EpochResult:
-    """Per-image and per-iteration values of one pass over a split."""
+    """Per-image and per-iteration values of one pass over a split; with several classes, ``image_ious`` are
+    per-image mIoU and ``confusion`` the split's confusion matrix (C×C, rows true), whose mIoU scores the pass."""
 
     image_losses: list[float]
     image_ious: list[float]
     iteration_losses: list[float]
     iteration_ious: list[float]
+    confusion: np.ndarray | None = None
 
     @classmethod
-    def from_ranks(cls, shares: list[tuple[list[list[float]], list[list[float]]]]) -> EpochResult:
+    def from_ranks(cls, shares: list[tuple[list[list[float]], list[list[float]]]],
+                   confusions: list[np.ndarray | None] | None = None) -> EpochResult:
         """Join every rank's per-batch (losses, IoUs): batch b's images are rank 0's share of b, then rank 1's…,
-        the order of one process running the whole batch."""
-        result = cls([], [], [], [])
+        the order of one process running the whole batch. ``confusions``: each rank's confusion matrix (several
+        classes), summed."""
+        result = cls([], [], [], [], None if not confusions or confusions[0] is None else sum(confusions))
         for batch in zip(*(zip(losses, ious) for losses, ious in shares)):
             losses = [value for rank_losses, _ in batch for value in rank_losses]
             ious = [value for _, rank_ious in batch for value in rank_ious]
@@ -65,6 +71,69 @@ class EpochResult:
             result.iteration_losses.append(float(np.mean(losses)))
             result.iteration_ious.append(float(np.mean(ious)))
         return result
+
+    @property
+    def score(self) -> float:
+        """The pass's validation score: mean per-image IoU (binary), dataset mIoU (several classes)."""
+        if self.confusion is None:
+            return float(np.mean(self.image_ious))
+        return dataset_mean_iou(torch.from_numpy(self.confusion))
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a training step minimises and how a pass is scored: binary (``image_losses``, IoU at probability 0.5)
+    or several classes (``class_losses``, optionally class-weighted; per-image mIoU and the pooled confusion)."""
+
+    classes: Classes = Classes()
+    loss: str = "bce"
+    weights: torch.Tensor | None = None  # C per-class loss weights (several classes); None: all 1
+
+    def __post_init__(self) -> None:
+        allowed = BINARY_LOSSES if self.classes.binary else MULTICLASS_LOSSES
+        if self.loss not in allowed:
+            raise ValueError(f"loss {self.loss!r} is not one of {allowed} for {self.classes.describe()}")
+        if self.weights is not None and (self.classes.binary or len(self.weights) != len(self.classes)):
+            raise ValueError(f"{len(self.weights)} class weights for {self.classes.describe()}")
+
+    @classmethod
+    def of(cls, cache: FeatureCache, config: TrainConfig) -> Objective:
+        """The run's objective on ``cache`` (checked by ``check_cache``)."""
+        weights = (torch.from_numpy(balanced_weights(cache.class_pixels)) if config.class_weights == "balanced"
+                   else None)
+        return cls(cache.classes, config.loss, weights)
+
+    def losses(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Per-image losses (B) of ``segment``'s logits and the uint8 masks B×S×S."""
+        if self.classes.binary:
+            return image_losses(logits, masks.float(), self.loss)
+        return class_losses(logits, masks, self.loss, self.weights)
+
+    def scores(self, logits: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-image IoU (binary) or mIoU (B), and with several classes the batch's confusion matrix C×C."""
+        if self.classes.binary:
+            return iou_per_image(binarize(logits), masks.bool()), None
+        confusion = confusion_matrices(self.classes.labels(logits), masks, len(self.classes))
+        return mean_iou_per_image(confusion), confusion.sum(0)
+
+
+def check_objective(cache: FeatureCache, config: TrainConfig) -> None:
+    """Refuse a loss or class weights that do not fit the cache's classes, in one line naming it."""
+    classes = cache.classes
+    if classes.binary and config.loss not in BINARY_LOSSES:
+        raise FishsegError(f"{cache.path}: holds binary masks; `loss={shown(config.loss)}` needs a cache extracted "
+                           f"with pixel classes; use one of {', '.join(BINARY_LOSSES)}")
+    if not classes.binary and config.loss not in MULTICLASS_LOSSES:
+        raise FishsegError(f"{cache.path}: holds {classes.describe()}; `loss={shown(config.loss)}` is for binary "
+                           f"masks; use one of {', '.join(MULTICLASS_LOSSES)}")
+    if config.class_weights == "none":
+        return
+    if classes.binary:
+        raise FishsegError(f"{cache.path}: holds binary masks; `class_weights={shown(config.class_weights)}` weighs "
+                           f"several classes; leave it at 'none'")
+    if cache.class_pixels is None:
+        raise FishsegError(f"{cache.path}: an older cache that did not count pixels per class, which "
+                           f"`class_weights={shown(config.class_weights)}` needs; extract it again")
 
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # features, masks, guide previews (or None)
@@ -168,17 +237,6 @@ class StreamedSplit:
 Split = InMemorySplit | StreamedSplit
 
 
-def image_losses(logits: torch.Tensor, target: torch.Tensor, loss: str = "bce") -> torch.Tensor:
-    """Per-image loss (B) of logits and 0/1 targets (B×S×S): BCE, soft Dice (1 − Dice of the
-    probabilities, +1 smoothing) or their sum."""
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2))
-    if loss == "bce":
-        return bce
-    probs = torch.sigmoid(logits)
-    dice = 1 - (2 * (probs * target).sum((1, 2)) + 1) / (probs.sum((1, 2)) + target.sum((1, 2)) + 1)
-    return dice if loss == "dice" else bce + dice
-
-
 def dihedral(generator: torch.Generator, *grids: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """One random flip/90° rotation, the same for every grid given (B×H×W…: the cached features B×h×w×D,
     masks B×S×S, guide previews B×P×P×3); ``None`` passes through.
@@ -193,30 +251,32 @@ def dihedral(generator: torch.Generator, *grids: torch.Tensor | None) -> tuple[t
 
 
 def decoder_step(decoder: nn.Module, features: torch.Tensor, masks: torch.Tensor, device: torch.device,
-                 optimizer: torch.optim.Optimizer | None = None, loss: str = "bce", *,
-                 guides: torch.Tensor | None = None, image_weight: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward (and a training step when given an optimizer); returns per-image losses and IoUs (B), on the
-    device and without waiting for it: a non-finite loss is the caller's to check (``run_epoch``, once an
-    epoch). ``guides``: the previews B×P×P×3, for a decoder that uses the image.
+                 optimizer: torch.optim.Optimizer | None = None, objective: Objective = Objective(), *,
+                 guides: torch.Tensor | None = None,
+                 image_weight: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Forward (and a training step when given an optimizer); returns per-image losses and IoUs (B; with several
+    classes mIoUs) and, with several classes, the batch's confusion matrix (C×C), on the device and without
+    waiting for it: a non-finite loss is the caller's to check (``run_epoch``, once an epoch). ``masks``: uint8
+    class indices B×S×S; ``guides``: the previews B×P×P×3, for a decoder that uses the image.
 
     ``image_weight``: each image's weight in the loss, 1/B by default (the batch mean). Under torchrun a
     rank holds part of a global batch of G images and passes ``world/G``: DistributedDataParallel averages
     the ranks' gradients, which makes that the gradient of the global batch mean.
     """
-    target = masks.to(device, non_blocking=True).float()
+    masks = masks.to(device, non_blocking=True)
     with torch.set_grad_enabled(optimizer is not None), autocast(device, "decoder"):
-        logits = segment(decoder, features.to(device, non_blocking=True), target.shape[-1],
+        logits = segment(decoder, features.to(device, non_blocking=True), masks.shape[-1],
                          None if guides is None else guides.to(device, non_blocking=True))
-    losses = image_losses(logits.float(), target, loss)
+    losses = objective.losses(logits.float(), masks)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
         backward_step(optimizer, losses.sum() * (1 / len(losses) if image_weight is None else image_weight), device)
-    return losses.detach(), iou_per_image(binarize(logits.detach()), target.bool())
+    return (losses.detach(), *objective.scores(logits.detach(), masks))
 
 
 def run_epoch(decoder: nn.Module, split: Split, batch_size: int, device: torch.device,
               optimizer: torch.optim.Optimizer | None = None, generator: torch.Generator | None = None, *,
-              loss: str = "bce", augment: str = "none",
+              objective: Objective = Objective(), augment: str = "none",
               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, ranks: Ranks = Ranks()) -> EpochResult:
     """One pass over a split in random order with a training step per batch (given an optimizer), or in
     index order without.
@@ -224,7 +284,7 @@ def run_epoch(decoder: nn.Module, split: Split, batch_size: int, device: torch.d
     The per-image values stay on the device until the epoch ends (one copy to the host, no wait per step);
     a non-finite loss then stops the run, the epoch unrecorded. Under torchrun every rank draws the same
     order and augmentation, computes its contiguous share of each batch, and receives everyone's per-image
-    values at the end: all ranks return the one-process result.
+    values (and confusion matrices) at the end: all ranks return the one-process result.
     """
     training = optimizer is not None
     decoder.train(training)
@@ -234,17 +294,24 @@ def run_epoch(decoder: nn.Module, split: Split, batch_size: int, device: torch.d
     batches = order.split(batch_size)
     shards = [ranks.shard(batch) for batch in batches]
     losses, ious = [], []
+    confusion = None if objective.classes.binary else torch.zeros(len(objective.classes), len(objective.classes),
+                                                                  dtype=torch.int64, device=device)
     for batch, (features, masks, guides) in zip(batches, split.batches(shards, views)):
         if training and augment == "flips":
             features, masks, guides = dihedral(generator, features, masks, guides)
-        batch_losses, batch_ious = decoder_step(decoder, features, masks, device, optimizer, loss, guides=guides,
-                                                image_weight=ranks.world / len(batch))
+        batch_losses, batch_ious, batch_confusion = decoder_step(
+            decoder, features, masks, device, optimizer, objective, guides=guides,
+            image_weight=ranks.world / len(batch))
         if training and scheduler is not None:
             scheduler.step()
         losses.append(batch_losses)
         ious.append(batch_ious)
+        if confusion is not None:
+            confusion += batch_confusion
     sizes = [len(shard) for shard in shards]
-    result = EpochResult.from_ranks(ranks.gather((_per_batch(losses, sizes), _per_batch(ious, sizes))))
+    shares = ranks.gather((_per_batch(losses, sizes), _per_batch(ious, sizes),
+                           None if confusion is None else confusion.cpu().numpy()))
+    result = EpochResult.from_ranks([share[:2] for share in shares], [share[2] for share in shares])
     if not all(map(math.isfinite, result.image_losses)):
         raise TrainingFailed(f"loss is NaN or infinite: {_non_finite_cause(split, shards, views, result, ranks)} "
                              f"(the last good checkpoint is kept)")
@@ -270,12 +337,13 @@ def _non_finite_cause(split: Split, shards: list[torch.Tensor], views: ViewIds, 
 
 
 def epoch_summary(epoch: int, train: EpochResult, val: EpochResult, seconds: float) -> dict[str, float]:
-    """Means and standard deviations over images of one epoch, for history.json and the report."""
+    """Means and standard deviations over images of one epoch, for history.json and the report; with several
+    classes ``*_iou`` is the split's dataset mIoU (``*_iou_std`` that of the per-image mIoU)."""
     row: dict[str, float] = {"epoch": epoch}
     for split, result in (("train", train), ("val", val)):
         losses, ious = np.array(result.image_losses), np.array(result.image_ious)
         row.update({f"{split}_loss": float(losses.mean()), f"{split}_loss_std": float(losses.std()),
-                    f"{split}_iou": float(ious.mean()), f"{split}_iou_std": float(ious.std())})
+                    f"{split}_iou": result.score, f"{split}_iou_std": float(ious.std())})
     row["seconds"] = seconds
     return row
 
@@ -372,7 +440,9 @@ def _new_record(cache: FeatureCache, config: TrainConfig, train_idx: np.ndarray,
 
 
 def check_cache(cache: FeatureCache, config: TrainConfig) -> tuple[int, ...]:
-    """The cached blocks the run reads; a block or the views it needs and the cache lacks are refused."""
+    """The cached blocks the run reads; a block or the views it needs and the cache lacks are refused, and a loss
+    or class weights that do not fit its classes."""
+    check_objective(cache, config)
     if config.augment == "views" and len(cache.views) == 1:
         raise FishsegError(f"`augment='views'`: {cache.path} holds no views but the photo as it is; extract it "
                            f"again with views, e.g. `views=('hflip', 'vflip', 'rot90')`")
@@ -501,11 +571,11 @@ class _Session:
 _GLOBAL_RNG = threading.Lock()
 
 
-def _start_session(config: TrainConfig, feature_dim: int, steps_per_epoch: int, ranks: Ranks, device: torch.device,
-                   folder: RunFolder, previous: RunRecord | None, compiled: bool) -> _Session:
+def _start_session(config: TrainConfig, meta: CheckpointMeta, steps_per_epoch: int, ranks: Ranks,
+                   device: torch.device, folder: RunFolder, previous: RunRecord | None, compiled: bool) -> _Session:
     with _GLOBAL_RNG:  # a sweep's concurrent jobs each get the initial weights of their seed
         torch.manual_seed(config.seed)
-        decoder = build_decoder(config.decoder, feature_dim)
+        decoder = build_decoder(config.decoder, meta.in_dim, meta.pixel_classes.channels)
     if previous is not None:
         decoder.load_state_dict(load_checkpoint(folder.verified(previous.checkpoints["last"]))[0].state_dict())
     decoder.to(device)
@@ -528,8 +598,9 @@ def _train(data: TrainingData, folder: RunFolder, config: TrainConfig, ranks: Ra
     layers = check_cache(cache, config)
     guides = uses_image(config.decoder)
     train, val = data.split(train_idx, layers, guides=guides), data.split(val_idx, layers, guides=guides)
-    in_dim = len(layers) * cache.backbone.feature_dim
-    session = _start_session(config, in_dim, math.ceil(len(train) / config.batch_size), ranks,
+    meta = checkpoint_meta(cache, config, layers)
+    objective = Objective.of(cache, config)
+    session = _start_session(config, meta, math.ceil(len(train) / config.batch_size), ranks,
                              device, folder, previous, compiled)
     split = {"train": [cache.image_ids[i] for i in train_idx], "val": [cache.image_ids[i] for i in val_idx]}
     if previous is not None and folder.read_split(previous) != split:
@@ -554,13 +625,12 @@ def _train(data: TrainingData, folder: RunFolder, config: TrainConfig, ranks: Ra
                     f", {ranks.world} processes" if ranks.world > 1 else "", record.features)
         if on_epoch is _log_epoch:
             logger.info(TABLE_HEADER)
-    meta = CheckpointMeta(config.decoder, in_dim, layers, dataclasses.asdict(config), cache.fingerprint)
     for epoch in range(record.epochs_done + 1, config.epochs + 1):
         started = time.perf_counter()
         train_result = run_epoch(session.model, train, config.batch_size, device, session.optimizer,
-                                 session.generator, loss=config.loss, augment=config.augment,
+                                 session.generator, objective=objective, augment=config.augment,
                                  scheduler=session.scheduler, ranks=ranks)
-        val_result = run_epoch(session.model, val, config.batch_size, device, loss=config.loss, ranks=ranks)
+        val_result = run_epoch(session.model, val, config.batch_size, device, objective=objective, ranks=ranks)
         row = epoch_summary(epoch, train_result, val_result, time.perf_counter() - started)
         entry = history_entry(row, {"train": _iterations(epoch, train_result), "val": _iterations(epoch, val_result)})
         improved = row["val_iou"] > record.best_val_iou
@@ -573,6 +643,15 @@ def _train(data: TrainingData, folder: RunFolder, config: TrainConfig, ranks: Ra
                              improved)
             on_epoch(record, row)
     return record
+
+
+def checkpoint_meta(cache: FeatureCache, config: TrainConfig, layers: tuple[int, ...]) -> CheckpointMeta:
+    """What the run's checkpoints carry (before their epoch's score): the decoder, the features it reads, its
+    recipe and cache, and with several classes their names and colours."""
+    classes = cache.classes
+    several = {} if classes.binary else {"classes": classes.names, "colours": classes.colours}
+    return CheckpointMeta(config.decoder, len(layers) * cache.backbone.feature_dim, layers, dataclasses.asdict(config),
+                          cache.fingerprint, **several)
 
 
 def _commit(folder: RunFolder, record: RunRecord, entry: dict[str, Any], session: _Session, meta: CheckpointMeta,
