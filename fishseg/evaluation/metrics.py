@@ -211,13 +211,6 @@ def species_accuracy(confusion: torch.Tensor) -> float:
     return float((dominant_class(pred_area)[scored] == truth[scored]).double().mean()) if scored.any() else float("nan")
 
 
-def dataset_mean_iou(confusion: torch.Tensor) -> float:
-    """The dataset mIoU (the standard one): confusion matrices …×C×C (per image, or already summed) pooled over
-    the dataset, each class's IoU of the pooled pixels, averaged over the classes present in truth or prediction."""
-    pooled = confusion.reshape(-1, *confusion.shape[-2:]).sum(0)
-    return float(mean_iou_per_image(pooled))
-
-
 def pixel_counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Intersection and union pixel counts per image, to pool over a dataset: pooled IoU = Σ|P∩T| / Σ|P∪T|."""
     intersection, pred_area, target_area = _counts(pred, target)
