@@ -146,7 +146,8 @@ def _check_keywords(function: str, given: Mapping[str, Any], known: Sequence[str
 def evaluate(cache: PathLike, run: PathLike, *, out: PathLike | None = None, device: str = "auto",
              precision: str = "auto") -> EvaluationResult:
     """Score the run's best checkpoint on its validation images; write metrics.json, per_image.csv and the report
-    into ``out`` (default: ``run/report``)."""
+    into ``out`` (default: ``run/report``). A run with several pixel classes is scored by arg max; its result
+    holds ``classes``, ``miou``, ``pixel_accuracy`` and ``class_iou`` (None for a binary run)."""
     from fishseg.evaluation.evaluate import run_evaluation
     from fishseg.evaluation.report import REPORT_HTML
     from fishseg.formats.runs import REPORT_DIR

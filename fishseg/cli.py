@@ -540,8 +540,11 @@ def evaluate(cache_path: Path, run_dir: Path, out: Path | None, device: str, pre
 def _summary(metrics: dict[str, Any], out: Path) -> str:
     from fishseg.runtime import plural
 
-    lines = [f"{plural(metrics['n_images'], 'validation image')}: mean IoU {metrics['mean_iou']:.4f}, "
-             f"reference batch IoU {metrics['reference_batch_iou']:.4f}, mean Dice {metrics['mean_dice']:.4f} "
+    pixel = metrics.get("pixel_classes")
+    scores = (f"mean IoU {metrics['mean_iou']:.4f}, reference batch IoU {metrics['reference_batch_iou']:.4f}"
+              if pixel is None else f"mIoU {pixel['miou']:.4f} (per-image mean {pixel['miou_per_image']:.4f}), "
+                                    f"pixel accuracy {pixel['pixel_accuracy']:.4f}")
+    lines = [f"{plural(metrics['n_images'], 'validation image')}: {scores}, mean Dice {metrics['mean_dice']:.4f} "
              f"(backbone {metrics['backbone']}); {metrics['val_with_duplicate_in_train']} with a near-duplicate "
              f"in training"]
     if metrics["random_init"]:

@@ -97,9 +97,14 @@ class EvaluationResult:
 
     ``out``: the report folder (metrics.json, per_image.csv, report.html, figures); ``report``: report.html;
     ``metrics``: metrics.json as written (every number of the report; left out of ``repr``); ``n_images``: the
-    validation images scored; ``mean_iou`` and ``mean_dice``: per image at threshold 0.5, averaged;
-    ``reference_batch_iou``: the reference notebook's batch-averaged IoU, to compare with it; ``random_init``:
-    True when the backbone was random-init, so the numbers say nothing about its features."""
+    validation images scored; ``mean_iou`` and ``mean_dice``: per image at threshold 0.5, averaged (with several
+    pixel classes: each image's mIoU and Dice over its classes, averaged); ``reference_batch_iou``: the reference
+    notebook's batch-averaged IoU, to compare with it (None with several classes); ``random_init``: True when the
+    backbone was random-init, so the numbers say nothing about its features. With several pixel classes (None
+    for a binary run): ``classes``, their names (the background first); ``miou``: the dataset mIoU (per-class IoU
+    over all validation pixels, averaged over the classes present); ``pixel_accuracy``: the share of pixels given
+    their true class; ``class_iou``: class name → its IoU over all validation pixels (None for a class neither
+    true nor predicted; left out of ``repr``)."""
 
     out: Path
     report: Path
@@ -107,13 +112,23 @@ class EvaluationResult:
     n_images: int
     mean_iou: float
     mean_dice: float
-    reference_batch_iou: float
+    reference_batch_iou: float | None
     random_init: bool
+    classes: tuple[str, ...] | None = None
+    miou: float | None = None
+    pixel_accuracy: float | None = None
+    class_iou: Mapping[str, float | None] | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def of(cls, out: Path, report: Path, metrics: Mapping[str, Any]) -> EvaluationResult:
-        return cls(out, report, metrics, int(metrics["n_images"]), float(metrics["mean_iou"]),
-                   float(metrics["mean_dice"]), float(metrics["reference_batch_iou"]), bool(metrics["random_init"]))
+        common = (out, report, metrics, int(metrics["n_images"]), float(metrics["mean_iou"]),
+                  float(metrics["mean_dice"]))
+        pixel = metrics.get("pixel_classes")
+        if pixel is None:
+            return cls(*common, float(metrics["reference_batch_iou"]), bool(metrics["random_init"]))
+        return cls(*common, None, bool(metrics["random_init"]), tuple(pixel["names"]), float(pixel["miou"]),
+                   float(pixel["pixel_accuracy"]),
+                   {name: scores["iou"] for name, scores in pixel["per_class"].items()})
 
 
 @dataclasses.dataclass(frozen=True)

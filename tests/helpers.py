@@ -29,14 +29,15 @@ def tiny_extract_config(backbone: Path) -> ExtractConfig:
 
 
 def write_toy_cache(path: Path, n_images: int = 24, *, seed: int = 0, image_size: int = 32, grid: int = 8,
-                    dim: int = 16, views: tuple[str, ...] = (), classes: tuple[str, ...] = ()) -> Path:
+                    dim: int = 16, views: tuple[str, ...] = (), classes: tuple[str, ...] = (),
+                    mask_format: str = "index") -> Path:
     """A learnable cache: feature channel 0 is the mask at grid resolution plus noise, the rest noise; each of
     ``views`` holds the grids seen in that view. With ``classes`` (names, the background first) the masks hold
     class indices: image i a rectangle of class 1 + i mod (C - 1) and a smaller one of the next class, and
-    feature channel k the mask of class k at grid resolution."""
+    feature channel k the mask of class k at grid resolution; ``mask_format`` is what the cache records."""
     rng = np.random.default_rng(seed)
     config = ExtractConfig(backbone="toy", image_size=image_size, preview_size=8, views=views,
-                           mask_format="index" if classes else "binary", classes=classes)
+                           mask_format=mask_format if classes else "binary", classes=classes)
     info = BackboneInfo("toy", "toy", image_size // grid, dim, 0, True)
     samples = [Sample(f"class{i % 2}/{i:03d}.png", Path("unused"), Path("unused"), f"class{i % 2}")
                for i in range(n_images)]

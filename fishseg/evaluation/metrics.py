@@ -6,7 +6,11 @@ nothing found. Otherwise an empty prediction has precision 0 and an empty truth 
 scikit-learn's ``zero_division=0``).
 
 With several classes every score starts from confusion matrices (rows: true class, columns: predicted
-class, as scikit-learn's ``confusion_matrix``): per image B×C×C, summed over images for the dataset.
+class, as scikit-learn's ``confusion_matrix``): per image B×C×C, summed over images for the dataset. Per
+class: IoU, Dice, precision, recall as above, a class being "prediction" and "truth" one-hot. Two mIoUs:
+``dataset_mean_iou`` (the standard: per-class IoU over all pixels of the split, then averaged) and
+``mean_iou_per_image`` (each image's mIoU, averaged over images by the caller); both average over the
+classes present (in truth or prediction) of what they cover, since a class absent from both says nothing.
 """
 
 from __future__ import annotations
@@ -124,19 +128,87 @@ def class_iou(confusion: torch.Tensor) -> torch.Tensor:
     return _iou(*class_counts(confusion))
 
 
-def mean_iou_per_image(confusion: torch.Tensor) -> torch.Tensor:
-    """Per-image mIoU (B) from B×C×C: the mean IoU over the classes present in the image's truth or prediction
-    (a class absent from both says nothing about the image)."""
+def class_dice(confusion: torch.Tensor) -> torch.Tensor:
+    """Dice of each class (…×C) from confusion matrices …×C×C; 1 where the class is neither true nor
+    predicted."""
+    return _dice(*class_counts(confusion))
+
+
+def class_precision(confusion: torch.Tensor) -> torch.Tensor:
+    """Precision of each class (…×C): its correctly predicted pixels over its predicted pixels; 1 where the class is
+    neither true nor predicted, 0 where it is true but never predicted."""
+    intersection, pred_area, target_area = class_counts(confusion)
+    return _ratio(intersection, pred_area, (pred_area == 0) & (target_area == 0))
+
+
+def class_recall(confusion: torch.Tensor) -> torch.Tensor:
+    """Recall of each class (…×C): its correctly predicted pixels over its true pixels; 1 where the class is
+    neither true nor predicted, 0 where it is predicted but never true."""
+    intersection, pred_area, target_area = class_counts(confusion)
+    return _ratio(intersection, target_area, (pred_area == 0) & (target_area == 0))
+
+
+def present_classes(confusion: torch.Tensor) -> torch.Tensor:
+    """Boolean …×C: the classes true or predicted somewhere in each confusion matrix …×C×C."""
     _, pred_area, target_area = class_counts(confusion)
-    present = (pred_area + target_area) > 0
-    return (class_iou(confusion) * present).sum(-1) / present.sum(-1).clamp(min=1)
+    return (pred_area + target_area) > 0
+
+
+def mean_over_present(scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Mean of per-class ``scores`` …×C over the ``present`` classes (…×C boolean): a class absent from both
+    truth and prediction says nothing, so it is left out (all absent: 0)."""
+    return (scores * present).sum(-1) / present.sum(-1).clamp(min=1)
+
+
+def mean_iou_per_image(confusion: torch.Tensor) -> torch.Tensor:
+    """Per-image mIoU (B) from B×C×C: the mean IoU over the classes present in the image's truth or prediction.
+    Its mean over images is metrics.json's ``miou_per_image`` (every image weighs alike)."""
+    return mean_over_present(class_iou(confusion), present_classes(confusion))
 
 
 def dataset_mean_iou(confusion: torch.Tensor) -> float:
-    """The dataset mIoU (the standard one): confusion matrices …×C×C (per image, or already summed) pooled over
-    the dataset, each class's IoU of the pooled pixels, averaged over the classes present in truth or prediction."""
-    pooled = confusion.reshape(-1, *confusion.shape[-2:]).sum(0)
-    return float(mean_iou_per_image(pooled))
+    """Dataset mIoU, the standard one (metrics.json's ``miou``): confusion matrices …×C×C (per image, per batch,
+    or already summed) are summed into one, each class's IoU is taken over all those pixels, and the IoUs are
+    averaged over the classes present in truth or prediction. Large regions weigh more than in the per-image
+    mean. A trainer sums ``confusion_matrices(...).sum(0)`` over its batches and calls this once."""
+    return float(mean_iou_per_image(confusion.reshape(-1, *confusion.shape[-2:]).sum(0, keepdim=True))[0])
+
+
+def pixel_accuracy(confusion: torch.Tensor) -> float:
+    """Fraction of all pixels of the confusion matrices …×C×C whose predicted class is the true one."""
+    pooled = confusion.reshape(-1, *confusion.shape[-2:]).sum(0).double()
+    return float(pooled.trace() / pooled.sum().clamp(min=1))
+
+
+def normalized_confusion(confusion: torch.Tensor) -> torch.Tensor:
+    """Row-normalised C×C (float64) of a C×C confusion matrix: row t is where the pixels of true class t went
+    (sums to 1; all zeros for a class with no true pixels)."""
+    confusion = confusion.double()
+    return confusion / confusion.sum(-1, keepdim=True).clamp(min=1)
+
+
+def class_boundary_f(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     tolerance: int = BOUNDARY_TOLERANCE) -> torch.Tensor:
+    """Boundary F-score of each class per image (B×C) from class-index maps B×H×W: ``boundary_f_per_image`` of
+    the class's one-hot masks (1 where the class is neither true nor predicted in the image)."""
+    return torch.stack([boundary_f_per_image(pred == k, target == k, tolerance) for k in range(num_classes)], -1)
+
+
+def dominant_class(areas: torch.Tensor) -> torch.Tensor:
+    """Per image (…), the non-background class (index ≥ 1) with the most pixels in ``areas`` …×C (int64); -1
+    where there is no non-background pixel."""
+    foreground = areas[..., 1:]
+    return torch.where(foreground.sum(-1) > 0, foreground.argmax(-1) + 1, -1)
+
+
+def species_accuracy(confusion: torch.Tensor) -> float:
+    """Species accuracy of the pixel labels from per-image confusion matrices B×C×C, for masks whose fish pixels
+    are all the image's species (``extract --classes species``): the fraction of images, among those with fish
+    pixels, whose dominant predicted non-background class is the dominant true one (no fish predicted: wrong)."""
+    _, pred_area, target_area = class_counts(confusion)
+    truth = dominant_class(target_area)
+    scored = truth >= 0
+    return float((dominant_class(pred_area)[scored] == truth[scored]).double().mean()) if scored.any() else float("nan")
 
 
 def pixel_counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 Everything here is drawn from what ``fishseg.evaluation.evaluate`` computed (``ReportData``); no number is
 computed twice, so the page, the Markdown and ``metrics.json`` agree by construction. Figures use
-matplotlib's object API (no pyplot global state, no display needed).
+matplotlib's object API (no pyplot global state, no display needed). A run with several pixel classes adds a
+per-class table and the pixel confusion matrix, shows its galleries in the class colours, and has no threshold.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import csv
 import dataclasses
 import functools
 import html
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,14 @@ import numpy as np
 from matplotlib import font_manager, ft2font
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.decomposition import PCA
 
-from fishseg.formats.runs import ANALYSIS_FILES, CURVE_FILES, EPOCHS_CSV, GALLERY_FILES, REPORT_HTML, REPORT_MD
+from fishseg.classes import Classes
+from fishseg.formats.runs import (ANALYSIS_FILES, CLASS_ANALYSIS_FILES, CURVE_FILES, EPOCHS_CSV, GALLERY_FILES,
+                                  REPORT_HTML, REPORT_MD)
 from fishseg.runtime import atomic_path, plural
 
 DPI = 100
@@ -49,6 +54,19 @@ CURVES = dict(zip(CURVE_FILES, (  # file → (title, history split, value, y lab
     ("IoU per epoch, train vs val (mean ± std over images)", None, "iou", "IoU (threshold 0.5)"),
     ("Validation IoU per iteration", "val", "iou", "IoU (threshold 0.5)"),
 ), strict=True))
+MIOU_NOTE = ("Dataset mIoU is the standard score of several classes: each class's IoU over all validation pixels, "
+             "averaged over the classes true or predicted anywhere; per-image mIoU averages each image's own mIoU "
+             "(over the classes in that image), so every image weighs alike.")
+PIXEL_SCORES = ("iou", "dice", "precision", "recall", "boundary_f")  # per pixel class, as metrics.json names them
+MISSING = "–"  # a per-class score of a class neither true nor predicted in the split
+
+
+def _worded(text: str, classes: Classes) -> str:
+    """A label as a run with ``classes`` says it: binary as written; with several classes "BCE loss" is "loss" and
+    "IoU" (at the threshold) "mIoU"."""
+    if classes.binary:
+        return text
+    return re.sub(r"\bIoU( \(threshold 0\.5\))?", "mIoU", text.replace("BCE loss", "loss"))
 
 
 @dataclasses.dataclass
@@ -57,10 +75,10 @@ class Example:
 
     image_id: str
     class_name: str
-    iou: float
+    iou: float  # mIoU with several classes
     preview: np.ndarray  # P×P×3 uint8
-    truth: np.ndarray  # S×S bool
-    pred: np.ndarray  # S×S bool
+    truth: np.ndarray  # S×S bool (binary) or uint8 class indices
+    pred: np.ndarray  # S×S bool (binary) or uint8 class indices
     features: np.ndarray  # h×w×D cached patch grid
 
 
@@ -72,6 +90,7 @@ class ReportData:
     ious: np.ndarray  # per validation image, at the metrics threshold
     galleries: dict[str, list[Example]]  # keys of GALLERY_TITLES
     pca_sample: np.ndarray  # M×D validation patch features that fit the PCA
+    classes: Classes = Classes()  # the run's pixel classes
 
 
 def gallery_positions(ious: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -145,13 +164,14 @@ def _per_class_figure(per_class: dict[str, dict[str, Any]]) -> Figure:
     return figure
 
 
-def _histogram_figure(ious: np.ndarray) -> Figure:
+def _histogram_figure(ious: np.ndarray, classes: Classes) -> Figure:
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     axes = figure.subplots()
     axes.hist(ious, bins=np.linspace(0, 1, 41), color=TRAIN_COLOUR, edgecolor="white")
     axes.axvline(ious.mean(), color="black", label=f"mean {fmt(ious.mean())}")
     axes.axvline(np.median(ious), color="black", ls="--", label=f"median {fmt(np.median(ious))}")
-    axes.set(title=f"IoU over {plural(len(ious), 'validation image')}", xlabel="IoU (threshold 0.5)", ylabel="images")
+    axes.set(title=_worded(f"IoU over {plural(len(ious), 'validation image')}", classes),
+             xlabel=_worded("IoU (threshold 0.5)", classes), ylabel="images")
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend(loc="upper left")
     return figure
@@ -170,22 +190,41 @@ def _threshold_figure(sweep: dict[str, Any]) -> Figure:
     return figure
 
 
-def _probe_figure(probe: dict[str, Any]) -> Figure:
-    names, confusion = probe["classes"], np.array(probe["confusion"])
+def _matrix_figure(names: list[str], matrix: np.ndarray, cells: list[str], noun: str, title: str,
+                   bar: dict[str, Any], scale: dict[str, float]) -> Figure:
+    """A confusion matrix (rows true, columns predicted ``noun``) with ``cells`` (row by row) written in it;
+    ``scale``: imshow's vmin/vmax (default the matrix's range); ``bar``: the colour bar's keywords."""
     side = 2.5 + 0.6 * len(names)
     figure = Figure(figsize=(side + 2, side), layout="constrained")
     axes = figure.subplots()
-    image = axes.imshow(confusion, cmap="Blues")
-    for (row, column), count in np.ndenumerate(confusion):
-        axes.text(column, row, str(count), ha="center", va="center",
-                  color="white" if count > confusion.max() / 2 else "black")
+    image = axes.imshow(matrix, cmap="Blues", **scale)
+    middle = scale.get("vmax", matrix.max()) / 2
+    for ((row, column), value), cell in zip(np.ndenumerate(matrix), cells):
+        axes.text(column, row, cell, ha="center", va="center", color="white" if value > middle else "black")
     axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
     axes.set_yticks(range(len(names)), names)
-    axes.set(xlabel="predicted species", ylabel="true species")
+    axes.set(xlabel=f"predicted {noun}", ylabel=f"true {noun}")
     # a figure title on two lines: one line over the axes ran into the image edge (the colour bar takes the right)
-    figure.suptitle(f"Species probe on pooled features\naccuracy {fmt(probe['accuracy'])}")
-    figure.colorbar(image, ax=axes, label="validation images", ticks=MaxNLocator(integer=True))
+    figure.suptitle(title)
+    figure.colorbar(image, ax=axes, **bar)
     return figure
+
+
+def _probe_figure(probe: dict[str, Any]) -> Figure:
+    confusion = np.array(probe["confusion"])
+    return _matrix_figure(probe["classes"], confusion, [str(count) for count in confusion.ravel()], "species",
+                          f"Species probe on pooled features\naccuracy {fmt(probe['accuracy'])}",
+                          dict(label="validation images", ticks=MaxNLocator(integer=True)), {})
+
+
+def _pixel_confusion_figure(pixel: dict[str, Any]) -> Figure:
+    """metrics.json's ``pixel_classes`` confusion, each row (a true class) normalised to its pixels."""
+    confusion = np.array(pixel["confusion"])
+    return _matrix_figure(pixel["names"], confusion, [f"{share:.2f}" for share in confusion.ravel()], "class",
+                          f"Pixel classes (rows: true class, normalised)\npixel accuracy "
+                          f"{fmt(pixel['pixel_accuracy'])}, dataset mIoU {fmt(pixel['miou'])}",
+                          dict(label="share of the true class's pixels"),
+                          dict(vmin=0.0, vmax=1.0))
 
 
 def _pca_rgb(sample: np.ndarray, grids: list[np.ndarray]) -> list[np.ndarray]:
@@ -212,14 +251,28 @@ def _pca_figure(examples: list[Example], sample: np.ndarray) -> Figure:
     return figure
 
 
-def overlay(example: Example) -> np.ndarray:
-    """Preview at mask size with true positives, false positives and false negatives coloured."""
+def _regions(example: Example, classes: Classes) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
+    """(pixels, colour) an overlay paints: binary, the true positives, false positives and false negatives; with
+    several classes, each predicted class but the background in its colour."""
+    if classes.binary:
+        truth, pred = example.truth, example.pred
+        return list(zip((truth & pred, pred & ~truth, truth & ~pred), (rgb for _, rgb in OVERLAY_COLOURS.values())))
+    return [(example.pred == k, colour) for k, colour in enumerate(classes.colours) if k > 0]
+
+
+def overlay(example: Example, classes: Classes = Classes()) -> np.ndarray:
+    """Preview at mask size with ``_regions`` coloured."""
     size = example.truth.shape[::-1]
     base = np.asarray(Image.fromarray(example.preview).resize(size, Image.Resampling.BILINEAR), dtype=np.float64)
-    truth, pred = example.truth, example.pred
-    for region, (_, colour) in zip((truth & pred, pred & ~truth, truth & ~pred), OVERLAY_COLOURS.values()):
+    for region, colour in _regions(example, classes):
         base[region] = 0.45 * base[region] + 0.55 * np.array(colour)
     return base.astype(np.uint8)
+
+
+def _shown(mask: np.ndarray, classes: Classes) -> np.ndarray:
+    """A gallery's truth or prediction panel: a binary mask as it is (drawn grey), class indices H×W in the class
+    colours (RGB H×W×3 uint8)."""
+    return mask if classes.binary else np.asarray(classes.colours, dtype=np.uint8)[mask]
 
 
 def _font(path: str) -> tuple[str, frozenset[int]] | None:
@@ -269,18 +322,31 @@ def _short_id(image_id: str) -> str:
     return "/".join(image_id.split("/")[-2:])
 
 
-def _gallery_figure(examples: list[Example], title: str) -> Figure:
+def _legend(figure: Figure, title: str, classes: Classes) -> None:
+    """The gallery's title and what its colours mean: in the title (binary), or a legend of the class colours."""
+    if classes.binary:
+        legend = ", ".join(f"{region} {colour}" for region, (colour, _) in OVERLAY_COLOURS.items())
+        figure.suptitle(f"{title} ({legend})", fontsize=13)
+        return
+    figure.suptitle(title, fontsize=13)
+    patches = [Patch(facecolor=np.array(colour) / 255, edgecolor="grey", label=name)
+               for name, colour in zip(classes.names, classes.colours)]
+    figure.legend(handles=patches, loc="outside lower center", ncol=min(len(patches), 8), fontsize=10)
+
+
+def _gallery_figure(examples: list[Example], title: str, classes: Classes = Classes()) -> Figure:
     per_row = 2 if len(examples) > 1 else 1
     rows = -(-len(examples) // per_row)
     figure = Figure(figsize=(8.4 * per_row, 2.45 * rows + 0.7), layout="constrained")
-    legend = ", ".join(f"{region} {colour}" for region, (colour, _) in OVERLAY_COLOURS.items())
-    figure.suptitle(f"{title} ({legend})", fontsize=13)
+    _legend(figure, title, classes)
     panels = np.asarray(figure.subfigures(rows, per_row, squeeze=False)).ravel()
     for panel, example in zip(panels, examples):
-        title, families = _legible(f"{_short_id(example.image_id)} · {example.class_name} · IoU {fmt(example.iou)}")
+        title, families = _legible(f"{_short_id(example.image_id)} · {example.class_name} · "
+                                   f"{_worded('IoU', classes)} {fmt(example.iou)}")
         panel.suptitle(title, fontsize=10, fontfamily=families)
         axes = panel.subplots(1, 4)
-        images = (example.preview, example.truth, example.pred, overlay(example))
+        images = (example.preview, _shown(example.truth, classes), _shown(example.pred, classes),
+                  overlay(example, classes))
         for ax, image, name in zip(axes, images, ("image", "ground truth", "prediction", "overlay")):
             ax.imshow(image, cmap="gray", vmin=0, vmax=1) if image.ndim == 2 else ax.imshow(image)
             ax.set_title(name, fontsize=9)
@@ -292,32 +358,44 @@ def write_figures(out_dir: Path, data: ReportData) -> dict[str, str]:
     """Write every PNG, each drawn once; returns ``{section key: file name}`` in display order."""
     files: dict[str, str] = {}
     for name, (title, split, value, ylabel) in CURVES.items():
+        title, ylabel = _worded(title, data.classes), _worded(ylabel, data.classes)
         figure = (_iteration_figure(data.history["iterations"][split], value, title, ylabel) if split
                   else _epoch_figure(data.history["epochs"], value, title, ylabel))
         _save(figure, out_dir / name)
         files[name] = name
-    analysis = {
-        "per_class": _per_class_figure(data.metrics["per_class"]),
-        "histogram": _histogram_figure(data.ious),
-        "threshold": _threshold_figure(data.metrics["threshold_sweep"]),
-        "pca": _pca_figure(data.galleries["random"][:PCA_EXAMPLES], data.pca_sample),
-    }
-    if "accuracy" in data.metrics["species_probe"]:
-        analysis["probe"] = _probe_figure(data.metrics["species_probe"])
-    for key, figure in analysis.items():
-        _save(figure, out_dir / ANALYSIS_FILES[key])
-        files[key] = ANALYSIS_FILES[key]
+    for key, figure in _analysis_figures(data).items():
+        name = {**ANALYSIS_FILES, **CLASS_ANALYSIS_FILES}[key]
+        _save(figure, out_dir / name)
+        files[key] = name
     for key, examples in data.galleries.items():
         noun, rest = GALLERY_TITLES[key]
-        _save(_gallery_figure(examples, plural(len(examples), noun) + rest), out_dir / GALLERY_FILES[key])
+        _save(_gallery_figure(examples, plural(len(examples), noun) + _worded(rest, data.classes), data.classes),
+              out_dir / GALLERY_FILES[key])
         files[f"gallery_{key}"] = GALLERY_FILES[key]
     return files
 
 
+def _analysis_figures(data: ReportData) -> dict[str, Figure]:
+    """The figures between the curves and the galleries, by their key in ANALYSIS_FILES or CLASS_ANALYSIS_FILES:
+    the threshold sweep only for a binary run, the pixel confusion only with several classes."""
+    metrics = data.metrics
+    analysis = {"per_class": _per_class_figure(metrics["per_class"]), "histogram": _histogram_figure(data.ious,
+                                                                                                    data.classes)}
+    if "threshold_sweep" in metrics:
+        analysis["threshold"] = _threshold_figure(metrics["threshold_sweep"])
+    analysis["pca"] = _pca_figure(data.galleries["random"][:PCA_EXAMPLES], data.pca_sample)
+    if "accuracy" in metrics["species_probe"]:
+        analysis["probe"] = _probe_figure(metrics["species_probe"])
+    if "pixel_classes" in metrics:
+        analysis["pixel_confusion"] = _pixel_confusion_figure(metrics["pixel_classes"])
+    return analysis
+
+
 def summary_rows(data: ReportData) -> list[tuple[str, str, str | None]]:
-    """(label, value, metrics key or None) for the header of both pages."""
+    """(label, value, metrics key or None) for the header of both pages; a key inside ``pixel_classes`` is written
+    ``pixel_classes.KEY``."""
     metrics, run, config = data.metrics, data.run, data.run["train_config"]
-    sweep, probe = metrics["threshold_sweep"], metrics["species_probe"]
+    scores = _binary_rows(metrics) if data.classes.binary else _class_rows(metrics, data.classes)
     return [
         ("backbone", metrics["backbone"] + (" (RANDOM-INIT)" if metrics["random_init"] else ""), None),
         ("cache fingerprint", metrics["cache_fingerprint"], None),
@@ -331,6 +409,19 @@ def summary_rows(data: ReportData) -> list[tuple[str, str, str | None]]:
          None),
         ("checkpoint", f"{metrics['checkpoint']} (epoch {metrics['epoch']})", None),
         ("validation images", str(metrics["n_images"]), "n_images"),
+        *scores,
+    ]
+
+
+def _probe_row(metrics: dict[str, Any]) -> tuple[str, str, None]:
+    probe = metrics["species_probe"]
+    return ("species probe accuracy (pooled features)", fmt(probe["accuracy"]) if "accuracy" in probe
+            else f"skipped: {probe['skipped']}", None)
+
+
+def _binary_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+    sweep = metrics["threshold_sweep"]
+    return [
         ("mean IoU", fmt(metrics["mean_iou"]), "mean_iou"),
         (f"reference batch IoU (batches of {metrics['reference_batch_size']}, pixels pooled)",
          fmt(metrics["reference_batch_iou"]), "reference_batch_iou"),
@@ -344,9 +435,44 @@ def summary_rows(data: ReportData) -> list[tuple[str, str, str | None]]:
         ("threshold", str(metrics["threshold"]), "threshold"),
         ("best threshold on val (optimistic)", f"{sweep['best_threshold']} → mean IoU {fmt(sweep['best_mean_iou'])}",
          None),
-        ("species probe accuracy (pooled features)", fmt(probe["accuracy"]) if "accuracy" in probe
-         else f"skipped: {probe['skipped']}", None),
+        _probe_row(metrics),
     ]
+
+
+def _class_rows(metrics: dict[str, Any], classes: Classes) -> list[tuple[str, str, str | None]]:
+    pixel = metrics["pixel_classes"]
+    rows = [
+        ("pixel classes", classes.describe(), None),
+        ("dataset mIoU (per-class IoU over all pixels, averaged over classes)", fmt(pixel["miou"]),
+         "pixel_classes.miou"),
+        ("per-image mIoU (mean over images)", fmt(pixel["miou_per_image"]), "pixel_classes.miou_per_image"),
+        ("pixel accuracy", fmt(pixel["pixel_accuracy"]), "pixel_classes.pixel_accuracy"),
+        ("median per-image mIoU", fmt(metrics["median_iou"]), "median_iou"),
+        ("mean Dice (per image, over its classes)", fmt(metrics["mean_dice"]), "mean_dice"),
+        ("mean precision / recall (per image, over its classes)",
+         f"{fmt(metrics['mean_precision'])} / {fmt(metrics['mean_recall'])}", None),
+        (f"mean boundary F ({metrics['boundary_tolerance_px']} px, per image, over its classes)",
+         fmt(metrics["mean_boundary_f"]), "mean_boundary_f"),
+        _probe_row(metrics),
+    ]
+    if "species_accuracy" in pixel:
+        rows.append(("species accuracy of the pixel labels (dominant predicted class)",
+                     fmt(pixel["species_accuracy"]), "pixel_classes.species_accuracy"))
+    return rows
+
+
+def _score(value: float | None) -> str:
+    return MISSING if value is None else fmt(value)
+
+
+def pixel_class_rows(pixel: dict[str, Any]) -> list[list[str]]:
+    """The per-class table of a run with several classes, from metrics.json's ``pixel_classes``."""
+    return [[name, *(_score(scores[metric]) for metric in PIXEL_SCORES), str(scores["true_pixels"]),
+             str(scores["predicted_pixels"])] for name, scores in pixel["per_class"].items()]
+
+
+PIXEL_CLASS_HEADER = ["pixel class", "IoU", "Dice", "precision", "recall", "boundary F", "true pixels",
+                      "predicted pixels"]
 
 
 def per_class_rows(metrics: dict[str, Any]) -> list[list[str]]:
@@ -364,15 +490,28 @@ def epoch_rows(history: dict[str, Any]) -> list[list[str]]:
              f"{e['seconds']:.1f}"] for e in history["epochs"]]
 
 
+def _tables(data: ReportData) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Title → (header, rows) of the tables both pages show: the pixel classes (several classes only), the image
+    classes and the epochs."""
+    pixel = data.metrics.get("pixel_classes")
+    per_class, epochs = ([_worded(cell, data.classes) for cell in header]
+                         for header in (PER_CLASS_HEADER, EPOCH_HEADER))
+    return {**({"Pixel classes": (PIXEL_CLASS_HEADER, pixel_class_rows(pixel))} if pixel else {}),
+            "Per class": (per_class, per_class_rows(data.metrics)), "Epochs": (epochs, epoch_rows(data.history))}
+
+
+def _note(data: ReportData) -> str:
+    """What the headline numbers are: the reference batch IoU (binary), or the two mIoUs."""
+    return REFERENCE_NOTE if data.classes.binary else MIOU_NOTE
+
+
 def markdown(data: ReportData, files: dict[str, str]) -> str:
     lines = ["# fishseg report", ""]
     lines += [f"- {label}: {value}" for label, value, _ in summary_rows(data)]
-    lines += ["", REFERENCE_NOTE]
+    lines += ["", _note(data)]
     if data.metrics["random_init"]:
         lines += ["", f"**{RANDOM_INIT_NOTE}**"]
-    sections = [("Per class", PER_CLASS_HEADER, per_class_rows(data.metrics)),
-                ("Epochs", EPOCH_HEADER, epoch_rows(data.history))]
-    for title, header, rows in sections:
+    for title, (header, rows) in _tables(data).items():
         lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in files.values()]
@@ -407,19 +546,22 @@ def page(data: ReportData, files: dict[str, str]) -> str:
     summary = "".join(_summary_row(*row) for row in summary_rows(data))
     warning = f'<p class="warning">{html.escape(RANDOM_INIT_NOTE)}</p>' if data.metrics["random_init"] else ""
     curves = "".join(_img(files[name]) for name in CURVES)
-    analysis = "".join(_img(files[key]) for key in ("histogram", "threshold"))
+    analysis = "".join(_img(files[key]) for key in ("histogram", "threshold") if key in files)
     galleries = "".join(_img(files[f"gallery_{key}"]) for key in data.galleries)
+    tables = {title: _html_table(*table) for title, table in _tables(data).items()}
+    pixel_classes = (f'<h2>Pixel classes</h2>{tables["Pixel classes"]}{_img(files["pixel_confusion"])}'
+                     if "Pixel classes" in tables else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fishseg report</title><style>{STYLE}</style></head><body>
 <h1>fishseg report</h1>{warning}
 <table class="summary">{summary}</table>
-<p>{html.escape(REFERENCE_NOTE)}</p>
+<p>{html.escape(_note(data))}</p>
 <p>Per-image scores: <a href="per_image.csv">per_image.csv</a>;
 all numbers: <a href="metrics.json">metrics.json</a>.</p>
 <h2>Training curves</h2><div class="grid">{curves}</div>
-<h2>Epoch log</h2>{_html_table(EPOCH_HEADER, epoch_rows(data.history))}<p><a href="{EPOCHS_CSV}">{EPOCHS_CSV}</a></p>
-<h2>Per class</h2>{_html_table(PER_CLASS_HEADER, per_class_rows(data.metrics))}{_img(files["per_class"])}
-<h2>Distribution and threshold</h2><div class="grid">{analysis}</div>
+<h2>Epoch log</h2>{tables["Epochs"]}<p><a href="{EPOCHS_CSV}">{EPOCHS_CSV}</a></p>{pixel_classes}
+<h2>Per class</h2>{tables["Per class"]}{_img(files["per_class"])}
+<h2>Distribution{" and threshold" if "threshold" in files else ""}</h2><div class="grid">{analysis}</div>
 <h2>What the cached features carry</h2>{_img(files["pca"])}{_img(files["probe"]) if "probe" in files else ""}
 <h2>Galleries</h2>{galleries}
 </body></html>

@@ -25,7 +25,7 @@ A run folder (``train --out RUN``):
 - ``.lock``: held (``flock``) by the process training into the folder, and removed when it stops; the kernel drops
   the lock when that process dies (leaving the file), which is how a reader tells a killed run (``running`` in the
   record) from a live one.
-- ``report/``: what ``evaluate`` writes (``REPORT_FILES``: the scores, pages and figures, drawn by
+- ``report/``: what ``evaluate`` writes (``EVERY_REPORT_FILE``: the scores, pages and figures, drawn by
   ``fishseg.evaluation.report``); removed when the run is replaced or trains on, since it would describe another run.
 
 A cross-validation folder holds ``cv.json`` and one run folder per fold (``fold-k``); a sweep folder holds
@@ -61,12 +61,12 @@ from fishseg.errors import FishsegError
 from fishseg.models.decoders import CheckpointMeta, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from fishseg.runtime import UNRECORDED, atomic_path, file_digest, make_output_dir, read_json, write_json
 
-__all__ = ["ANALYSIS_FILES", "CHECKPOINT_DIR", "CURVE_FILES", "CV_FILE", "CV_KIND", "EPOCHS_CSV", "FAILED", "FINISHED",
-           "GALLERY_FILES", "HISTORY_FILE", "HISTORY_JOURNAL", "INTERRUPTED", "METRICS_FILE", "PER_IMAGE_FILE",
-           "REPORT_DIR", "REPORT_FILES", "REPORT_HTML", "REPORT_MD", "RUN_FILE", "RUN_KIND", "RUNNING",
-           "SPLIT_FILE", "SWEEP_FILE", "SWEEP_KIND", "CheckpointRef", "CrossValidationRecord", "RunFolder",
-           "RunRecord", "SweepEntry", "SweepRecord", "check_resume_flags", "differing_fields", "empty_history",
-           "history_entry"]
+__all__ = ["ANALYSIS_FILES", "CHECKPOINT_DIR", "CLASS_ANALYSIS_FILES", "CURVE_FILES", "CV_FILE", "CV_KIND",
+           "EPOCHS_CSV", "EVERY_REPORT_FILE", "FAILED", "FINISHED", "GALLERY_FILES", "HISTORY_FILE",
+           "HISTORY_JOURNAL", "INTERRUPTED", "METRICS_FILE", "PER_IMAGE_FILE", "REPORT_DIR", "REPORT_FILES",
+           "REPORT_HTML", "REPORT_MD", "RUN_FILE", "RUN_KIND", "RUNNING", "SPLIT_FILE", "SWEEP_FILE", "SWEEP_KIND",
+           "CheckpointRef", "CrossValidationRecord", "RunFolder", "RunRecord", "SweepEntry", "SweepRecord",
+           "check_resume_flags", "differing_fields", "empty_history", "history_entry"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,10 @@ CURVE_FILES = ("01_train_iteration_loss.png", "02_train_iteration_iou.png", "03_
 ANALYSIS_FILES = {"per_class": "07_per_class.png", "histogram": "08_iou_histogram.png",
                   "threshold": "09_threshold_sweep.png", "pca": "10_feature_pca.png", "probe": "11_species_probe.png"}
 GALLERY_FILES = {"random": "gallery_1_random.png", "best": "gallery_2_best.png", "worst": "gallery_3_worst.png"}
+CLASS_ANALYSIS_FILES = {"pixel_confusion": "12_pixel_confusion.png"}  # only a report of a run with several classes
 REPORT_FILES = (METRICS_FILE, PER_IMAGE_FILE, REPORT_MD, REPORT_HTML, EPOCHS_CSV, *CURVE_FILES,
-                *ANALYSIS_FILES.values(), *GALLERY_FILES.values())  # every file evaluate may write into a report
+                *ANALYSIS_FILES.values(), *GALLERY_FILES.values())  # the files of a binary run's report
+EVERY_REPORT_FILE = (*REPORT_FILES, *CLASS_ANALYSIS_FILES.values())  # every file evaluate may write into a report
 CV_FILE, SWEEP_FILE = "cv.json", "sweep.json"
 RUNNING, FINISHED, INTERRUPTED, FAILED = "running", "finished", "interrupted", "failed"
 STATE_KEY = "fishseg_resume"  # safetensors metadata entry of a resume file
@@ -604,9 +606,9 @@ class RunFolder:
         self.clear_report()
 
     def clear_report(self) -> None:
-        """Remove the report ``evaluate`` wrote into the run's ``report/`` (``REPORT_FILES``): once the run changes
-        (replaced, or trained on by a resume) it describes another run. Other files there stay."""
-        for name in REPORT_FILES:
+        """Remove the report ``evaluate`` wrote into the run's ``report/`` (``EVERY_REPORT_FILE``): once the run
+        changes (replaced, or trained on by a resume) it describes another run. Other files there stay."""
+        for name in EVERY_REPORT_FILE:
             (self.path / REPORT_DIR / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # kept when something else is in it, or absent
             (self.path / REPORT_DIR).rmdir()
