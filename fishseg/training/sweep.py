@@ -184,7 +184,7 @@ def seconds_per_image(data: TrainingData, config: TrainConfig, device: torch.dev
         optimizer = torch.optim.AdamW(decoder.parameters(), lr=0.0, **fused_option(device))
         generator = torch.Generator().manual_seed(0)
         train_pass = functools.partial(run_epoch, decoder, split, config.batch_size, device, optimizer, generator,
-                                       objective=Objective.of(data.cache, config))
+                                       objective=Objective.of(data.cache, config, device))
         train_pass()
         return float(np.median(timed_passes(train_pass))) / count
 

@@ -97,10 +97,10 @@ class Objective:
             raise ValueError(f"{len(self.weights)} class weights for {self.classes.describe()}")
 
     @classmethod
-    def of(cls, cache: FeatureCache, config: TrainConfig) -> Objective:
-        """The run's objective on ``cache`` (checked by ``check_cache``)."""
-        weights = (torch.from_numpy(balanced_weights(cache.class_pixels)) if config.class_weights == "balanced"
-                   else None)
+    def of(cls, cache: FeatureCache, config: TrainConfig, device: torch.device = torch.device("cpu")) -> Objective:
+        """The run's objective on ``cache`` (checked by ``check_cache``), its weights on ``device``."""
+        weights = (torch.from_numpy(balanced_weights(cache.class_pixels)).to(device)
+                   if config.class_weights == "balanced" else None)
         return cls(cache.classes, config.loss, weights)
 
     def losses(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -599,7 +599,7 @@ def _train(data: TrainingData, folder: RunFolder, config: TrainConfig, ranks: Ra
     guides = uses_image(config.decoder)
     train, val = data.split(train_idx, layers, guides=guides), data.split(val_idx, layers, guides=guides)
     meta = checkpoint_meta(cache, config, layers)
-    objective = Objective.of(cache, config)
+    objective = Objective.of(cache, config, device)
     session = _start_session(config, meta, math.ceil(len(train) / config.batch_size), ranks,
                              device, folder, previous, compiled)
     split = {"train": [cache.image_ids[i] for i in train_idx], "val": [cache.image_ids[i] for i in val_idx]}
