@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -15,8 +15,6 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 import fishseg
-import fishseg.training.crossval as crossval_module
-import fishseg.training.sweep as sweep_module
 from fishseg.classes import Classes
 from fishseg.cli import main
 from fishseg.config import TrainConfig
@@ -205,33 +203,31 @@ def test_grouped_splits_stratify_by_the_dominant_class_and_keep_groups_apart(tmp
         assert not set(groups[train]) & set(groups[val]) and set(dominant[val].tolist()) == {1, 2}
 
 
-def test_cross_validation_trains_every_fold_on_classes(classes_cache: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """The folds' training (scoring several classes is evaluate's: it is left out here)."""
-    monkeypatch.setattr(crossval_module, "_score_fold", lambda data, run, fold, device: {
-        "fold": fold + 1, "n_images": 0, "val_with_duplicate_in_train": 0,
-        **{name: 0.0 for name in crossval_module.CV_METRICS}})
+def test_cross_validation_trains_and_scores_every_fold_on_classes(classes_cache: Path, tmp_path: Path) -> None:
     fishseg.train(classes_cache, tmp_path / "cv", **dict(QUICK, epochs=1), folds=2, split="grouped")
+    cv = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    assert [fold["fold"] for fold in cv["folds"]] == [1, 2] and cv["status"] == "finished"
     for fold in (1, 2):
         record = json.loads((tmp_path / "cv" / f"fold-{fold}" / "run.json").read_text())
         assert record["train_config"]["loss"] == "ce"
         assert read_checkpoint_meta(tmp_path / "cv" / f"fold-{fold}" / record["checkpoints"]["last"]["file"]
                                     ).classes == CLASSES
+        metrics = json.loads((tmp_path / "cv" / f"fold-{fold}" / "report" / "metrics.json").read_text())
+        assert metrics["pooled_iou"] == pytest.approx(metrics["pixel_classes"]["miou"])
+        assert cv["folds"][fold - 1]["pooled_iou"] == pytest.approx(metrics["pixel_classes"]["miou"])
 
 
-def test_a_sweep_on_classes_trains_its_configs_with_class_losses(classes_cache: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sweep's training and its time estimate (scoring and comparing several classes are evaluate's and
-    compare's: left out here)."""
-    trained: list[str] = []
-    monkeypatch.setattr(sweep_module, "_train_and_score", lambda data, folder, config, device, on_epoch: (
-        sweep_module.train_run(data, folder, config, device=device, on_epoch=on_epoch), trained.append(config.loss),
-        "scored elsewhere")[-1])
-    monkeypatch.setattr(sweep_module, "run_compare", lambda *args, **kwargs: SimpleNamespace(summary=lambda: ""))
+def test_a_sweep_on_classes_trains_scores_and_compares_with_class_losses(classes_cache: Path,
+                                                                         tmp_path: Path) -> None:
     fishseg.sweep(classes_cache, tmp_path / "sweep", loss=["ce", "dice"], epochs=1, batch_size=4, device="cpu")
-    assert sorted(trained) == ["ce", "dice"]
+    configs = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["configs"]
+    assert sorted(entry["train_config"]["loss"] for entry in configs) == ["ce", "dice"]
+    with (tmp_path / "sweep" / "leaderboard.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and all(row[f"iou:{name}"] != "" for row in rows for name in CLASSES)
     fishseg.sweep(classes_cache, tmp_path / "default", epochs=1, batch_size=4, device="cpu")
-    assert trained[-1] == "ce"  # no loss swept: the cache's default
+    default = json.loads((tmp_path / "default" / "sweep.json").read_text())["configs"]
+    assert [entry["train_config"]["loss"] for entry in default] == ["ce"]  # no loss swept: the cache's default
     with pytest.raises(FishsegError, match="is for binary masks"):
         fishseg.sweep(classes_cache, tmp_path / "refused", loss=["ce", "bce"], epochs=1, device="cpu")
     assert not (tmp_path / "refused").exists()
