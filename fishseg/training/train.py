@@ -42,7 +42,9 @@ from fishseg.training.resident import HeldSource, ResidentViews, fits_on_device,
 
 logger = logging.getLogger(__name__)
 
-TABLE_HEADER = f"{'epoch':>5} {'train loss':>10} {'train IoU':>9} {'val loss':>9} {'val IoU':>8} {'time':>6}"
+def table_header(score: str = "IoU") -> str:
+    """The epoch table's header; ``score``: IoU (binary) or mIoU (several classes)."""
+    return f"{'epoch':>5} {'train loss':>10} {'train ' + score:>9} {'val loss':>9} {'val ' + score:>8} {'time':>6}"
 
 
 @dataclasses.dataclass
@@ -624,7 +626,7 @@ def _train(data: TrainingData, folder: RunFolder, config: TrainConfig, ranks: Ra
                     "resuming" if previous else "training", config.decoder, len(train), len(val), device,
                     f", {ranks.world} processes" if ranks.world > 1 else "", record.features)
         if on_epoch is _log_epoch:
-            logger.info(TABLE_HEADER)
+            logger.info(table_header("IoU" if objective.classes.binary else "mIoU"))
     for epoch in range(record.epochs_done + 1, config.epochs + 1):
         started = time.perf_counter()
         train_result = run_epoch(session.model, train, config.batch_size, device, session.optimizer,
