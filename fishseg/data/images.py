@@ -10,7 +10,8 @@ Layouts accepted as a data root:
 
 Images and masks are paired by file stem, never by sorted position. Mask rule: a pixel is
 foreground when its value is non-zero after conversion to 8-bit grayscale (PIL mode ``L``), so
-1-bit, 0/1, 0/255, RGB and RGBA masks all work; masks are resized with nearest neighbour.
+1-bit, 0/1, 0/255, RGB and RGBA masks all work; masks are resized with nearest neighbour. Masks of several
+pixel classes (``extract --classes``) are read by ``fishseg.data.labels``.
 """
 
 from __future__ import annotations

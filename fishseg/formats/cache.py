@@ -319,7 +319,7 @@ class FeatureCache:
         return features
 
     def masks(self, indices: Sequence[int], view: str = IDENTITY) -> np.ndarray:
-        """uint8 B×S×S in {0, 1}, seen in ``view``."""
+        """uint8 B×S×S class indices (binary: {0, 1}), seen in ``view``."""
         masks = _take(self.file["masks"], indices)
         return masks if view == IDENTITY else apply_view(torch.from_numpy(masks), view, (1, 2)).numpy()
 
