@@ -60,25 +60,39 @@ def extract(data_root: PathLike, out: PathLike, *, backbone: str = DEFAULT_BACKB
             layers: Sequence[int] = EXTRACT_DEFAULTS.layers, views: Sequence[str] = (), batch_size: int | None = None,
             num_workers: int | None = None, compression: str = DEFAULT_COMPRESSION, overwrite: bool = False,
             skip_bad: bool = False, device: str = "auto", precision: str = "auto",
-            config: ExtractConfig | None = None) -> ExtractResult:
+            classes: PathLike | None = None, config: ExtractConfig | None = None) -> ExtractResult:
     """Run the frozen backbone once over every image under ``data_root`` and write the HDF5 cache ``out``.
 
-    ``config`` gives the content settings (backbone, image_size, preview_size, layers, views, normalisation) at
-    once, in place of those keywords. A finished cache is kept when up to date and refused when stale (replace it
+    ``classes``: None, masks are binary (non-zero = fish); the path of a JSON class list (entry k names class k,
+    0 the background): names for masks of class indices (8-bit grayscale or palette PNGs), ``{"name": ...,
+    "rgb": [r, g, b]}`` entries for colour-coded RGB masks; or "species", binary masks whose fish pixels take
+    their image's species (class) folder as class (Kaggle layout, or images/<class>/). ``config`` gives the
+    content settings (backbone, image_size, preview_size, layers, views, normalisation, classes) at once, in
+    place of those keywords. A finished cache is kept when up to date and refused when stale (replace it
     with ``overwrite=True``); an interrupted one resumes. Under torchrun each process extracts a share, and every
     process returns the same result."""
+    from fishseg.data.labels import class_fields
     from fishseg.features.extract import run_extraction
 
+    data_root = _path(data_root, "data_root")
+    pixel_classes = {} if classes is None else class_fields(_class_list(classes), data_root)
     content = ExtractConfig(backbone=backbone, image_size=image_size, preview_size=preview_size, layers=layers,
-                            views=views)  # (lists become tuples there)
+                            views=views, **pixel_classes)  # (lists become tuples there)
     if config is not None and content != EXTRACT_DEFAULTS:
         raise TypeError("extract(): give the cache's content settings either as `config` or as keywords, not both")
     _require_type(config, ExtractConfig, "config")
     with _runtime(precision):
-        cache = run_extraction(_path(data_root, "data_root"), _path(out, "out"), config or content,
+        cache = run_extraction(data_root, _path(out, "out"), config or content,
                                batch_size=batch_size, num_workers=num_workers, device=device, compression=compression,
                                overwrite=overwrite, skip_bad=skip_bad)
     return ExtractResult.read(cache)
+
+
+def _class_list(classes: Any) -> str | Path:
+    """``extract``'s ``classes``: the string "species" as it is, anything else the path of a class list."""
+    from fishseg.data.labels import SPECIES
+
+    return classes if classes == SPECIES else _path(classes, "classes")
 
 
 def train(cache: PathLike, out: PathLike, *, config: TrainConfig | None = None, resume: bool = False,

@@ -255,6 +255,12 @@ input_dir = click.Path(file_okay=False, path_type=Path)
 @click.option("--views", default=(), type=Views(),
               help=f"Also store the features of these transformed photos (any of {','.join(VIEWS)}), for "
                    f"`train --augment views`.")
+@click.option("--classes", default=None, metavar="FILE|species",
+              help="Several pixel classes (README: Several classes). FILE: a JSON list, entry k naming class k (0 = "
+                   "background): names for masks whose pixel values are class indices (8-bit grayscale or palette "
+                   "PNG), or {\"name\": ..., \"rgb\": [r, g, b]} entries for colour-coded RGB masks. species: binary "
+                   "masks whose fish take their image's species (class) folder as class (Kaggle layout, or "
+                   "images/<class>/). Without it: binary masks, non-zero = fish.")
 @click.option("--batch-size", default=None, type=click.IntRange(1),
               help="Images per backbone forward [default: 8 on the CPU, 64 on CUDA].")
 @workers_option
@@ -265,8 +271,8 @@ input_dir = click.Path(file_okay=False, path_type=Path)
 @device_option
 @command
 def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_size: int, layers: tuple[int, ...],
-            views: tuple[str, ...], batch_size: int | None, num_workers: int | None, compression: str, overwrite: bool,
-            skip_bad: bool, device: str, precision: str) -> None:
+            views: tuple[str, ...], classes: str | None, batch_size: int | None, num_workers: int | None,
+            compression: str, overwrite: bool, skip_bad: bool, device: str, precision: str) -> None:
     """Run the frozen backbone once over every image and write patch features, masks and previews to one HDF5 cache.
 
     Resumable: stopped at any point, the same command continues where it stopped. Under
@@ -275,9 +281,12 @@ def extract(data_root: Path, out: Path, backbone: str, image_size: int, preview_
     result = api.extract(data_root, out, backbone=backbone, image_size=image_size, preview_size=preview_size,
                          layers=layers, views=views, batch_size=batch_size, num_workers=num_workers,
                          compression=compression, overwrite=overwrite, skip_bad=skip_bad, device=device,
-                         precision=precision)
+                         precision=precision, classes=classes)
     if is_main_process():
         click.echo(f"cache ready: {result.cache}")
+        if not result.classes.binary and result.class_shares:
+            click.echo("pixel classes: " + ", ".join(f"{name} {share:.1%}" for name, share in
+                                                     result.class_shares.items()))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
+from fishseg.classes import Classes
 from fishseg.formats.cache import FeatureCache
 from fishseg.formats.runs import CrossValidationRecord, RunFolder, RunRecord
 
@@ -23,19 +24,31 @@ class ExtractResult:
 
     ``cache``: the HDF5 cache's path; ``images``: the images stored in it; ``skipped``: "image id: why" of the
     images left out (``skip_bad=True``); ``backbone``: the backbone's name as the cache records it;
-    ``random_init``: True when the backbone was random-init, so the features carry no pretrained knowledge."""
+    ``random_init``: True when the backbone was random-init, so the features carry no pretrained knowledge;
+    ``classes``: what a mask value means (binary, or the classes of ``classes=``); ``class_pixels``: class name →
+    mask pixels of that class over all images, in class order (empty for a cache made before they were counted;
+    left out of ``repr`` and of comparisons, as it follows from the cache)."""
 
     cache: Path
     images: int
     skipped: tuple[str, ...] = dataclasses.field(repr=False)
     backbone: str
     random_init: bool
+    classes: Classes = Classes()
+    class_pixels: Mapping[str, int] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def read(cls, path: Path) -> ExtractResult:
         with FeatureCache(path) as cache:
+            counts = {} if cache.class_pixels is None else dict(zip(cache.classes.names, cache.class_pixels.tolist()))
             return cls(path, len(cache), tuple(f"{image_id}: {why}" for image_id, why in cache.skipped),
-                       cache.backbone.name, cache.backbone.random_init)
+                       cache.backbone.name, cache.backbone.random_init, cache.classes, counts)
+
+    @property
+    def class_shares(self) -> dict[str, float]:
+        """Class name → its share of all mask pixels (0 … 1), in class order; empty as ``class_pixels`` is."""
+        total = sum(self.class_pixels.values())
+        return {name: count / total for name, count in self.class_pixels.items()} if total else {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""Images on disk, splits and generated photos."""
+"""Images and masks on disk, pixel classes, splits and generated photos."""

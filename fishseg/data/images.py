@@ -10,13 +10,15 @@ Layouts accepted as a data root:
 
 Images and masks are paired by file stem, never by sorted position. Mask rule: a pixel is
 foreground when its value is non-zero after conversion to 8-bit grayscale (PIL mode ``L``), so
-1-bit, 0/1, 0/255, RGB and RGBA masks all work; masks are resized with nearest neighbour.
+1-bit, 0/1, 0/255, RGB and RGBA masks all work; masks are resized with nearest neighbour. Masks of several
+pixel classes (``extract --classes``) are read by ``fishseg.data.labels``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -99,6 +101,12 @@ def _generic_samples(root: Path) -> list[Sample]:
     return samples
 
 
+def in_class_folders(samples: list[Sample]) -> bool:
+    """Whether every image lies in a folder named after its class: the Kaggle layout's species folders or the
+    generic layout's ``images/<class>/``, not the generic layout's images directly in ``images/`` (one class)."""
+    return all(sample.image_path.parent.name == sample.class_name for sample in samples)
+
+
 def _image_files(folder: Path) -> dict[str, Path]:
     """Image files directly in ``folder`` keyed by stem; two files with one stem are an error."""
     by_stem: dict[str, Path] = {}
@@ -132,7 +140,7 @@ def _pair_folder(image_dir: Path, mask_dir: Path, class_name: str, data_root: Pa
     ]
 
 
-def _open(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
     """Decode an image upright: a phone photo's EXIF orientation tag is applied, as viewers do."""
     try:
         with Image.open(path) as image:
@@ -145,7 +153,7 @@ def _open(path: Path) -> Image.Image:
 
 def read_rgb(path: Path) -> Image.Image:
     """Decode any image mode to 8-bit RGB; 16-bit and 32-bit grayscale are scaled to 0..255."""
-    return as_rgb(_open(path))
+    return as_rgb(open_image(path))
 
 
 def as_rgb(image: Image.Image) -> Image.Image:
@@ -159,8 +167,13 @@ def as_rgb(image: Image.Image) -> Image.Image:
 
 def read_mask(path: Path) -> Image.Image:
     """Decode a mask to mode ``L`` with values 0 (background) and 1 (foreground: non-zero in L)."""
-    foreground = np.asarray(_open(path).convert("L")) > 0
+    foreground = np.asarray(open_image(path).convert("L")) > 0
     return Image.fromarray(foreground.astype(np.uint8), mode="L")
+
+
+def binary_labels(sample: Sample) -> Image.Image:
+    """A sample's mask read as binary (``read_mask``): how extraction reads masks without a class list."""
+    return read_mask(sample.mask_path)
 
 
 def prediction_inputs(image: Image.Image, image_size: int, preview_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,16 +243,19 @@ class ImageDataset(torch.utils.data.Dataset):
 class ExtractionDataset(torch.utils.data.Dataset):
     """Decodes and resizes one sample per item (runs in DataLoader workers).
 
-    Returns ``(image 3×S×S uint8, mask S×S uint8 in {0,1}, preview P×P×3 uint8, error)``;
-    normalisation happens on the device, so workers ship 4× fewer bytes than float images.
-    A sample that cannot be read comes back as zeros with a one-line ``error`` (empty when fine):
-    an exception raised in a worker would reach the user wrapped in a traceback.
+    Returns ``(image 3×S×S uint8, mask S×S uint8 class indices, preview P×P×3 uint8, error)``; ``read_labels``
+    reads a sample's mask as class indices in mode ``L`` (binary: {0, 1}; ``fishseg.data.labels.mask_reader``
+    for the other mask formats), resized with nearest neighbour. Normalisation happens on the device, so workers
+    ship 4× fewer bytes than float images. A sample that cannot be read comes back as zeros with a one-line
+    ``error`` (empty when fine): an exception raised in a worker would reach the user wrapped in a traceback.
     """
 
-    def __init__(self, samples: list[Sample], image_size: int, preview_size: int) -> None:
+    def __init__(self, samples: list[Sample], image_size: int, preview_size: int,
+                 read_labels: Callable[[Sample], Image.Image] = binary_labels) -> None:
         self.samples = samples
         self.image_size = image_size
         self.preview_size = preview_size
+        self.read_labels = read_labels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -258,9 +274,8 @@ class ExtractionDataset(torch.utils.data.Dataset):
             "",
         )
 
-    @staticmethod
-    def _read(sample: Sample) -> tuple[Image.Image, Image.Image]:
-        image, mask = read_rgb(sample.image_path), read_mask(sample.mask_path)
+    def _read(self, sample: Sample) -> tuple[Image.Image, Image.Image]:
+        image, mask = read_rgb(sample.image_path), self.read_labels(sample)
         if image.size != mask.size:
             raise FishsegError(
                 f"{sample.mask_path}: mask is {mask.size[0]}×{mask.size[1]} but its image is "

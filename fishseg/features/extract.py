@@ -23,11 +23,12 @@ from fishseg.version import __version__
 from fishseg.config import (DEFAULT_COMPRESSION, IDENTITY, ExtractConfig, check_compression, check_patch_multiple,
                             resolve_layers)
 from fishseg.data.images import ExtractionDataset, Sample, apply_view, discover_samples
+from fishseg.data.labels import check_classes_present, check_layout_classes, mask_reader
 from fishseg.data.splits import near_duplicate_groups, thumbnails
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.formats.cache import (CacheWriter, FeatureCache, PartStore, discard_parts, disk_errors, feature_name,
-                                   is_cache, non_finite_images, parts_dir, setting_changes)
+                                   is_cache, non_finite_images, parts_dir, pixel_classes, setting_changes)
 from fishseg.models.backbone import Backbone, backbone_reference, load_backbone
 from fishseg.runtime import (active_precision, default_batch_size, default_num_workers, make_output_dir, plural,
                              resolve_device)
@@ -173,7 +174,7 @@ def _extract_batches(store: PartStore, samples: list[Sample], backbone: Backbone
     mine = ranks.shard(store.batches())
     todo = [batch for batch in mine if batch not in finished]
     loader = torch.utils.data.DataLoader(
-        ExtractionDataset(samples, config.image_size, config.preview_size),
+        ExtractionDataset(samples, config.image_size, config.preview_size, mask_reader(config)),
         batch_sampler=[list(range(start, stop)) for start, stop in todo], num_workers=num_workers,
         pin_memory=backbone.device.type == "cuda", prefetch_factor=4 if num_workers else None,
     )
@@ -184,6 +185,22 @@ def _extract_batches(store: PartStore, samples: list[Sample], backbone: Backbone
             _PartWriter(store, samples, skip_bad, progress, backbone.device.type in THREADED_WRITES) as writer:
         for (start, stop), (images, masks, previews, errors) in zip(todo, loader):
             writer.put(_compute(backbone, config, start, stop, images, masks, previews, list(errors)))
+
+
+def _check_labels(store: PartStore, out: Path, config: ExtractConfig, data_root: Path) -> None:
+    """With classes, refuse masks of one class everywhere before the cache is written. The parts go with the
+    refusal: the masks must change, and with them the files the parts were made from."""
+    if config.mask_format == "binary":
+        return
+    counts = np.zeros(len(config.classes), np.int64)
+    for batch in store.batches():
+        part = store.read(*batch, "errors", "masks")
+        counts += np.bincount(part["masks"][part["errors"] == ""].ravel(), minlength=len(counts))
+    try:
+        check_classes_present(counts, pixel_classes(config), data_root)
+    except FishsegError:
+        discard_parts(out)
+        raise
 
 
 def _assemble(store: PartStore, out: Path, config: ExtractConfig, backbone: Backbone, samples: list[Sample],
@@ -220,7 +237,8 @@ def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_s
                    overwrite: bool = False, skip_bad: bool = False) -> Path:
     """Extract patch grids, masks and previews for every sample under ``data_root`` into ``out``.
 
-    An existing finished cache is checked and kept (up to date) or refused (stale, other settings)
+    Masks are read as ``config.mask_format`` says (``fishseg.data.labels``); with classes, masks of one class in
+    every pixel of every image are refused before the cache is written. An existing finished cache is checked and kept (up to date) or refused (stale, other settings)
     unless ``overwrite``; an interrupted extraction into ``out`` is resumed. ``batch_size`` and ``num_workers``
     None: chosen for the device (``runtime.default_batch_size``, ``runtime.default_num_workers``).
     """
@@ -229,6 +247,7 @@ def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_s
         raise FishsegError(f"{out}: is a folder; `out` is the .h5 file to write, e.g. {out / 'cache.h5'}")
     config = dataclasses.replace(config, backbone=backbone_reference(config.backbone))
     samples = discover_samples(data_root)
+    check_layout_classes(config, samples, data_root)
     if out.exists() and not is_cache(out):
         if not overwrite:
             raise FishsegError(f"{out}: exists and is not a fishseg cache, so fishseg extract will not touch it; "
@@ -240,11 +259,11 @@ def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_s
         logger.info("%s is up to date (%d images); nothing to do", out, len(samples))
         return out
     with distributed.session(resolve_device(device)) as (ranks, torch_device):
-        return _extract(out, config, samples, ranks, torch_device, batch_size=batch_size,
+        return _extract(data_root, out, config, samples, ranks, torch_device, batch_size=batch_size,
                         num_workers=num_workers, compression=compression, overwrite=overwrite, skip_bad=skip_bad)
 
 
-def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ranks,
+def _extract(data_root: Path, out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ranks,
              torch_device: torch.device, *, batch_size: int | None, num_workers: int | None, compression: str,
              overwrite: bool, skip_bad: bool) -> Path:
     """Each rank computes its contiguous shard of batches into the part store; rank 0 assembles the cache."""
@@ -275,6 +294,7 @@ def _extract(out: Path, config: ExtractConfig, samples: list[Sample], ranks: Ran
         raise
     ranks.barrier()  # every shard is written
     if ranks.main:
+        _check_labels(store, out, config, data_root)
         n_skipped = _assemble(store, out, config, backbone, samples, compression)
         discard_parts(out)
         logger.info("wrote %s (%s%s)", out, plural(len(samples) - n_skipped, "image"),
