@@ -426,7 +426,8 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
         click.echo(f"written: {result.out}/cv.json")
         return
     duplicates = plural(result.val_with_duplicate_in_train, "val image")
-    click.echo(f"run {result.status}: {result.out} (best val IoU {result.best_val_iou:.4f} at epoch "
+    best = f"best {result.record.score_name} {result.best_val_iou:.4f}"
+    click.echo(f"run {result.status}: {result.out} ({best} at epoch "
                f"{result.best_epoch} of {result.epochs_planned}; {duplicates} with a near-duplicate in train)")
 
 
@@ -605,6 +606,10 @@ def predict(inputs: tuple[Path, ...], run_dir: Path, out: Path, backbone: str | 
             num_workers: int | None, skip_bad: bool, overwrite: bool, device: str, precision: str) -> None:
     """Predict masks for images or folders of images (no masks needed), at each image's own resolution.
 
+    Writes a mask PNG and an overlay per image and predictions.csv; a run with several pixel classes writes
+    label PNGs (palette: value = class index, colour = the class's), overlays with a legend, and each class's
+    area (area_px:<class>) in predictions.csv.
+
     The backbone must be the one the run's cache was extracted with: its architecture and a digest of its
     weights are checked.
     """
@@ -622,7 +627,9 @@ def predict(inputs: tuple[Path, ...], run_dir: Path, out: Path, backbone: str | 
 @click.option("--out", default=Path("fishseg-demo"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
 @click.option("--backbone", default=None, help="Hub id or local model folder [default: a random-init ViT-S/16].")
-@click.option("--classes", default=3, show_default=True, type=click.IntRange(1, DEMO_SPECIES))
+@click.option("--classes", default=3, show_default=True, type=click.IntRange(1, DEMO_SPECIES),
+              help="Species folders of generated photos (Kaggle layout, binary masks: fish or not; for several "
+                   "pixel classes see `extract --classes`).")
 @click.option("--images-per-class", default=12, show_default=True, type=click.IntRange(DEMO_MIN_IMAGES))
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--image-size", default=EXTRACT_DEFAULTS.image_size, show_default=True, type=click.IntRange(16))

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import re
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from fishseg.errors import FishsegError
 
@@ -100,8 +100,14 @@ def _as_tuple(config: Any, field: str) -> tuple:
     value = getattr(config, field)
     value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
     object.__setattr__(config, field, value)
-    _require(len(set(value)) == len(value), field, value, "each value once")
+    _require_once(value, field)
     return value
+
+
+def _require_once(values: tuple, field: str, text: Callable[[Any], str] = shown) -> None:
+    """Each value once; the refusal names those given more than once."""
+    repeated = list(dict.fromkeys(value for value in values if values.count(value) > 1))
+    _require(not repeated, field, values, f"each value once ({', '.join(map(text, repeated))} more than once)")
 
 
 def _block_indices(config: Any, field: str, allow_empty: bool) -> None:
@@ -212,7 +218,7 @@ class ExtractConfig:
         for colour in colours:
             _require(isinstance(colour, tuple) and len(colour) == 3 and all(_whole(v) and 0 <= v <= 255 for v in colour),
                      "colours", colour, "3 whole numbers 0 … 255 (R, G, B)")
-        _require(len(set(colours)) == len(colours), "colours", colours, "a different colour for each class")
+        _require_once(colours, "colours", lambda colour: f"RGB {colour}")
 
 
 @dataclasses.dataclass(frozen=True)

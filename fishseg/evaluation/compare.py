@@ -120,8 +120,9 @@ class Leaderboard:
         counts = {"failed": failed, "unfinished": len(self.unscored) - failed}
         listed = " and ".join(f"{count} {state}" for state, count in counts.items() if count)
         unscored = f" (and {listed}, without scores)" if listed else ""
+        score = "mean per-image mIoU" if best.class_ious else "mean IoU"
         return (f"leaderboard of {plural(len(self.entries), 'entry', 'entries')}{unscored}: best {best.name} "
-                f"(mean IoU {best.mean_iou:.4f}); {tested}; written to {self.out_dir}")
+                f"({score} {best.mean_iou:.4f}); {tested}; written to {self.out_dir}")
 
 
 def default_out(folders: Sequence[Path], baseline: Path | None = None) -> Path:

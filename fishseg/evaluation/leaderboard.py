@@ -95,11 +95,13 @@ def write_leaderboard(out_dir: Path, entries: Sequence[LeaderboardEntry], *, ref
     """
     entries = _checked(entries, reference, unscored)
     fields = _field_columns([*entries, *unscored])
-    png = _png_bytes(_curves_figure(entries, reference, _score_name(entries)))
+    score = _score_name(entries)
+    explanation = EXPLANATION.replace("IoU", score)  # several classes: each image's mIoU is what is paired
+    png = _png_bytes(_curves_figure(entries, reference, score))
     header, rows = _table(entries, unscored, fields, reference)
     contents = {"csv": _csv_text(entries, unscored, fields, reference).encode(), "png": png,
-                "md": _markdown(header, rows, reference, notes).encode(),
-                "html": _html(header, rows, reference, notes, png).encode(),
+                "md": _markdown(header, rows, reference, notes, explanation).encode(),
+                "html": _html(header, rows, reference, notes, png, explanation).encode(),
                 "json": json.dumps({"compared": [str(folder.resolve()) for folder in compared]}, indent=2).encode()}
     paths = {"csv": out_dir / CSV_FILE, "md": out_dir / MD_FILE, "png": out_dir / PNG_FILE, "html": out_dir / HTML_FILE,
              "json": out_dir / SOURCES_FILE}
@@ -231,11 +233,12 @@ def _comparison_cells(c: PairedComparison | None) -> list[Cell]:
             _number(f"{c.p_adjusted:.2g}", "p_adjusted", c.p_adjusted)]
 
 
-def _markdown(header: list[str], rows: list[list[Cell]], reference: str, notes: Sequence[str]) -> str:
+def _markdown(header: list[str], rows: list[list[Cell]], reference: str, notes: Sequence[str],
+              explanation: str) -> str:
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|").replace("<", "&lt;") for cell in cells) + " |"
 
-    lines = ["# fishseg leaderboard", "", f"Reference: {reference}. {EXPLANATION}", "", line(header),
+    lines = ["# fishseg leaderboard", "", f"Reference: {reference}. {explanation}", "", line(header),
              "|" + "---|" * len(header), *(line([cell.text for cell in row]) for row in rows)]
     lines += ["", *(f"- {note}" for note in notes), "", f"![validation IoU per epoch]({PNG_FILE})"]
     return "\n".join(lines) + "\n"
@@ -248,7 +251,8 @@ def _html_cell(cell: Cell) -> str:
     return f"<td{css}{data}>{html.escape(cell.text)}</td>"
 
 
-def _html(header: list[str], rows: list[list[Cell]], reference: str, notes: Sequence[str], png: bytes) -> str:
+def _html(header: list[str], rows: list[list[Cell]], reference: str, notes: Sequence[str], png: bytes,
+          explanation: str) -> str:
     """``leaderboard.html``: one self-contained page (inline CSS, embedded PNG, no script, no network)."""
     head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
     body = "".join(('<tr class="reference">' if row[0].text == reference else
@@ -260,7 +264,7 @@ def _html(header: list[str], rows: list[list[Cell]], reference: str, notes: Sequ
 <html lang="en"><head><meta charset="utf-8"><title>fishseg leaderboard</title><style>{LEADERBOARD_STYLE}</style>
 </head><body>
 <h1>fishseg leaderboard</h1>
-<p>Reference: <strong>{html.escape(reference)}</strong>. {html.escape(EXPLANATION)}</p>
+<p>Reference: <strong>{html.escape(reference)}</strong>. {html.escape(explanation)}</p>
 <div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>
 {f"<ul>{items}</ul>" if items else ""}
 <figure><img src="data:image/png;base64,{image}" alt="validation IoU per epoch of every entry"></figure>

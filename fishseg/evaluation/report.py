@@ -54,6 +54,7 @@ CURVES = dict(zip(CURVE_FILES, (  # file → (title, history split, value, y lab
     ("IoU per epoch, train vs val (mean ± std over images)", None, "iou", "IoU (threshold 0.5)"),
     ("Validation IoU per iteration", "val", "iou", "IoU (threshold 0.5)"),
 ), strict=True))
+CLASS_EPOCH_TITLE = "Dataset mIoU per epoch, train vs val (band: ± std of the per-image mIoU)"  # several classes
 MIOU_NOTE = ("Dataset mIoU is the standard score of several classes: each class's IoU over all validation pixels, "
              "averaged over the classes true or predicted anywhere; per-image mIoU averages each image's own mIoU "
              "(over the classes in that image), so every image weighs alike.")
@@ -359,6 +360,8 @@ def write_figures(out_dir: Path, data: ReportData) -> dict[str, str]:
     files: dict[str, str] = {}
     for name, (title, split, value, ylabel) in CURVES.items():
         title, ylabel = _worded(title, data.classes), _worded(ylabel, data.classes)
+        if value == "iou" and split is None and not data.classes.binary:
+            title = CLASS_EPOCH_TITLE  # history's val_iou is the dataset mIoU, its std that of the per-image mIoU
         figure = (_iteration_figure(data.history["iterations"][split], value, title, ylabel) if split
                   else _epoch_figure(data.history["epochs"], value, title, ylabel))
         _save(figure, out_dir / name)
@@ -496,6 +499,8 @@ def _tables(data: ReportData) -> dict[str, tuple[list[str], list[list[str]]]]:
     pixel = data.metrics.get("pixel_classes")
     per_class, epochs = ([_worded(cell, data.classes) for cell in header]
                          for header in (PER_CLASS_HEADER, EPOCH_HEADER))
+    if pixel:  # beside the pixel classes, say that these are the images' folders
+        per_class[0] = "image class (folder)"
     return {**({"Pixel classes": (PIXEL_CLASS_HEADER, pixel_class_rows(pixel))} if pixel else {}),
             "Per class": (per_class, per_class_rows(data.metrics)), "Epochs": (epochs, epoch_rows(data.history))}
 
