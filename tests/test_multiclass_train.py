@@ -215,6 +215,11 @@ def test_cross_validation_trains_and_scores_every_fold_on_classes(classes_cache:
         metrics = json.loads((tmp_path / "cv" / f"fold-{fold}" / "report" / "metrics.json").read_text())
         assert metrics["pooled_iou"] == pytest.approx(metrics["pixel_classes"]["miou"])
         assert cv["folds"][fold - 1]["pooled_iou"] == pytest.approx(metrics["pixel_classes"]["miou"])
+        for name in CLASSES:
+            assert cv["folds"][fold - 1][f"iou:{name}"] == metrics["pixel_classes"]["per_class"][name]["iou"]
+    for name in CLASSES:
+        ious = [fold[f"iou:{name}"] for fold in cv["folds"]]
+        assert cv["summary"][f"iou:{name}"] == pytest.approx({"mean": np.mean(ious), "std": np.std(ious)})
 
 
 def test_a_sweep_on_classes_trains_scores_and_compares_with_class_losses(classes_cache: Path,

@@ -31,6 +31,7 @@ from fishseg.training.train import EpochCallback, TrainingData, plan_run, train_
 logger = logging.getLogger(__name__)
 
 CV_METRICS = ("mean_iou", "mean_dice", "mean_boundary_f", "pooled_iou")
+CLASS_IOU = "iou:"  # with several pixel classes, a fold's IoU of class NAME is "iou:NAME" (per_image.csv's column)
 
 
 def plan_cross_validation(out_dir: Path, config: TrainConfig, cache: FeatureCache, *, resume: bool,
@@ -127,10 +128,14 @@ def _cross_validate(data: TrainingData, folder: RunFolder, config: TrainConfig, 
 
 
 def _summary(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean and std over the folds of each of CV_METRICS and, with several pixel classes, of each class's IoU
+    (``iou:<class>``, over the folds that scored the class)."""
     summary = {}
-    for name in CV_METRICS:
-        values = [result[name] for result in results]
-        summary[name] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+    names = dict.fromkeys(name for result in results for name in result if name.startswith(CLASS_IOU))
+    for name in (*CV_METRICS, *names):
+        values = [result[name] for result in results if result.get(name) is not None]
+        if values:
+            summary[name] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
     return summary
 
 
@@ -138,6 +143,8 @@ def _score_fold(data: TrainingData, run: RunFolder, fold: int, device: torch.dev
     evaluation = evaluate_run(data.cache, run.path, device, full=False, source=data.scoring_source())
     write_scores(run.path / REPORT_DIR, evaluation)
     metrics = evaluation.metrics
+    per_class = metrics.get("pixel_classes", {}).get("per_class", {})
     return {"fold": fold + 1, "n_images": metrics["n_images"],
             "val_with_duplicate_in_train": metrics["val_with_duplicate_in_train"],
-            **{name: metrics[name] for name in CV_METRICS}}
+            **{name: metrics[name] for name in CV_METRICS},
+            **{f"{CLASS_IOU}{name}": scores["iou"] for name, scores in per_class.items()}}
