@@ -55,6 +55,12 @@ def test_rgb_masks_read_each_colour_as_its_class(mode: str, tmp_path: Path) -> N
     assert np.array_equal(_read(RGB, mask, tmp_path), LABELS)
 
 
+def test_index_masks_read_with_colours_say_to_list_names_only(tmp_path: Path) -> None:
+    with pytest.raises(fishseg.FishsegError, match=r"mask\.png: colour \(1, 1, 1\).*single-channel mask, read as "
+                                                   r"grey: for masks of class indices, list the classes' names"):
+        _read(RGB, Image.fromarray(LABELS, mode="L"), tmp_path)
+
+
 def test_species_masks_give_the_fish_their_folder_class(kaggle_root: Path, tmp_path: Path) -> None:
     samples = discover_samples(kaggle_root)
     classes = species_classes(samples, kaggle_root)

@@ -130,7 +130,8 @@ def _index_labels(sample: Sample, count: int) -> Image.Image:
 
 def _rgb_labels(sample: Sample, colours: tuple[Colour, ...]) -> Image.Image:
     """A colour-coded mask: a pixel's colour is its class's entry in ``colours``."""
-    rgb = np.asarray(open_image(sample.mask_path).convert("RGB")).astype(np.int64)
+    mask = open_image(sample.mask_path)
+    rgb = np.asarray(mask.convert("RGB")).astype(np.int64)
     codes = rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]
     keys = np.array([r << 16 | g << 8 | b for r, g, b in colours])
     order = np.argsort(keys)
@@ -141,7 +142,9 @@ def _rgb_labels(sample: Sample, colours: tuple[Colour, ...]) -> Image.Image:
         red, green, blue = rgb[row, col]
         raise FishsegError(f"{sample.mask_path}: colour ({red}, {green}, {blue}) (at x {col}, y {row}; "
                            f"{plural(int((codes == codes[row, col]).sum()), 'pixel')}) is not in the class list "
-                           f"(colour-coded masks must be saved losslessly, e.g. as PNG)")
+                           + ("(a single-channel mask, read as grey: for masks of class indices, list the classes' "
+                              "names without colours)" if mask.mode in ("1", "L", "I", "I;16") else
+                              "(colour-coded masks must be saved losslessly, e.g. as PNG)"))
     return Image.fromarray(order[position].astype(np.uint8), mode="L")
 
 
