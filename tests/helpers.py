@@ -15,6 +15,8 @@ import fishseg.training.train as train_module
 from fishseg.config import BackboneInfo, ExtractConfig
 from fishseg.data.images import Sample, apply_view
 from fishseg.formats.cache import CacheWriter
+from fishseg.inference.predict import PredictionResult, run_prediction
+from fishseg.inference.segmenter import Segmenter
 
 REPO = Path(__file__).resolve().parents[1]
 F4K_SAMPLE = REPO.parent / "shared" / "data" / "f4k-sample"
@@ -84,3 +86,21 @@ def interrupt_at_pass(monkeypatch: pytest.MonkeyPatch, number: int) -> None:
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "run_epoch", interrupted)
+
+
+def demo_photos(root: Path, count: int) -> list[Path]:
+    """The first ``count`` photos (not their masks) of a generated Kaggle-layout dataset under ``root``."""
+    return sorted(path for path in root.rglob("*.png") if " GT" not in str(path))[:count]
+
+
+PAIRED_BATCH = 2  # predict's and the Segmenter's, so that both see the photos in the same batches
+
+
+def paired_segmenter(run: Path) -> Segmenter:
+    """The run's Segmenter, batched as ``paired_prediction`` is (their outputs can be compared exactly)."""
+    return Segmenter.from_run(run, device="cpu", batch_size=PAIRED_BATCH)
+
+
+def paired_prediction(run: Path, photos: list[Path], out: Path) -> PredictionResult:
+    """``predict`` of ``photos`` into ``out``, batched as ``paired_segmenter``."""
+    return run_prediction(run, photos, out, batch_size=PAIRED_BATCH, num_workers=0, device="cpu")

@@ -25,10 +25,9 @@ from fishseg.inference.segmenter import Segmentation, Segmenter
 from fishseg.models.decoders import build_decoder
 from fishseg.results import PredictionResult
 from fishseg.training.train import run_training
-from tests.helpers import TINY_IMAGE_SIZE
+from tests.helpers import TINY_IMAGE_SIZE, demo_photos, paired_prediction, paired_segmenter
 
 CLASSES = Classes.several(("background", "cod", "haddock", "reef"))
-BATCH = 2
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +71,17 @@ def species_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="module")
 def photos(kaggle_root: Path) -> list[Path]:
-    return sorted(path for path in kaggle_root.rglob("*.png") if " GT" not in str(path))[:3]
+    return demo_photos(kaggle_root, 3)
 
 
 @pytest.fixture(scope="module")
 def segmenter(classes_run: Path) -> Segmenter:
-    return Segmenter.from_run(classes_run, device="cpu", batch_size=BATCH)
+    return paired_segmenter(classes_run)
 
 
 @pytest.fixture(scope="module")
 def predicted(classes_run: Path, photos: list[Path], tmp_path_factory: pytest.TempPathFactory) -> PredictionResult:
-    out = tmp_path_factory.mktemp("predicted") / "out"
-    return run_prediction(classes_run, photos, out, batch_size=BATCH, num_workers=0, device="cpu")
+    return paired_prediction(classes_run, photos, tmp_path_factory.mktemp("predicted") / "out")
 
 
 def _labels(height: int = 30, width: int = 40) -> np.ndarray:

@@ -17,6 +17,7 @@ from fishseg.evaluation.metrics import THRESHOLD
 from fishseg.inference.predict import PredictionResult, run_prediction
 from fishseg.inference.segmenter import Segmentation, Segmenter
 from fishseg.training.train import run_training
+from tests.helpers import PAIRED_BATCH as BATCH, demo_photos, paired_prediction, paired_segmenter
 
 KINDS: dict[str, Callable[[Path], Any]] = {  # how a user may hold a photo
     "str": str,
@@ -24,23 +25,21 @@ KINDS: dict[str, Callable[[Path], Any]] = {  # how a user may hold a photo
     "PIL": Image.open,
     "array": lambda path: np.asarray(Image.open(path).convert("RGB")),
 }
-BATCH = 2  # predict's and the segmenter's: both see the photos in the same batches
 
 
 @pytest.fixture(scope="module")
 def photos(kaggle_root: Path) -> list[Path]:
-    return sorted(path for path in kaggle_root.rglob("*.png") if " GT" not in str(path))[:5]
+    return demo_photos(kaggle_root, 5)
 
 
 @pytest.fixture(scope="module")
 def segmenter(tiny_run: Path) -> Segmenter:
-    return Segmenter.from_run(tiny_run, device="cpu", batch_size=BATCH)
+    return paired_segmenter(tiny_run)
 
 
 @pytest.fixture(scope="module")
 def predicted(tiny_run: Path, photos: list[Path], tmp_path_factory: pytest.TempPathFactory) -> PredictionResult:
-    out = tmp_path_factory.mktemp("predicted") / "out"
-    return run_prediction(tiny_run, photos, out, batch_size=BATCH, num_workers=0, device="cpu")
+    return paired_prediction(tiny_run, photos, tmp_path_factory.mktemp("predicted") / "out")
 
 
 @pytest.fixture(scope="module")
