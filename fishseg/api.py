@@ -60,11 +60,12 @@ def extract(data_root: PathLike, out: PathLike, *, backbone: str = DEFAULT_BACKB
             layers: Sequence[int] = EXTRACT_DEFAULTS.layers, views: Sequence[str] = (), batch_size: int | None = None,
             num_workers: int | None = None, compression: str = DEFAULT_COMPRESSION, overwrite: bool = False,
             skip_bad: bool = False, device: str = "auto", precision: str = "auto",
-            classes: PathLike | None = None, config: ExtractConfig | None = None) -> ExtractResult:
+            classes: PathLike | Sequence[str | dict] | None = None,
+            config: ExtractConfig | None = None) -> ExtractResult:
     """Run the frozen backbone once over every image under ``data_root`` and write the HDF5 cache ``out``.
 
-    ``classes``: None, masks are binary (non-zero = fish); the path of a JSON class list (entry k names class k,
-    0 the background): names for masks of class indices (8-bit grayscale or palette PNGs), ``{"name": ...,
+    ``classes``: None, masks are binary (non-zero = fish); a class list (entry k names class k, 0 the background),
+    or the path of one in JSON: names for masks of class indices (8-bit grayscale or palette PNGs), ``{"name": ...,
     "rgb": [r, g, b]}`` entries for colour-coded RGB masks; or "species", binary masks whose fish pixels take
     their image's species (class) folder as class (Kaggle layout, or images/<class>/). ``config`` gives the
     content settings (backbone, image_size, preview_size, layers, views, normalisation, classes) at once, in
@@ -88,11 +89,12 @@ def extract(data_root: PathLike, out: PathLike, *, backbone: str = DEFAULT_BACKB
     return ExtractResult.read(cache)
 
 
-def _class_list(classes: Any) -> str | Path:
-    """``extract``'s ``classes``: the string "species" as it is, anything else the path of a class list."""
+def _class_list(classes: Any) -> str | Path | list:
+    """``extract``'s ``classes``: the string "species" or a list of classes as they are, anything else the path of
+    a class list."""
     from fishseg.data.labels import SPECIES
 
-    return classes if classes == SPECIES else _path(classes, "classes")
+    return classes if classes == SPECIES or isinstance(classes, (list, tuple)) else _path(classes, "classes")
 
 
 def train(cache: PathLike, out: PathLike, *, config: TrainConfig | None = None, resume: bool = False,

@@ -172,6 +172,21 @@ def test_multispecies_photos_extract_into_a_cache_of_their_classes(tmp_path: Pat
     assert f"pixel classes: {shares}" in result.output.splitlines()
 
 
+def test_from_python_the_class_list_itself_is_taken(tmp_path: Path, tiny_backbone: Path) -> None:
+    root = write_multispecies_dataset(tmp_path / "input", images=3, size=SMALL_PHOTO)
+    names = json.loads((root / "classes.json").read_text())
+    options = dict(backbone=str(tiny_backbone), image_size=TINY_IMAGE_SIZE, num_workers=0, device="cpu")
+    from_list = fishseg.extract(root, tmp_path / "list.h5", classes=names, **options)
+    from_file = fishseg.extract(root, tmp_path / "file.h5", classes=root / "classes.json", **options)
+    assert from_list.classes == from_file.classes and from_list.classes.names == tuple(names)
+    with FeatureCache(tmp_path / "list.h5") as listed, FeatureCache(tmp_path / "file.h5") as filed:
+        assert listed.fingerprint == filed.fingerprint
+    with pytest.raises(fishseg.FishsegError, match=r"^`classes`: classes 'background','cod','cod': expected each "
+                                                   r"value once \('cod' more than once\)$"):
+        fishseg.extract(root, tmp_path / "bad.h5", classes=["background", "cod", "cod"], **options)
+    assert not (tmp_path / "bad.h5").exists()
+
+
 def test_multispecies_dataset_is_the_same_for_a_seed(tmp_path: Path) -> None:
     first, again, other = (write_multispecies_dataset(tmp_path / name, images=2, size=SMALL_PHOTO, seed=seed)
                            for name, seed in (("a", 0), ("b", 0), ("c", 1)))

@@ -32,12 +32,14 @@ INDEX_MODES = frozenset({"1", "L", "P", "I", "I;16", "I;16L", "I;16B"})  # one c
 LIST_EXAMPLE = '["background", "fish", "reef"] or [{"name": "background", "rgb": [0, 0, 0]}, ...]'
 
 
-def class_fields(classes: Union[str, os.PathLike], data_root: Path) -> dict[str, Any]:
+def class_fields(classes: Union[str, os.PathLike, list, tuple], data_root: Path) -> dict[str, Any]:
     """ExtractConfig's ``mask_format``, ``classes`` and ``colours`` for ``extract(classes=...)``: the string
-    "species" (the classes of ``data_root``'s class folders), or the path of a class list."""
+    "species" (the classes of ``data_root``'s class folders), the path of a class list, or the list itself (from
+    Python: names, or ``{"name", "rgb"}`` entries)."""
     if isinstance(classes, str) and classes == SPECIES:
         return {"mask_format": SPECIES, "classes": species_classes(discover_samples(data_root), data_root)}
-    names, colours = read_class_list(Path(classes))
+    names, colours = (class_entries(list(classes), "`classes`") if isinstance(classes, (list, tuple))
+                      else read_class_list(Path(classes)))
     return {"mask_format": "rgb" if colours else "index", "classes": names, "colours": colours}
 
 
@@ -53,24 +55,30 @@ def read_class_list(path: Path) -> tuple[tuple[str, ...], tuple[Colour, ...]]:
     if not isinstance(entries, list):
         raise FishsegError(f"{path}: a class list is a JSON list (entry k names class k, 0 the background), not "
                            f"{_json_kind(entries)}; e.g. {LIST_EXAMPLE}")
+    return class_entries(entries, str(path))
+
+
+def class_entries(entries: list, source: str) -> tuple[tuple[str, ...], tuple[Colour, ...]]:
+    """The names and colours (() for names alone) of a class list's entries, checked; a refusal starts with
+    ``source`` (the file, or the keyword that gave the list)."""
     if all(isinstance(entry, str) for entry in entries):
         names, colours = tuple(entries), ()
     elif all(_colour_entry(entry) for entry in entries):
         names, colours = tuple(entry["name"] for entry in entries), tuple(tuple(entry["rgb"]) for entry in entries)
     else:
-        raise FishsegError(f'{path}: every entry must be a class name, or every entry {{"name": ..., "rgb": [r, g, '
-                           f'b]}} (colour-coded masks), not a mix or other values; e.g. {LIST_EXAMPLE}')
+        raise FishsegError(f'{source}: every entry must be a class name, or every entry {{"name": ..., "rgb": [r, '
+                           f'g, b]}} (colour-coded masks), not a mix or other values; e.g. {LIST_EXAMPLE}')
     try:
         ExtractConfig(mask_format="rgb" if colours else "index", classes=names, colours=colours)
     except FishsegError as error:
-        raise FishsegError(f"{path}: {error}") from None
+        raise FishsegError(f"{source}: {error}") from None
     return names, colours
 
 
 def _colour_entry(entry: Any) -> bool:
-    """``{"name": str, "rgb": list}``: what the values hold is checked with the rest of the classes."""
+    """``{"name": str, "rgb": [r, g, b]}``: what the values hold is checked with the rest of the classes."""
     return (isinstance(entry, dict) and set(entry) == {"name", "rgb"} and isinstance(entry["name"], str)
-            and isinstance(entry["rgb"], list))
+            and isinstance(entry["rgb"], (list, tuple)))
 
 
 def _json_kind(value: Any) -> str:
