@@ -42,9 +42,16 @@ from fishseg.training.resident import HeldSource, ResidentViews, fits_on_device,
 
 logger = logging.getLogger(__name__)
 
+def _score_widths(score: str) -> tuple[int, int]:
+    """The epoch table's train and val score columns: as wide as their headings, ``score`` IoU or mIoU."""
+    return max(9, len(f"train {score}")), max(8, len(f"val {score}"))
+
+
 def table_header(score: str = "IoU") -> str:
     """The epoch table's header; ``score``: IoU (binary) or mIoU (several classes)."""
-    return f"{'epoch':>5} {'train loss':>10} {'train ' + score:>9} {'val loss':>9} {'val ' + score:>8} {'time':>6}"
+    train, val = _score_widths(score)
+    return (f"{'epoch':>5} {'train loss':>10} {'train ' + score:>{train}} {'val loss':>9} {'val ' + score:>{val}} "
+            f"{'time':>6}")
 
 
 @dataclasses.dataclass
@@ -626,7 +633,7 @@ def _train(data: TrainingData, folder: RunFolder, config: TrainConfig, ranks: Ra
                     "resuming" if previous else "training", config.decoder, len(train), len(val), device,
                     f", {ranks.world} processes" if ranks.world > 1 else "", record.features)
         if on_epoch is _log_epoch:
-            logger.info(table_header("IoU" if objective.classes.binary else "mIoU"))
+            logger.info(table_header(record.score_name.removeprefix("val ")))
     for epoch in range(record.epochs_done + 1, config.epochs + 1):
         started = time.perf_counter()
         train_result = run_epoch(session.model, train, config.batch_size, device, session.optimizer,
@@ -672,5 +679,6 @@ def _commit(folder: RunFolder, record: RunRecord, entry: dict[str, Any], session
 
 
 def _log_epoch(record: RunRecord, row: dict[str, float]) -> None:
-    logger.info(f"{row['epoch']:>5} {row['train_loss']:>10.4f} {row['train_iou']:>9.4f} {row['val_loss']:>9.4f} "
-                f"{row['val_iou']:>8.4f} {row['seconds']:>5.1f}s")
+    train, val = _score_widths(record.score_name.removeprefix("val "))
+    logger.info(f"{row['epoch']:>5} {row['train_loss']:>10.4f} {row['train_iou']:>{train}.4f} {row['val_loss']:>9.4f} "
+                f"{row['val_iou']:>{val}.4f} {row['seconds']:>5.1f}s")
