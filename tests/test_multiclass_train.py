@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from fishseg.config import TrainConfig
 from fishseg.data.splits import dominant_classes, split_indices
 from fishseg.errors import FishsegError
 from fishseg.evaluation.metrics import confusion_matrices, dataset_mean_iou
-from fishseg.formats.cache import FeatureCache
+from fishseg.formats.cache import FeatureCache, count_class_pixels
 from fishseg.models.decoders import build_decoder, load_checkpoint, read_checkpoint_meta, segment
 from fishseg.training.losses import balanced_weights, class_losses, default_loss
 from fishseg.training.train import Objective, TrainingData, run_epoch
@@ -146,7 +145,7 @@ def test_a_loss_or_weights_that_do_not_fit_the_cache_are_refused(binary: bool, o
 def test_balanced_weights_need_the_pixel_counts_of_a_newer_cache(tmp_path: Path) -> None:
     cache = write_toy_cache(tmp_path / "old.h5", n_images=12, classes=CLASSES)
     with h5py.File(cache, "a") as file:
-        del file["class_pixels"]
+        del file["image_class_pixels"]
     with pytest.raises(FishsegError, match="an older cache that did not count pixels per class"):
         fishseg.train(cache, tmp_path / "run", **QUICK, class_weights="balanced")
     fishseg.train(cache, tmp_path / "run", **dict(QUICK, epochs=1))  # unweighted, it trains
@@ -163,26 +162,12 @@ def test_the_cli_trains_with_class_weights_and_refuses_a_binary_loss_in_one_line
     assert "Traceback" not in refused.output
 
 
-@dataclasses.dataclass
-class _HeldMasks:
-    """Masks held in memory, read as a split reads a cache's."""
-
-    held: np.ndarray
-    classes: Classes = Classes.several(CLASSES)
-
-    def __len__(self) -> int:
-        return len(self.held)
-
-    def masks(self, rows: np.ndarray) -> np.ndarray:
-        return self.held[rows]
-
-
 def test_dominant_class_is_the_largest_foreground_class() -> None:
     masks = np.zeros((3, 4, 4), np.uint8)
     masks[0, :2] = 2  # 8 pixels of class 2
     masks[0, 3, :3] = 1  # 3 of class 1
     masks[1, 0, :2], masks[1, 1, :2] = 1, 2  # a tie: the lower index
-    assert dominant_classes(_HeldMasks(masks)).tolist() == [2, 1, 0]
+    assert dominant_classes(count_class_pixels(masks, len(CLASSES))).tolist() == [2, 1, 0]
 
 
 def test_grouped_splits_stratify_by_the_dominant_class_and_keep_groups_apart(tmp_path: Path) -> None:
@@ -193,7 +178,7 @@ def test_grouped_splits_stratify_by_the_dominant_class_and_keep_groups_apart(tmp
         file["groups"][...] = np.arange(32) // 8 * 2 + np.arange(32) % 2
         file["class_index"][...] = 0  # one species folder: only the pixel classes can stratify
     with FeatureCache(cache) as opened:
-        dominant = dominant_classes(opened)
+        dominant = dominant_classes(opened.image_class_pixels)
         assert dominant.tolist() == [1, 2] * 16
         for fold in range(4):
             train, val, groups = split_indices(opened, TrainConfig(split="grouped", folds=4, fold=fold))
@@ -242,7 +227,7 @@ def test_a_grouped_split_falls_back_to_the_image_class_when_no_pixel_class_domin
         tmp_path: Path) -> None:
     cache = write_toy_cache(tmp_path / "toy.h5", n_images=6, classes=("background", "a", "b", "c"))
     with FeatureCache(cache) as opened:
-        assert np.bincount(dominant_classes(opened)).max() < 3  # too few for 3 stratified folds
+        assert np.bincount(dominant_classes(opened.image_class_pixels)).max() < 3  # too few for 3 stratified folds
         folds = [split_indices(opened, TrainConfig(split="grouped", folds=3, fold=fold))[1] for fold in range(3)]
     assert sorted(np.concatenate(folds).tolist()) == list(range(6))  # by species folder (3 images each) instead
 

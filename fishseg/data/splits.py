@@ -25,7 +25,6 @@ from fishseg.runtime import plural
 
 DUPLICATE_SIDE = 16  # thumbnail side for near-duplicate search
 DUPLICATE_THRESHOLD = 0.9  # cosine similarity of normalised thumbnails that makes two images near-duplicates
-MASK_CHUNK = 64  # masks read at a time to find each image's dominant class
 
 
 def thumbnails(previews: np.ndarray, side: int = DUPLICATE_SIDE) -> np.ndarray:
@@ -156,17 +155,16 @@ def random_split(n_images: int, val_fraction: float, seed: int) -> tuple[np.ndar
 
 class Labelled(Protocol):
     """What a split reads of a dataset (a ``FeatureCache`` is one): image ids, near-duplicate groups, classes, and
-    with pixel classes the masks (uint8 class indices B×S×S)."""
+    with pixel classes each image's pixels per class (N×C; None where they were not counted)."""
 
     image_ids: Sequence[str]
     groups: np.ndarray
     class_names: Sequence[str]
     class_index: np.ndarray
     classes: Classes
+    image_class_pixels: np.ndarray | None
 
     def __len__(self) -> int: ...
-
-    def masks(self, indices: Sequence[int]) -> np.ndarray: ...
 
 
 def split_indices(cache: Labelled, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -198,27 +196,20 @@ def _split_groups(cache: Labelled, config: TrainConfig) -> np.ndarray:
     return groups_from_names(cache.image_ids, config.group_pattern) if config.group_pattern else cache.groups
 
 
-def dominant_classes(cache: Labelled) -> np.ndarray:
-    """Each image's dominant pixel class (N class indices): the class other than the background with the most
-    pixels in its mask (the lowest index on a tie), 0 for an image of background only."""
-    n_classes = len(cache.classes)
-    dominant = np.zeros(len(cache), np.int64)
-    for start in range(0, len(cache), MASK_CHUNK):
-        rows = np.arange(start, min(len(cache), start + MASK_CHUNK))
-        masks = cache.masks(rows).reshape(len(rows), -1).astype(np.int64)
-        offsets = np.arange(len(rows))[:, None] * n_classes
-        counts = np.bincount((masks + offsets).ravel(), minlength=len(rows) * n_classes).reshape(len(rows), -1)
-        foreground = counts[:, 1:]
-        dominant[rows] = np.where(foreground.max(1) > 0, foreground.argmax(1) + 1, 0)
-    return dominant
+def dominant_classes(image_class_pixels: np.ndarray) -> np.ndarray:
+    """Each image's dominant pixel class (N class indices) from its pixels per class (N×C): the class other than
+    the background with the most pixels in its mask (the lowest index on a tie), 0 for an image of background
+    only."""
+    foreground = np.asarray(image_class_pixels)[:, 1:]
+    return np.where(foreground.max(1) > 0, foreground.argmax(1) + 1, 0)
 
 
 def _strata(cache: Labelled, n_folds: int) -> np.ndarray:
     """What a grouped split into ``n_folds`` stratifies by, and its messages name, per image: with pixel classes
     the dominant class's name, where some class dominates at least ``n_folds`` images; else (and for binary
-    masks) the image's class (its species folder)."""
+    masks, or pixels not counted) the image's class (its species folder)."""
     folders = np.asarray(cache.class_names)[cache.class_index]
-    if cache.classes.binary:
+    if cache.classes.binary or cache.image_class_pixels is None:
         return folders
-    dominant = np.asarray(cache.classes.names)[dominant_classes(cache)]
+    dominant = np.asarray(cache.classes.names)[dominant_classes(cache.image_class_pixels)]
     return dominant if np.unique(dominant, return_counts=True)[1].max() >= n_folds else folders

@@ -28,7 +28,7 @@ from fishseg.data.splits import near_duplicate_groups, thumbnails
 from fishseg.distributed import Ranks
 from fishseg.errors import FishsegError
 from fishseg.formats.cache import (CacheWriter, FeatureCache, PartStore, discard_parts, disk_errors, feature_name,
-                                   is_cache, non_finite_images, parts_dir, pixel_classes, setting_changes)
+                                   is_cache, non_finite_images, parts_dir, setting_changes)
 from fishseg.models.backbone import Backbone, backbone_reference, load_backbone
 from fishseg.runtime import (active_precision, default_batch_size, default_num_workers, make_output_dir, plural,
                              resolve_device)
@@ -187,26 +187,12 @@ def _extract_batches(store: PartStore, samples: list[Sample], backbone: Backbone
             writer.put(_compute(backbone, config, start, stop, images, masks, previews, list(errors)))
 
 
-def _check_labels(store: PartStore, out: Path, config: ExtractConfig, data_root: Path) -> None:
-    """With classes, refuse masks of one class everywhere before the cache is written. The parts go with the
-    refusal: the masks must change, and with them the files the parts were made from."""
-    if config.mask_format == "binary":
-        return
-    counts = np.zeros(len(config.classes), np.int64)
-    for batch in store.batches():
-        part = store.read(*batch, "errors", "masks")
-        counts += np.bincount(part["masks"][part["errors"] == ""].ravel(), minlength=len(counts))
-    try:
-        check_classes_present(counts, pixel_classes(config), data_root)
-    except FishsegError:
-        discard_parts(out)
-        raise
-
-
 def _assemble(store: PartStore, out: Path, config: ExtractConfig, backbone: Backbone, samples: list[Sample],
-              compression: str) -> int:
+              compression: str, data_root: Path) -> int:
     """Copy the parts, minus skipped images, into the final cache with their near-duplicate groups;
-    returns how many were skipped."""
+    returns how many were skipped. With classes, masks of one class everywhere are refused before the cache is
+    put in place, and the parts go with the refusal: the masks must change, and with them the files the parts
+    were made from."""
     errors, thumbs = [], []
     for batch in store.batches():  # first pass, small arrays only: which images are kept, and their thumbnails
         part = store.read(*batch, "errors", "thumbnails")
@@ -229,7 +215,19 @@ def _assemble(store: PartStore, out: Path, config: ExtractConfig, backbone: Back
             views = {view: part[feature_name(view)][ok] for view in config.views}
             writer.write(position, part["features"][ok], part["masks"][ok], part["previews"][ok], views)
             position += int(ok.sum())
+        _check_classes(writer, out, data_root)
     return len(skipped)
+
+
+def _check_classes(writer: CacheWriter, out: Path, data_root: Path) -> None:
+    """With classes, refuse masks of one class everywhere (the written cache is left unsealed, and removed)."""
+    if writer.classes.binary:
+        return
+    try:
+        check_classes_present(writer.image_class_pixels.sum(0), writer.classes, data_root)
+    except FishsegError:
+        discard_parts(out)
+        raise
 
 
 def run_extraction(data_root: Path, out: Path, config: ExtractConfig, *, batch_size: int | None = None,
@@ -294,8 +292,7 @@ def _extract(data_root: Path, out: Path, config: ExtractConfig, samples: list[Sa
         raise
     ranks.barrier()  # every shard is written
     if ranks.main:
-        _check_labels(store, out, config, data_root)
-        n_skipped = _assemble(store, out, config, backbone, samples, compression)
+        n_skipped = _assemble(store, out, config, backbone, samples, compression, data_root)
         discard_parts(out)
         logger.info("wrote %s (%s%s)", out, plural(len(samples) - n_skipped, "image"),
                     f", {n_skipped} skipped" if n_skipped else "")

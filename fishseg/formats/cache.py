@@ -7,7 +7,7 @@ Datasets (N images, grid h×w, feature dim D, L stored blocks, image size S, pre
 * ``views/NAME``  N×h×w×L·D float16 like ``features``, of the photo seen in view NAME (flipped or rotated
   before the backbone); its masks are ``masks`` seen in the same view, so they are not stored
 * ``masks``       N×S×S uint8: class indices (binary: {0, 1}), one chunk per image, lzf-compressed
-* ``class_pixels`` C int64: mask pixels of each pixel class over all images (older caches lack it)
+* ``image_class_pixels`` N×C int64: each image's mask pixels of each pixel class (older caches lack it)
 * ``previews``    N×P×P×3 uint8 RGB, one chunk per image, lzf-compressed
 * ``image_ids``   N utf-8 strings: image paths relative to the data root
 * ``class_names`` C utf-8 strings; ``class_index`` N int16 indices into them
@@ -77,6 +77,13 @@ def pixel_classes(config: ExtractConfig) -> Classes:
     return Classes.several(config.classes, config.colours)
 
 
+def count_class_pixels(masks: np.ndarray, num_classes: int) -> np.ndarray:
+    """Each mask's pixels of each class (B×C int64) from class-index masks B×S×S."""
+    masks = np.asarray(masks).reshape(len(masks), -1).astype(np.int64)
+    cells = (masks + np.arange(len(masks))[:, None] * num_classes).ravel()
+    return np.bincount(cells, minlength=len(masks) * num_classes).reshape(len(masks), num_classes)
+
+
 def feature_name(view: str) -> str:
     """The dataset (and part-store array) holding the features of ``view``."""
     return "features" if view == IDENTITY else f"views/{view}"
@@ -139,7 +146,7 @@ class CacheWriter:
         self.views = (IDENTITY, *config.views)
         self.digests = [""] * len(samples)  # set by ``write``, image by image
         self.classes = pixel_classes(config)
-        self.class_pixels = np.zeros(len(self.classes), np.int64)
+        self.image_class_pixels = np.zeros((len(samples), len(self.classes)), np.int64)  # set by ``write``
         self.file: h5py.File | None = None
 
     def __enter__(self) -> CacheWriter:
@@ -198,8 +205,8 @@ class CacheWriter:
         masks = np.asarray(masks, np.uint8)
         if masks.size and int(masks.max()) >= len(self.classes):
             raise ValueError(f"mask value {int(masks.max())} is not a class index below {len(self.classes)}")
-        self.class_pixels += np.bincount(masks.ravel(), minlength=len(self.classes))
         stop = start + len(masks)
+        self.image_class_pixels[start:stop] = count_class_pixels(masks, len(self.classes))
         for view, array in zip(self.views, grids):
             self.file[feature_name(view)][start:stop] = array
         self.file["masks"][start:stop] = masks
@@ -213,7 +220,7 @@ class CacheWriter:
         if unwritten:
             raise ValueError(f"{self.partial}: {plural(unwritten, 'image')} never written")
         self.file.create_dataset("digests", data=self.digests, dtype=DIGEST)
-        self.file.create_dataset("class_pixels", data=self.class_pixels)
+        self.file.create_dataset("image_class_pixels", data=self.image_class_pixels)
         image_ids = [sample.image_id for sample in self.samples]
         self.file.attrs["fingerprint"] = cache_fingerprint(self.config, self.backbone, image_ids, self.digests)
 
@@ -256,9 +263,14 @@ class FeatureCache:
         self.digests: dict[str, str] | None = (dict(zip(self.image_ids, self.file["digests"].asstr()[:]))
                                                if "digests" in self.file else None)
         self.classes: Classes = pixel_classes(self.config)
-        # Mask pixels per class over every image; older caches did not count them (None).
-        self.class_pixels: np.ndarray | None = (self.file["class_pixels"][:].astype(np.int64)
-                                                if "class_pixels" in self.file else None)
+        # Each image's mask pixels per class (N×C); older caches did not count them (None).
+        self.image_class_pixels: np.ndarray | None = (self.file["image_class_pixels"][:].astype(np.int64)
+                                                      if "image_class_pixels" in self.file else None)
+
+    @property
+    def class_pixels(self) -> np.ndarray | None:
+        """Mask pixels per class over every image (C), or None for an older cache that did not count them."""
+        return None if self.image_class_pixels is None else self.image_class_pixels.sum(0)
 
     def __len__(self) -> int:
         return len(self.image_ids)
