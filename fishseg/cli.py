@@ -426,7 +426,7 @@ def train(cache_path: Path, out: Path, folds: int, resume: bool, overwrite: bool
         click.echo(f"written: {result.out}/cv.json")
         return
     duplicates = plural(result.val_with_duplicate_in_train, "val image")
-    best = f"best {result.record.score_name} {result.best_val_iou:.4f}"
+    best = f"best val {result.record.score_name} {result.best_val_iou:.4f}"
     click.echo(f"run {result.status}: {result.out} ({best} at epoch "
                f"{result.best_epoch} of {result.epochs_planned}; {duplicates} with a near-duplicate in train)")
 

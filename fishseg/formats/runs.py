@@ -131,14 +131,14 @@ class RunRecord:
 
     @property
     def score_name(self) -> str:
-        """What ``best_val_iou`` is: the mean IoU of the validation images (binary masks), or their dataset mIoU
-        (several pixel classes; runs before classes were recorded are binary)."""
-        return "val IoU" if self.extract_config.get("mask_format", "binary") == "binary" else "val mIoU"
+        """What ``best_val_iou`` measures: "IoU", the validation images' mean IoU (binary masks), or "mIoU", their
+        dataset mIoU (several pixel classes; runs before classes were recorded are binary)."""
+        return "IoU" if self.extract_config.get("mask_format", "binary") == "binary" else "mIoU"
 
     def describe(self) -> str:
         """E.g. "finished, 20 of 20 epochs, best val IoU 0.7812 at epoch 14"."""
-        best = (f", best {self.score_name} {self.best_val_iou:.4f} at epoch {self.best_epoch}" if self.epochs_done
-                else "")
+        best = (f", best val {self.score_name} {self.best_val_iou:.4f} at epoch {self.best_epoch}"
+                if self.epochs_done else "")
         return f"{self.status}, {self.epochs_done} of {self.epochs_planned} epochs{best}"
 
     def refuse_if_failed(self, run_dir: Path) -> None:

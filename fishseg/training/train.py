@@ -47,7 +47,7 @@ def _score_widths(score: str) -> tuple[int, int]:
     return max(9, len(f"train {score}")), max(8, len(f"val {score}"))
 
 
-def table_header(score: str = "IoU") -> str:
+def table_header(score: str) -> str:
     """The epoch table's header; ``score``: IoU (binary) or mIoU (several classes)."""
     train, val = _score_widths(score)
     return (f"{'epoch':>5} {'train loss':>10} {'train ' + score:>{train}} {'val loss':>9} {'val ' + score:>{val}} "
@@ -633,7 +633,7 @@ def _train(data: TrainingData, folder: RunFolder, config: TrainConfig, ranks: Ra
                     "resuming" if previous else "training", config.decoder, len(train), len(val), device,
                     f", {ranks.world} processes" if ranks.world > 1 else "", record.features)
         if on_epoch is _log_epoch:
-            logger.info(table_header(record.score_name.removeprefix("val ")))
+            logger.info(table_header(record.score_name))
     for epoch in range(record.epochs_done + 1, config.epochs + 1):
         started = time.perf_counter()
         train_result = run_epoch(session.model, train, config.batch_size, device, session.optimizer,
@@ -679,6 +679,6 @@ def _commit(folder: RunFolder, record: RunRecord, entry: dict[str, Any], session
 
 
 def _log_epoch(record: RunRecord, row: dict[str, float]) -> None:
-    train, val = _score_widths(record.score_name.removeprefix("val "))
+    train, val = _score_widths(record.score_name)
     logger.info(f"{row['epoch']:>5} {row['train_loss']:>10.4f} {row['train_iou']:>{train}.4f} {row['val_loss']:>9.4f} "
                 f"{row['val_iou']:>{val}.4f} {row['seconds']:>5.1f}s")
