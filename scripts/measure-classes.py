@@ -31,7 +31,7 @@ import torch
 import fishseg
 from fishseg.data.synthetic import write_demo_dataset, write_multispecies_dataset
 from fishseg.evaluation.evaluate import score_labels
-from fishseg.evaluation.metrics import class_counts, class_iou
+from fishseg.evaluation.metrics import class_iou, present_classes
 from fishseg.evaluation.stats import paired_bootstrap_ci
 from fishseg.formats.cache import FeatureCache
 from fishseg.formats.runs import SPLIT_FILE, RunFolder
@@ -56,8 +56,7 @@ def pooled_scores(confusions: list[np.ndarray]) -> tuple[np.ndarray, float]:
     per_fold = []
     for confusion in confusions:
         summed = torch.from_numpy(confusion.sum(0))
-        _, predicted, true = class_counts(summed)
-        per_fold.append(torch.where(predicted + true > 0, class_iou(summed), torch.nan).numpy())
+        per_fold.append(torch.where(present_classes(summed), class_iou(summed), torch.nan).numpy())
     per_fold = np.array(per_fold)
     return np.nanmean(per_fold, 0), float(np.mean(np.nanmean(per_fold, 1)))
 

@@ -20,11 +20,11 @@ import torch
 from fishseg.classes import Classes
 from fishseg.errors import FishsegError
 from fishseg.evaluation.metrics import (BOUNDARY_TOLERANCE, REFERENCE_BATCH, THRESHOLD, THRESHOLDS, batch_pooled_iou,
-                                        boundary_f_per_image, class_boundary_f, class_counts, class_dice, class_iou,
-                                        class_precision, class_recall, confusion_matrices, dataset_mean_iou,
-                                        mean_iou_per_image, mean_over_present, normalized_confusion, pixel_accuracy,
-                                        pixel_counts, precision_per_image, present_classes, recall_per_image,
-                                        species_accuracy, summarize, sweep_thresholds)
+                                        boundary_f_per_image, class_boundary_f, class_counts, class_scores,
+                                        confusion_matrices, dataset_mean_iou, mean_iou_per_image, mean_over_present,
+                                        normalized_confusion, pixel_accuracy, pixel_counts, precision_per_image,
+                                        present_classes, recall_per_image, species_accuracy, summarize,
+                                        sweep_thresholds)
 from fishseg.evaluation.probe import run_probe
 from fishseg.evaluation.report import Example, ReportData, gallery_positions, write_report
 from fishseg.formats.cache import FeatureCache
@@ -161,8 +161,7 @@ def summarize_pixel_classes(confusion: torch.Tensor, boundary_f: torch.Tensor, c
     confusion matrix and, for ``species`` masks, the species accuracy of the pixel labels."""
     pooled = confusion.sum(0)
     present, in_image = present_classes(pooled), present_classes(confusion)
-    scores = {"iou": class_iou(pooled), "dice": class_dice(pooled), "precision": class_precision(pooled),
-              "recall": class_recall(pooled), "boundary_f": mean_over_present(boundary_f.T, in_image.T)}
+    scores = {**class_scores(pooled), "boundary_f": mean_over_present(boundary_f.T, in_image.T)}
     _, predicted, true = class_counts(pooled)
     per_class = {name: {**{metric: float(values[k]) if present[k] else None for metric, values in scores.items()},
                         "true_pixels": int(true[k]), "predicted_pixels": int(predicted[k])}
@@ -205,8 +204,7 @@ def _score_classes(decoder: torch.nn.Module, source: ScoringSource, indices: np.
     raw = score_labels(decoder, source, indices, classes=classes, **options)
     confusion, boundary_f = torch.from_numpy(raw["confusion"]), torch.from_numpy(raw["boundary_f"])
     present = present_classes(confusion)
-    per_class = {"iou": class_iou(confusion), "dice": class_dice(confusion), "precision": class_precision(confusion),
-                 "recall": class_recall(confusion), "boundary_f": boundary_f}
+    per_class = {**class_scores(confusion), "boundary_f": boundary_f}
     per_image = {name: mean_over_present(values, present).numpy() for name, values in per_class.items()}
     dataset = {"pooled_iou": dataset_mean_iou(confusion),
                "pixel_classes": summarize_pixel_classes(confusion, boundary_f, classes, species=species)}

@@ -148,6 +148,13 @@ def class_recall(confusion: torch.Tensor) -> torch.Tensor:
     return _ratio(intersection, target_area, (pred_area == 0) & (target_area == 0))
 
 
+def class_scores(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
+    """IoU, Dice, precision and recall of each class (…×C each, by metrics.json's names) from confusion matrices
+    …×C×C: per image from per-image matrices, over a split from their sum."""
+    return {"iou": class_iou(confusion), "dice": class_dice(confusion), "precision": class_precision(confusion),
+            "recall": class_recall(confusion)}
+
+
 def present_classes(confusion: torch.Tensor) -> torch.Tensor:
     """Boolean …×C: the classes true or predicted somewhere in each confusion matrix …×C×C."""
     _, pred_area, target_area = class_counts(confusion)

@@ -27,6 +27,7 @@ from PIL import Image
 from sklearn.decomposition import PCA
 
 from fishseg.classes import Classes
+from fishseg.drawing import tint_classes
 from fishseg.formats.runs import (ANALYSIS_FILES, CLASS_ANALYSIS_FILES, CURVE_FILES, EPOCHS_CSV, GALLERY_FILES,
                                   REPORT_HTML, REPORT_MD)
 from fishseg.runtime import atomic_path, plural
@@ -252,20 +253,15 @@ def _pca_figure(examples: list[Example], sample: np.ndarray) -> Figure:
     return figure
 
 
-def _regions(example: Example, classes: Classes) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
-    """(pixels, colour) an overlay paints: binary, the true positives, false positives and false negatives; with
-    several classes, each predicted class but the background in its colour."""
-    if classes.binary:
-        truth, pred = example.truth, example.pred
-        return list(zip((truth & pred, pred & ~truth, truth & ~pred), (rgb for _, rgb in OVERLAY_COLOURS.values())))
-    return [(example.pred == k, colour) for k, colour in enumerate(classes.colours) if k > 0]
-
-
 def overlay(example: Example, classes: Classes = Classes()) -> np.ndarray:
-    """Preview at mask size with ``_regions`` coloured."""
-    size = example.truth.shape[::-1]
-    base = np.asarray(Image.fromarray(example.preview).resize(size, Image.Resampling.BILINEAR), dtype=np.float64)
-    for region, colour in _regions(example, classes):
+    """Preview at mask size with true positives, false positives and false negatives coloured (binary), or each
+    predicted class tinted as predict's overlays are (``fishseg.drawing.tint_classes``)."""
+    preview = Image.fromarray(example.preview).resize(example.truth.shape[::-1], Image.Resampling.BILINEAR)
+    if not classes.binary:
+        return np.asarray(tint_classes(preview.convert("RGB"), example.pred, classes))
+    base = np.asarray(preview, dtype=np.float64)
+    truth, pred = example.truth, example.pred
+    for region, (_, colour) in zip((truth & pred, pred & ~truth, truth & ~pred), OVERLAY_COLOURS.values()):
         base[region] = 0.45 * base[region] + 0.55 * np.array(colour)
     return base.astype(np.uint8)
 
